@@ -1,0 +1,3 @@
+"""Backends that lower a variant and measure it: ONNX Runtime and TVM Relax."""
+
+BACKENDS = ("ort", "tvm")

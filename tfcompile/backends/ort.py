@@ -1,0 +1,105 @@
+"""ONNX export (torch.onnx dynamo exporter) and ONNX Runtime execution.
+
+A variant is re-exported with torch.export, converted by the dynamo exporter
+(the legacy TorchScript exporter cannot export transformers-5 GPT-2), checked
+with ``onnx.checker`` and run in an ORT session with a fixed thread count.
+Weights stay inside the .onnx file (protobuf's 2 GB limit is far above the
+zoo's models); larger models are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tfcompile.backends.timing import Measurement, measure
+from tfcompile.errors import BackendError
+from tfcompile.graph import ModelGraph, to_exported_program
+from tfcompile.outputs import atomic_path
+
+PROTOBUF_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
+
+
+def export_onnx(graph: ModelGraph, path: Path, *, opset: int | None = None) -> Path:
+    """Write ``graph`` as ONNX to ``path`` atomically and check it."""
+    import onnx
+
+    if graph.parameter_bytes() > PROTOBUF_LIMIT_BYTES:
+        raise BackendError(f"{graph.name}: {graph.parameter_bytes() / 1e9:.1f} GB of weights exceed what one "
+                           ".onnx file can hold")
+    program = to_exported_program(graph)
+    with atomic_path(Path(path)) as tmp:
+        try:
+            with _quiet():
+                onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=graph.input_names,
+                                                 output_names=graph.output_names, opset_version=opset,
+                                                 optimize=True, verbose=False)
+                onnx_program.save(str(tmp))
+        except Exception as exc:  # the exporter raises many types; one line for the user
+            raise BackendError(f"ONNX export of {graph.name} failed: {type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        try:
+            onnx.checker.check_model(str(tmp), full_check=False)
+        except onnx.checker.ValidationError as exc:
+            raise BackendError(f"exported ONNX for {graph.name} fails onnx.checker: {str(exc).splitlines()[0]}") \
+                from exc
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress and warnings; tfcompile shows its own."""
+    sink = io.StringIO()
+    previous = logging.getLogger("torch.onnx").level
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.getLogger("torch.onnx").setLevel(previous)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class OrtModel:
+    """An ONNX Runtime session over one exported file."""
+
+    def __init__(self, path: Path, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BackendError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def feeds(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+        return {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        outputs = self.session.run(None, self.feeds(inputs))
+        return tuple(torch.from_numpy(np.asarray(o)) for o in outputs)
+
+    def runner(self, inputs: tuple[torch.Tensor, ...]):
+        feeds = self.feeds(inputs)
+        return lambda: self.session.run(None, feeds)
+
+
+def measure_file(path: Path, inputs: tuple[torch.Tensor, ...], *, repeat: int = 10,
+                 threads: int | None = None) -> Measurement:
+    model = OrtModel(path, threads=threads)
+    return measure(model.runner(inputs), backend="ort", repeat=repeat)

@@ -1,0 +1,206 @@
+"""The ``tfcompile`` command line: parse, call the library, print.
+
+Errors caused by the user's input are ``TfcompileError``s: printed as one
+line on stderr, exit status 2, no traceback, no output file written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from tfcompile.errors import TfcompileError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+
+# Piped output (CI logs, files) would otherwise wrap the table at 80 columns.
+console = Console(width=None if Console().is_terminal else 140)
+err_console = Console(stderr=True)
+
+DTYPES = {"int64": "int64", "int32": "int32", "float32": "float32", "float16": "float16", "bool": "bool"}
+
+
+def _parse_input_shapes(specs: tuple[str, ...]):
+    import torch
+
+    shapes, dtypes = {}, {}
+    for spec in specs:
+        name, eq, rest = spec.partition("=")
+        dims, _, dtype = rest.partition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not eq or not name or not shape:
+            raise click.BadParameter(f"{spec!r}: expected NAME=DIMxDIM[:dtype], e.g. input_ids=1x128:int64",
+                                     param_hint="--input-shape")
+        shapes[name] = shape
+        if dtype:
+            if dtype not in DTYPES:
+                raise click.BadParameter(f"{spec!r}: dtype must be one of {', '.join(DTYPES)}",
+                                         param_hint="--input-shape")
+            dtypes[name] = getattr(torch, dtype)
+    return (shapes or None), (dtypes or None)
+
+
+def model_options(fn):
+    options = [
+        click.option("--batch", default=1, show_default=True, type=int, help="Batch size of the example inputs."),
+        click.option("--seq", default=128, show_default=True, type=int, help="Sequence length of token inputs."),
+        click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DIMS[:DTYPE]",
+                     help="Explicit input shape, e.g. input_ids=1x128:int64 (repeatable)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow unpickling a full torch.save'd module (runs code from the file)."),
+        click.option("--config", "config_path", type=click.Path(path_type=Path),
+                     help="Hugging Face config.json for a bare state dict or safetensors file."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed for weights and inputs."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _load(model, batch, seq, input_shape, trust_pickle, config_path, seed):
+    from tfcompile.frontend import LoadOptions, load_model
+
+    shapes, dtypes = _parse_input_shapes(input_shape)
+    options = LoadOptions(batch=batch, seq=seq, input_shapes=shapes, input_dtypes=dtypes,
+                          trust_pickle=trust_pickle, config=config_path, seed=seed)
+    return load_model(model, options)
+
+
+@click.group()
+@click.version_option(package_name="tfcompile")
+def cli() -> None:
+    """Graph rewrites and hardware cost models for transformer inference."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--target", "-t", default="cpu", show_default=True, help="Device to rank for (see `tfcompile targets`).")
+@click.option("--passes", default=None, help="Comma-separated pass pipeline to evaluate instead of the built-in variants.")
+@click.option("--allow-approx", is_flag=True, help="Rank approximate variants that meet --budget.")
+@click.option("--budget", default=0.99, show_default=True, type=float,
+              help="Minimum quality (cosine or top-1 agreement) for approximate variants.")
+@click.option("--measure", is_flag=True, help="Measure every variant on the backend (median of --repeat runs).")
+@click.option("--backend", type=click.Choice(["ort", "tvm"]), default="ort", show_default=True)
+@click.option("--repeat", default=10, show_default=True, type=int, help="Timed runs per variant.")
+@click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-out"),
+              show_default=True, help="Directory for report.json and model.onnx.")
+@model_options
+def optimize(model, target, passes, allow_approx, budget, measure, backend, repeat, output_dir, **load_kwargs):
+    """Build variants of MODEL, verify, predict and (optionally) measure them, rank them."""
+    from tfcompile.backends import ort
+    from tfcompile.cost_models import load_device
+    from tfcompile.optimize import OptimizeSettings, optimize as run_optimize
+    from tfcompile.outputs import atomic_path
+    from tfcompile.report import render_table, write_report
+    from tfcompile.variants import BUILTIN_VARIANTS, custom_variant
+
+    load_device(target)  # an unknown target fails before the model is loaded
+    specs = BUILTIN_VARIANTS
+    if passes:
+        specs = (BUILTIN_VARIANTS[0], custom_variant([p.strip() for p in passes.split(",") if p.strip()]))
+    with console.status("loading model") as status:
+        graph = _load(model, **load_kwargs)
+        settings = OptimizeSettings(target=target, specs=specs, allow_approx=allow_approx, budget=budget,
+                                    measure=measure, backend=backend, repeat=repeat)
+        result = run_optimize(graph, settings, progress=lambda msg: status.update(msg))
+        try:
+            render_table(result.reports, target, console, title=f"{graph.name} on {target}")
+            if result.best is None:
+                raise TfcompileError("no variant is eligible; nothing written")
+            status.update(f"writing {output_dir}")
+            best_onnx = result.onnx_files.get(result.best)
+            with atomic_path(output_dir / "model.onnx") as tmp:
+                if best_onnx is None:
+                    ort.export_onnx(result.variants[result.best].graph, tmp)
+                else:
+                    tmp.write_bytes(best_onnx.read_bytes())
+            write_report(output_dir / "report.json", model=model, target=target, variants=result.reports,
+                         best=result.best, settings={"batch": load_kwargs["batch"], "seq": load_kwargs["seq"],
+                                                     "backend": backend if measure else None,
+                                                     "allow_approx": allow_approx, "budget": budget})
+        finally:
+            result.cleanup()
+    console.print(f"best: [bold]{result.best}[/bold]; wrote {output_dir / 'report.json'} and {output_dir / 'model.onnx'}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--passes", default="remove_identity_ops,fold_constants,eliminate_dead_code", show_default=True,
+              help="Comma-separated passes to apply before export ('' for none).")
+@click.option("--output", "-o", "output_path", type=click.Path(path_type=Path), required=True,
+              help="Path of the .onnx file to write.")
+@model_options
+def export(model, passes, output_path, **load_kwargs):
+    """Apply passes to MODEL and export it as checked ONNX."""
+    from tfcompile.backends import ort
+    from tfcompile.variants import build_variant, custom_variant
+    from tfcompile.verify import compare_outputs
+
+    with console.status("loading model") as status:
+        graph = _load(model, **load_kwargs)
+        names = [p.strip() for p in passes.split(",") if p.strip()]
+        variant = build_variant(graph, custom_variant(names)) if names else None
+        target_graph = variant.graph if variant else graph
+        status.update("exporting ONNX")
+        ort.export_onnx(target_graph, output_path)
+        check = compare_outputs(graph.run(), ort.OrtModel(output_path).run(graph.example_inputs), graph.output_names)
+    console.print(f"wrote {output_path} (ONNX Runtime vs torch: max relative error {check.max_rel_err:.1e})")
+
+
+@cli.command(name="passes")
+def list_passes():
+    """List the registered passes."""
+    from tfcompile.passes import all_passes
+
+    table = Table(title="passes")
+    table.add_column("name")
+    table.add_column("exactness")
+    table.add_column("what it does")
+    for p in all_passes():
+        table.add_row(p.name, p.exactness.value, p.description)
+    console.print(table)
+
+
+@cli.command()
+def targets():
+    """List the device targets the cost model knows."""
+    from tfcompile.cost_models import available_targets, load_device
+
+    table = Table(title="targets")
+    for column in ("name", "kind", "device", "fp32 TFLOP/s", "fp16 TFLOP/s", "GB/s"):
+        table.add_column(column)
+    for name in available_targets():
+        d = load_device(name)
+        table.add_row(name, d.kind, d.description, f"{d.peak_for('fp32') / 1e12:.3g}",
+                      f"{d.peak_for('fp16') / 1e12:.3g}", f"{d.mem_bandwidth_bytes_per_s / 1e9:.0f}")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="tfcompile", standalone_mode=False)
+    except TfcompileError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

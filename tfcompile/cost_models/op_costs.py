@@ -1,0 +1,159 @@
+"""Per-op cost formulas: FLOPs and bytes moved, pure functions of shapes.
+
+Each formula sees the node's input and output fake tensors (from
+``meta['val']``) and returns an ``OpCost``. Ops that only reinterpret memory
+(views, transposes, getitem) cost nothing. Anything else without a formula is
+costed as elementwise: one FLOP per output element, inputs read once, output
+written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Callable
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCost:
+    flops: float
+    bytes_read: float
+    bytes_written: float
+    op_class: str  # one of device.OP_CLASSES, or "free"
+
+    @property
+    def bytes_moved(self) -> float:
+        return self.bytes_read + self.bytes_written
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _vals(node: torch.fx.Node) -> list[torch.Tensor]:
+    return [a.meta["val"] for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+
+
+def _out(node: torch.fx.Node):
+    return node.meta.get("val")
+
+
+def _out_bytes(node: torch.fx.Node) -> int:
+    val = _out(node)
+    if isinstance(val, (tuple, list)):
+        return sum(_nbytes(v) for v in val)
+    return _nbytes(val)
+
+
+_FORMULAS: dict[object, Callable[[torch.fx.Node], OpCost]] = {}
+
+
+def op_cost(*targets):
+    def wrap(fn):
+        for target in targets:
+            if target in _FORMULAS:
+                raise ValueError(f"cost formula for {target} registered twice")
+            _FORMULAS[target] = fn
+        return fn
+    return wrap
+
+
+FREE_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.transpose.int, aten.t.default, aten.permute.default,
+    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor,
+    aten.split_with_sizes.default, aten.unbind.int, aten.alias.default, aten.detach.default,
+    aten.dropout.default, aten.flatten.using_ints, aten.unflatten.int, aten.chunk.default,
+    aten._assert_tensor_metadata.default, aten.sym_size.int, operator.getitem,
+}
+
+
+@op_cost(aten.linear.default)
+def _linear(node: torch.fx.Node) -> OpCost:
+    x, w = node.args[0].meta["val"], node.args[1].meta["val"]
+    tokens = x.numel() // x.shape[-1]
+    flops = 2 * tokens * w.shape[0] * w.shape[1]
+    return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "gemm")
+
+
+@op_cost(aten.addmm.default)
+def _addmm(node: torch.fx.Node) -> OpCost:
+    a, b = node.args[1].meta["val"], node.args[2].meta["val"]
+    return OpCost(2 * a.shape[0] * a.shape[1] * b.shape[1], sum(_nbytes(v) for v in _vals(node)),
+                  _out_bytes(node), "gemm")
+
+
+@op_cost(aten.mm.default, aten.bmm.default, aten.matmul.default, aten.baddbmm.default)
+def _matmul(node: torch.fx.Node) -> OpCost:
+    vals = _vals(node)
+    a, b = vals[-2], vals[-1]
+    out = _out(node)
+    k = a.shape[-1]
+    return OpCost(2 * out.numel() * k, sum(_nbytes(v) for v in vals), _out_bytes(node), "gemm")
+
+
+@op_cost(aten.scaled_dot_product_attention.default)
+def _sdpa(node: torch.fx.Node) -> OpCost:
+    q, k, v = (node.args[i].meta["val"] for i in range(3))
+    batch_heads = math.prod(q.shape[:-2])
+    sq, sk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    is_causal = bool(node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False))
+    flops = 2 * batch_heads * sq * sk * (d + dv) + 5 * batch_heads * sq * sk  # QK^T, PV, softmax
+    if is_causal:
+        flops /= 2
+    return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "attention")
+
+
+@op_cost(aten.convolution.default, aten.conv2d.default)
+def _conv(node: torch.fx.Node) -> OpCost:
+    w = node.args[1].meta["val"]
+    out = _out(node)
+    flops = 2 * out.numel() * math.prod(w.shape[1:])
+    return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "gemm")
+
+
+@op_cost(aten.embedding.default, aten.index_select.default, aten.gather.default)
+def _gather(node: torch.fx.Node) -> OpCost:
+    # Only the gathered rows are read, not the whole table.
+    out_bytes = _out_bytes(node)
+    idx = _vals(node)[-1]
+    return OpCost(0, out_bytes + _nbytes(idx), out_bytes, "memory")
+
+
+@op_cost(aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
+         aten.group_norm.default)
+def _norm(node: torch.fx.Node) -> OpCost:
+    x = node.args[0].meta["val"]
+    return OpCost(8 * x.numel(), sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "norm")
+
+
+@op_cost(aten.softmax.int, aten._softmax.default, aten._log_softmax.default)
+def _softmax(node: torch.fx.Node) -> OpCost:
+    x = node.args[0].meta["val"]
+    return OpCost(5 * x.numel(), _nbytes(x), _out_bytes(node), "softmax")
+
+
+def _elementwise(node: torch.fx.Node) -> OpCost:
+    out = _out(node)
+    numel = out.numel() if isinstance(out, torch.Tensor) else 0
+    return OpCost(numel, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "memory")
+
+
+def cost_of(node: torch.fx.Node) -> OpCost:
+    if node.op != "call_function" or node.target in FREE_OPS:
+        return OpCost(0, 0, 0, "free")
+    return _FORMULAS.get(node.target, _elementwise)(node)
+
+
+def dtype_name(node: torch.fx.Node) -> str:
+    val = _out(node)
+    if isinstance(val, (tuple, list)):
+        val = next((v for v in val if isinstance(v, torch.Tensor)), None)
+    dtype = getattr(val, "dtype", torch.float32)
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8"}.get(dtype, "fp32")

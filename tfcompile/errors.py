@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Every error a user can cause (bad file, unknown target, shapes that do not fit)
+is raised as a ``TfcompileError`` subclass with a one-line message; the CLI
+prints that line and exits non-zero without a traceback.
+"""
+
+
+class TfcompileError(Exception):
+    """An error caused by the user's input, reported as one line."""
+
+
+class ModelLoadError(TfcompileError):
+    """The model file or name could not be read or understood."""
+
+
+class UntrustedPickleError(ModelLoadError):
+    """The file is a full pickle and the user did not opt in to unpickling."""
+
+
+class TraceError(TfcompileError):
+    """The model loaded but torch.export could not trace it."""
+
+
+class ShapeError(TfcompileError):
+    """The requested input shapes do not fit the model."""
+
+
+class UnknownTargetError(TfcompileError):
+    """No device spec with that name."""
+
+
+class UnknownPassError(TfcompileError):
+    """No registered pass with that name."""
+
+
+class BackendError(TfcompileError):
+    """A backend (ONNX export, ONNX Runtime, TVM) failed on a variant."""

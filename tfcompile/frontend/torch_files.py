@@ -1,0 +1,78 @@
+"""Loading torch files: torch.export archives, TorchScript, state dicts, pickles.
+
+Only a full pickle (a ``torch.save`` of an ``nn.Module``) needs unpickling,
+which executes whatever code the file names; it is loaded only when the user
+passes ``--trust-pickle``. Everything else is read with ``weights_only=True``
+or with torch's own archive readers.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from tfcompile.errors import ModelLoadError, UntrustedPickleError
+
+TRUST_FLAG = "--trust-pickle"
+
+
+def load_exported_program(path: Path) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.load(str(path))
+    except (zipfile.BadZipFile, EOFError, RuntimeError, KeyError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"{path}: unreadable torch.export archive: {_first_line(exc)}") from exc
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(f"{path}: unreadable TorchScript archive: {_first_line(exc)}") from exc
+
+
+def traced_inputs(path: Path) -> tuple[torch.Tensor, ...] | None:
+    """The example inputs TorchScript stores when a module was traced, if any."""
+    module = load_torchscript(path)
+    stored = getattr(module, "_c", None)
+    try:
+        inputs = stored.__getattr__("traced_inputs") if stored is not None else None  # noqa: PLC2801
+    except (AttributeError, RuntimeError):
+        inputs = None
+    if isinstance(inputs, dict) and inputs.get("forward"):
+        return tuple(inputs["forward"])
+    return None
+
+
+def load_torch_save(path: Path, *, trust_pickle: bool) -> object:
+    """A state dict is returned without executing code; a module needs the flag."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise UntrustedPickleError(
+                f"{path} is a full pickle (it names Python objects such as a model class); "
+                f"unpickling runs code from the file, so tfcompile loads it only with {TRUST_FLAG}. "
+                "Safer: save it with torch.export.save (.pt2), safetensors or ONNX") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: unreadable torch.save file: {_first_line(exc)}") from exc
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # arbitrary code ran; anything can come out of it
+        raise ModelLoadError(f"{path}: unpickling failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise ModelLoadError(f"{path}: unreadable safetensors file: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

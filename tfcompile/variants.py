@@ -1,0 +1,64 @@
+"""Variants: named pass pipelines applied to one original graph.
+
+A variant records, per pass, whether it applied and why not, so a report can
+explain itself. A variant is exact only if every pass that applied is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tfcompile.graph import ModelGraph, clone
+from tfcompile.passes import PassOutcome, apply_pass, get_pass
+
+CLEANUP = ("remove_identity_ops", "fold_constants", "eliminate_dead_code")
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    passes: tuple[str, ...]
+    knobs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Variant:
+    spec: VariantSpec
+    graph: ModelGraph
+    outcomes: list[PassOutcome]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def applied_passes(self) -> list[str]:
+        return [o.name for o in self.outcomes if o.applied]
+
+    @property
+    def exact(self) -> bool:
+        return all(get_pass(name).exact for name in self.applied_passes)
+
+
+BUILTIN_VARIANTS = (
+    VariantSpec("baseline", ()),
+    VariantSpec("cleanup", CLEANUP),
+    VariantSpec("cleanup+merge_qkv", CLEANUP + ("merge_qkv_projections",)),
+)
+
+
+def custom_variant(pass_names: list[str]) -> VariantSpec:
+    for name in pass_names:
+        get_pass(name)  # raises UnknownPassError with the list of known passes
+    return VariantSpec("custom:" + "+".join(pass_names), tuple(pass_names))
+
+
+def build_variant(original: ModelGraph, spec: VariantSpec) -> Variant:
+    graph = clone(original, name=spec.name)
+    outcomes = []
+    for name in spec.passes:
+        graph, outcome = apply_pass(graph, name, **spec.knobs.get(name, {}))
+        outcomes.append(outcome)
+    graph.name = spec.name
+    return Variant(spec, graph, outcomes)

@@ -1,0 +1,61 @@
+"""Numerical verification of a variant against its original.
+
+Both GraphModules run in torch on the same seeded inputs. Exact variants
+report the largest absolute error and that error relative to the largest
+reference magnitude (element-wise relative error is meaningless near zero).
+Approximate variants report a quality figure: mean cosine similarity of
+output vectors for embeddings and hidden states, top-1 agreement for logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tfcompile.graph import ModelGraph
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    max_abs_err: float
+    max_rel_err: float
+    quality: float  # 1.0 for a perfect match
+    quality_metric: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compare_outputs(reference: tuple[torch.Tensor, ...], candidate: tuple[torch.Tensor, ...],
+                    output_names: list[str] | None = None) -> Verification:
+    if len(reference) != len(candidate):
+        raise ValueError(f"output count differs: {len(reference)} vs {len(candidate)}")
+    max_abs, max_rel = 0.0, 0.0
+    for ref, got in zip(reference, candidate):
+        if ref.shape != got.shape:
+            raise ValueError(f"output shape differs: {tuple(ref.shape)} vs {tuple(got.shape)}")
+        ref64, got64 = ref.detach().double(), got.detach().double()
+        abs_err = (ref64 - got64).abs().max().item() if ref.numel() else 0.0
+        scale = ref64.abs().max().item() if ref.numel() else 0.0
+        max_abs = max(max_abs, abs_err)
+        max_rel = max(max_rel, abs_err / scale if scale > 0 else abs_err)
+    metric, quality = _quality(reference[0], candidate[0], (output_names or ["output"])[0])
+    return Verification(max_abs, max_rel, quality, metric)
+
+
+def _quality(ref: torch.Tensor, got: torch.Tensor, name: str) -> tuple[str, float]:
+    ref64, got64 = ref.detach().double(), got.detach().double()
+    if name == "logits" and ref.dim() >= 2:
+        agree = (ref64.argmax(-1) == got64.argmax(-1)).double().mean().item()
+        return "top1_agreement", agree
+    flat_ref = ref64.reshape(-1, ref64.shape[-1]) if ref64.dim() else ref64.reshape(1, 1)
+    flat_got = got64.reshape(-1, got64.shape[-1]) if got64.dim() else got64.reshape(1, 1)
+    cosine = torch.nn.functional.cosine_similarity(flat_ref, flat_got, dim=-1).mean().item()
+    return "mean_cosine", cosine
+
+
+def verify(original: ModelGraph, variant: ModelGraph,
+           reference_outputs: tuple[torch.Tensor, ...] | None = None) -> Verification:
+    reference = reference_outputs if reference_outputs is not None else original.run()
+    return compare_outputs(reference, variant.run(original.example_inputs), original.output_names)
