@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from tfcompile.errors import ModelLoadError, ShapeError
 from tfcompile.frontend import detect, hf, torch_files, zoo
 from tfcompile.frontend.inputs import make_input, seeded_generator
 from tfcompile.graph import ModelGraph, export_module, from_exported_program
+
+
+FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,7 @@ def load_model(source: str, options: LoadOptions = LoadOptions()) -> ModelGraph:
         return _trace_module(_wrap_hf(hf.load_directory(path)), path.name, options, info={"source": "hf-dir"})
     if path.is_file():
         return _load_file(path, options)
-    if ":" in source and not path.suffix:
+    if FACTORY_PATTERN.fullmatch(source):
         return _load_factory(source, options)
     zoo_names = ", ".join(zoo.ZOO)
     raise ModelLoadError(f"{source}: no such file, directory or zoo model (zoo: {zoo_names})")
@@ -106,12 +110,15 @@ def _from_torchscript(path: Path, options: LoadOptions) -> ModelGraph:
     from torch._export.converter import TS2EPConverter
 
     module = torch_files.load_torchscript(path)
-    inputs = torch_files.traced_inputs(path)
     if options.input_shapes:
         names = list(options.input_shapes)
         inputs = _inputs_for(names, options.input_shapes, options.input_dtypes or {}, options)
-    if inputs is None:
-        raise ShapeError(f"{path}: a scripted TorchScript module stores no example inputs; give --input-shape")
+    else:
+        specs = torch_files.traced_input_specs(module)
+        if specs is None:
+            raise ShapeError(f"{path}: this TorchScript module records no input shapes; give --input-shape")
+        inputs = _inputs_for([n for n, _, _ in specs], {n: s for n, s, _ in specs},
+                             {n: d for n, _, d in specs}, options)
     try:
         program = TS2EPConverter(module, inputs).convert()
     except Exception as exc:  # the converter raises whatever the TorchScript op it met raises

@@ -105,7 +105,10 @@ def build_from_config(config_path: Path, state_dict: dict[str, torch.Tensor]) ->
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{config_path}: not a Hugging Face config: {_first_line(exc)}") from exc
     cls = model_class_for(config)
-    model = cls._from_config(config, attn_implementation="sdpa") if hasattr(cls, "_from_config") else cls(config)
+    if cls is transformers.AutoModel:
+        model = cls.from_config(config, attn_implementation="sdpa")
+    else:
+        model = cls._from_config(config, attn_implementation="sdpa")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing:
         raise ModelLoadError(f"state dict does not fit {cls.__name__} from {config_path}: "

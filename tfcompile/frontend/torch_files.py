@@ -9,6 +9,7 @@ or with torch's own archive readers.
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -28,22 +29,28 @@ def load_exported_program(path: Path) -> torch.export.ExportedProgram:
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch asks users to move to torch.export
+            return torch.jit.load(str(path), map_location="cpu", _restore_shapes=True)
     except (RuntimeError, zipfile.BadZipFile, OSError) as exc:
         raise ModelLoadError(f"{path}: unreadable TorchScript archive: {_first_line(exc)}") from exc
 
 
-def traced_inputs(path: Path) -> tuple[torch.Tensor, ...] | None:
-    """The example inputs TorchScript stores when a module was traced, if any."""
-    module = load_torchscript(path)
-    stored = getattr(module, "_c", None)
-    try:
-        inputs = stored.__getattr__("traced_inputs") if stored is not None else None  # noqa: PLC2801
-    except (AttributeError, RuntimeError):
-        inputs = None
-    if isinstance(inputs, dict) and inputs.get("forward"):
-        return tuple(inputs["forward"])
-    return None
+def traced_input_specs(module: torch.jit.ScriptModule) -> list[tuple[str, tuple[int, ...], torch.dtype]] | None:
+    """Names, shapes and dtypes a traced module was traced with (None if unknown).
+
+    TorchScript archives keep the traced inputs' types, not their values; the
+    module must be loaded with ``_restore_shapes=True`` for them to appear.
+    """
+    specs = []
+    for value in list(module.graph.inputs())[1:]:  # the first input is the module itself
+        tensor_type = value.type()
+        sizes = tensor_type.sizes() if hasattr(tensor_type, "sizes") else None
+        dtype = tensor_type.dtype() if hasattr(tensor_type, "dtype") else None
+        if sizes is None or dtype is None or any(s is None for s in sizes):
+            return None
+        specs.append((value.debugName().split(".")[0], tuple(sizes), dtype))
+    return specs
 
 
 def load_torch_save(path: Path, *, trust_pickle: bool) -> object:

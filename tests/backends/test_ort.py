@@ -1,0 +1,40 @@
+import onnx
+import pytest
+
+from tfcompile.backends import ort
+from tfcompile.errors import BackendError
+from tfcompile.variants import CLEANUP, VariantSpec, build_variant
+from tfcompile.verify import compare_outputs
+from tests.tiny import ARCHITECTURES, load_tiny
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_exported_onnx_matches_torch(tmp_path, name):
+    graph = load_tiny(name, batch=1, seq=16)
+    variant = build_variant(graph, VariantSpec("cleanup", CLEANUP)).graph
+    path = ort.export_onnx(variant, tmp_path / "model.onnx")
+    onnx.checker.check_model(str(path))
+    check = compare_outputs(graph.run(), ort.OrtModel(path).run(graph.example_inputs))
+    assert check.max_rel_err <= 1e-4
+
+
+def test_measurement_is_a_positive_median(tmp_path):
+    graph = load_tiny("bert-base", batch=1, seq=16)
+    path = ort.export_onnx(graph, tmp_path / "model.onnx")
+    result = ort.measure_file(path, graph.example_inputs, repeat=5)
+    assert len(result.samples_s) == 5
+    assert min(result.samples_s) <= result.median_s <= max(result.samples_s)
+    assert result.median_s > 0
+
+
+def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
+    graph = load_tiny("bert-base", batch=1, seq=16)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(ort.torch.onnx, "export", broken)
+    target = tmp_path / "model.onnx"
+    with pytest.raises(BackendError, match="exporter exploded"):
+        ort.export_onnx(graph, target)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,130 @@
+"""The command line as a user runs it: a real subprocess per call."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.tiny import load_tiny, tiny_module
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tfcompile(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "tfcompile.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_clean_failure(result, match, out_dir):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert match in lines[0]
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "out"
+    result = tfcompile("optimize", str(tmp_path / "nope.pt"), "-o", str(out))
+    assert_clean_failure(result, "no such file", out)
+
+
+def test_random_bytes_as_onnx(tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(bytes(range(256)) * 64)
+    out = tmp_path / "out"
+    assert_clean_failure(tfcompile("optimize", str(model), "-o", str(out)), "not a recognised model file", out)
+
+
+def test_truncated_pt2(tmp_path):
+    graph = load_tiny("gpt2-small")
+    full = tmp_path / "full.pt2"
+    torch.export.save(torch.export.export(tiny_module("gpt2-small"), graph.example_inputs), str(full))
+    cut = tmp_path / "model.pt2"
+    cut.write_bytes(full.read_bytes()[:-4096])
+    out = tmp_path / "out"
+    assert_clean_failure(tfcompile("optimize", str(cut), "-o", str(out)), "truncated or corrupt", out)
+
+
+def test_unknown_target(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(tfcompile("optimize", "gpt2-small", "--target", "tpu9", "-o", str(out)),
+                         "unknown target 'tpu9'", out)
+
+
+def test_pickle_without_flag(tmp_path):
+    model = tmp_path / "model.pt"
+    torch.save(Net(), model)
+    out = tmp_path / "out"
+    result = tfcompile("optimize", str(model), "--input-shape", "x=2x4:float32", "-o", str(out))
+    assert_clean_failure(result, "--trust-pickle", out)
+
+
+def test_shape_that_does_not_fit(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(tfcompile("optimize", "gpt2-small", "--seq", "5000", "-o", str(out)),
+                         "exceeds the model's 1024 positions", out)
+
+
+def test_existing_output_survives_a_failed_run(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text('{"old": true}')
+    result = tfcompile("optimize", "gpt2-small", "--target", "tpu9", "-o", str(out))
+    assert result.returncode != 0
+    assert json.loads((out / "report.json").read_text()) == {"old": True}
+
+
+def test_optimize_measures_ranks_and_writes_report(tmp_path):
+    out = tmp_path / "out"
+    result = tfcompile("optimize", "tests.tiny:bert", "--target", "cpu", "--measure", "--repeat", "3",
+                       "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "measured ms (ort)" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    names = [v["name"] for v in report["variants"]]
+    assert {"baseline", "cleanup", "cleanup+merge_qkv"} <= set(names)
+    assert report["best"] == names[0]
+    for v in report["variants"]:
+        assert {"name", "passes", "exact", "predicted_ms", "measured_ms", "backend", "max_rel_err", "flops",
+                "bytes"} <= set(v)
+        assert set(v["predicted_ms"]) >= {"a100", "h100", "cpu", "npu", "edge"}
+        assert v["backend"] == "ort" and v["measured_ms"] > 0
+        assert v["max_rel_err"] <= 1e-4
+    assert (out / "model.onnx").stat().st_size > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_passes_and_targets_listings():
+    passes = tfcompile("passes")
+    assert passes.returncode == 0 and "merge_qkv_projections" in passes.stdout and "exact" in passes.stdout
+    targets = tfcompile("targets")
+    assert targets.returncode == 0
+    for name in ("a100", "h100", "cpu", "npu", "edge"):
+        assert name in targets.stdout
+
+
+def test_export_writes_checked_onnx(tmp_path):
+    path = tmp_path / "m.onnx"
+    result = tfcompile("export", "tests.tiny:gpt2", "-o", str(path))
+    assert result.returncode == 0, result.stderr
+    assert path.stat().st_size > 0 and "max relative error" in result.stdout
+
+
+def test_unknown_pass_is_a_clean_error(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(tfcompile("optimize", "tests.tiny:gpt2", "--passes", "warp_drive", "-o", str(out)),
+                         "unknown pass 'warp_drive'", out)

@@ -1,0 +1,45 @@
+"""Tiny versions of the zoo architectures, for fast tests.
+
+Each keeps its architecture (GPT-2's fused c_attn and Conv1D, BERT's Post-LN,
+ViT's patch embedding, Llama's RMSNorm/RoPE/GQA/SwiGLU) at a size that traces
+and exports in seconds. minilm is loaded at its real size: it is the real
+trained model and is small (22M parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tfcompile.frontend import LoadOptions, load_model, zoo
+from tfcompile.graph import ModelGraph
+
+TINY_OVERRIDES = {
+    "gpt2-small": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=128),
+    "bert-base": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                      vocab_size=512),
+    "vit-base": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                     image_size=32, patch_size=8, num_labels=10),
+    "llama-tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512),
+    "minilm": None,
+}
+
+ARCHITECTURES = list(TINY_OVERRIDES)
+
+
+def load_tiny(name: str, *, batch: int = 2, seq: int = 16, seed: int = 0) -> ModelGraph:
+    return load_model(name, LoadOptions(batch=batch, seq=seq, seed=seed, config_overrides=TINY_OVERRIDES[name]))
+
+
+def tiny_module(name: str, seed: int = 0) -> torch.nn.Module:
+    return zoo.build(name, seed=seed, config_overrides=TINY_OVERRIDES[name])
+
+
+# Factories for `tfcompile optimize tests.tiny:NAME` in CLI tests.
+def gpt2():
+    return tiny_module("gpt2-small"), (torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0)),)
+
+
+def bert():
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    return tiny_module("bert-base"), (ids, torch.ones_like(ids))
