@@ -128,3 +128,25 @@ def test_unknown_pass_is_a_clean_error(tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(tfcompile("optimize", "tests.tiny:gpt2", "--passes", "warp_drive", "-o", str(out)),
                          "unknown pass 'warp_drive'", out)
+
+
+def test_calibrate_then_compare(tmp_path):
+    env_dir = tmp_path / "profiles"
+    profile = env_dir / "cpu-torch.json"
+    result = tfcompile("calibrate", "--backend", "torch", "--repeat", "3", "-o", str(profile))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(profile.read_text())
+    assert data["version"] == 1 and data["backend"] == "torch" and len(data["samples"]) >= 20
+    out = tmp_path / "cmp"
+    result = tfcompile("compare", "tests.tiny:bert", "--backend", "torch", "--profile", str(profile),
+                       "--seqs", "16,32", "--repeat", "3", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "compare.json").read_text())
+    assert len(report["variants"]) == 6
+    assert {"calibrated", "roofline", "flops_only"} <= set(report["scores"])
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrating_a_remote_target_is_refused(tmp_path):
+    result = tfcompile("calibrate", "--target", "a100")
+    assert result.returncode == 2 and "only 'cpu'" in result.stderr and "Traceback" not in result.stderr

@@ -155,6 +155,110 @@ def export(model, passes, output_path, **load_kwargs):
     console.print(f"wrote {output_path} (ONNX Runtime vs torch: max relative error {check.max_rel_err:.1e})")
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter(f"{text!r}: expected positive integers separated by commas", param_hint=option)
+    return values
+
+
+@cli.command()
+@click.option("--target", "-t", default="cpu", show_default=True, help="Only this host (cpu) can be measured here.")
+@click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
+@click.option("--repeat", default=10, show_default=True, type=int, help="Timed runs per micro-benchmark.")
+@click.option("--output", "-o", "output_path", type=click.Path(path_type=Path), default=None,
+              help="Profile file (default: the profile directory, $TFCOMPILE_PROFILE_DIR or ~/.cache/tfcompile).")
+def calibrate(target, backend, repeat, output_path):
+    """Measure micro-benchmarks on this host and fit a calibration profile."""
+    from tfcompile.cost_models import load_device
+    from tfcompile.cost_models.calibration import fit, save_profile
+    from tfcompile.cost_models.device import detect_host
+    from tfcompile.cost_models.microbench import default_suite, run_suite
+
+    load_device(target)
+    if target != "cpu":
+        raise TfcompileError(f"calibrating {target} needs that device; only 'cpu' (this host) is measured here")
+    suite = default_suite()
+    with console.status("calibrating") as status:
+        samples = run_suite(suite, backend, repeat=repeat, progress=lambda m: status.update(f"calibrating {m}"))
+    host = detect_host()
+    profile = fit(samples, target, backend, host=f"{host.model}, {host.cores} cores")
+    path = save_profile(profile, output_path)
+    table = Table(title=f"calibration {target}/{backend}: fit MAPE {profile.fit_mape:.1%}")
+    for column in ("micro-benchmark", "measured ms", "fitted ms", "error"):
+        table.add_column(column, justify="right" if column != "micro-benchmark" else "left")
+    for record in profile.samples:
+        m, p = record["measured_s"] * 1e3, record["predicted_s"] * 1e3
+        table.add_row(record["name"], f"{m:.4f}", f"{p:.4f}", f"{(p - m) / m:+.0%}")
+    console.print(table)
+    console.print(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--target", "-t", default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
+@click.option("--batches", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--seqs", default="128", show_default=True, help="Comma-separated sequence lengths.")
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path), default=None,
+              help="Calibration profile (default: the saved one for TARGET/BACKEND).")
+@click.option("--repeat", default=10, show_default=True, type=int)
+@click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-compare"),
+              show_default=True, help="Directory for compare.json and compare.png.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def compare(model, target, backend, batches, seqs, profile_path, repeat, output_dir, seed):
+    """Predicted against measured latency for every variant of MODEL."""
+    from tfcompile.compare import measure_and_predict, score, write_outputs
+    from tfcompile.cost_models import load_device
+    from tfcompile.cost_models.calibration import load_profile
+    from tfcompile.frontend import LoadOptions, load_model
+    from tfcompile.variants import BUILTIN_VARIANTS, build_variant
+
+    device = load_device(target)
+    if target != "cpu":
+        raise TfcompileError(f"measuring on {target} needs that device; only 'cpu' (this host) is measured here")
+    profile = load_profile(target, backend, profile_path)
+    if profile is None:
+        console.print(f"[yellow]no calibration profile for {target}/{backend}: run `tfcompile calibrate --target "
+                      f"{target} --backend {backend}`; showing uncalibrated predictions only[/yellow]")
+    graphs = []
+    with console.status("building variants") as status:
+        for batch in _int_list(batches, "--batches"):
+            for seq in _int_list(seqs, "--seqs"):
+                original = load_model(model, LoadOptions(batch=batch, seq=seq, seed=seed))
+                for spec in BUILTIN_VARIANTS:
+                    variant = build_variant(original, spec)
+                    variant.graph.name = f"{original.name} b{batch} s{seq} {spec.name}"
+                    graphs.append(variant.graph)
+        rows = measure_and_predict(graphs, backend=backend, device=device, profile=profile, repeat=repeat,
+                                   progress=lambda m: status.update(m))
+    scores = score(rows)
+    table = Table(title=f"{model}: predicted vs measured on {target}/{backend}")
+    table.add_column("variant")
+    table.add_column("measured ms", justify="right")
+    for predictor in scores:
+        table.add_column(f"{predictor} ms", justify="right")
+        table.add_column("err", justify="right")
+    for row in rows:
+        cells = [row.name, f"{row.measured_ms:.3f}"]
+        for predictor in scores:
+            p = row.predicted_ms[predictor]
+            cells += [f"{p:.3f}", f"{(p - row.measured_ms) / row.measured_ms:+.0%}"]
+        table.add_row(*cells)
+    console.print(table)
+    summary = Table(title="scores")
+    for column in ("predictor", "MAPE", "within ±10%", "Kendall τ"):
+        summary.add_column(column)
+    for predictor, s in scores.items():
+        summary.add_row(predictor, f"{s['mape']:.1%}", f"{s['within_10pct']:.0%}", f"{s['kendall_tau']:.3f}")
+    console.print(summary)
+    write_outputs(rows, scores, output_dir, title=f"{model} on {target}/{backend}")
+    console.print(f"wrote {output_dir / 'compare.json'} and {output_dir / 'compare.png'}")
+
+
 @cli.command(name="passes")
 def list_passes():
     """List the registered passes."""

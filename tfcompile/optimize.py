@@ -14,7 +14,7 @@ from typing import Callable
 
 from tfcompile.backends.timing import Measurement, measure_interleaved
 from tfcompile.cost_models import available_targets, estimate, load_device
-from tfcompile.errors import BackendError, TfcompileError
+from tfcompile.errors import BackendError
 from tfcompile.graph import ModelGraph
 from tfcompile.report import VariantReport, rank
 from tfcompile.variants import BUILTIN_VARIANTS, Variant, VariantSpec, build_variant
@@ -109,27 +109,17 @@ def _report_for(original: ModelGraph, variant: Variant, reference, devices, sett
 
 
 def _measure(variants, reports, settings, workdir, onnx_files, progress) -> None:
+    from tfcompile.backends.runner import lower
+
     runners = {}
     for report in reports:
         graph = variants[report.name].graph
-        if settings.backend == "ort":
-            from tfcompile.backends import ort
-
-            progress(f"exporting {report.name} to ONNX")
-            path = ort.export_onnx(graph, workdir / f"{_safe(report.name)}.onnx")
-            onnx_files[report.name] = path
-            model = ort.OrtModel(path)
-            runners[report.name] = model.runner(graph.example_inputs)
-            _check_backend_outputs(report, graph, model.run(graph.example_inputs))
-        elif settings.backend == "tvm":
-            from tfcompile.backends import tvm as tvm_backend
-
-            progress(f"compiling {report.name} with TVM")
-            module = tvm_backend.compile_graph(graph)
-            runners[report.name] = module.runner(graph.example_inputs)
-            _check_backend_outputs(report, graph, module.run(graph.example_inputs))
-        else:
-            raise TfcompileError(f"unknown backend {settings.backend!r}; use ort or tvm")
+        progress(f"lowering {report.name} for {settings.backend}")
+        lowered = lower(graph, settings.backend, workdir)
+        if lowered.onnx_path is not None:
+            onnx_files[report.name] = lowered.onnx_path
+        _check_backend_outputs(report, graph, lowered.outputs)
+        runners[report.name] = lowered.run
     progress(f"measuring {len(runners)} variants on {settings.backend} (median of {settings.repeat})")
     results: dict[str, Measurement] = measure_interleaved(runners, backend=settings.backend, repeat=settings.repeat)
     for report in reports:
@@ -145,6 +135,3 @@ def _check_backend_outputs(report: VariantReport, graph: ModelGraph, outputs) ->
     if check.max_rel_err > EXACT_TOLERANCE:
         raise BackendError(f"{report.name}: backend output differs from torch by {check.max_rel_err:.1e} relative")
 
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

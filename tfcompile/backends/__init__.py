@@ -1,3 +1,3 @@
 """Backends that lower a variant and measure it: ONNX Runtime and TVM Relax."""
 
-BACKENDS = ("ort", "tvm")
+BACKENDS = ("ort", "tvm", "torch")

@@ -1,0 +1,91 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from tfcompile.compare import ComparisonRow, score
+from tfcompile.cost_models.calibration import CLASSES, Profile, features, fit, kernel_class
+from tfcompile.cost_models.fusion import group_kernels
+from tfcompile.errors import TfcompileError
+from tfcompile.graph import export_module
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self, d=32, hidden=64):
+        super().__init__()
+        self.up = torch.nn.Linear(d, hidden)
+        self.down = torch.nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return (self.down(torch.nn.functional.gelu(self.up(x))) + x,)
+
+
+def _mlp(rows=8, d=32, hidden=64):
+    return export_module(Mlp(d, hidden), (torch.randn(rows, d),), name=f"mlp{rows}x{d}x{hidden}")
+
+
+def test_gelu_epilogue_fuses_into_gemm_for_ort_not_for_torch():
+    graph = _mlp()
+    ort_kernels = group_kernels(graph, "ort")
+    torch_kernels = group_kernels(graph, "torch")
+    assert len(torch_kernels) == 4  # linear, gelu, linear, add
+    assert len(ort_kernels) == 3  # linear+gelu, linear, add (x is read twice: no fusion of the residual)
+    fused = next(k for k in ort_kernels if len(k.nodes) == 2)
+    assert fused.op_class == "gemm"
+    unfused_bytes = sum(k.bytes_moved for k in torch_kernels[:2])
+    # The GEMM output no longer goes to memory and back.
+    assert fused.bytes_moved == unfused_bytes - 2 * 4 * 8 * 64
+
+
+def test_skinny_gemms_get_their_own_class():
+    kernels = group_kernels(_mlp(rows=4), "torch")
+    assert kernel_class(kernels[0]) == "gemm_skinny"
+    assert kernel_class(group_kernels(_mlp(rows=128), "torch")[0]) == "gemm"
+
+
+@dataclasses.dataclass
+class _Sample:
+    name: str
+    graph: object
+    measured_s: float
+
+
+def test_fit_recovers_known_coefficients():
+    truth = Profile(target="cpu", backend="torch",
+                    s_per_flop={c: 0.0 for c in CLASSES} | {"gemm": 2e-11, "gemm_skinny": 9e-11},
+                    s_per_byte={c: 0.0 for c in CLASSES} | {"memory": 3e-10},
+                    kernel_overhead_s=4e-6, graph_overhead_s=2e-5)
+    graphs = [_mlp(r, d, h) for r in (4, 16, 128, 512) for d, h in ((32, 64), (64, 256), (128, 128))]
+    samples = [_Sample(g.name, g, truth.predict_s(g)) for g in graphs]
+    fitted = fit(samples, "cpu", "torch")
+    assert fitted.fit_mape < 1e-6
+    for g in graphs:
+        assert fitted.predict_s(g) == pytest.approx(truth.predict_s(g), rel=1e-6)
+
+
+def test_profile_round_trip_and_version_check():
+    graph = _mlp()
+    profile = fit([_Sample("a", graph, 1e-4), _Sample("b", _mlp(64), 3e-4)], "cpu", "ort")
+    again = Profile.from_json(profile.to_json())
+    assert again.predict_s(graph) == pytest.approx(profile.predict_s(graph))
+    data = json.loads(profile.to_json())
+    data["version"] = 999
+    with pytest.raises(TfcompileError, match="recalibrate"):
+        Profile.from_json(json.dumps(data))
+    with pytest.raises(TfcompileError, match="invalid JSON"):
+        Profile.from_json("not json")
+
+
+def test_features_count_kernels_and_graph():
+    row = features(_mlp(), "torch")
+    assert row[-1] == 1 and row[-2] == 4
+
+
+def test_scores():
+    rows = [ComparisonRow("a", 10.0, {"roofline": 11.0}), ComparisonRow("b", 20.0, {"roofline": 30.0}),
+            ComparisonRow("c", 40.0, {"roofline": 38.0})]
+    s = score(rows)["roofline"]
+    assert s["mape"] == pytest.approx((0.1 + 0.5 + 0.05) / 3)
+    assert s["within_10pct"] == pytest.approx(2 / 3)
+    assert s["kendall_tau"] == pytest.approx(1.0)

@@ -1,0 +1,54 @@
+"""One way to lower a graph on any backend and get something to time.
+
+``lower(graph, backend, workdir)`` returns a ``Lowered``: a zero-argument
+callable that runs the model once on its example inputs (inputs converted
+outside the timed call), and the outputs it computed, for checking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tfcompile.errors import TfcompileError
+from tfcompile.graph import ModelGraph
+
+BACKENDS = ("ort", "tvm", "torch")
+
+
+@dataclasses.dataclass
+class Lowered:
+    backend: str
+    run: Callable[[], object]
+    outputs: tuple[torch.Tensor, ...]
+    onnx_path: Path | None = None
+
+
+def lower(graph: ModelGraph, backend: str, workdir: Path) -> Lowered:
+    if backend == "ort":
+        from tfcompile.backends import ort
+
+        path = ort.export_onnx(graph, Path(workdir) / f"{_safe(graph.name)}.onnx")
+        model = ort.OrtModel(path)
+        return Lowered("ort", model.runner(graph.example_inputs), model.run(graph.example_inputs), path)
+    if backend == "tvm":
+        from tfcompile.backends import tvm as tvm_backend
+
+        module = tvm_backend.compile_graph(graph)
+        return Lowered("tvm", module.runner(graph.example_inputs), module.run(graph.example_inputs))
+    if backend == "torch":
+        inputs = graph.example_inputs
+
+        def run():
+            with torch.no_grad():
+                return graph.gm(*inputs)
+
+        return Lowered("torch", run, graph.run())
+    raise TfcompileError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -1,0 +1,102 @@
+"""Predicted against measured latency over many variants.
+
+For each variant: the calibrated prediction (profile for target x backend),
+the uncalibrated roofline, a FLOPs-only baseline, and the measured median.
+Scores per predictor: MAPE, share within ±10 %, Kendall τ of the ranking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from scipy.stats import kendalltau
+
+from tfcompile.backends.runner import lower
+from tfcompile.backends.timing import measure
+from tfcompile.cost_models import estimate
+from tfcompile.cost_models.calibration import Profile
+from tfcompile.cost_models.device import DeviceSpec
+from tfcompile.graph import ModelGraph
+from tfcompile.outputs import atomic_path, atomic_write_text
+
+PREDICTORS = ("calibrated", "roofline", "flops_only")
+
+
+@dataclasses.dataclass
+class ComparisonRow:
+    name: str
+    measured_ms: float
+    predicted_ms: dict[str, float]  # per predictor
+
+
+def measure_and_predict(graphs: list[ModelGraph], *, backend: str, device: DeviceSpec, profile: Profile | None,
+                        repeat: int = 10, progress: Callable[[str], None] = lambda _: None) -> list[ComparisonRow]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tfcompile-compare-") as workdir:
+        for i, graph in enumerate(graphs, 1):
+            progress(f"[{i}/{len(graphs)}] {graph.name}: lowering for {backend}")
+            lowered = lower(graph, backend, Path(workdir))
+            progress(f"[{i}/{len(graphs)}] {graph.name}: measuring")
+            measured = measure(lowered.run, backend=backend, warmup=2, repeat=repeat, max_total_s=30.0)
+            predicted = {"roofline": estimate(graph, device).latency_ms}
+            if profile is not None:
+                predicted["calibrated"] = profile.predict_s(graph) * 1e3
+                predicted["flops_only"] = profile.predict_flops_only_s(graph) * 1e3
+            rows.append(ComparisonRow(graph.name, measured.median_ms, predicted))
+            if lowered.onnx_path is not None:
+                lowered.onnx_path.unlink(missing_ok=True)
+    return rows
+
+
+def score(rows: list[ComparisonRow]) -> dict[str, dict[str, float]]:
+    scores = {}
+    measured = [r.measured_ms for r in rows]
+    for predictor in PREDICTORS:
+        if not all(predictor in r.predicted_ms for r in rows):
+            continue
+        predicted = [r.predicted_ms[predictor] for r in rows]
+        errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
+        tau = kendalltau(predicted, measured).statistic if len(rows) > 1 else float("nan")
+        scores[predictor] = {"mape": sum(errors) / len(errors),
+                             "within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
+                             "kendall_tau": float(tau)}
+    return scores
+
+
+def write_outputs(rows: list[ComparisonRow], scores: dict, out_dir: Path, *, title: str) -> None:
+    payload = {"title": title, "scores": scores, "variants": [dataclasses.asdict(r) for r in rows]}
+    atomic_write_text(out_dir / "compare.json", json.dumps(payload, indent=2) + "\n")
+    plot(rows, out_dir / "compare.png", title=title)
+
+
+def plot(rows: list[ComparisonRow], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    measured = [r.measured_ms for r in rows]
+    markers = {"calibrated": "o", "roofline": "x", "flops_only": "^"}
+    for predictor, marker in markers.items():
+        points = [(r.measured_ms, r.predicted_ms[predictor]) for r in rows if predictor in r.predicted_ms]
+        if points:
+            ax.scatter(*zip(*points), marker=marker, label=predictor, alpha=0.8)
+    low, high = min(measured) * 0.5, max(measured) * 2
+    ax.plot([low, high], [low, high], color="grey", linewidth=1)
+    ax.fill_between([low, high], [low * 0.9, high * 0.9], [low * 1.1, high * 1.1], color="grey", alpha=0.15,
+                    label="±10 %")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
