@@ -150,3 +150,22 @@ def test_calibrate_then_compare(tmp_path):
 def test_calibrating_a_remote_target_is_refused(tmp_path):
     result = tfcompile("calibrate", "--target", "a100")
     assert result.returncode == 2 and "only 'cpu'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_optimize_uses_a_saved_calibration_profile(tmp_path, monkeypatch):
+    from tfcompile.cost_models.calibration import CLASSES, Profile, save_profile
+
+    profile_dir = tmp_path / "profiles"
+    monkeypatch.setenv("TFCOMPILE_PROFILE_DIR", str(profile_dir))
+    # A profile where every kernel costs exactly 1 ms makes the prediction checkable.
+    save_profile(Profile(target="cpu", backend="ort", s_per_flop={c: 0.0 for c in CLASSES},
+                         s_per_byte={c: 0.0 for c in CLASSES}, kernel_overhead_s=1e-3, graph_overhead_s=0.0))
+    out = tmp_path / "out"
+    result = tfcompile("optimize", "tests.tiny:bert", "--target", "cpu", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    for variant in report["variants"]:
+        assert variant["prediction"] == "calibrated cpu/ort"
+        assert variant["predicted_ms"]["cpu"] == pytest.approx(round(variant["predicted_ms"]["cpu"]))
+    baseline = next(v for v in report["variants"] if v["name"] == "baseline")
+    assert baseline["predicted_ms"]["cpu"] > 10  # one ms per unfused kernel

@@ -14,6 +14,7 @@ from typing import Callable
 
 from tfcompile.backends.timing import Measurement, measure_interleaved
 from tfcompile.cost_models import available_targets, estimate, load_device
+from tfcompile.cost_models.calibration import load_profile
 from tfcompile.errors import BackendError
 from tfcompile.graph import ModelGraph
 from tfcompile.report import VariantReport, rank
@@ -82,13 +83,19 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
 
 def _report_for(original: ModelGraph, variant: Variant, reference, devices, settings) -> VariantReport:
     estimates = {name: estimate(variant.graph, dev) for name, dev in devices.items()}
+    predicted_ms = {name: e.latency_ms for name, e in estimates.items()}
+    # A calibration profile for the target and backend beats the datasheet roofline.
+    profile = load_profile(settings.target, settings.backend)
+    if profile is not None:
+        predicted_ms[settings.target] = profile.predict_s(variant.graph) * 1e3
     check = verify(original, variant.graph, reference)
     target_estimate = estimates[settings.target]
     report = VariantReport(
         name=variant.name,
         passes=variant.applied_passes,
         exact=variant.exact,
-        predicted_ms={name: e.latency_ms for name, e in estimates.items()},
+        predicted_ms=predicted_ms,
+        prediction=f"calibrated {settings.target}/{settings.backend}" if profile else "roofline",
         flops=target_estimate.flops,
         bytes=target_estimate.bytes_moved,
         skipped=[{"pass": o.name, "reason": o.reason} for o in variant.outcomes if not o.applied],

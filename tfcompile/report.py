@@ -21,6 +21,7 @@ class VariantReport:
     passes: list[str]  # passes that applied, in order
     exact: bool
     predicted_ms: dict[str, float]  # per target
+    prediction: str  # how the target's prediction was made: "roofline" or "calibrated T/B"
     flops: float
     bytes: float
     max_abs_err: float | None = None
