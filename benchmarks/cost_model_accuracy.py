@@ -1,0 +1,87 @@
+"""Cost-model accuracy on this CPU: calibrate, then predict held-out variants.
+
+Calibration sees only micro-benchmarks (GEMMs, SDPA, norms, softmax, GELU,
+launch chains); every zoo variant below is held out. Each variant is measured
+(median of repeated runs) and predicted three ways: calibrated, uncalibrated
+roofline, FLOPs-only. Prints MAPE, share within ±10 % and Kendall τ per
+predictor; writes JSON and a scatter PNG under benchmarks/results/.
+
+    .venv/bin/python benchmarks/cost_model_accuracy.py --backend ort
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from tfcompile.compare import measure_and_predict, score, write_outputs
+from tfcompile.cost_models import load_device
+from tfcompile.cost_models.calibration import fit, save_profile
+from tfcompile.cost_models.device import detect_host
+from tfcompile.cost_models.microbench import default_suite, run_suite
+from tfcompile.frontend import LoadOptions, load_model
+from tfcompile.variants import BUILTIN_VARIANTS, build_variant
+
+# (model, batch, seq); vit-base ignores seq.
+CONFIGS = [
+    ("bert-base", 1, 64), ("bert-base", 1, 128), ("bert-base", 1, 256), ("bert-base", 4, 128),
+    ("gpt2-small", 1, 64), ("gpt2-small", 1, 128),
+    ("vit-base", 1, 0),
+    ("minilm", 1, 128), ("minilm", 8, 128),
+    ("llama-tiny", 1, 128), ("llama-tiny", 1, 512),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["ort", "tvm", "torch"], default="ort")
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    console = Console()
+    started = time.time()
+
+    with console.status("calibrating") as status:
+        samples = run_suite(default_suite(), args.backend, repeat=args.repeat,
+                            progress=lambda m: status.update(f"calibrating {m}"))
+    host = detect_host()
+    profile = fit(samples, "cpu", args.backend, host=f"{host.model}, {host.cores} cores")
+    save_profile(profile, args.out / f"profile-cpu-{args.backend}.json")
+    console.print(f"calibration: {len(samples)} micro-benchmarks, fit MAPE {profile.fit_mape:.1%}")
+
+    graphs = []
+    for model, batch, seq in CONFIGS:
+        original = load_model(model, LoadOptions(batch=batch, seq=seq or 128))
+        for spec in BUILTIN_VARIANTS:
+            variant = build_variant(original, spec)
+            if spec.passes and not variant.applied_passes:
+                continue
+            if spec.name == "cleanup+merge_qkv" and "merge_qkv_projections" not in variant.applied_passes:
+                continue  # identical to the cleanup variant
+            variant.graph.name = f"{model} b{batch}" + (f" s{seq}" if seq else "") + f" {spec.name}"
+            graphs.append(variant.graph)
+    with console.status("measuring") as status:
+        rows = measure_and_predict(graphs, backend=args.backend, device=load_device("cpu"), profile=profile,
+                                   repeat=args.repeat, progress=lambda m: status.update(m))
+    scores = score(rows)
+    for row in rows:
+        cells = "  ".join(f"{k} {v:9.2f} ({(v - row.measured_ms) / row.measured_ms:+5.0%})"
+                          for k, v in row.predicted_ms.items())
+        console.print(f"{row.name:38s} measured {row.measured_ms:9.2f} ms  {cells}")
+    for predictor, s in scores.items():
+        console.print(f"{predictor:10s} MAPE {s['mape']:6.1%}  within ±10% {s['within_10pct']:5.0%}  "
+                      f"Kendall tau {s['kendall_tau']:.3f}  (n={len(rows)})")
+    title = f"cpu/{args.backend}: {len(rows)} held-out variants"
+    write_outputs(rows, scores, args.out / f"cost-model-{args.backend}", title=title)
+    (args.out / f"cost-model-{args.backend}" / "summary.json").write_text(json.dumps(
+        {"host": profile.host, "calibration_fit_mape": profile.fit_mape, "scores": scores,
+         "wall_s": time.time() - started}, indent=2) + "\n")
+    console.print(f"wrote {args.out / f'cost-model-{args.backend}'} in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
