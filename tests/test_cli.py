@@ -96,16 +96,28 @@ def test_optimize_measures_ranks_and_writes_report(tmp_path):
     assert "measured ms (ort)" in result.stdout
     report = json.loads((out / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
-    assert {"baseline", "cleanup", "cleanup+merge_qkv"} <= set(names)
+    assert {"baseline", "cleanup", "cleanup+merge_qkv_projections"} <= set(names)
     assert report["best"] == names[0]
+    measured = [v for v in report["variants"] if "measured_ms" in v]
+    assert len(measured) == 3  # the baseline and the two best predicted variants
+    assert "baseline" in {v["name"] for v in measured}
+    assert names[: len(measured)] == [v["name"] for v in measured]  # measured variants rank first
     for v in report["variants"]:
-        assert {"name", "passes", "exact", "predicted_ms", "measured_ms", "backend", "max_rel_err", "flops",
-                "bytes"} <= set(v)
+        assert {"name", "passes", "exact", "predicted_ms", "max_rel_err", "flops", "bytes"} <= set(v)
         assert set(v["predicted_ms"]) >= {"a100", "h100", "cpu", "npu", "edge"}
-        assert v["backend"] == "ort" and v["measured_ms"] > 0
         assert v["max_rel_err"] <= 1e-4
+    for v in measured:
+        assert v["backend"] == "ort" and v["measured_ms"] > 0
+    assert report["refusals"]["layernorm_to_rmsnorm"].startswith("not a Pre-LN stream: Post-LN")
     assert (out / "model.onnx").stat().st_size > 0
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_explain_says_why(tmp_path):
+    result = tfcompile("optimize", "tests.tiny:gpt2", "--explain", "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "projections are already fused" in result.stdout
+    assert "give --lengths" in result.stdout
 
 
 def test_passes_and_targets_listings():

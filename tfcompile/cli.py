@@ -83,36 +83,53 @@ def cli() -> None:
 @cli.command()
 @click.argument("model")
 @click.option("--target", "-t", default="cpu", show_default=True, help="Device to rank for (see `tfcompile targets`).")
-@click.option("--passes", default=None, help="Comma-separated pass pipeline to evaluate instead of the built-in variants.")
-@click.option("--allow-approx", is_flag=True, help="Rank approximate variants that meet --budget.")
+@click.option("--passes", default=None,
+              help="Comma-separated pass pipeline to evaluate next to the baseline, instead of searching.")
+@click.option("--allow-approx", is_flag=True, help="Search and rank approximate variants that meet --budget.")
 @click.option("--budget", default=0.99, show_default=True, type=float,
               help="Minimum quality (cosine or top-1 agreement) for approximate variants.")
-@click.option("--measure", is_flag=True, help="Measure every variant on the backend (median of --repeat runs).")
-@click.option("--backend", type=click.Choice(["ort", "tvm"]), default="ort", show_default=True)
+@click.option("--lengths", default=None, help="Valid lengths of the batch's sequences (padding removal), e.g. 37,128,5.")
+@click.option("--measure", is_flag=True, help="Measure the baseline and the best predicted variants on --backend.")
+@click.option("--measure-top", default=2, show_default=True, type=int, help="How many variants to measure besides the baseline.")
+@click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
 @click.option("--repeat", default=10, show_default=True, type=int, help="Timed runs per variant.")
+@click.option("--explain", is_flag=True, help="Say for every pass why it applied or not.")
 @click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-out"),
               show_default=True, help="Directory for report.json and model.onnx.")
 @model_options
-def optimize(model, target, passes, allow_approx, budget, measure, backend, repeat, output_dir, **load_kwargs):
-    """Build variants of MODEL, verify, predict and (optionally) measure them, rank them."""
+def optimize(model, target, passes, allow_approx, budget, lengths, measure, measure_top, backend, repeat, explain,
+             output_dir, **load_kwargs):
+    """Search variants of MODEL, verify and predict them, measure the best, rank them."""
     from tfcompile.backends import ort
     from tfcompile.cost_models import load_device
     from tfcompile.optimize import OptimizeSettings, optimize as run_optimize
     from tfcompile.outputs import atomic_path
+    from tfcompile.passes import get_pass
     from tfcompile.report import render_table, write_report
-    from tfcompile.variants import BUILTIN_VARIANTS, custom_variant
 
     load_device(target)  # an unknown target fails before the model is loaded
-    specs = BUILTIN_VARIANTS
+    pipeline = None
     if passes:
-        specs = (BUILTIN_VARIANTS[0], custom_variant([p.strip() for p in passes.split(",") if p.strip()]))
+        pipeline = tuple(p.strip() for p in passes.split(",") if p.strip())
+        for name in pipeline:
+            get_pass(name)
+    workload = {}
+    if lengths:
+        workload["lengths"] = _int_list(lengths, "--lengths")
+        if max(workload["lengths"]) > load_kwargs["seq"]:
+            raise TfcompileError(f"--lengths: {max(workload['lengths'])} is longer than --seq {load_kwargs['seq']}")
+        if len(workload["lengths"]) != load_kwargs["batch"]:
+            raise TfcompileError(f"--lengths gives {len(workload['lengths'])} lengths for --batch {load_kwargs['batch']}")
     with console.status("loading model") as status:
         graph = _load(model, **load_kwargs)
-        settings = OptimizeSettings(target=target, specs=specs, allow_approx=allow_approx, budget=budget,
-                                    measure=measure, backend=backend, repeat=repeat)
+        settings = OptimizeSettings(target=target, pipeline=pipeline, allow_approx=allow_approx, budget=budget,
+                                    measure=measure, measure_top=measure_top, backend=backend, repeat=repeat,
+                                    workload=workload)
         result = run_optimize(graph, settings, progress=lambda msg: status.update(msg))
         try:
             render_table(result.reports, target, console, title=f"{graph.name} on {target}")
+            if explain:
+                _explain(result)
             if result.best is None:
                 raise TfcompileError("no variant is eligible; nothing written")
             status.update(f"writing {output_dir}")
@@ -125,10 +142,36 @@ def optimize(model, target, passes, allow_approx, budget, measure, backend, repe
             write_report(output_dir / "report.json", model=model, target=target, variants=result.reports,
                          best=result.best, settings={"batch": load_kwargs["batch"], "seq": load_kwargs["seq"],
                                                      "backend": backend if measure else None,
-                                                     "allow_approx": allow_approx, "budget": budget})
+                                                     "allow_approx": allow_approx, "budget": budget,
+                                                     "lengths": workload.get("lengths")},
+                         refusals=result.refusals)
         finally:
             result.cleanup()
     console.print(f"best: [bold]{result.best}[/bold]; wrote {output_dir / 'report.json'} and {output_dir / 'model.onnx'}")
+
+
+def _explain(result) -> None:
+    best = next(r for r in result.reports if r.name == result.best) if result.best else None
+    table = Table(title="why each pass applied or not")
+    table.add_column("pass")
+    table.add_column("in best variant")
+    table.add_column("reason")
+    from tfcompile.passes import all_passes
+
+    for p in all_passes():
+        used = best is not None and p.name in best.passes
+        if used:
+            reason = "applied"
+        elif any(p.name in r.passes for r in result.reports):
+            reason = "applied in other variants; the best variant is faster without it"
+        elif p.name in result.refusals:
+            reason = result.refusals[p.name]
+        elif not p.exact:
+            reason = "approximate: searched only with --allow-approx"
+        else:
+            reason = "not reached: no variant in the search frontier could take it"
+        table.add_row(p.name, "yes" if used else "no", reason)
+    console.print(table)
 
 
 @cli.command()

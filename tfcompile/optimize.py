@@ -1,7 +1,9 @@
-"""``optimize``: variants -> verification -> prediction -> measurement -> ranking.
+"""``optimize``: search variants, verify, predict, measure the best, rank.
 
-The CLI is a thin layer over ``optimize``; progress goes through a callback so
-the library stays free of terminal code.
+Without ``--passes`` the variants come from the search (``search.py``) with
+the target's cost model as objective; with it, from that one pipeline next to
+the baseline. The CLI is a thin layer over ``optimize``; progress goes through
+a callback so the library stays free of terminal code.
 """
 
 from __future__ import annotations
@@ -10,16 +12,17 @@ import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from tfcompile.backends.timing import Measurement, measure_interleaved
+from tfcompile.backends.timing import measure_interleaved
 from tfcompile.cost_models import available_targets, estimate, load_device
 from tfcompile.cost_models.calibration import load_profile
 from tfcompile.errors import BackendError
 from tfcompile.graph import ModelGraph
 from tfcompile.report import VariantReport, rank
-from tfcompile.variants import BUILTIN_VARIANTS, Variant, VariantSpec, build_variant
-from tfcompile.verify import verify
+from tfcompile.search import Candidate, SearchSettings, search
+from tfcompile.variants import Variant, VariantSpec, build_variant
+from tfcompile.verify import compare_outputs, verify
 
 # An exact variant whose output moves more than this (relative to the largest
 # output magnitude) is reported as broken rather than ranked.
@@ -29,19 +32,22 @@ EXACT_TOLERANCE = 1e-4
 @dataclasses.dataclass(frozen=True)
 class OptimizeSettings:
     target: str
-    specs: tuple[VariantSpec, ...] = BUILTIN_VARIANTS
+    pipeline: tuple[str, ...] | None = None  # --passes: evaluate this pipeline instead of searching
     allow_approx: bool = False
     budget: float = 0.99  # minimum quality figure for approximate variants
     measure: bool = False
+    measure_top: int = 2  # eligible variants measured besides the baseline
     backend: str = "ort"
     repeat: int = 10
+    workload: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class OptimizeResult:
     reports: list[VariantReport]  # ranked
-    variants: dict[str, Variant]
+    variants: dict[str, Variant]  # those whose graphs are still held
     best: str | None
+    refusals: dict[str, str]
     onnx_files: dict[str, Path]  # variants already exported while measuring
     workdir: Path
 
@@ -55,37 +61,43 @@ Progress = Callable[[str], None]
 def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progress = lambda _: None) -> OptimizeResult:
     device = load_device(settings.target)  # unknown targets fail before any work
     devices = {name: (device if name == settings.target else load_device(name)) for name in available_targets()}
+    profile = load_profile(settings.target, settings.backend)
     progress("running the original model")
     reference = original.run()
+    reports: dict[str, VariantReport] = {}
 
-    variants: dict[str, Variant] = {}
-    reports: list[VariantReport] = []
-    seen_pipelines: dict[tuple[str, ...], str] = {}
-    for spec in settings.specs:
-        progress(f"building variant {spec.name}")
-        variant = build_variant(original, spec)
-        applied = tuple(variant.applied_passes)
-        if spec.passes and applied in seen_pipelines:
-            progress(f"{spec.name}: same passes applied as {seen_pipelines[applied]}, skipped")
-            continue
-        seen_pipelines.setdefault(applied, spec.name)
-        variants[spec.name] = variant
-        reports.append(_report_for(original, variant, reference, devices, settings))
+    def evaluate(variant: Variant) -> Candidate:
+        report = _report_for(original, variant, reference, devices, profile, settings)
+        reports[variant.name] = report
+        return Candidate(variant, report.predicted_ms[settings.target] / 1e3, report.eligible)
+
+    if settings.pipeline is not None:
+        candidates = [evaluate(build_variant(original, spec)) for spec in
+                      (VariantSpec("baseline", ()), VariantSpec("custom:" + "+".join(settings.pipeline),
+                                                               settings.pipeline))]
+        refusals = {o.name: o.reason for o in candidates[1].variant.outcomes if not o.applied}
+    else:
+        result = search(original, evaluate, SearchSettings(allow_approx=settings.allow_approx,
+                                                           workload=settings.workload), progress)
+        candidates, refusals = result.candidates, result.refusals
+    variants = {c.variant.name: c.variant for c in candidates if c.variant.graph is not None}
 
     workdir = Path(tempfile.mkdtemp(prefix="tfcompile-"))
     onnx_files: dict[str, Path] = {}
     if settings.measure:
-        _measure(variants, reports, settings, workdir, onnx_files, progress)
-    ranked = rank(reports, settings.target)
-    best = next((r.name for r in ranked if r.eligible), None)
-    return OptimizeResult(ranked, variants, best, onnx_files, workdir)
+        by_prediction = rank([r for name, r in reports.items() if name in variants and name != "baseline"],
+                             settings.target)
+        chosen = ["baseline"] + [r.name for r in by_prediction if r.eligible][: settings.measure_top]
+        _measure({n: variants[n] for n in chosen}, reports, settings, workdir, onnx_files, progress)
+    ranked = rank(list(reports.values()), settings.target)
+    best = next((r.name for r in ranked if r.eligible and r.name in variants), None)
+    return OptimizeResult(ranked, variants, best, refusals, onnx_files, workdir)
 
 
-def _report_for(original: ModelGraph, variant: Variant, reference, devices, settings) -> VariantReport:
+def _report_for(original, variant, reference, devices, profile, settings) -> VariantReport:
     estimates = {name: estimate(variant.graph, dev) for name, dev in devices.items()}
     predicted_ms = {name: e.latency_ms for name, e in estimates.items()}
     # A calibration profile for the target and backend beats the datasheet roofline.
-    profile = load_profile(settings.target, settings.backend)
     if profile is not None:
         predicted_ms[settings.target] = profile.predict_s(variant.graph) * 1e3
     check = verify(original, variant.graph, reference)
@@ -115,30 +127,22 @@ def _report_for(original: ModelGraph, variant: Variant, reference, devices, sett
     return report
 
 
-def _measure(variants, reports, settings, workdir, onnx_files, progress) -> None:
+def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_files, progress) -> None:
     from tfcompile.backends.runner import lower
 
     runners = {}
-    for report in reports:
-        graph = variants[report.name].graph
-        progress(f"lowering {report.name} for {settings.backend}")
-        lowered = lower(graph, settings.backend, workdir)
+    for name, variant in variants.items():
+        progress(f"lowering {name} for {settings.backend}")
+        lowered = lower(variant.graph, settings.backend, workdir)
         if lowered.onnx_path is not None:
-            onnx_files[report.name] = lowered.onnx_path
-        _check_backend_outputs(report, graph, lowered.outputs)
-        runners[report.name] = lowered.run
+            onnx_files[name] = lowered.onnx_path
+        check = compare_outputs(variant.graph.run(), lowered.outputs, variant.graph.output_names)
+        if check.max_rel_err > EXACT_TOLERANCE:
+            raise BackendError(f"{name}: {settings.backend} output differs from torch by "
+                               f"{check.max_rel_err:.1e} relative")
+        runners[name] = lowered.run
     progress(f"measuring {len(runners)} variants on {settings.backend} (median of {settings.repeat})")
-    results: dict[str, Measurement] = measure_interleaved(runners, backend=settings.backend, repeat=settings.repeat)
-    for report in reports:
-        report.measured_ms = results[report.name].median_ms
-        report.backend = settings.backend
-
-
-def _check_backend_outputs(report: VariantReport, graph: ModelGraph, outputs) -> None:
-    """The lowered model must compute what the torch graph computes."""
-    from tfcompile.verify import compare_outputs
-
-    check = compare_outputs(graph.run(), outputs, graph.output_names)
-    if check.max_rel_err > EXACT_TOLERANCE:
-        raise BackendError(f"{report.name}: backend output differs from torch by {check.max_rel_err:.1e} relative")
-
+    results = measure_interleaved(runners, backend=settings.backend, repeat=settings.repeat)
+    for name, measurement in results.items():
+        reports[name].measured_ms = measurement.median_ms
+        reports[name].backend = settings.backend

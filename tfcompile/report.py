@@ -46,10 +46,11 @@ class VariantReport:
 
 
 def rank(variants: list[VariantReport], target: str) -> list[VariantReport]:
-    """Eligible variants first; measured latency decides where measured, else predicted."""
+    """Eligible before ineligible; measured (by measured latency) before predicted-only."""
     def key(v: VariantReport):
-        latency = v.measured_ms if v.measured_ms is not None else v.predicted_ms[target]
-        return (not v.eligible, latency)
+        if v.measured_ms is not None:
+            return (not v.eligible, 0, v.measured_ms)
+        return (not v.eligible, 1, v.predicted_ms[target])
 
     return sorted(variants, key=key)
 
@@ -83,13 +84,14 @@ def render_table(variants: list[VariantReport], target: str, console: Console, t
 
 
 def write_report(path: Path, *, model: str, target: str, variants: list[VariantReport],
-                 best: str | None, settings: dict[str, Any]) -> None:
+                 best: str | None, settings: dict[str, Any], refusals: dict[str, str] | None = None) -> None:
     payload = {
         "version": REPORT_VERSION,
         "model": model,
         "target": target,
         "best": best,
         "settings": settings,
+        "refusals": refusals or {},
         "variants": [v.as_dict() for v in variants],
     }
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,9 @@ def _from_onnx(path: Path, options: LoadOptions) -> ModelGraph:
 
 def _load_factory(source: str, options: LoadOptions) -> ModelGraph:
     module_name, _, attr = source.partition(":")
+    # Like `python -m`, a factory in the user's working directory must be importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

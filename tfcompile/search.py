@@ -1,0 +1,144 @@
+"""Variant search: which passes, in which combination, for this target.
+
+Passes are tried in a canonical order (clean-up, projection merges, norm
+rewrites, FFN structure, attention, token pruning, padding). Every variant in
+the frontier branches on the next pass: without it, or with it for each knob
+setting (when it applies). Each new variant is verified against the original
+(results cached by pipeline) and costed on the target; the frontier keeps the
+``beam_width`` fastest eligible variants by predicted latency. Exact passes
+are always allowed; approximate ones only with ``allow_approx``, and a variant
+whose quality falls below the budget is reported but never extended.
+
+The target decides: the same search on another device spec or batch size can
+pick another pipeline, because the objective is that target's cost model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+from tfcompile.passes import all_passes
+from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant
+
+# Earlier passes prepare later ones (e.g. affine folding before CRMSNorm).
+SEARCH_ORDER = (
+    "merge_qkv_projections",
+    "fuse_norm",
+    "fold_norm_affine",
+    "layernorm_to_rmsnorm",
+    "rmsnorm_to_crmsnorm",
+    "premerge_ffn",
+    "structure_ffn",
+    "hard_attention_topk",
+    "local_attention",
+    "prune_tokens",
+    "remove_padding",
+    "prepack",
+)
+
+# Passes whose knobs come from the user's description of the workload, not from a grid.
+WORKLOAD_KNOBS = {"remove_padding": ("lengths",), "prepack": ("lengths",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    allow_approx: bool = False
+    beam_width: int = 6
+    knob_grid: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    workload: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"lengths": [...]}
+    exclude: tuple[str, ...] = ()
+
+
+def searchable_passes(settings: SearchSettings) -> list[str]:
+    registered = {p.name: p for p in all_passes()}
+    ordered = [n for n in SEARCH_ORDER if n in registered]
+    ordered += sorted(n for n in registered if n not in ordered and n not in CLEANUP)
+    return [n for n in ordered
+            if n not in settings.exclude and (registered[n].exact or settings.allow_approx)]
+
+
+def _knob_choices(name: str, settings: SearchSettings) -> list[dict[str, Any]]:
+    needed = WORKLOAD_KNOBS.get(name, ())
+    if any(k not in settings.workload for k in needed):
+        return []  # e.g. padding removal without --lengths: nothing to remove
+    base = {k: settings.workload[k] for k in needed}
+    return [{**base, **choice} for choice in settings.knob_grid.get(name) or [{}]]
+
+
+def _spec_name(passes: tuple[str, ...], knobs: dict[str, dict[str, Any]]) -> str:
+    if not passes:
+        return "baseline"
+    parts = ["cleanup"]
+    for name in passes[len(CLEANUP):]:
+        extra = {k: v for k, v in knobs.get(name, {}).items() if k not in WORKLOAD_KNOBS.get(name, ())}
+        parts.append(name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + ")" if extra else ""))
+    return "+".join(parts)
+
+
+@dataclasses.dataclass
+class Candidate:
+    variant: Variant
+    latency_s: float  # predicted on the target
+    eligible: bool
+
+
+@dataclasses.dataclass
+class SearchResult:
+    candidates: list[Candidate]
+    refusals: dict[str, str]  # pass -> why it did not apply, the first time it was tried
+    kept: set[str]  # names of candidates whose graphs are still held (the final frontier and baseline)
+
+
+Evaluate = Callable[[Variant], Candidate]
+
+
+def search(original, evaluate: Evaluate, settings: SearchSettings,
+           progress: Callable[[str], None] = lambda _: None) -> SearchResult:
+    seen: dict[tuple, Candidate] = {}
+    refusals: dict[str, str] = {}
+
+    def visit(spec: VariantSpec) -> Candidate | None:
+        variant = build_variant(original, spec)
+        for outcome in variant.outcomes:
+            if not outcome.applied:
+                refusals.setdefault(outcome.name, outcome.reason)
+        key = tuple((o.name, repr(sorted(spec.knobs.get(o.name, {}).items())))
+                    for o in variant.outcomes if o.applied)
+        if key in seen:  # the last pass did not apply, or another order reached the same pipeline
+            return None
+        progress(f"evaluating {spec.name}")
+        candidate = evaluate(variant)
+        seen[key] = candidate
+        return candidate
+
+    baseline = visit(VariantSpec("baseline", ()))
+    start = visit(VariantSpec("cleanup", CLEANUP))
+    frontier = [start or baseline]
+    for name in searchable_passes(settings):
+        missing = [k for k in WORKLOAD_KNOBS.get(name, ()) if k not in settings.workload]
+        if missing:
+            refusals[name] = f"needs the batch's {', '.join(missing)} (give --lengths)"
+        children = []
+        for parent in frontier:
+            for knobs in _knob_choices(name, settings):
+                passes = parent.variant.spec.passes + (name,)
+                all_knobs = {**parent.variant.spec.knobs, name: knobs}
+                child = visit(VariantSpec(_spec_name(passes, all_knobs), passes, all_knobs))
+                if child is not None:
+                    children.append(child)
+        pool = [c for c in frontier + children if c.eligible]
+        frontier = sorted(pool, key=lambda c: c.latency_s)[: settings.beam_width] or frontier
+        _release_graphs(seen.values(), keep=frontier + [baseline])
+    for name in refusals.copy():
+        if any(name in c.variant.applied_passes for c in seen.values()):
+            del refusals[name]  # it applied somewhere: no refusal to explain
+    return SearchResult(list(seen.values()), refusals, {c.variant.name for c in frontier + [baseline]})
+
+
+def _release_graphs(candidates, keep) -> None:
+    """Variants outside the frontier are never extended or exported: free their weights."""
+    keep_ids = {id(c) for c in keep}
+    for candidate in candidates:
+        if id(candidate) not in keep_ids and candidate.variant.graph is not None:
+            candidate.variant.graph = None
