@@ -181,3 +181,25 @@ def test_optimize_uses_a_saved_calibration_profile(tmp_path, monkeypatch):
         assert variant["predicted_ms"]["cpu"] == pytest.approx(round(variant["predicted_ms"]["cpu"]))
     baseline = next(v for v in report["variants"] if v["name"] == "baseline")
     assert baseline["predicted_ms"]["cpu"] > 10  # one ms per unfused kernel
+
+
+def test_edge_export_with_int8_is_checked_against_torch(tmp_path):
+    out = tmp_path / "out"
+    result = tfcompile("optimize", "tests.tiny:bert", "--target", "edge", "--quantize", "int8", "--budget", "0.99",
+                       "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    export = json.loads((out / "report.json").read_text())["export"]
+    assert export["quantize"] == "int8" and export["exact"] is False and export["quality"] >= 0.99
+    import onnx
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert len(session.get_inputs()) == 2
+
+
+def test_quantization_below_budget_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = tfcompile("optimize", "tests.tiny:bert", "--target", "npu", "--quantize", "int8",
+                       "--budget", "0.99999999", "-o", str(out))
+    assert_clean_failure(result, "below --budget", out)

@@ -94,11 +94,14 @@ def cli() -> None:
 @click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
 @click.option("--repeat", default=10, show_default=True, type=int, help="Timed runs per variant.")
 @click.option("--explain", is_flag=True, help="Say for every pass why it applied or not.")
+@click.option("--quantize", type=click.Choice(["none", "fp16", "int8"]), default="none", show_default=True,
+              help="Lower the exported model's precision with ONNX Runtime's tools (approximate; checked "
+                   "against --budget). Meant for edge and npu targets.")
 @click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-out"),
               show_default=True, help="Directory for report.json and model.onnx.")
 @model_options
 def optimize(model, target, passes, allow_approx, budget, lengths, measure, measure_top, backend, repeat, explain,
-             output_dir, **load_kwargs):
+             quantize, output_dir, **load_kwargs):
     """Search variants of MODEL, verify and predict them, measure the best, rank them."""
     from tfcompile.backends import ort
     from tfcompile.cost_models import load_device
@@ -133,21 +136,41 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
             if result.best is None:
                 raise TfcompileError("no variant is eligible; nothing written")
             status.update(f"writing {output_dir}")
+            best_graph = result.variants[result.best].graph
             best_onnx = result.onnx_files.get(result.best)
+            if best_onnx is None:
+                best_onnx = ort.export_onnx(best_graph, result.workdir / "best.onnx")
+            export_info = _lower_precision(best_onnx, best_graph, graph, quantize, budget, result.workdir)
             with atomic_path(output_dir / "model.onnx") as tmp:
-                if best_onnx is None:
-                    ort.export_onnx(result.variants[result.best].graph, tmp)
-                else:
-                    tmp.write_bytes(best_onnx.read_bytes())
+                tmp.write_bytes(Path(export_info.pop("path")).read_bytes())
             write_report(output_dir / "report.json", model=model, target=target, variants=result.reports,
                          best=result.best, settings={"batch": load_kwargs["batch"], "seq": load_kwargs["seq"],
                                                      "backend": backend if measure else None,
                                                      "allow_approx": allow_approx, "budget": budget,
                                                      "lengths": workload.get("lengths")},
-                         refusals=result.refusals)
+                         refusals=result.refusals, export=export_info)
         finally:
             result.cleanup()
     console.print(f"best: [bold]{result.best}[/bold]; wrote {output_dir / 'report.json'} and {output_dir / 'model.onnx'}")
+
+
+def _lower_precision(onnx_path, best_graph, original, mode, budget, workdir) -> dict:
+    """Check the exported model in ONNX Runtime; quantize it first when asked."""
+    from tfcompile.backends import ort
+    from tfcompile.backends.quantize import quantize
+    from tfcompile.verify import compare_outputs
+
+    path = onnx_path if mode == "none" else quantize(onnx_path, workdir / f"model-{mode}.onnx", mode)
+    outputs = ort.OrtModel(path).run(best_graph.example_inputs)
+    check = compare_outputs(original.run(best_graph.example_inputs), outputs, original.output_names)
+    info = {"path": str(path), "quantize": mode, "exact": mode == "none", "max_abs_err": check.max_abs_err,
+            "max_rel_err": check.max_rel_err, "quality": check.quality, "quality_metric": check.quality_metric}
+    if mode != "none" and check.quality < budget:
+        raise TfcompileError(f"{mode} quantization gives {check.quality_metric} {check.quality:.4f}, below "
+                             f"--budget {budget}; nothing written (raise the budget or use --quantize none)")
+    console.print(f"model.onnx ({'fp32' if mode == 'none' else mode}) in ONNX Runtime vs torch: "
+                  f"max relative error {check.max_rel_err:.1e}, {check.quality_metric} {check.quality:.5f}")
+    return info
 
 
 def _explain(result) -> None:

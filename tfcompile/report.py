@@ -84,7 +84,8 @@ def render_table(variants: list[VariantReport], target: str, console: Console, t
 
 
 def write_report(path: Path, *, model: str, target: str, variants: list[VariantReport],
-                 best: str | None, settings: dict[str, Any], refusals: dict[str, str] | None = None) -> None:
+                 best: str | None, settings: dict[str, Any], refusals: dict[str, str] | None = None,
+                 export: dict[str, Any] | None = None) -> None:
     payload = {
         "version": REPORT_VERSION,
         "model": model,
@@ -92,6 +93,7 @@ def write_report(path: Path, *, model: str, target: str, variants: list[VariantR
         "best": best,
         "settings": settings,
         "refusals": refusals or {},
+        "export": export or {},  # how model.onnx was lowered and how it compares with torch
         "variants": [v.as_dict() for v in variants],
     }
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
