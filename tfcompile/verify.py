@@ -5,6 +5,11 @@ report the largest absolute error and that error relative to the largest
 reference magnitude (element-wise relative error is meaningless near zero).
 Approximate variants report a quality figure: mean cosine similarity of
 output vectors for embeddings and hidden states, top-1 agreement for logits.
+
+For a right-padded batch (``graph.info["lengths"]``), outputs indexed by
+token ([B, L, ...]) are compared at valid positions only: what a model
+computes at padded positions is meaningless, and padding removal writes zeros
+there.
 """
 
 from __future__ import annotations
@@ -27,10 +32,25 @@ class Verification:
         return dataclasses.asdict(self)
 
 
+def valid_positions(outputs: tuple[torch.Tensor, ...], lengths: list[int] | None) -> tuple[torch.Tensor, ...]:
+    """Zero every token-indexed output at padded positions."""
+    if not lengths:
+        return outputs
+    batch = len(lengths)
+    masked = []
+    for out in outputs:
+        if out.dim() >= 2 and out.shape[0] == batch and out.shape[1] >= max(lengths):
+            keep = torch.arange(out.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+            out = out * keep.reshape(*keep.shape, *([1] * (out.dim() - 2))).to(out.dtype)
+        masked.append(out)
+    return tuple(masked)
+
+
 def compare_outputs(reference: tuple[torch.Tensor, ...], candidate: tuple[torch.Tensor, ...],
-                    output_names: list[str] | None = None) -> Verification:
+                    output_names: list[str] | None = None, lengths: list[int] | None = None) -> Verification:
     if len(reference) != len(candidate):
         raise ValueError(f"output count differs: {len(reference)} vs {len(candidate)}")
+    reference, candidate = valid_positions(reference, lengths), valid_positions(candidate, lengths)
     max_abs, max_rel = 0.0, 0.0
     for ref, got in zip(reference, candidate):
         if ref.shape != got.shape:
@@ -58,4 +78,5 @@ def _quality(ref: torch.Tensor, got: torch.Tensor, name: str) -> tuple[str, floa
 def verify(original: ModelGraph, variant: ModelGraph,
            reference_outputs: tuple[torch.Tensor, ...] | None = None) -> Verification:
     reference = reference_outputs if reference_outputs is not None else original.run()
-    return compare_outputs(reference, variant.run(original.example_inputs), original.output_names)
+    return compare_outputs(reference, variant.run(original.example_inputs), original.output_names,
+                           lengths=original.info.get("lengths"))
