@@ -125,6 +125,12 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
             raise TfcompileError(f"--lengths gives {len(workload['lengths'])} lengths for --batch {load_kwargs['batch']}")
     with console.status("loading model") as status:
         graph = _load(model, **load_kwargs)
+        if workload.get("lengths"):
+            from tfcompile.passes.padding import with_lengths
+
+            # The baseline runs the padded batch those lengths describe; variants are checked at valid positions.
+            graph = with_lengths(graph, workload["lengths"])
+            graph.info["lengths"] = workload["lengths"]
         settings = OptimizeSettings(target=target, pipeline=pipeline, allow_approx=allow_approx, budget=budget,
                                     measure=measure, measure_top=measure_top, backend=backend, repeat=repeat,
                                     workload=workload)
