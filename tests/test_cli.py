@@ -203,3 +203,19 @@ def test_quantization_below_budget_writes_nothing(tmp_path):
     result = tfcompile("optimize", "tests.tiny:bert", "--target", "npu", "--quantize", "int8",
                        "--budget", "0.99999999", "-o", str(out))
     assert_clean_failure(result, "below --budget", out)
+
+
+def test_lengths_make_padding_removal_win(tmp_path):
+    out = tmp_path / "out"
+    result = tfcompile("optimize", "minilm", "--batch", "3", "--seq", "32", "--lengths", "32,7,19", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    best = next(v for v in report["variants"] if v["name"] == report["best"])
+    assert "remove_padding" in best["passes"] and best["max_rel_err"] <= 1e-5
+    assert report["settings"]["lengths"] == [32, 7, 19]
+
+
+def test_lengths_that_do_not_fit(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(tfcompile("optimize", "minilm", "--batch", "2", "--seq", "32", "--lengths", "40,3",
+                                   "-o", str(out)), "longer than --seq", out)
