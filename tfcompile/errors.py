@@ -36,3 +36,9 @@ class UnknownPassError(TfcompileError):
 
 class BackendError(TfcompileError):
     """A backend (ONNX export, ONNX Runtime, TVM) failed on a variant."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from tfcompile.errors import TraceError
+from tfcompile.errors import TraceError, first_line
 
 
 @dataclasses.dataclass
@@ -89,8 +89,7 @@ def export_module(
         with torch.no_grad():
             program = torch.export.export(module, tuple(example_inputs), strict=False)
     except Exception as exc:  # torch raises many unrelated types while tracing
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(f"torch.export could not trace {name}: {type(exc).__name__}: {first_line}") from exc
+        raise TraceError(f"torch.export could not trace {name}: {type(exc).__name__}: {first_line(exc)}") from exc
     return from_exported_program(program, example_inputs, name=name, input_names=input_names,
                                  output_names=output_names, info=info)
 
@@ -134,4 +133,4 @@ def to_exported_program(graph: ModelGraph) -> torch.export.ExportedProgram:
         with torch.no_grad():
             return torch.export.export(graph.gm, tuple(graph.example_inputs), strict=False)
     except Exception as exc:
-        raise TraceError(f"could not re-export variant {graph.name}: {type(exc).__name__}: {exc}") from exc
+        raise TraceError(f"could not re-export variant {graph.name}: {type(exc).__name__}: {first_line(exc)}") from exc

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tfcompile.backends.timing import Measurement, measure
-from tfcompile.errors import BackendError
+from tfcompile.errors import BackendError, first_line
 from tfcompile.graph import ModelGraph, to_exported_program
 from tfcompile.outputs import atomic_path
 
@@ -43,12 +43,11 @@ def export_onnx(graph: ModelGraph, path: Path, *, opset: int | None = None) -> P
                                                  optimize=True, verbose=False)
                 onnx_program.save(str(tmp))
         except Exception as exc:  # the exporter raises many types; one line for the user
-            raise BackendError(f"ONNX export of {graph.name} failed: {type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+            raise BackendError(f"ONNX export of {graph.name} failed: {type(exc).__name__}: {first_line(exc)}") from exc
         try:
             onnx.checker.check_model(str(tmp), full_check=False)
         except onnx.checker.ValidationError as exc:
-            raise BackendError(f"exported ONNX for {graph.name} fails onnx.checker: {str(exc).splitlines()[0]}") \
+            raise BackendError(f"exported ONNX for {graph.name} fails onnx.checker: {first_line(exc)}") \
                 from exc
     return Path(path)
 
@@ -84,7 +83,7 @@ class OrtModel:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BackendError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+            raise BackendError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def feeds(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ import io
 import logging
 from pathlib import Path
 
-from tfcompile.errors import BackendError
+from tfcompile.errors import BackendError, first_line
 
 MODES = ("none", "fp16", "int8")
 
@@ -41,5 +41,5 @@ def quantize(source: Path, destination: Path, mode: str) -> Path:
                 onnx.save(model, str(destination))
         onnx.checker.check_model(str(destination))
     except Exception as exc:  # the quantizers raise assorted errors on unusual graphs
-        raise BackendError(f"{mode} quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise BackendError(f"{mode} quantization failed: {type(exc).__name__}: {first_line(exc)}") from exc
     return destination

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tfcompile.errors import ModelLoadError
+from tfcompile.errors import ModelLoadError, first_line
 
 # Transformers must never try the hub from inside tfcompile.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,7 +91,7 @@ def load_directory(path: Path) -> torch.nn.Module:
         cls = model_class_for(config)
         model = cls.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not a loadable Hugging Face model directory: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: not a loadable Hugging Face model directory: {first_line(exc)}") from exc
     return model.eval()
 
 
@@ -103,7 +103,7 @@ def build_from_config(config_path: Path, state_dict: dict[str, torch.Tensor]) ->
         config = transformers.AutoConfig.from_pretrained(config_path.parent if config_path.name == "config.json"
                                                          else config_path, local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{config_path}: not a Hugging Face config: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{config_path}: not a Hugging Face config: {first_line(exc)}") from exc
     cls = model_class_for(config)
     if cls is transformers.AutoModel:
         model = cls.from_config(config, attn_implementation="sdpa")
@@ -126,8 +126,3 @@ def max_positions(model: torch.nn.Module) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

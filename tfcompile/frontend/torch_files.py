@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tfcompile.errors import ModelLoadError, UntrustedPickleError
+from tfcompile.errors import ModelLoadError, UntrustedPickleError, first_line
 
 TRUST_FLAG = "--trust-pickle"
 
@@ -24,7 +24,7 @@ def load_exported_program(path: Path) -> torch.export.ExportedProgram:
     try:
         return torch.export.load(str(path))
     except (zipfile.BadZipFile, EOFError, RuntimeError, KeyError, ValueError, OSError) as exc:
-        raise ModelLoadError(f"{path}: unreadable torch.export archive: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: unreadable torch.export archive: {first_line(exc)}") from exc
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -33,7 +33,7 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
             warnings.simplefilter("ignore", DeprecationWarning)  # torch asks users to move to torch.export
             return torch.jit.load(str(path), map_location="cpu", _restore_shapes=True)
     except (RuntimeError, zipfile.BadZipFile, OSError) as exc:
-        raise ModelLoadError(f"{path}: unreadable TorchScript archive: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: unreadable TorchScript archive: {first_line(exc)}") from exc
 
 
 def traced_input_specs(module: torch.jit.ScriptModule) -> list[tuple[str, tuple[int, ...], torch.dtype]] | None:
@@ -64,11 +64,11 @@ def load_torch_save(path: Path, *, trust_pickle: bool) -> object:
                 f"unpickling runs code from the file, so tfcompile loads it only with {TRUST_FLAG}. "
                 "Safer: save it with torch.export.save (.pt2), safetensors or ONNX") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: unreadable torch.save file: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: unreadable torch.save file: {first_line(exc)}") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:  # arbitrary code ran; anything can come out of it
-        raise ModelLoadError(f"{path}: unpickling failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: unpickling failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -77,9 +77,4 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ModelLoadError(f"{path}: unreadable safetensors file: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ModelLoadError(f"{path}: unreadable safetensors file: {first_line(exc)}") from exc
