@@ -43,3 +43,23 @@ def gpt2():
 def bert():
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     return tiny_module("bert-base"), (ids, torch.ones_like(ids))
+
+
+class LowRankFfnBlock(torch.nn.Module):
+    """A residual FFN block trained structured: both projections are low-rank pairs."""
+
+    input_names = ["x"]
+
+    def __init__(self, d: int = 256, hidden: int = 1024, rank: int = 64):
+        super().__init__()
+        self.up = torch.nn.Sequential(torch.nn.Linear(d, rank, bias=False), torch.nn.Linear(rank, hidden))
+        self.down = torch.nn.Sequential(torch.nn.Linear(hidden, rank, bias=False), torch.nn.Linear(rank, d))
+
+    def forward(self, x):
+        return (x + self.down(torch.nn.functional.gelu(self.up(x))),)
+
+
+def lowrank_ffn():
+    """Factory for `tfcompile optimize tests.tiny:lowrank_ffn --input-shape x=BxTxD:float32`."""
+    torch.manual_seed(0)
+    return LowRankFfnBlock()

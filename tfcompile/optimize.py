@@ -20,7 +20,7 @@ from tfcompile.cost_models.calibration import load_profile
 from tfcompile.errors import BackendError
 from tfcompile.graph import ModelGraph
 from tfcompile.report import VariantReport, rank
-from tfcompile.search import Candidate, SearchSettings, search
+from tfcompile.search import Candidate, SearchSettings, default_knob_grid, search
 from tfcompile.variants import Variant, VariantSpec, build_variant
 from tfcompile.verify import compare_outputs, verify
 
@@ -77,8 +77,9 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
                                                                settings.pipeline))]
         refusals = {o.name: o.reason for o in candidates[1].variant.outcomes if not o.applied}
     else:
-        result = search(original, evaluate, SearchSettings(allow_approx=settings.allow_approx,
-                                                           workload=settings.workload), progress)
+        search_settings = SearchSettings(allow_approx=settings.allow_approx, workload=settings.workload,
+                                         knob_grid=default_knob_grid(settings.target, settings.backend))
+        result = search(original, evaluate, search_settings, progress)
         candidates, refusals = result.candidates, result.refusals
     variants = {c.variant.name: c.variant for c in candidates if c.variant.graph is not None}
 

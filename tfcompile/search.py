@@ -39,6 +39,17 @@ SEARCH_ORDER = (
 
 # Passes whose knobs come from the user's description of the workload, not from a grid.
 WORKLOAD_KNOBS = {"remove_padding": ("lengths",), "prepack": ("lengths",)}
+# Knobs that say where the model will run rather than what the variant is: kept out of names.
+CONTEXT_KNOBS = ("device", "backend")
+
+
+def default_knob_grid(target: str, backend: str) -> dict[str, list[dict[str, Any]]]:
+    """Knob settings the search tries; FFN passes decide per layer with the target's cost model."""
+    context = {"device": target, "backend": backend}
+    return {
+        "premerge_ffn": [context],
+        "structure_ffn": [{"rank_ratio": 0.5, **context}, {"max_weight_error": 0.1, **context}],
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +80,12 @@ def _knob_choices(name: str, settings: SearchSettings) -> list[dict[str, Any]]:
 def _spec_name(passes: tuple[str, ...], knobs: dict[str, dict[str, Any]]) -> str:
     if not passes:
         return "baseline"
-    parts = ["cleanup"]
-    for name in passes[len(CLEANUP):]:
-        extra = {k: v for k, v in knobs.get(name, {}).items() if k not in WORKLOAD_KNOBS.get(name, ())}
+    parts, rest = [], passes
+    if passes[: len(CLEANUP)] == CLEANUP:
+        parts, rest = ["cleanup"], passes[len(CLEANUP):]
+    for name in rest:
+        extra = {k: v for k, v in knobs.get(name, {}).items()
+                 if k not in WORKLOAD_KNOBS.get(name, ()) and k not in CONTEXT_KNOBS}
         parts.append(name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + ")" if extra else ""))
     return "+".join(parts)
 

@@ -1,0 +1,25 @@
+"""The search picks what the target's cost model says, so the choice depends on the target."""
+
+import json
+
+from tests.test_cli import tfcompile
+
+
+def _best(tmp_path, target, shape):
+    out = tmp_path / f"{target}-{shape}"
+    result = tfcompile("optimize", "tests.tiny:lowrank_ffn", "--target", target, "--input-shape",
+                       f"x={shape}:float32", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    return next(v for v in report["variants"] if v["name"] == report["best"])
+
+
+def test_premerge_depends_on_device_and_token_count(tmp_path):
+    # One token on an H100: one dense GEMM launch beats two low-rank launches.
+    gpu_decode = _best(tmp_path, "h100", "1x1x256")
+    assert "premerge_ffn" in gpu_decode["passes"] and gpu_decode["name"] == "premerge_ffn"
+    assert gpu_decode["max_rel_err"] <= 1e-5
+    # Many tokens on the H100, or any token count on this CPU: the low-rank form reads
+    # and computes less, so the structured model stays as it is.
+    assert "premerge_ffn" not in _best(tmp_path, "h100", "64x128x256")["passes"]
+    assert "premerge_ffn" not in _best(tmp_path, "cpu", "1x1x256")["passes"]
