@@ -87,3 +87,15 @@ def test_npu_pays_overhead_once_per_graph():
     result = estimate(graph, npu)
     assert result.latency_s >= npu.kernel_overhead_s
     assert result.latency_s < 2 * npu.kernel_overhead_s
+
+
+def test_einsum_formula_counts_the_contraction():
+    class Ein(torch.nn.Module):
+        def forward(self, a, b):
+            return (torch.einsum("bkp,kqp->bkq", a, b),)
+
+    graph = export_module(Ein(), (torch.randn(8, 4, 16), torch.randn(4, 32, 16)), name="ein")
+    node = next(n for n in graph.call_nodes() if "einsum" in str(n.target))
+    cost = cost_of(node)
+    assert cost.flops == 2 * 8 * 4 * 16 * 32
+    assert cost.op_class == "gemm"

@@ -110,6 +110,23 @@ def _sdpa(node: torch.fx.Node) -> OpCost:
     return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "attention")
 
 
+@op_cost(aten.einsum.default)
+def _einsum(node: torch.fx.Node) -> OpCost:
+    # NB: one multiply-add per point of the full index space, as a naive
+    # contraction would do; backends that reorder a 3+-operand einsum may do less.
+    equation = node.args[0].replace(" ", "")
+    operands = [o.meta["val"] for o in node.args[1]]
+    inputs = equation.split("->")[0].split(",")
+    extent: dict[str, int] = {}
+    for letters, value in zip(inputs, operands):
+        for letter, size in zip(letters.replace("...", ""), value.shape[-len(letters.replace("...", "")):]):
+            extent[letter] = int(size)
+    batch = math.prod(operands[0].shape[: operands[0].dim() - len(inputs[0].replace("...", ""))]) \
+        if "..." in inputs[0] else 1
+    flops = 2 * batch * math.prod(extent.values())
+    return OpCost(flops, sum(_nbytes(v) for v in operands), _out_bytes(node), "gemm")
+
+
 @op_cost(aten.convolution.default, aten.conv2d.default)
 def _conv(node: torch.fx.Node) -> OpCost:
     w = node.args[1].meta["val"]
