@@ -1,0 +1,82 @@
+"""Pad constant matmul weights to a whole number of SIMD vectors.
+
+The matmul schedule vectorises over N, the output's last axis, and needs a
+vector width that divides it. Vocabulary projections rarely oblige (GPT-2's
+LM head has N = 50257, a product of two primes), and such a kernel would run
+as scalar loops while doing a third of the model's FLOPs. When the weight is a
+constant, padding it with zero columns costs nothing at run time: the padded
+copy is made here, once, and the result is sliced back to N (a copy of the
+output, small next to the matmul).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import GenericConst  # TVM 0.27 name of relax.Constant
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+# Narrower outputs are not worth a slice kernel.
+MIN_PADDED_N = 64
+
+
+def _weight(mutator_: PyExprMutator, expr: relax.Expr) -> tuple[GenericConst, bool] | None:
+    """The constant behind a [K, N] matmul operand and whether it is transposed, if it is one."""
+    if isinstance(expr, relax.Var):
+        bound = mutator_.lookup_binding(expr)
+        if bound is None:
+            return None
+        expr = bound
+    if isinstance(expr, GenericConst):
+        return (expr, False) if expr.value.ndim == 2 else None
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.permute_dims":
+        inner = expr.args[0]
+        axes = expr.attrs.axes
+        if isinstance(inner, GenericConst) and inner.value.ndim == 2 and (axes is None or list(axes) == [1, 0]):
+            return inner, True
+    return None
+
+
+@mutator
+class _PadMatmulN(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, multiple: int):
+        super().__init__(mod)
+        self.multiple = multiple
+        self.padded = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
+            return call
+        found = _weight(self, call.args[1])
+        if found is None:
+            return call
+        const, transposed = found
+        n = int(const.value.shape[0 if transposed else 1])
+        if n % self.multiple == 0 or n < MIN_PADDED_N:
+            return call
+        weight = const.value.numpy().T if transposed else const.value.numpy()
+        padded_n = -(-n // (2 * self.multiple)) * (2 * self.multiple)
+        padded = np.zeros((weight.shape[0], padded_n), dtype=weight.dtype)
+        padded[:, :n] = weight
+        out_dtype = str(call.attrs.out_dtype) or None
+        if out_dtype == "void":
+            out_dtype = None
+        product = self.builder_.emit(relax.op.matmul(call.args[0], relax.const(padded), out_dtype=out_dtype))
+        self.padded += 1
+        return relax.op.strided_slice(product, axes=[-1], begin=[0], end=[n])
+
+
+def pad_matmul_n(multiple: int) -> tvm.transform.Pass:
+    """Relax pass: matmuls by a constant whose N is not a multiple of ``multiple`` use padded weights."""
+
+    @tvm.transform.module_pass(opt_level=0, name="TfcompilePadMatmulN")
+    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mod = mod.clone()
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = _PadMatmulN(mod, multiple).visit_expr(func)
+        return mod
+
+    return transform

@@ -1,0 +1,398 @@
+"""tfcompile's CPU schedule rules for the fused kernels transformer models produce.
+
+TVM 0.27's Relax CPU pipeline leaves every fused PrimFunc as naive serial
+loops, and dlight only has CPU rules for GEMV and simple reductions, so this
+module schedules the kernel classes the zoo models lower to:
+
+- ``Matmul``: dense and batched matmul (``C[b.., i, j] += A[b.., i, k] * B[b.., k, j]``)
+  with injective prologues and epilogues (bias, GELU, residual). Register
+  blocking: an ``mr x nr`` tile of C (``nr`` = two SIMD vectors) lives in a
+  local buffer that LLVM keeps in registers across the whole K loop; the B
+  panel is reused from cache across the rows of A; outer tiles run in parallel.
+- ``RowReduction``: softmax, layer norm, RMS norm and the like: blocks that
+  share leading spatial axes (rows) are computed row by row, rows in parallel,
+  inner loops vectorised.
+- ``Injective``: elementwise / reshape / gather kernels: inlined into one loop
+  nest, flattened, vectorised and parallelised.
+
+``ApplyRules`` is a Relax module pass run between fusion and codegen; a kernel
+no rule matches gets only the outer loop parallelised and is reported as
+untuned. A rule that raises counts as not matching: a wrong guess about a
+kernel's shape must cost speed, never the compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+from tfcompile.backends.tvm.target import vector_lanes
+
+# Below this many output elements a parallel launch costs more than it saves.
+PARALLEL_MIN_ELEMENTS = 8192
+
+
+@dataclasses.dataclass
+class ScheduleReport:
+    applied: dict[str, str] = dataclasses.field(default_factory=dict)  # kernel -> rule name
+    untuned: list[str] = dataclasses.field(default_factory=list)
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _dtype_bits(sch: s_tir.Schedule, block) -> int:
+    writes = sch.get(block).writes
+    return writes[0].source.dtype.bits if writes else 32
+
+
+def _largest_divisor(n: int, candidates) -> int:
+    return next((c for c in candidates if n % c == 0), 1)
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Vectorise the innermost loop of ``block`` by a divisor of its extent, if one is >= 4."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
+    extent = _extent(sch, inner)
+    if extent is None:
+        return
+    width = _largest_divisor(extent, [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4])
+    if width < 4:
+        return
+    if width < extent:
+        inner = sch.split(inner, factors=[None, width])[1]
+    sch.vectorize(inner)
+
+
+def _flat_parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Flatten a spatial loop nest, vectorise its tail and parallelise its head."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    total = _extent(sch, fused)
+    if total is None:
+        sch.parallel(fused)
+        return
+    width = _largest_divisor(total, [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4])
+    if width >= 4 and width < total:
+        outer, inner = sch.split(fused, factors=[None, width])
+        sch.vectorize(inner)
+    elif width >= 4:
+        sch.vectorize(fused)
+        return
+    else:
+        outer = fused
+    if total >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)
+
+
+def _inline_spatial(sch: s_tir.Schedule, keep) -> None:
+    """Inline every spatial block into its consumers (or producer) except the ``keep`` blocks."""
+    changed = True
+    while changed:
+        changed = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            if any(sch.get(block).same_as(sch.get(k)) for k in keep):
+                continue
+            if any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
+                continue
+            for primitive in (sch.compute_inline, sch.reverse_compute_inline):
+                try:
+                    primitive(block)
+                except RuntimeError:  # ScheduleError and TVM's internal errors
+                    continue
+                changed = True
+                break
+            if changed:
+                break
+
+
+class Rule:
+    name = "rule"
+
+    def apply(self, func: tirx.PrimFunc, target) -> s_tir.Schedule | None:
+        raise NotImplementedError
+
+
+class Injective(Rule):
+    """Every block spatial: one flattened, vectorised, parallel loop per remaining block."""
+
+    name = "injective"
+
+    def apply(self, func, target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(info.is_injective() for info in infos):
+            return None
+        last = infos[-1].block_rv
+        _inline_spatial(sch, keep=[last])
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            _flat_parallel_vectorize(sch, block, vector_lanes(target, _dtype_bits(sch, block)))
+        return sch
+
+
+class RowReduction(Rule):
+    """Reductions over the inner axes of rows (softmax, layer norm, RMS norm, max/sum)."""
+
+    name = "row-reduction"
+
+    def apply(self, func, target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or all(info.is_injective() for info in infos):
+            return None
+        kinds = [info.dom_kind() for info in infos]
+        # Each reduction reduces trailing axes only: "S..SR..R".
+        for kind in kinds:
+            if "R" in kind and ("S" in kind[kind.index("R"):] or not kind.startswith("S")):
+                return None
+            if any(c not in "SR" for c in kind):
+                return None
+        last = infos[-1].block_rv
+        _inline_spatial(sch, keep=[info.block_rv for info in infos if not info.is_injective()] + [last])
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        rows = min(_leading_spatial(sch, b) for b in blocks)
+        if rows == 0:
+            return None
+        last = blocks[-1]
+        loops = sch.get_loops(last)
+        row_loop = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+        for block in reversed(blocks[:-1]):
+            sch.compute_at(block, row_loop, preserve_unit_loops=True)
+        row_count = _extent(sch, row_loop)
+        if row_count is None or row_count > 1:
+            sch.parallel(row_loop)
+        for block in sch.get_child_blocks(row_loop):
+            # The row loop is the outermost loop of every block.
+            if len(sch.get_loops(block)) == 1:
+                continue  # one element per row: nothing inside the row loop to vectorise
+            stmt = sch.get(block)
+            lanes = vector_lanes(target, _dtype_bits(sch, block))
+            if all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
+                _vectorize_inner(sch, block, lanes)
+            else:
+                _unroll_inner(sch, block, lanes)
+        return sch
+
+
+def _domain_size(sch: s_tir.Schedule, block) -> int | None:
+    extents = [iv.dom.extent for iv in sch.get(block).iter_vars]
+    if not all(isinstance(e, tirx.IntImm) for e in extents):
+        return None
+    return math.prod(int(e) for e in extents)
+
+
+def _leading_spatial(sch: s_tir.Schedule, block) -> int:
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    count = 0
+    for kind in kinds:
+        if kind != tirx.IterVar.DataPar:
+            break
+        count += 1
+    return min(count, len(sch.get_loops(block)))
+
+
+def _unroll_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Let LLVM unroll (and so pipeline) a scalar reduction's inner loop."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    sch.annotate(loops[-1], "pragma_auto_unroll_max_step", lanes)
+    sch.annotate(loops[-1], "pragma_unroll_explicit", 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulAxes:
+    batch: list
+    i: object  # None for a GEMV
+    j: object
+    k: object
+
+
+def _matmul_iters(sch: s_tir.Schedule, info):
+    """The loops of a matmul block, or None if it is not one."""
+    kind = info.dom_kind()
+    if not (kind.endswith("R") and kind.count("R") == 1 and set(kind[:-1]) == {"S"}):
+        return None
+    stmt = sch.get(info.block_rv)
+    if len(stmt.reads) < 2 or len(stmt.writes) != 1:
+        return None
+    ivars = [iv.var for iv in stmt.iter_vars]
+    k_var, j_var = ivars[-1], ivars[-2]
+    # A GEMV (one row of A; the unit row axis is normalised away) has no i axis.
+    i_var = ivars[-3] if len(ivars) >= 3 else None
+
+    def uses(region, var) -> bool:
+        return any(r.min.same_as(var) for r in region.region)
+
+    def dims(region) -> list:
+        return [r.min for r in region.region]
+
+    operands = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
+    a = next((r for r in operands if uses(r, k_var) and not uses(r, j_var)), None)
+    b = next((r for r in operands if uses(r, j_var) and uses(r, k_var)), None)
+    if a is None or b is None:
+        return None
+    if i_var is not None and (not uses(a, i_var) or uses(b, i_var)):
+        i_var = None  # the third-last axis is a batch axis: a batched GEMV
+    out = dims(stmt.writes[0])
+    # Vectorising over j needs j contiguous in B and C.
+    if not (out[-1].same_as(j_var) and dims(b)[-1].same_as(j_var)):
+        return None
+    loops = [it.loop_rv for it in info.iters]
+    if i_var is None:
+        return MatmulAxes(loops[:-2], None, loops[-2], loops[-1])
+    return MatmulAxes(loops[:-3], loops[-3], loops[-2], loops[-1])
+
+
+class Matmul(Rule):
+    """Register-blocked matmul with the epilogue computed from the register tile."""
+
+    name = "matmul"
+
+    def apply(self, func, target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        reductions = [info for info in infos if not info.is_injective()]
+        if len(reductions) != 1:
+            return None
+        main = reductions[0]
+        if _matmul_iters(sch, main) is None:
+            return None
+        block = main.block_rv
+        name = sch.get(block).name_hint
+        _inline_spatial(sch, keep=[block] + [info.block_rv for info in infos if info is not main][-1:])
+        block = sch.get_sblock(name)
+        roots = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        prologues, epilogues = roots[:roots.index(name)], roots[roots.index(name) + 1:]
+        info = next(i for i in normalize_prim_func(sch) if sch.get(i.block_rv).name_hint == name)
+        axes = _matmul_iters(sch, info)
+        batch, i, j, k = axes.batch, axes.i, axes.j, axes.k
+        if i is None:
+            # Give a GEMV a unit row axis so it takes the same path as a matmul.
+            i = sch.add_unit_loop(j)
+        extents = [_extent(sch, loop) for loop in (*batch, i, j, k)]
+        if any(e is None for e in extents):
+            return None
+        lanes = vector_lanes(target, _dtype_bits(sch, block))
+        m, n = extents[-3], extents[-2]
+        nr = _largest_divisor(n, [2 * lanes, lanes, lanes // 2, lanes // 4])
+        if nr < 4:
+            return None  # no SIMD width divides N: leave it to the fallback (see pad_matmul_n)
+        mr = _largest_divisor(m, [8, 6, 4, 3, 2]) if m > 1 else 1
+        if m % 8 and m > 8 and mr < 4:
+            mr = 4  # a predicated last row tile beats a 1-row micro-kernel
+        i0, i1 = sch.split(i, factors=[None, mr])
+        j0, j1 = sch.split(j, factors=[None, nr])
+        sch.reorder(*batch, j0, i0, k, i1, j1)
+        write = sch.cache_write(block, 0, "local")
+        write_name = sch.get(write).name_hint
+        # The epilogue reads C once per element: fold it into the write-back of the register tile.
+        c_elements = math.prod(extents[:-1])
+        while epilogues and _domain_size(sch, sch.get_sblock(epilogues[0])) == c_elements:
+            # (A consumer reading only part of C, e.g. a slice off padded columns, would be
+            # inlined with C's bounds and write out of its own buffer.)
+            try:
+                sch.reverse_compute_inline(sch.get_sblock(epilogues[0]))
+            except RuntimeError:  # ScheduleError and TVM's internal errors
+                break
+            epilogues.pop(0)
+        write = sch.get_sblock(write_name)
+        sch.reverse_compute_at(write, i0, preserve_unit_loops=True)
+        sch.unroll(i1)
+        sch.vectorize(j1)
+        loops = sch.get_loops(write)
+        sch.unroll(loops[-2])
+        sch.vectorize(loops[-1])
+        # (Packing the K x nr panel of B per column tile, to spare the strided B reads, measured
+        # slower: 11.5 against 7.0 ms median on 128x768x3072 + GELU, the copy costing more than it saves.)
+        outer = sch.fuse(*batch, j0, i0) if batch else sch.fuse(j0, i0)
+        if math.prod(extents[:-1]) >= PARALLEL_MIN_ELEMENTS // 4:
+            sch.parallel(outer)
+        # Last: primitives above refuse a reduction block that has lost its init.
+        init = sch.decompose_reduction(block, k)
+        loops = sch.get_loops(init)
+        sch.unroll(loops[-2])
+        sch.vectorize(loops[-1])
+        for other in prologues + epilogues:
+            other_block = sch.get_sblock(other)
+            _flat_parallel_vectorize(sch, other_block, vector_lanes(target, _dtype_bits(sch, other_block)))
+        return sch
+
+
+class Fallback(Rule):
+    """Parallelise the outermost spatial loop of each block; the kernel still counts as untuned."""
+
+    name = "fallback"
+
+    def apply(self, func, target):
+        sch = s_tir.Schedule(func)
+        if normalize_prim_func(sch) is None:
+            return None
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            loops = sch.get_loops(block)
+            if loops and _leading_spatial(sch, block) > 0 and (_extent(sch, loops[0]) or 2) > 1:
+                sch.parallel(loops[0])
+        return sch
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (Matmul(), RowReduction(), Injective())
+
+
+def schedule_func(func: tirx.PrimFunc, target, rules=DEFAULT_RULES) -> tuple[tirx.PrimFunc, str | None]:
+    """``func`` scheduled by the first matching rule, and that rule's name (None: fallback or none)."""
+    for rule in rules:
+        try:
+            sch = rule.apply(func, target)
+        except Exception:  # noqa: BLE001  (a rule that fails on a kernel just does not match it)
+            sch = None
+        if sch is not None:
+            return sch.mod["main"].with_attr("tirx.is_scheduled", True), rule.name
+    try:
+        sch = Fallback().apply(func, target)
+    except Exception:  # noqa: BLE001
+        sch = None
+    return (func if sch is None else sch.mod["main"]), None
+
+
+@tvm.transform.module_pass(opt_level=0, name="TfcompileApplyRules")
+class ApplyRules:
+    """Schedule every unscheduled PrimFunc of a module with ``rules``; fills ``report``."""
+
+    def __init__(self, target, rules=DEFAULT_RULES):
+        self.target = target
+        self.rules = tuple(rules)
+        self.report = ScheduleReport()
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            scheduled, rule = schedule_func(func, self.target, self.rules)
+            if rule is None:
+                self.report.untuned.append(gvar.name_hint)
+            else:
+                self.report.applied[gvar.name_hint] = rule
+            updates[gvar] = scheduled
+        # Write into a copy: the caller may compile the same fused module several ways.
+        mod = mod.clone()
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return bool(func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"])

@@ -1,0 +1,189 @@
+"""MetaSchedule tuning records behind ``schedule="tuned"``.
+
+``tune_graph`` searches schedules for a graph's fused kernels with TVM's
+MetaSchedule and stores the best in a JSON database (MetaSchedule's own
+format: a workload table keyed by the kernel's structural hash and a tuning
+record table). Databases live in one directory per target
+(``database_dir``), so records measured on one CPU are never applied on
+another. ``ApplyTuned`` schedules each kernel from its record when the
+database has one, and with tfcompile's rules otherwise; kernels with neither
+are reported as untuned.
+
+The wheel has no xgboost, so the search uses MetaSchedule's random cost
+model: evolutionary search guided by measurements only. Tuning runs builder
+and runner worker processes and takes minutes per kernel; it is never
+started implicitly by compiling. MetaSchedule's database needs TVM's JSON
+serialisation, which crashes with the apache-tvm-ffi that pip resolves today
+(see ``require_json_serialization``): both tuning and reading records check
+it first and fail with a BackendError instead of a segfault.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import tvm
+from tvm import tirx
+
+from tfcompile.backends.tvm import rules
+from tfcompile.backends.tvm.lowering import one_line, primfuncs
+from tfcompile.errors import BackendError
+
+DEFAULT_ROOT_ENV = "TFCOMPILE_TVM_TUNING_DIR"
+
+
+BUILD_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 120
+
+
+@functools.lru_cache(maxsize=1)
+def require_json_serialization() -> None:
+    """Raise BackendError unless TVM can serialise IR to JSON, which MetaSchedule's database needs.
+
+    With apache-tvm 0.27.0.post1 and apache-tvm-ffi 0.1.15.post2 (what pip resolves
+    today) ``tvm.ir.save_json`` of any IR node segfaults in ``tvm::ffi::ToJSONGraph``:
+    an ABI mismatch; apache-tvm-ffi 0.1.14.post0 works. The check runs in a child
+    process so that the crash cannot take this one down.
+    """
+    probe = "import tvm; tvm.ir.save_json(tvm.tirx.IntImm('int32', 1))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120)
+    if result.returncode != 0:
+        from importlib.metadata import version
+
+        raise BackendError(f"tvm: MetaSchedule cannot run: TVM's JSON serialisation crashes with "
+                           f"apache-tvm-ffi {version('apache-tvm-ffi')} (works with 0.1.14.post0)")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(DEFAULT_ROOT_ENV, Path.home() / ".cache" / "tfcompile" / "tvm-tuning"))
+
+
+def target_key(target) -> str:
+    """A directory name for ``target``: readable CPU name plus a hash of the whole target."""
+    attrs = target.attrs if target.attrs is not None else {}
+    cpu = str(attrs.get("mcpu", "generic"))
+    digest = hashlib.sha1(str(target).encode()).hexdigest()[:10]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{target.kind.name}-{cpu}-{digest}")
+
+
+def database_dir(target, root: str | os.PathLike | None = None) -> Path:
+    return Path(root) if root is not None and _is_database(Path(root)) else \
+        Path(root or default_root()) / target_key(target)
+
+
+def _is_database(path: Path) -> bool:
+    return (path / "database_workload.json").is_file()
+
+
+def _open(path: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(path_workload=str(path / "database_workload.json"),
+                                    path_tuning_record=str(path / "database_tuning_record.json"),
+                                    allow_missing=True)
+
+
+def _workload(func: tirx.PrimFunc) -> tvm.IRModule:
+    """The module MetaSchedule tunes (and hashes) for a kernel: tuning and lookup must agree."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    return _normalize_mod(func)
+
+
+@tvm.transform.module_pass(opt_level=0, name="TfcompileApplyTuned")
+class ApplyTuned:
+    """Module pass: kernels from tuning records where the database has them, else the rules."""
+
+    def __init__(self, target, root: str | os.PathLike | None = None):
+        self.target = target
+        self.path = database_dir(target, root)
+        self.report = rules.ScheduleReport()
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        database = None
+        if _is_database(self.path):
+            require_json_serialization()
+            database = _open(self.path)
+        mod = mod.clone()
+        for gvar, func in list(mod.functions_items()):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            name = gvar.name_hint
+            sch = None
+            if database is not None:
+                sch = database.query_schedule(_workload(func), self.target, workload_name="main")
+            if sch is not None:
+                tuned = sch.mod["main"].without_attr("global_symbol")
+                mod[gvar] = tuned.with_attr("tirx.is_scheduled", True)
+                self.report.applied[name] = "tuned"
+                continue
+            scheduled, rule = rules.schedule_func(func, self.target)
+            mod[gvar] = scheduled
+            if rule is None:
+                self.report.untuned.append(name)
+            else:
+                self.report.applied[name] = rule
+        return mod
+
+
+def _space():
+    """MetaSchedule's LLVM design space, mutating tile sizes and unrolling only.
+
+    With apache-tvm-ffi 0.1.15.post2, ``TuneContext`` initialisation segfaults
+    in ``tvm::ffi::ToJSONGraph`` for ``MutateComputeLocation`` and
+    ``MutateParallel`` (each on its own, a 64x64 matmul). That is the JSON
+    crash ``require_json_serialization`` guards against, so the full default
+    set may well work with 0.1.14.post0; it has not been tried there yet.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    mutators = {ms.mutator.MutateTileSize(): 0.9, ms.mutator.MutateUnroll(): 0.1}
+    return ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs=mutators)
+
+
+def tune_graph(graph, *, target=None, root: str | os.PathLike | None = None, max_trials: int = 64,
+               kernels: list[str] | None = None, trials_per_iter: int = 16) -> Path:
+    """Tune ``graph``'s fused kernels (all, or those named in ``kernels``); returns the database dir.
+
+    ``max_trials`` is the total over all kernels. Records add to what the
+    database already holds.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from tfcompile.backends.tvm import lowering
+    from tfcompile.backends.tvm.target import host_target, vector_lanes
+
+    target = target or host_target()
+    path = database_dir(target, root)
+    mod = lowering.import_graph(graph)
+    mod = lowering.guarded("legalize/fuse", graph.name, lowering.legalize_and_fuse, mod, target,
+                           pad_multiple=vector_lanes(target))
+    funcs = primfuncs(mod)
+    chosen = {name: f for name, f in funcs.items() if kernels is None or name in kernels}
+    if not chosen:
+        raise BackendError(f"tvm: {graph.name}: no kernel to tune (kernels: {', '.join(sorted(funcs))})")
+    require_json_serialization()
+    database = _open(path)
+    try:
+        tasks = [ms.TuneContext(mod=_workload(f), target=target, space_generator=_space(),
+                                search_strategy="evolutionary", task_name=name, num_threads="physical")
+                 for name, f in chosen.items()]
+        work_dir = path / "logs"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # The 30 s default build timeout fails every trial on a loaded 2-core machine: a
+        # builder worker's start-up alone can take longer.
+        builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S)
+        runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+        ms.tune.tune_tasks(tasks=tasks, task_weights=[1.0] * len(tasks), work_dir=str(work_dir),
+                           max_trials_global=max_trials, num_trials_per_iter=trials_per_iter,
+                           builder=builder, runner=runner, database=database, cost_model="random")
+    except Exception as exc:
+        raise BackendError(f"tvm: {graph.name}: tuning failed: {one_line(exc)}") from exc
+    return path
