@@ -16,7 +16,7 @@ pick another pipeline, because the objective is that target's cost model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from tfcompile.passes import all_passes
 from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant

@@ -92,9 +92,8 @@ def _addmm(node: torch.fx.Node) -> OpCost:
 @op_cost(aten.mm.default, aten.bmm.default, aten.matmul.default, aten.baddbmm.default)
 def _matmul(node: torch.fx.Node) -> OpCost:
     vals = _vals(node)
-    a, b = vals[-2], vals[-1]
+    k = vals[-2].shape[-1]
     out = _out(node)
-    k = a.shape[-1]
     return OpCost(2 * out.numel() * k, sum(_nbytes(v) for v in vals), _out_bytes(node), "gemm")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from tfcompile.graph import ModelGraph, fetch_attr
+from tfcompile.graph import ModelGraph
 from tfcompile.passes import structure
 from tfcompile.passes.base import Exactness, PassResult, register_pass
 
@@ -103,37 +103,6 @@ def _check_fold(graph: ModelGraph) -> str | None:
     return None if _foldable_nodes(graph) else "no subgraph independent of input values"
 
 
-def _evaluate(graph: ModelGraph, targets: list[torch.fx.Node]) -> dict[torch.fx.Node, object]:
-    """Evaluate constant nodes eagerly, in graph order, with real tensors."""
-    dependent = structure.input_dependent_nodes(graph)
-    env: dict[torch.fx.Node, object] = {}
-    wanted = set(targets)
-    needed: set[torch.fx.Node] = set()
-    stack = list(targets)
-    while stack:
-        n = stack.pop()
-        if n in needed:
-            continue
-        needed.add(n)
-        if n.op == "call_function" and n.target in structure.SHAPE_ONLY_OPS:
-            continue  # evaluated from the input's fake value below
-        stack.extend(n.all_input_nodes)
-    for node in graph.gm.graph.nodes:
-        if node not in needed:
-            continue
-        if node.op == "get_attr":
-            env[node] = fetch_attr(graph.gm, node.target)
-        elif node.op == "placeholder":
-            fake = structure.tensor_meta(node)
-            env[node] = torch.empty(fake.shape, dtype=fake.dtype)
-        elif node.op == "call_function" and (node not in dependent or node.target in structure.SHAPE_ONLY_OPS):
-            args = torch.fx.node.map_arg(node.args, lambda a: env[a])
-            kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: env[a])
-            with torch.no_grad():
-                env[node] = node.target(*args, **kwargs)
-    return {n: env[n] for n in wanted}
-
-
 def _read_bytes(node: torch.fx.Node, graph: ModelGraph) -> int:
     total = 0
     for arg in node.all_input_nodes:
@@ -153,7 +122,7 @@ def fold_constants(graph: ModelGraph) -> PassResult:
         if out_bytes > MAX_FOLD_GROWTH * _read_bytes(node, graph) + FOLD_ALLOWANCE_BYTES:
             continue
         keep.append(node)
-    values = _evaluate(graph, keep)
+    values = structure.evaluate_nodes(graph, keep)
     folded = 0
     for node in keep:
         value = values[node]

@@ -58,10 +58,9 @@ import dataclasses
 import math
 
 import torch
-from torch.fx.node import map_arg
 
 from tfcompile.errors import ShapeError
-from tfcompile.graph import ModelGraph, clone, fetch_attr
+from tfcompile.graph import ModelGraph, clone
 from tfcompile.passes import structure
 from tfcompile.passes.base import Exactness, PassResult, register_pass
 from tfcompile.passes.packing import Packer, Refusal
@@ -176,30 +175,11 @@ def binned_geometry(lengths: list[int], max_len: int, capacity: int) -> Geometry
 
 
 def evaluate(graph: ModelGraph, nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, object]:
-    """The values of ``nodes`` on the example inputs, running only the ops they depend on."""
-    needed: set[torch.fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node in needed:
-            continue
-        needed.add(node)
-        stack.extend(node.all_input_nodes)
-    placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
-    env: dict[torch.fx.Node, object] = {}
-    with torch.no_grad():
-        for node in graph.gm.graph.nodes:
-            if node not in needed:
-                continue
-            if node.op == "placeholder":
-                env[node] = graph.example_inputs[placeholders.index(node)]
-            elif node.op == "get_attr":
-                env[node] = fetch_attr(graph.gm, node.target)
-            elif node.op == "call_function":
-                env[node] = node.target(*map_arg(node.args, env.__getitem__), **map_arg(node.kwargs, env.__getitem__))
-            else:
-                raise Refusal(f"{node.name} ({node.op}) cannot be evaluated to inspect the attention mask")
-    return {n: env[n] for n in nodes}
+    """The values of ``nodes`` on the example inputs (to inspect attention masks)."""
+    try:
+        return structure.evaluate_nodes(graph, nodes)
+    except ValueError as exc:
+        raise Refusal(f"{exc} to inspect the attention mask") from exc
 
 
 def lengths_from_mask(mask: torch.Tensor, name: str = "attention_mask") -> list[int]:
