@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--backend", choices=["ort", "tvm", "torch"], default="ort")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -57,15 +58,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.time()
-        runs = {name: lower(graph, "ort", Path(tmp) / name) for name, graph in
+        runs = {name: lower(graph, args.backend, Path(tmp) / name) for name, graph in
                 (("padded", padded), ("packed", packed))}
-        print(f"ORT lowering: {time.time() - started:.0f} s")
+        print(f"{args.backend} lowering: {time.time() - started:.0f} s")
         valid = torch.arange(args.seq).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
         reference = padded.run()[0]
         got = torch.as_tensor(runs["packed"].outputs[0])
         err = ((reference[valid] - got[valid]).abs().max() / reference[valid].abs().max()).item()
-        print(f"packed ORT vs padded torch at valid positions: max relative error {err:.1e}")
-        times = measure_interleaved({k: v.run for k, v in runs.items()}, backend="ort",
+        print(f"packed {args.backend} vs padded torch at valid positions: max relative error {err:.1e}")
+        times = measure_interleaved({k: v.run for k, v in runs.items()}, backend=args.backend,
                                     warmup=args.warmup, repeat=args.repeat)
     measured = times["padded"].median_s / times["packed"].median_s
     print(f"padded {times['padded'].median_ms:9.1f} ms   packed {times['packed'].median_ms:9.1f} ms   "
