@@ -1,0 +1,60 @@
+"""Evaluating parts of a graph on its example inputs."""
+
+from __future__ import annotations
+
+
+import torch
+import torch.fx
+
+from tfcompile.graph import ModelGraph, fetch_attr
+
+aten = torch.ops.aten
+from tfcompile.passes.structure.core import *  # noqa: F401,F403
+from tfcompile.passes.structure.stream import *  # noqa: F401,F403
+from tfcompile.passes.structure.decomposed import *  # noqa: F401,F403
+from tfcompile.passes.structure.sequence import *  # noqa: F401,F403
+from tfcompile.passes.structure.linear import *  # noqa: F401,F403
+
+
+# ---------------------------------------------------------------------------
+# Evaluating parts of a graph
+
+
+def evaluate_nodes(graph: ModelGraph, nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, object]:
+    """The values of ``nodes`` on the example inputs, running only the ops they depend on.
+
+    Ops that read only an input's shape (``SHAPE_ONLY_OPS``) get an empty tensor
+    of that shape, so a constant built from an activation's shape does not
+    evaluate the activation.
+    """
+    needed: set[torch.fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        if not (node.op == "call_function" and node.target in SHAPE_ONLY_OPS):
+            stack.extend(node.all_input_nodes)
+    placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    env: dict[torch.fx.Node, object] = {}
+
+    def shape_stand_in(arg: torch.fx.Node) -> object:
+        fake = tensor_meta(arg)
+        return torch.empty(fake.shape, dtype=fake.dtype) if fake is not None else env[arg]
+
+    with torch.no_grad():
+        for node in graph.gm.graph.nodes:
+            if node not in needed:
+                continue
+            if node.op == "placeholder":
+                env[node] = graph.example_inputs[placeholders.index(node)]
+            elif node.op == "get_attr":
+                env[node] = fetch_attr(graph.gm, node.target)
+            elif node.op == "call_function":
+                read = shape_stand_in if node.target in SHAPE_ONLY_OPS else env.__getitem__
+                env[node] = node.target(*torch.fx.node.map_arg(node.args, read),
+                                        **torch.fx.node.map_arg(node.kwargs, read))
+            else:
+                raise ValueError(f"{node.name} ({node.op}) cannot be evaluated")
+    return {n: env[n] for n in nodes}
