@@ -38,3 +38,23 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(BackendError, match="exporter exploded"):
         ort.export_onnx(graph, target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reexports_an_onnx_file_written_by_torch(tmp_path):
+    """Weights imported from a torch-written .onnx keep names like val_55, which the
+    exporter also gives its own values; the re-export must not define them twice."""
+    import torch
+
+    from tests.tiny import bert
+    from tfcompile.frontend import LoadOptions, load_model
+
+    module, args = bert()
+    source = tmp_path / "torch_written.onnx"
+    with ort._quiet():  # the exporter prints progress; keep the test log readable
+        torch.onnx.export(module, args, str(source), dynamo=True, input_names=["input_ids", "attention_mask"])
+    graph = load_model(str(source), LoadOptions(seq=16))
+    assert any(n.target.startswith("val_") for n in graph.nodes("get_attr"))  # the clash this test is about
+    variant = build_variant(graph, VariantSpec("cleanup", CLEANUP)).graph
+    path = ort.export_onnx(variant, tmp_path / "model.onnx")
+    check = compare_outputs(graph.run(), ort.OrtModel(path).run(graph.example_inputs))
+    assert check.max_rel_err <= 1e-4

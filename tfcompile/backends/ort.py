@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import torch
 
 from tfcompile.backends.timing import Measurement, measure
 from tfcompile.errors import BackendError, first_line
-from tfcompile.graph import ModelGraph, to_exported_program
+from tfcompile.graph import ModelGraph, clone, fetch_attr, to_exported_program
+from tfcompile.passes.structure.core import unique_attr_name
 from tfcompile.outputs import atomic_path
 
 PROTOBUF_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
@@ -34,7 +36,7 @@ def export_onnx(graph: ModelGraph, path: Path, *, opset: int | None = None) -> P
     if graph.parameter_bytes() > PROTOBUF_LIMIT_BYTES:
         raise BackendError(f"{graph.name}: {graph.parameter_bytes() / 1e9:.1f} GB of weights exceed what one "
                            ".onnx file can hold")
-    program = to_exported_program(graph)
+    program = to_exported_program(_without_exporter_names(graph))
     with atomic_path(Path(path)) as tmp:
         try:
             with _quiet():
@@ -50,6 +52,35 @@ def export_onnx(graph: ModelGraph, path: Path, *, opset: int | None = None) -> P
             raise BackendError(f"exported ONNX for {graph.name} fails onnx.checker: {first_line(exc)}") \
                 from exc
     return Path(path)
+
+
+# The exporter names intermediate values val_0, val_1, ...; a weight that already has
+# such a name (an ONNX file exported by torch, imported, then re-exported) would be
+# defined twice in the new file.
+_EXPORTER_VALUE_NAME = re.compile(r"^_?val_\d+$")
+
+
+def _without_exporter_names(graph: ModelGraph) -> ModelGraph:
+    """``graph``, or a clone whose weights named like exporter values are renamed."""
+    clashing = {n.target for n in graph.nodes("get_attr") if _EXPORTER_VALUE_NAME.match(n.target)}
+    if not clashing:
+        return graph
+    renamed = clone(graph)
+    gm = renamed.gm
+    new_names = {}
+    for old in sorted(clashing):
+        value = fetch_attr(gm, old)
+        new = unique_attr_name(gm, "w_" + old)
+        if isinstance(value, torch.nn.Parameter):
+            gm.register_parameter(new, value)
+        else:
+            gm.register_buffer(new, value)
+        new_names[old] = new
+    for node in renamed.nodes("get_attr"):
+        if node.target in new_names:
+            node.target = new_names[node.target]
+    gm.recompile()
+    return renamed
 
 
 @contextlib.contextmanager
