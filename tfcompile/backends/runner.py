@@ -25,6 +25,7 @@ class Lowered:
     run: Callable[[], object]
     outputs: tuple[torch.Tensor, ...]
     onnx_path: Path | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. which TVM kernels ran untuned
 
 
 def lower(graph: ModelGraph, backend: str, workdir: Path) -> Lowered:
@@ -38,7 +39,8 @@ def lower(graph: ModelGraph, backend: str, workdir: Path) -> Lowered:
         from tfcompile.backends import tvm as tvm_backend
 
         module = tvm_backend.compile_graph(graph)
-        return Lowered("tvm", module.runner(graph.example_inputs), module.run(graph.example_inputs))
+        return Lowered("tvm", module.runner(graph.example_inputs), module.run(graph.example_inputs),
+                       notes=[module.schedule_summary()])
     if backend == "torch":
         inputs = graph.example_inputs
 

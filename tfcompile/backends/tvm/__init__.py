@@ -8,7 +8,10 @@ Runtime. ``schedule`` picks how:
 - ``"none"``: TVM's unscheduled loops (the reference for what scheduling buys);
 - ``"rules"``: tfcompile's own schedule rules (``rules``), no tuning;
 - ``"tuned"``: MetaSchedule records from a database directory where present,
-  the rules elsewhere (``tuning``).
+  the rules elsewhere (``tuning``);
+- ``"auto"`` (the default): ``"tuned"`` when the target's tuning database
+  exists (``tfcompile tune`` wrote one), else ``"rules"``. The module records
+  which kernels came from records, which from rules, and which ran untuned.
 
 Threads: TVM sizes its thread pool once, from ``TVM_NUM_THREADS``, and its
 default on this kind of machine is half the cores; importing this module sets
@@ -31,7 +34,7 @@ from tfcompile.graph import ModelGraph
 
 os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
 
-SCHEDULES = ("none", "rules", "tuned")
+SCHEDULES = ("none", "rules", "tuned", "auto")
 
 __all__ = ["SCHEDULES", "TvmModule", "compile_graph", "host_target", "measure_graph", "set_num_threads", "tune_graph"]
 
@@ -54,6 +57,14 @@ class TvmModule:
     # Kernels that ran as TVM's unscheduled loops (no rule matched, no tuning record).
     untuned_kernels: list[str]
     kernel_rules: dict[str, str]  # kernel name -> rule (or "tuned") that scheduled it
+
+    def schedule_summary(self) -> str:
+        """One line: how many kernels came from tuning records, from rules, and which ran untuned."""
+        tuned = sum(1 for rule in self.kernel_rules.values() if rule == "tuned")
+        ruled = len(self.kernel_rules) - tuned
+        untuned = ", ".join(self.untuned_kernels) if self.untuned_kernels else "none"
+        return (f"tvm ({self.schedule}): {tuned} kernels from tuning records, {ruled} by tfcompile's rules, "
+                f"untuned: {untuned}")
 
     def __post_init__(self) -> None:
         import tvm
@@ -97,14 +108,18 @@ def _flatten(result) -> list:
     return flat
 
 
-def compile_graph(graph: ModelGraph, *, target=None, schedule: str = "rules",
+def compile_graph(graph: ModelGraph, *, target=None, schedule: str = "auto",
                   database_dir: str | os.PathLike | None = None) -> TvmModule:
-    """Lower, schedule and compile ``graph``; ``database_dir`` is the tuning database for "tuned"."""
+    """Lower, schedule and compile ``graph``; ``database_dir`` is the tuning database for "tuned"/"auto"."""
     from tfcompile.backends.tvm import lowering, rules
 
     if schedule not in SCHEDULES:
         raise BackendError(f"tvm: unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
     target = host_target() if target is None else _as_target(target)
+    if schedule == "auto":
+        from tfcompile.backends.tvm import tuning
+
+        schedule = "tuned" if tuning.has_database(target, database_dir) else "rules"
     mod = lowering.import_graph(graph)
     # The schedules vectorise over N: give constant weights an N they can vectorise.
     pad = None if schedule == "none" else vector_lanes(target)
@@ -139,7 +154,7 @@ def _as_target(target):
         raise BackendError(f"tvm: bad target {target!r}: {one_line(exc)}") from exc
 
 
-def measure_graph(graph: ModelGraph, *, repeat: int = 10, schedule: str = "rules",
+def measure_graph(graph: ModelGraph, *, repeat: int = 10, schedule: str = "auto",
                   inputs: tuple[torch.Tensor, ...] | None = None) -> Measurement:
     """Median latency of ``graph`` compiled by TVM for this CPU (backend name "tvm")."""
     module = compile_graph(graph, schedule=schedule)

@@ -20,18 +20,22 @@ it first and fail with a BackendError instead of a segfault.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import tvm
 from tvm import tirx
 
 from tfcompile.backends.tvm import rules
+from tfcompile.backends.tvm.intrinsics import import_tensor_intrinsics
 from tfcompile.backends.tvm.lowering import one_line, primfuncs
 from tfcompile.errors import BackendError
 
@@ -40,6 +44,7 @@ DEFAULT_ROOT_ENV = "TFCOMPILE_TVM_TUNING_DIR"
 
 BUILD_TIMEOUT_S = 180
 RUN_TIMEOUT_S = 120
+MIN_TRIALS_PER_KERNEL = 4
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,6 +80,11 @@ def target_key(target) -> str:
 def database_dir(target, root: str | os.PathLike | None = None) -> Path:
     return Path(root) if root is not None and _is_database(Path(root)) else \
         Path(root or default_root()) / target_key(target)
+
+
+def has_database(target, root: str | os.PathLike | None = None) -> bool:
+    """Whether ``tfcompile tune`` has written a database for ``target`` (under ``root``)."""
+    return _is_database(database_dir(target, root))
 
 
 def _is_database(path: Path) -> bool:
@@ -148,42 +158,103 @@ def _space():
     return ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs=mutators)
 
 
-def tune_graph(graph, *, target=None, root: str | os.PathLike | None = None, max_trials: int = 64,
-               kernels: list[str] | None = None, trials_per_iter: int = 16) -> Path:
-    """Tune ``graph``'s fused kernels (all, or those named in ``kernels``); returns the database dir.
+@dataclasses.dataclass
+class TuningResult:
+    database: Path
+    tuned: dict[str, int]  # kernel -> measured schedules the database holds for it after this call
+    reused: list[str]  # kernels the database already had records for: not tuned again
+    skipped: list[str]  # kernels the budget did not reach (lightest first to go)
+    wall_s: float
 
-    ``max_trials`` is the total over all kernels. Records add to what the
-    database already holds.
-    """
-    from tvm.s_tir import meta_schedule as ms
+    trial_budget: int  # the trials this call was allowed, over all kernels it tuned
 
+
+def _flops(func: tirx.PrimFunc) -> float:
+    try:
+        from tvm.s_tir.analysis import estimate_tir_flops
+
+        return float(estimate_tir_flops(tvm.IRModule({"main": func})))
+    except Exception:  # data-movement kernels without arithmetic
+        return 0.0
+
+
+def kernels_of(graph, target) -> dict[str, tirx.PrimFunc]:
+    """The fused kernels ``compile_graph`` schedules for ``graph``, by name."""
     from tfcompile.backends.tvm import lowering
-    from tfcompile.backends.tvm.target import host_target, vector_lanes
+    from tfcompile.backends.tvm.target import vector_lanes
 
-    target = target or host_target()
-    path = database_dir(target, root)
     mod = lowering.import_graph(graph)
     mod = lowering.guarded("legalize/fuse", graph.name, lowering.legalize_and_fuse, mod, target,
                            pad_multiple=vector_lanes(target))
-    funcs = primfuncs(mod)
+    return primfuncs(mod)
+
+
+def _search(trials: int):
+    """Evolutionary search sized to the budget.
+
+    MetaSchedule's default population (512 candidates, 4 generations) costs
+    minutes of candidate generation per kernel on two cores before the first
+    measurement, which dominates small budgets. A population of a few times
+    the trials still explores, at a fraction of the cost.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    population = min(512, max(32, 4 * trials))
+    return ms.search_strategy.EvolutionarySearch(population_size=population, init_min_unmeasured=min(50, population),
+                                                 genetic_num_iters=2 if trials < 64 else 4)
+
+
+def tune_graph(graph, *, target=None, root: str | os.PathLike | None = None, max_trials: int = 64,
+               kernels: list[str] | None = None, trials_per_iter: int = 16,
+               progress: Callable[[str, int, int], None] = lambda name, done, total: None) -> TuningResult:
+    """Tune ``graph``'s fused kernels (all, or those named in ``kernels``) into the target's database.
+
+    ``max_trials`` is the total over the kernels tuned in this call, split evenly
+    over the heaviest kernels (by FLOPs) that get at least
+    ``MIN_TRIALS_PER_KERNEL`` each; the rest are reported as skipped. A kernel whose workload already has a
+    record (from this model, another variant or another model with the same
+    shapes) is reused, not tuned again. ``progress(kernel, done, total)`` is
+    called before each kernel and once at the end.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from tfcompile.backends.tvm.target import host_target
+
+    started = time.perf_counter()
+    target = target or host_target()
+    path = database_dir(target, root)
+    funcs = kernels_of(graph, target)
     chosen = {name: f for name, f in funcs.items() if kernels is None or name in kernels}
     if not chosen:
         raise BackendError(f"tvm: {graph.name}: no kernel to tune (kernels: {', '.join(sorted(funcs))})")
     require_json_serialization()
+    import_tensor_intrinsics()
     database = _open(path)
-    try:
-        tasks = [ms.TuneContext(mod=_workload(f), target=target, space_generator=_space(),
-                                search_strategy="evolutionary", task_name=name, num_threads="physical")
-                 for name, f in chosen.items()]
-        work_dir = path / "logs"
-        work_dir.mkdir(parents=True, exist_ok=True)
-        # The 30 s default build timeout fails every trial on a loaded 2-core machine: a
-        # builder worker's start-up alone can take longer.
-        builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S)
-        runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
-        ms.tune.tune_tasks(tasks=tasks, task_weights=[1.0] * len(tasks), work_dir=str(work_dir),
-                           max_trials_global=max_trials, num_trials_per_iter=trials_per_iter,
-                           builder=builder, runner=runner, database=database, cost_model="random")
-    except Exception as exc:
-        raise BackendError(f"tvm: {graph.name}: tuning failed: {one_line(exc)}") from exc
-    return path
+    reused = [name for name, f in chosen.items()
+              if database.query_schedule(_workload(f), target, workload_name="main") is not None]
+    # The budget goes to the heaviest kernels first, at least MIN_TRIALS_PER_KERNEL each.
+    pending = sorted((name for name in chosen if name not in reused), key=lambda n: -_flops(chosen[n]))
+    room = max(1, max_trials // MIN_TRIALS_PER_KERNEL)
+    todo, skipped = {n: chosen[n] for n in pending[:room]}, pending[room:]
+    per_kernel = max_trials // max(len(todo), 1)
+    tuned: dict[str, int] = {}
+    work_dir = path / "logs"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for index, (name, func) in enumerate(todo.items()):
+        progress(name, index, len(todo))
+        try:
+            task = ms.TuneContext(mod=_workload(func), target=target, space_generator=_space(),
+                                  search_strategy=_search(per_kernel), task_name=name, num_threads="physical")
+            # The 30 s default build timeout fails every trial on a loaded 2-core machine: a
+            # builder worker's start-up alone can take longer.
+            builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S,
+                                              initializer=import_tensor_intrinsics)
+            runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=import_tensor_intrinsics)
+            ms.tune.tune_tasks(tasks=[task], task_weights=[1.0], work_dir=str(work_dir),
+                               max_trials_global=per_kernel, num_trials_per_iter=min(trials_per_iter, per_kernel),
+                               builder=builder, runner=runner, database=database, cost_model="random")
+        except Exception as exc:
+            raise BackendError(f"tvm: {graph.name}: tuning {name} failed: {one_line(exc)}") from exc
+        tuned[name] = len(database.get_top_k(database.commit_workload(_workload(func)), 1 << 20))
+    progress("", len(todo), len(todo))
+    return TuningResult(path, tuned, sorted(reused), skipped, time.perf_counter() - started, per_kernel * len(todo))

@@ -1,0 +1,66 @@
+"""MetaSchedule tuning into a database, and its reuse (fast: one kernel, four trials)."""
+
+import pytest
+
+from tests.test_cli import tfcompile
+from tfcompile.backends.tvm import compile_graph, host_target
+from tfcompile.backends.tvm import tuning
+from tfcompile.frontend import LoadOptions, load_model
+from tfcompile.verify import compare_outputs
+
+MODEL = "tests.tiny:bert"
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    graph = load_model(MODEL, LoadOptions())
+    target = compile_graph(graph, schedule="rules").target
+    kernels = tuning.kernels_of(graph, target)
+    heaviest = max(kernels, key=lambda name: tuning._flops(kernels[name]))
+    root = tmp_path_factory.mktemp("db")
+    first = tuning.tune_graph(graph, target=target, root=root, max_trials=4, kernels=[heaviest])
+    return graph, root, heaviest, first
+
+
+def test_tuning_writes_records_for_the_kernel(tuned):
+    graph, root, kernel, first = tuned
+    assert first.tuned == {kernel: first.tuned[kernel]} and first.tuned[kernel] >= 1
+    assert first.reused == [] and first.trial_budget == 4
+    assert tuning.has_database(host_target(), root)
+
+
+def test_second_tuning_reuses_the_database_without_tuning(tuned):
+    graph, root, kernel, first = tuned
+    second = tuning.tune_graph(graph, root=root, max_trials=4, kernels=[kernel])
+    assert second.tuned == {} and second.reused == [kernel] and second.trial_budget == 0
+
+
+def test_compiling_uses_the_records_and_matches_torch(tuned):
+    graph, root, kernel, _ = tuned
+    module = compile_graph(graph, database_dir=root)  # "auto": the database exists, so "tuned"
+    assert module.schedule == "tuned"
+    assert module.kernel_rules[kernel] == "tuned"
+    assert module.untuned_kernels == []
+    assert "1 kernels from tuning records" in module.schedule_summary()
+    check = compare_outputs(graph.run(), module.run(graph.example_inputs), graph.output_names)
+    assert check.max_rel_err <= 1e-4
+
+
+def test_without_a_database_compiling_uses_the_rules(tmp_path):
+    graph = load_model(MODEL, LoadOptions())
+    module = compile_graph(graph, database_dir=tmp_path / "empty")
+    assert module.schedule == "rules" and "tuned" not in module.kernel_rules.values()
+
+
+def test_tune_command_reports_reuse(tuned):
+    graph, root, kernel, _ = tuned
+    result = tfcompile("tune", MODEL, "--passes", "", "--trials", "4", "--kernels", kernel, "--database", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "reused" in result.stdout and "0 kernels tuned" in result.stdout
+    assert "1 kernels from tuning records" in result.stdout
+    assert "tuned TVM vs torch: max relative error" in result.stdout
+
+
+def test_tune_command_refuses_other_targets():
+    result = tfcompile("tune", MODEL, "--target", "h100")
+    assert result.returncode == 2 and "only 'cpu'" in result.stderr
