@@ -360,6 +360,66 @@ def targets():
     console.print(table)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--target", "-t", default="cpu", show_default=True,
+              help="Only this host (cpu) can be tuned here; tuning measures every trial.")
+@click.option("--trials", default=64, show_default=True, type=int,
+              help="Trial budget over all kernels that still need tuning (split evenly, at least 4 each).")
+@click.option("--passes", default="remove_identity_ops,fold_constants,eliminate_dead_code", show_default=True,
+              help="Passes to apply first: tune the variant you will deploy ('' for none).")
+@click.option("--kernels", default=None, help="Comma-separated kernel names to tune (default: all).")
+@click.option("--database", "database_root", type=click.Path(path_type=Path), default=None,
+              help="Tuning database root (default: $TFCOMPILE_TVM_TUNING_DIR or ~/.cache/tfcompile/tvm-tuning).")
+@model_options
+def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
+    """MetaSchedule-tune MODEL's TVM kernels for this CPU into a reusable database."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tfcompile.backends.tvm import compile_graph, host_target
+    from tfcompile.backends.tvm.tuning import tune_graph
+    from tfcompile.cost_models import load_device
+    from tfcompile.variants import build_variant, custom_variant
+    from tfcompile.verify import compare_outputs
+
+    load_device(target)
+    if target != "cpu":
+        raise TfcompileError(f"tuning {target} needs that device; only 'cpu' (this host) is tuned here")
+    if trials < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--trials")
+    with console.status("loading model"):
+        graph = _load(model, **load_kwargs)
+        names = [p.strip() for p in passes.split(",") if p.strip()]
+        if names:
+            graph = build_variant(graph, custom_variant(names)).graph
+    chosen = [k.strip() for k in kernels.split(",") if k.strip()] if kernels else None
+    columns = (TextColumn("tuning {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("kernels", total=None)
+
+        def progress(kernel: str, done: int, total: int) -> None:
+            bar.update(task, description=kernel or "done", completed=done, total=total)
+
+        result = tune_graph(graph, target=host_target(), root=database_root, max_trials=trials, kernels=chosen,
+                            trials_per_iter=min(16, max(4, trials)), progress=progress)
+    table = Table(title=f"tuning database {result.database}")
+    table.add_column("kernel")
+    table.add_column("this run")
+    table.add_column("records", justify="right")
+    for kernel, records in result.tuned.items():
+        table.add_row(kernel, "tuned", str(records))
+    for kernel in result.reused:
+        table.add_row(kernel, "reused (already in the database)", "")
+    console.print(table)
+    console.print(f"{len(result.tuned)} kernels tuned with a budget of {result.trial_budget} trials, "
+                  f"{len(result.reused)} reused, in {result.wall_s:.0f} s")
+    with console.status("checking the tuned module against torch"):
+        module = compile_graph(graph, schedule="tuned", database_dir=database_root)
+        check = compare_outputs(graph.run(), module.run(graph.example_inputs), graph.output_names)
+    console.print(module.schedule_summary())
+    console.print(f"tuned TVM vs torch: max relative error {check.max_rel_err:.1e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="tfcompile", standalone_mode=False)
