@@ -74,6 +74,30 @@ def _load(model, batch, seq, input_shape, trust_pickle, config_path, seed):
     return load_model(model, options)
 
 
+def remote_options(fn):
+    """--remote/--device-key: measure on another machine through a TVM RPC tracker."""
+    fn = click.option("--device-key", "device_key", default=None, metavar="KEY",
+                      help="Key the device's TVM RPC servers registered with (with --remote).")(fn)
+    return click.option("--remote", default=None, metavar="HOST:PORT",
+                        help="Measure with TVM on the device behind this TVM RPC tracker (implies --backend tvm; "
+                             "variants are timed in parallel over the servers with --device-key).")(fn)
+
+
+def _remote_spec(remote, device_key, backend):
+    """(RemoteSpec or None, backend): --remote measures with TVM, whatever --backend defaults to."""
+    if remote is None:
+        if device_key:
+            raise TfcompileError("--device-key needs --remote HOST:PORT (the TVM RPC tracker)")
+        return None, backend
+    explicit = click.get_current_context().get_parameter_source("backend") != click.core.ParameterSource.DEFAULT
+    if explicit and backend != "tvm":
+        raise TfcompileError(f"--remote measures with TVM on the device; it cannot be combined with --backend "
+                             f"{backend}")
+    from tfcompile.backends.tvm.remote import RemoteSpec
+
+    return RemoteSpec.parse(remote, device_key), "tvm"
+
+
 @click.group()
 @click.version_option(package_name="tfcompile")
 def cli() -> None:
@@ -99,9 +123,10 @@ def cli() -> None:
                    "against --budget). Meant for edge and npu targets.")
 @click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-out"),
               show_default=True, help="Directory for report.json and model.onnx.")
+@remote_options
 @model_options
 def optimize(model, target, passes, allow_approx, budget, lengths, measure, measure_top, backend, repeat, explain,
-             quantize, output_dir, **load_kwargs):
+             quantize, output_dir, remote, device_key, **load_kwargs):
     """Search variants of MODEL, verify and predict them, measure the best, rank them."""
     from tfcompile.backends import ort
     from tfcompile.cost_models import load_device
@@ -111,6 +136,9 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
     from tfcompile.report import render_table, write_report
 
     load_device(target)  # an unknown target fails before the model is loaded
+    remote_spec, backend = _remote_spec(remote, device_key, backend)
+    if remote_spec is not None and not measure:
+        raise TfcompileError("--remote is where --measure measures: add --measure")
     pipeline = None
     if passes:
         pipeline = tuple(p.strip() for p in passes.split(",") if p.strip())
@@ -133,7 +161,7 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
             graph.info["lengths"] = workload["lengths"]
         settings = OptimizeSettings(target=target, pipeline=pipeline, allow_approx=allow_approx, budget=budget,
                                     measure=measure, measure_top=measure_top, backend=backend, repeat=repeat,
-                                    workload=workload)
+                                    workload=workload, remote=remote_spec)
         result = run_optimize(graph, settings, progress=lambda msg: status.update(msg))
         try:
             render_table(result.reports, target, console, title=f"{graph.name} on {target}")
@@ -152,6 +180,7 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
             write_report(output_dir / "report.json", model=model, target=target, variants=result.reports,
                          best=result.best, settings={"batch": load_kwargs["batch"], "seq": load_kwargs["seq"],
                                                      "backend": backend if measure else None,
+                                                     **({"remote": str(remote_spec)} if remote_spec else {}),
                                                      "allow_approx": allow_approx, "budget": budget,
                                                      "lengths": workload.get("lengths")},
                          refusals=result.refusals, export=export_info)
@@ -243,7 +272,8 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--repeat", default=10, show_default=True, type=int, help="Timed runs per micro-benchmark.")
 @click.option("--output", "-o", "output_path", type=click.Path(path_type=Path), default=None,
               help="Profile file (default: the profile directory, $TFCOMPILE_PROFILE_DIR or ~/.cache/tfcompile).")
-def calibrate(target, backend, repeat, output_path):
+@remote_options
+def calibrate(target, backend, repeat, output_path, remote, device_key):
     """Measure micro-benchmarks on this host and fit a calibration profile."""
     from tfcompile.cost_models import load_device
     from tfcompile.cost_models.calibration import fit, save_profile
@@ -251,13 +281,23 @@ def calibrate(target, backend, repeat, output_path):
     from tfcompile.cost_models.microbench import default_suite, run_suite
 
     load_device(target)
-    if target != "cpu":
-        raise TfcompileError(f"calibrating {target} needs that device; only 'cpu' (this host) is measured here")
+    remote_spec, backend = _remote_spec(remote, device_key, backend)
+    if target != "cpu" and remote_spec is None:
+        raise TfcompileError(f"calibrating {target} needs that device; only 'cpu' (this host) is measured here, "
+                             "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
     suite = default_suite()
     with console.status("calibrating") as status:
-        samples = run_suite(suite, backend, repeat=repeat, progress=lambda m: status.update(f"calibrating {m}"))
-    host = detect_host()
-    profile = fit(samples, target, backend, host=f"{host.model}, {host.cores} cores")
+        if remote_spec is not None:
+            from tfcompile.backends.tvm.remote import run_suite_remote
+
+            samples = run_suite_remote(suite, remote_spec, repeat=repeat, target_name=target,
+                                       progress=lambda m: status.update(f"calibrating {m}"))
+            host_label = f"{remote_spec} (TVM RPC)"
+        else:
+            samples = run_suite(suite, backend, repeat=repeat, progress=lambda m: status.update(f"calibrating {m}"))
+            host = detect_host()
+            host_label = f"{host.model}, {host.cores} cores"
+    profile = fit(samples, target, backend, host=host_label)
     path = save_profile(profile, output_path)
     table = Table(title=f"calibration {target}/{backend}: fit MAPE {profile.fit_mape:.1%}")
     for column in ("micro-benchmark", "measured ms", "fitted ms", "error"):
@@ -281,7 +321,8 @@ def calibrate(target, backend, repeat, output_path):
 @click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-compare"),
               show_default=True, help="Directory for compare.json and compare.png.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def compare(model, target, backend, batches, seqs, profile_path, repeat, output_dir, seed):
+@remote_options
+def compare(model, target, backend, batches, seqs, profile_path, repeat, output_dir, seed, remote, device_key):
     """Predicted against measured latency for every variant of MODEL."""
     from tfcompile.compare import measure_and_predict, score, write_outputs
     from tfcompile.cost_models import load_device
@@ -290,8 +331,10 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, output_
     from tfcompile.variants import BUILTIN_VARIANTS, build_variant
 
     device = load_device(target)
-    if target != "cpu":
-        raise TfcompileError(f"measuring on {target} needs that device; only 'cpu' (this host) is measured here")
+    remote_spec, backend = _remote_spec(remote, device_key, backend)
+    if target != "cpu" and remote_spec is None:
+        raise TfcompileError(f"measuring on {target} needs that device; only 'cpu' (this host) is measured here, "
+                             "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
     profile = load_profile(target, backend, profile_path)
     if profile is None:
         console.print(f"[yellow]no calibration profile for {target}/{backend}: run `tfcompile calibrate --target "
@@ -306,9 +349,9 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, output_
                     variant.graph.name = f"{original.name} b{batch} s{seq} {spec.name}"
                     graphs.append(variant.graph)
         rows = measure_and_predict(graphs, backend=backend, device=device, profile=profile, repeat=repeat,
-                                   progress=lambda m: status.update(m))
+                                   progress=lambda m: status.update(m), remote=remote_spec)
     scores = score(rows)
-    table = Table(title=f"{model}: predicted vs measured on {target}/{backend}")
+    table = Table(title=f"{model}: predicted vs measured on {target}/{remote_spec.label if remote_spec else backend}")
     table.add_column("variant")
     table.add_column("measured ms", justify="right")
     for predictor in scores:

@@ -34,7 +34,11 @@ class ComparisonRow:
 
 
 def measure_and_predict(graphs: list[ModelGraph], *, backend: str, device: DeviceSpec, profile: Profile | None,
-                        repeat: int = 10, progress: Callable[[str], None] = lambda _: None) -> list[ComparisonRow]:
+                        repeat: int = 10, progress: Callable[[str], None] = lambda _: None,
+                        remote=None) -> list[ComparisonRow]:
+    """``remote`` (a tvm.remote.RemoteSpec): measure with TVM on that device, variants in parallel over its servers."""
+    if remote is not None:
+        return _measure_remote(graphs, device, profile, repeat, progress, remote)
     rows = []
     with tempfile.TemporaryDirectory(prefix="tfcompile-compare-") as workdir:
         for i, graph in enumerate(graphs, 1):
@@ -42,13 +46,37 @@ def measure_and_predict(graphs: list[ModelGraph], *, backend: str, device: Devic
             lowered = lower(graph, backend, Path(workdir))
             progress(f"[{i}/{len(graphs)}] {graph.name}: measuring")
             measured = measure(lowered.run, backend=backend, warmup=2, repeat=repeat, max_total_s=30.0)
-            predicted = {"roofline": estimate(graph, device).latency_ms}
-            if profile is not None:
-                predicted["calibrated"] = profile.predict_s(graph) * 1e3
-                predicted["flops_only"] = profile.predict_flops_only_s(graph) * 1e3
-            rows.append(ComparisonRow(graph.name, measured.median_ms, predicted))
+            rows.append(ComparisonRow(graph.name, measured.median_ms, _predict(graph, device, profile)))
             if lowered.onnx_path is not None:
                 lowered.onnx_path.unlink(missing_ok=True)
+    return rows
+
+
+def _predict(graph: ModelGraph, device: DeviceSpec, profile: Profile | None) -> dict[str, float]:
+    predicted = {"roofline": estimate(graph, device).latency_ms}
+    if profile is not None:
+        predicted["calibrated"] = profile.predict_s(graph) * 1e3
+        predicted["flops_only"] = profile.predict_flops_only_s(graph) * 1e3
+    return predicted
+
+
+def _measure_remote(graphs, device, profile, repeat, progress, remote) -> list[ComparisonRow]:
+    from tfcompile.backends.tvm.remote import measure_many, remote_target
+    from tfcompile.errors import BackendError
+    from tfcompile.verify import compare_outputs
+
+    target, cross_compiler = remote_target(device.name)
+    named = {f"{i}:{g.name}": g for i, g in enumerate(graphs)}
+    results = measure_many(named, remote, repeat=repeat, target=target, cross_compiler=cross_compiler,
+                           progress=progress)
+    rows = []
+    for key, graph in named.items():
+        result = results[key]
+        check = compare_outputs(graph.run(), result.outputs, graph.output_names)
+        if check.max_rel_err > 1e-4:
+            raise BackendError(f"{graph.name}: output on {remote.label} differs from torch by "
+                               f"{check.max_rel_err:.1e} relative")
+        rows.append(ComparisonRow(graph.name, result.measurement.median_ms, _predict(graph, device, profile)))
     return rows
 
 

@@ -40,6 +40,8 @@ class OptimizeSettings:
     backend: str = "ort"
     repeat: int = 10
     workload: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # --remote/--device-key: a tvm.remote.RemoteSpec; measure with TVM on that device through its RPC tracker.
+    remote: Any = None
 
 
 @dataclasses.dataclass
@@ -62,6 +64,11 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
     device = load_device(settings.target)  # unknown targets fail before any work
     devices = {name: (device if name == settings.target else load_device(name)) for name in available_targets()}
     profile = load_profile(settings.target, settings.backend)
+    if settings.measure and settings.remote is not None:
+        from tfcompile.backends.tvm.remote import remote_target, servers_for
+
+        remote_target(settings.target)  # a target tfcompile cannot compile for remotely fails before the search
+        servers_for(settings.remote)  # so do a wrong tracker address and a key no server has
     progress("running the original model")
     reference = original.run()
     reports: dict[str, VariantReport] = {}
@@ -131,6 +138,9 @@ def _report_for(original, variant, reference, devices, profile, settings) -> Var
 def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_files, progress) -> None:
     from tfcompile.backends.runner import lower
 
+    if settings.remote is not None:
+        _measure_remote(variants, reports, settings, progress)
+        return
     runners = {}
     for name, variant in variants.items():
         progress(f"lowering {name} for {settings.backend}")
@@ -147,3 +157,24 @@ def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_file
     for name, measurement in results.items():
         reports[name].measured_ms = measurement.median_ms
         reports[name].backend = settings.backend
+
+
+def _measure_remote(variants: dict[str, Variant], reports, settings, progress) -> None:
+    """Time the variants on a remote device through a TVM RPC tracker, in parallel over its servers.
+
+    Not interleaved like local measurement: each variant holds one server for its
+    whole timing, so variants measured at once run on different servers.
+    """
+    from tfcompile.backends.tvm.remote import measure_many, remote_target
+
+    target, cross_compiler = remote_target(settings.target)
+    results = measure_many({name: v.graph for name, v in variants.items()}, settings.remote,
+                           repeat=settings.repeat, target=target, cross_compiler=cross_compiler, progress=progress)
+    for name, result in results.items():
+        graph = variants[name].graph
+        check = compare_outputs(graph.run(), result.outputs, graph.output_names)
+        if check.max_rel_err > EXACT_TOLERANCE:
+            raise BackendError(f"{name}: output on {settings.remote.label} differs from torch by "
+                               f"{check.max_rel_err:.1e} relative")
+        reports[name].measured_ms = result.measurement.median_ms
+        reports[name].backend = settings.remote.label
