@@ -165,6 +165,9 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
         result = run_optimize(graph, settings, progress=lambda msg: status.update(msg))
         try:
             render_table(result.reports, target, console, title=f"{graph.name} on {target}")
+            for report in result.reports:
+                for note in report.backend_notes:
+                    console.print(f"[dim]{report.name}: {note}[/dim]")
             if explain:
                 _explain(result)
             if result.best is None:
@@ -237,10 +240,12 @@ def _explain(result) -> None:
 @click.option("--passes", default="remove_identity_ops,fold_constants,eliminate_dead_code", show_default=True,
               help="Comma-separated passes to apply before export ('' for none).")
 @click.option("--output", "-o", "output_path", type=click.Path(path_type=Path), required=True,
-              help="Path of the .onnx file to write.")
+              help="File to write: .onnx for ort, a shared library (.so) for tvm.")
+@click.option("--backend", type=click.Choice(["ort", "tvm"]), default="ort", show_default=True,
+              help="ort: checked ONNX; tvm: a Relax VM library for this CPU (tuned kernels where a database exists).")
 @model_options
-def export(model, passes, output_path, **load_kwargs):
-    """Apply passes to MODEL and export it as checked ONNX."""
+def export(model, passes, output_path, backend, **load_kwargs):
+    """Apply passes to MODEL and export it as checked ONNX or as a compiled TVM library."""
     from tfcompile.backends import ort
     from tfcompile.variants import build_variant, custom_variant
     from tfcompile.verify import compare_outputs
@@ -250,10 +255,34 @@ def export(model, passes, output_path, **load_kwargs):
         names = [p.strip() for p in passes.split(",") if p.strip()]
         variant = build_variant(graph, custom_variant(names)) if names else None
         target_graph = variant.graph if variant else graph
-        status.update("exporting ONNX")
-        ort.export_onnx(target_graph, output_path)
-        check = compare_outputs(graph.run(), ort.OrtModel(output_path).run(graph.example_inputs), graph.output_names)
-    console.print(f"wrote {output_path} (ONNX Runtime vs torch: max relative error {check.max_rel_err:.1e})")
+        if backend == "tvm":
+            status.update("compiling with TVM")
+            module = _export_tvm(target_graph, output_path)
+            outputs, runtime = module.run(graph.example_inputs), "TVM"
+        else:
+            status.update("exporting ONNX")
+            ort.export_onnx(target_graph, output_path)
+            outputs, runtime = ort.OrtModel(output_path).run(graph.example_inputs), "ONNX Runtime"
+        check = compare_outputs(graph.run(), outputs, graph.output_names)
+    if backend == "tvm":
+        console.print(module.schedule_summary())
+    console.print(f"wrote {output_path} ({runtime} vs torch: max relative error {check.max_rel_err:.1e})")
+
+
+def _export_tvm(graph, output_path: Path):
+    from tfcompile.backends.tvm import compile_graph
+    from tfcompile.outputs import atomic_path
+
+    module = compile_graph(graph)
+    with atomic_path(output_path) as tmp:
+        # export_library picks the format from the file name's suffix.
+        library = tmp.with_suffix(".so")
+        try:
+            module.executable.export_library(str(library))
+            library.replace(tmp)
+        finally:
+            library.unlink(missing_ok=True)
+    return module
 
 
 def _int_list(text: str, option: str) -> list[int]:

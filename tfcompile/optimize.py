@@ -152,6 +152,7 @@ def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_file
             raise BackendError(f"{name}: {settings.backend} output differs from torch by "
                                f"{check.max_rel_err:.1e} relative")
         runners[name] = lowered.run
+        reports[name].backend_notes = list(lowered.notes)
     progress(f"measuring {len(runners)} variants on {settings.backend} (median of {settings.repeat})")
     results = measure_interleaved(runners, backend=settings.backend, repeat=settings.repeat)
     for name, measurement in results.items():

@@ -33,6 +33,7 @@ class VariantReport:
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)  # passes that did not apply, why
     eligible: bool = True
     note: str = ""
+    backend_notes: list[str] = dataclasses.field(default_factory=list)  # e.g. TVM kernels that ran untuned
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -42,6 +43,7 @@ class VariantReport:
         if self.measured_ms is None:
             data.pop("measured_ms")
             data.pop("backend")
+            data.pop("backend_notes")
         return data
 
 

@@ -64,3 +64,20 @@ def test_tune_command_reports_reuse(tuned):
 def test_tune_command_refuses_other_targets():
     result = tfcompile("tune", MODEL, "--target", "h100")
     assert result.returncode == 2 and "only 'cpu'" in result.stderr
+
+
+def test_export_tvm_library_uses_the_database(tuned, tmp_path, monkeypatch):
+    import tvm
+    from tvm import relax
+
+    graph, root, kernel, _ = tuned
+    library = tmp_path / "model.so"
+    monkeypatch.setenv("TFCOMPILE_TVM_TUNING_DIR", str(root))  # the default database, as a user's would be
+    result = tfcompile("export", MODEL, "--passes", "", "--backend", "tvm", "-o", str(library))
+    assert result.returncode == 0, result.stderr
+    assert "1 kernels from tuning records" in result.stdout
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    outputs = vm["main"](*[tvm.runtime.tensor(t.numpy()) for t in graph.example_inputs])
+    got = outputs.numpy() if hasattr(outputs, "numpy") else outputs[0].numpy()
+    reference = graph.run()[0].numpy()
+    assert abs(got - reference).max() <= 1e-4 * abs(reference).max()
