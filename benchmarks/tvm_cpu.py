@@ -1,14 +1,17 @@
 """TVM on this CPU against torch eager and ONNX Runtime, full-size zoo models.
 
 One run per model: torch eager, ONNX Runtime, TVM with tfcompile's schedule
-rules and (with --with-none) TVM's unscheduled default, each output checked
+rules, (with --with-none) TVM's unscheduled default, and (with --tune-trials N)
+TVM with MetaSchedule records tuned in this run into a fresh database under
+that trial budget (the tuning wall time is printed), each output checked
 against torch, medians and ratios to ORT printed as one table. Backends are
 timed in blocks of ``--repeat`` runs, not interleaved run by run (TVM's worker
 threads spin for a while after each parallel region and would steal the cores
 from whatever runs right after them), and the blocks go round ``--rounds``
 times so that a change in the machine's load hits every backend alike.
 
-    .venv/bin/python benchmarks/tvm_cpu.py --models bert-base,gpt2-small --seq 128 --threads 2 [--with-none]
+    .venv/bin/python benchmarks/tvm_cpu.py --models bert-base,gpt2-small --seq 128 --threads 2 \
+        [--with-none] [--tune-trials 256]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--with-none", action="store_true", help="also time TVM's unscheduled loops (slow)")
+    parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trial budget per model (0: no tuning)")
     args = parser.parse_args()
     # Both runtimes size their thread pools once, on first use.
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -64,9 +68,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model = ort.OrtModel(ort.export_onnx(graph, Path(tmp) / "model.onnx"), threads=args.threads)
         add("ort", model.runner(graph.example_inputs), model.run(graph.example_inputs))
-        for schedule in ["rules"] + (["none"] if args.with_none else []):
+        database = Path(tempfile.mkdtemp(prefix=f"tfcompile-tune-{name}-"))
+        if args.tune_trials:
+            from tfcompile.backends.tvm.tuning import tune_graph
+
+            tuning = tune_graph(graph, root=database, max_trials=args.tune_trials,
+                                progress=lambda k, i, n: print(f"{name}: tuning {i + 1}/{n} {k}", flush=True) if k else None)
+            print(f"{name}: tuned {len(tuning.tuned)} kernels with a budget of {tuning.trial_budget} trials in "
+                  f"{tuning.wall_s / 60:.1f} min; not reached: {len(tuning.skipped)} {tuning.skipped[:6]}", flush=True)
+        schedules = ["rules"] + (["none"] if args.with_none else []) + (["tuned"] if args.tune_trials else [])
+        for schedule in schedules:
             start = time.perf_counter()
-            module = tvm_backend.compile_graph(graph, schedule=schedule)
+            module = tvm_backend.compile_graph(graph, schedule=schedule, database_dir=database)
             compile_s = time.perf_counter() - start
             print(f"{name}: tvm-{schedule} compiled in {compile_s:.1f} s; untuned kernels: "
                   f"{len(module.untuned_kernels)} {module.untuned_kernels[:6]}", flush=True)
