@@ -478,10 +478,18 @@ def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
     table.add_column("kernel")
     table.add_column("this run")
     table.add_column("records", justify="right")
+    table.add_column("rules µs", justify="right")
+    table.add_column("best µs", justify="right")
     for kernel, records in result.tuned.items():
-        table.add_row(kernel, "tuned", str(records))
+        outcome = result.outcomes.get(kernel, {})
+        rules_us = f"{outcome['rules_s'] * 1e6:.1f}" if outcome.get("rules_s") else "no rule"
+        best_us = f"{outcome['best_s'] * 1e6:.1f}" if outcome.get("best_s") else ""
+        table.add_row(kernel, "tuned (rules still best)" if outcome.get("from_rules") else "tuned", str(records),
+                      rules_us, best_us)
     for kernel in result.reused:
-        table.add_row(kernel, "reused (already in the database)", "")
+        table.add_row(kernel, "reused (already in the database)", "", "", "")
+    for kernel in result.skipped:
+        table.add_row(kernel, "not reached by --trials: rules", "", "", "")
     console.print(table)
     console.print(f"{len(result.tuned)} kernels tuned with a budget of {result.trial_budget} trials, "
                   f"{len(result.reused)} reused, in {result.wall_s:.0f} s")

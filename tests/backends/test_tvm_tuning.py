@@ -27,6 +27,9 @@ def test_tuning_writes_records_for_the_kernel(tuned):
     assert first.tuned == {kernel: first.tuned[kernel]} and first.tuned[kernel] >= 1
     assert first.reused == [] and first.trial_budget == 4
     assert tuning.has_database(host_target(), root)
+    # The rules' schedule is measured and recorded like a trial: the best record is never worse.
+    outcome = first.outcomes[kernel]
+    assert outcome["rules_s"] is not None and outcome["best_s"] <= outcome["rules_s"]
 
 
 def test_second_tuning_reuses_the_database_without_tuning(tuned):

@@ -351,15 +351,24 @@ class Fallback(Rule):
 DEFAULT_RULES: tuple[Rule, ...] = (Matmul(), RowReduction(), Injective())
 
 
-def schedule_func(func: tirx.PrimFunc, target, rules=DEFAULT_RULES) -> tuple[tirx.PrimFunc, str | None]:
-    """``func`` scheduled by the first matching rule, and that rule's name (None: fallback or none)."""
+def rule_schedule(func: tirx.PrimFunc, target, rules=DEFAULT_RULES) -> tuple[s_tir.Schedule, str] | None:
+    """The schedule of the first rule that matches ``func`` (with its trace), and the rule's name."""
     for rule in rules:
         try:
             sch = rule.apply(func, target)
         except Exception:  # noqa: BLE001  (a rule that fails on a kernel just does not match it)
             sch = None
         if sch is not None:
-            return sch.mod["main"].with_attr("tirx.is_scheduled", True), rule.name
+            return sch, rule.name
+    return None
+
+
+def schedule_func(func: tirx.PrimFunc, target, rules=DEFAULT_RULES) -> tuple[tirx.PrimFunc, str | None]:
+    """``func`` scheduled by the first matching rule, and that rule's name (None: fallback or none)."""
+    matched = rule_schedule(func, target, rules)
+    if matched is not None:
+        sch, name = matched
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True), name
     try:
         sch = Fallback().apply(func, target)
     except Exception:  # noqa: BLE001

@@ -167,6 +167,9 @@ class TuningResult:
     wall_s: float
 
     trial_budget: int  # the trials this call was allowed, over all kernels it tuned
+    # kernel -> {"rules_s": the rules' schedule as measured by the tuner, "best_s": the best record,
+    #            "from_rules": whether the rules' schedule is still the best}
+    outcomes: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 def _flops(func: tirx.PrimFunc) -> float:
@@ -187,6 +190,38 @@ def kernels_of(graph, target) -> dict[str, tirx.PrimFunc]:
     mod = lowering.guarded("legalize/fuse", graph.name, lowering.legalize_and_fuse, mod, target,
                            pad_multiple=vector_lanes(target))
     return primfuncs(mod)
+
+
+def _median_s(record) -> float:
+    secs = sorted(float(x) for x in record.run_secs)
+    return secs[len(secs) // 2]
+
+
+def _record_rules_schedule(database, func: tirx.PrimFunc, target, builder, runner) -> float | None:
+    """Measure the rules' schedule of ``func`` like a trial and store it as a record.
+
+    The database's best record is then never worse than the rules (as the tuner
+    measured them), so a small budget cannot make a tuned model slower than
+    the untuned one; and the search starts from the rules' schedule.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    workload = _workload(func)
+    matched = rules.rule_schedule(workload["main"], target)
+    if matched is None:
+        return None
+    sch, _rule = matched
+    args_info = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg:
+        return None
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])
+    result = future.result()
+    if result.error_msg or not result.run_secs:
+        return None
+    record = ms.database.TuningRecord(sch.trace, database.commit_workload(workload), result.run_secs, target, args_info)
+    database.commit_tuning_record(record)
+    return _median_s(record)
 
 
 def _search(trials: int):
@@ -238,6 +273,7 @@ def tune_graph(graph, *, target=None, root: str | os.PathLike | None = None, max
     todo, skipped = {n: chosen[n] for n in pending[:room]}, pending[room:]
     per_kernel = max_trials // max(len(todo), 1)
     tuned: dict[str, int] = {}
+    outcomes: dict[str, dict] = {}
     work_dir = path / "logs"
     work_dir.mkdir(parents=True, exist_ok=True)
     for index, (name, func) in enumerate(todo.items()):
@@ -250,11 +286,17 @@ def tune_graph(graph, *, target=None, root: str | os.PathLike | None = None, max
             builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S,
                                               initializer=import_tensor_intrinsics)
             runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=import_tensor_intrinsics)
+            rules_s = _record_rules_schedule(database, func, target, builder, runner)
             ms.tune.tune_tasks(tasks=[task], task_weights=[1.0], work_dir=str(work_dir),
                                max_trials_global=per_kernel, num_trials_per_iter=min(trials_per_iter, per_kernel),
                                builder=builder, runner=runner, database=database, cost_model="random")
         except Exception as exc:
             raise BackendError(f"tvm: {graph.name}: tuning {name} failed: {one_line(exc)}") from exc
-        tuned[name] = len(database.get_top_k(database.commit_workload(_workload(func)), 1 << 20))
+        records = database.get_top_k(database.commit_workload(_workload(func)), 1 << 20)
+        tuned[name] = len(records)
+        best_s = _median_s(records[0]) if records else None
+        outcomes[name] = {"rules_s": rules_s, "best_s": best_s,
+                          "from_rules": rules_s is not None and best_s is not None and best_s >= rules_s}
     progress("", len(todo), len(todo))
-    return TuningResult(path, tuned, sorted(reused), skipped, time.perf_counter() - started, per_kernel * len(todo))
+    return TuningResult(path, tuned, sorted(reused), skipped, time.perf_counter() - started, per_kernel * len(todo),
+                        outcomes)
