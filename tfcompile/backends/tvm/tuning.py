@@ -276,16 +276,16 @@ def tune_graph(graph, *, target=None, root: str | os.PathLike | None = None, max
     outcomes: dict[str, dict] = {}
     work_dir = path / "logs"
     work_dir.mkdir(parents=True, exist_ok=True)
+    # One builder and one runner worker for all kernels: each costs ~10 s to start.
+    # The 30 s default build timeout fails every trial on a loaded 2-core machine: a
+    # builder worker's start-up alone can take longer.
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S, initializer=import_tensor_intrinsics)
+    runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=import_tensor_intrinsics)
     for index, (name, func) in enumerate(todo.items()):
         progress(name, index, len(todo))
         try:
             task = ms.TuneContext(mod=_workload(func), target=target, space_generator=_space(),
                                   search_strategy=_search(per_kernel), task_name=name, num_threads="physical")
-            # The 30 s default build timeout fails every trial on a loaded 2-core machine: a
-            # builder worker's start-up alone can take longer.
-            builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S,
-                                              initializer=import_tensor_intrinsics)
-            runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=import_tensor_intrinsics)
             rules_s = _record_rules_schedule(database, func, target, builder, runner)
             ms.tune.tune_tasks(tasks=[task], task_weights=[1.0], work_dir=str(work_dir),
                                max_trials_global=per_kernel, num_trials_per_iter=min(trials_per_iter, per_kernel),
