@@ -19,7 +19,7 @@ import dataclasses
 from typing import Any, Callable
 
 from tfcompile.passes import all_passes
-from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant
+from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant, extend_variant
 
 # Earlier passes prepare later ones (e.g. affine folding before CRMSNorm).
 SEARCH_ORDER = (
@@ -112,8 +112,8 @@ def search(original, evaluate: Evaluate, settings: SearchSettings,
     seen: dict[tuple, Candidate] = {}
     refusals: dict[str, str] = {}
 
-    def visit(spec: VariantSpec) -> Candidate | None:
-        variant = build_variant(original, spec)
+    def visit(spec: VariantSpec, parent: Variant | None = None) -> Candidate | None:
+        variant = extend_variant(parent, spec) if parent is not None else build_variant(original, spec)
         for outcome in variant.outcomes:
             if not outcome.applied:
                 refusals.setdefault(outcome.name, outcome.reason)
@@ -138,7 +138,7 @@ def search(original, evaluate: Evaluate, settings: SearchSettings,
             for knobs in _knob_choices(name, settings):
                 passes = parent.variant.spec.passes + (name,)
                 all_knobs = {**parent.variant.spec.knobs, name: knobs}
-                child = visit(VariantSpec(_spec_name(passes, all_knobs), passes, all_knobs))
+                child = visit(VariantSpec(_spec_name(passes, all_knobs), passes, all_knobs), parent.variant)
                 if child is not None:
                     children.append(child)
         pool = [c for c in frontier + children if c.eligible]

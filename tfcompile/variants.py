@@ -62,3 +62,18 @@ def build_variant(original: ModelGraph, spec: VariantSpec) -> Variant:
         outcomes.append(outcome)
     graph.name = spec.name
     return Variant(spec, graph, outcomes)
+
+
+def extend_variant(parent: Variant, spec: VariantSpec) -> Variant:
+    """``parent`` plus the one pass ``spec`` adds to its pipeline, without re-running the parent's passes.
+
+    The search extends its frontier one pass at a time; rebuilding every child
+    from the original would re-run the whole pipeline (quadratic in its length).
+    """
+    if parent.graph is None or spec.passes[:-1] != parent.spec.passes:
+        raise ValueError(f"{spec.name} does not extend {parent.name} by one pass")
+    name = spec.passes[-1]
+    graph, outcome = apply_pass(parent.graph, name, **spec.knobs.get(name, {}))
+    if graph is not parent.graph:  # a refused pass hands back the parent's graph: leave its name alone
+        graph.name = spec.name
+    return Variant(spec, graph, parent.outcomes + [outcome])
