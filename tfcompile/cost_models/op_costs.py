@@ -173,3 +173,11 @@ def dtype_name(node: torch.fx.Node) -> str:
         val = next((v for v in val if isinstance(v, torch.Tensor)), None)
     dtype = getattr(val, "dtype", torch.float32)
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8"}.get(dtype, "fp32")
+
+
+@op_cost(aten.topk.default)
+def _topk(node: torch.fx.Node) -> OpCost:
+    # A partial selection per row: about log2(k) compare-and-swaps per input element (heap).
+    x = node.args[0].meta["val"]
+    k = int(node.args[1]) if len(node.args) > 1 else 1
+    return OpCost(x.numel() * max(1.0, math.log2(max(k, 2))), _nbytes(x), _out_bytes(node), "memory")

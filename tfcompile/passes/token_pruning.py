@@ -1,0 +1,506 @@
+"""Zero-shot token pruning (Zero-TPrune, Wang, Dedhia & Jha, CVPR'24).
+
+``prune_tokens`` rewrites an encoder so that, after each selected layer, only
+``ceil(keep_ratio · N)`` of the N tokens entering that layer go on to the
+following layers:
+- the selected layer's ``scaled_dot_product_attention`` is rewritten as an
+  explicit softmax(QKᵀ·scale + mask)·V, so its probabilities P [B, H, N, N]
+  exist as a value (a fused SDPA never materialises them);
+- token importance is Weighted PageRank on P per head (s ← Pᵀs from a start
+  that gives the first token √N times the weight of the others), a variance
+  head filter on the N-scaled scores and an RMS combination of the kept heads;
+- S-stage: tokens below the average one-iteration score (set A) are matched by
+  cosine similarity of their keys against the rest (set B); the ``sim_fraction``
+  of the drop count with the most similar A tokens is dropped first, the rest
+  by importance;
+- padded tokens (keys nobody attends to) rank last and the first token (CLS)
+  first; ``topk`` picks K tokens per row at run time and every value that
+  crosses the layer boundary and is indexed by token (hidden states, the
+  attention mask, the attention_mask input read by mean pooling) is gathered
+  with those indices, so masking and pooling stay consistent with the kept set.
+Shapes stay static (K is a constant per layer; which tokens survive is
+data-dependent). Kept tokens are in importance order, CLS first: every op
+after the cut is permutation-equivariant over tokens, which the preconditions
+below make sure of.
+
+Preconditions (each refusal says why):
+- self-attention over the sequence through ``scaled_dot_product_attention``
+  whose mask lets every query see the same keys (key padding or none):
+  causal or windowed masks are refused, since pruning a decoder's tokens
+  changes every later next-token logit and the scores pile up on early tokens;
+- no output indexed by token after the first pruned layer (pooled or CLS
+  outputs only), no op after the cut that slices the sequence or reads a
+  position other than 0, and no shape argument that broadcasts to the
+  sequence length (e.g. a position table added after the cut);
+- the hidden size differs from the sequence length (axes are told apart by size).
+
+Approximate: dropped tokens no longer contribute to attention or pooling; the
+quality figure is measured (mean cosine of the embeddings against the
+unpruned model, see ``token_pruning_schedule``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from tfcompile.graph import ModelGraph, clone, refresh_shapes
+from tfcompile.passes import structure
+from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile.passes.packing import Refusal
+
+aten = torch.ops.aten
+
+_SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_LINEAR_INPUT_OPS = {aten.linear.default, aten.addmm.default, aten.matmul.default, aten.mm.default}
+_WALK_BACK_OPS = structure.RESHAPE_OPS | {aten.transpose.int, aten.permute.default, aten.contiguous.default,
+                                           aten.clone.default, aten.split.Tensor, aten.split_with_sizes.default,
+                                           operator.getitem, aten.unbind.int, aten.slice.Tensor,
+                                           aten.select.int, aten.mul.Tensor}
+DEFAULT_HEAD_RANGE = (0.01, 0.7)
+
+
+def default_iterations(layer: int, layers: int) -> int:
+    # The paper iterates 30–50 times in the first quarter of a 12-layer ViT, 5–10 in the
+    # middle, once at the end. Each iteration re-reads P (B·H·N² floats), which is not
+    # cheap on a CPU, and the ranking settles long before the scores do, so fewer here.
+    if layer < layers / 4:
+        return 8
+    if layer < 3 * layers / 4:
+        return 3
+    return 1
+
+
+# -- analysis -------------------------------------------------------------------------------------
+
+def _attention_inputs(graph: ModelGraph) -> list[structure.AttentionSite]:
+    sites = structure.attention_sites(graph)
+    if not sites:
+        raise Refusal("no scaled_dot_product_attention: token pruning ranks tokens by attention")
+    masks = structure.evaluate_nodes(graph, [s.mask for s in sites if s.mask is not None])
+    for site in sites:
+        q, k = (structure.tensor_meta(a) for a in site.node.args[:2])
+        if q is None or k is None or q.dim() != 4 or tuple(q.shape) != tuple(k.shape):
+            raise Refusal(f"{site.node.name} is not self-attention with equal query and key shapes "
+                          "[batch, heads, sequence, dim]")
+        if site.is_causal:
+            raise Refusal(f"{site.node.name} is causal: pruning a decoder's tokens changes the "
+                          "next-token outputs at every later position")
+        value = masks.get(site.mask)
+        if value is not None:
+            allowed = value if value.dtype == torch.bool else value > torch.finfo(value.dtype).min / 2
+            allowed = allowed.expand(*allowed.shape[:-2], q.shape[2], allowed.shape[-1])
+            if not bool((allowed == allowed[..., :1, :]).all()):
+                raise Refusal(f"{site.node.name} has a mask that differs between queries (causal or "
+                              "windowed attention); only key-padding masks keep a token's importance "
+                              "meaningful")
+            if value.dtype != torch.bool and not bool(((value == 0) | ~allowed).all()):
+                raise Refusal(f"{site.node.name} adds a bias to the attention scores")
+    return sites
+
+
+def _first_reader(graph: ModelGraph, site: structure.AttentionSite) -> torch.fx.Node:
+    """The earliest node of the block that computes this attention's q/k/v (where the cut goes)."""
+    order = {n: i for i, n in enumerate(graph.gm.graph.nodes)}
+    found = []
+    for arg in site.node.args[:3]:
+        node = arg
+        while node.op == "call_function" and node.target in _WALK_BACK_OPS and node.target not in _LINEAR_INPUT_OPS:
+            node = node.args[0]
+        if node.op != "call_function" or node.target not in _LINEAR_INPUT_OPS:
+            raise Refusal(f"{site.node.name}: query/key/value do not come from a projection")
+        found.append(node)
+    return min(found, key=order.__getitem__)
+
+
+# -- emitted subgraphs ----------------------------------------------------------------------------
+
+class _Emitter:
+    def __init__(self, graph: ModelGraph):
+        self.gm = graph.gm
+        self.g = graph.gm.graph
+
+    def __call__(self, target, *args, **kwargs) -> torch.fx.Node:
+        return self.g.call_function(target, args, kwargs)
+
+    def const(self, name: str, value: torch.Tensor) -> torch.fx.Node:
+        return self.g.get_attr(structure.add_constant(self.gm, name, value))
+
+
+def _explicit_attention(e: _Emitter, site: structure.AttentionSite) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """softmax(QKᵀ·scale + mask)·V with the probabilities as a value; returns (output, P)."""
+    q, k, v = site.node.args[:3]
+    d = structure.tensor_meta(q).shape[-1]
+    scale = site.node.kwargs.get("scale") or (site.node.args[6] if len(site.node.args) > 6 else None)
+    scores = e(aten.matmul.default, q, e(aten.transpose.int, k, -2, -1))
+    scores = e(aten.mul.Tensor, scores, float(scale) if scale is not None else 1.0 / math.sqrt(d))
+    if site.mask is not None:
+        if structure.tensor_meta(site.mask).dtype == torch.bool:
+            # A large finite fill, not −inf: a fully masked row must not turn into NaN.
+            scores = e(aten.masked_fill.Scalar, scores, e(aten.logical_not.default, site.mask),
+                       torch.finfo(torch.float32).min)
+        else:
+            scores = e(aten.add.Tensor, scores, site.mask)
+    probs = e(aten.softmax.int, scores, -1)
+    return e(aten.matmul.default, probs, v), probs
+
+
+def _keep_indices(e: _Emitter, probs: torch.fx.Node, keys: torch.fx.Node, shape, keep: int, *, iterations: int,
+                  head_range: tuple[float, float], sim_fraction: float, cls_weight: str) -> torch.fx.Node:
+    """The [B, keep] indices of the tokens to keep, from P [B, H, N, N] and the keys [B, H, N, d]."""
+    batch, heads, n, d = shape
+    first = e.const("prune_first_token", torch.nn.functional.one_hot(torch.tensor(0), n).float())
+    # A key no query attends to is padding: its column of P is exactly 0 (exp of the fill underflows).
+    valid = e(aten.gt.Scalar, e(aten.sum.dim_IntList, probs, [1, 2]), 0.0)
+    validf = e(aten._to_copy.default, valid, dtype=torch.float32)
+    count = e(aten.sum.dim_IntList, validf, [1], True)  # [B, 1]
+    start = validf
+    if cls_weight == "sqrt":
+        boost = e(aten.mul.Tensor, e(aten.sub.Tensor, e(aten.sqrt.default, count), 1.0), first)
+        start = e(aten.mul.Tensor, validf, e(aten.add.Tensor, boost, 1.0))
+    start = e(aten.div.Tensor, start, e(aten.sum.dim_IntList, start, [1], True))
+    s = e(aten.unsqueeze.default, e(aten.unsqueeze.default, start, 1), 1)  # [B, 1, 1, N]
+    s = e(aten.expand.default, s, [batch, heads, 1, n])
+    pre = None
+    for _ in range(max(1, iterations)):
+        s = e(aten.matmul.default, s, probs)  # token i gathers Σ_j P[j, i]·s_j; Σ s stays 1
+        pre = pre or s
+    # Head filter on N-scaled scores (mean 1 over valid tokens), so the paper's [0.01, 0.7]
+    # range means the same at any sequence length.
+    scaled = e(aten.mul.Tensor, s, e(aten.unsqueeze.default, e(aten.unsqueeze.default, count, 1), 1))
+    dev = e(aten.mul.Tensor, e(aten.sub.Tensor, scaled, 1.0), e(aten.view.default, validf, [batch, 1, 1, n]))
+    var = e(aten.div.Tensor, e(aten.sum.dim_IntList, e(aten.mul.Tensor, dev, dev), [-1], True),
+            e(aten.view.default, count, [batch, 1, 1, 1]))
+    lo, hi = head_range
+    kept = e(aten.logical_and.default, e(aten.ge.Scalar, var, lo), e(aten.le.Scalar, var, hi))
+    weight = e(aten._to_copy.default, kept, dtype=torch.float32)  # [B, H, 1, 1]
+    nkept = e(aten.sum.dim_IntList, weight, [1], True)
+    weight = e(aten.add.Tensor, weight, e(aten._to_copy.default, e(aten.eq.Scalar, nkept, 0.0), dtype=torch.float32))
+    weight = e(aten.div.Tensor, weight, e(aten.sum.dim_IntList, weight, [1], True))
+    # EIR: root mean square over the kept heads.
+    importance = e(aten.sqrt.default, e(aten.sum.dim_IntList, e(aten.mul.Tensor, e(aten.mul.Tensor, s, s), weight),
+                                        [1]))
+    importance = e(aten.view.default, importance, [batch, n])
+    score = importance
+    drop_by_similarity = int(sim_fraction * (n - keep))
+    if drop_by_similarity > 0:
+        # S-stage: A = valid tokens below the mean one-iteration score (the paper's lower
+        # half, without a data-dependent sort), B = the rest, CLS always in B.
+        pre_rms = e(aten.view.default, e(aten.sqrt.default, e(aten.mean.dim, e(aten.mul.Tensor, pre, pre), [1])),
+                    [batch, n])
+        mean = e(aten.div.Tensor, e(aten.sum.dim_IntList, e(aten.mul.Tensor, pre_rms, validf), [1], True), count)
+        in_b = e(aten.logical_or.default, e(aten.logical_and.default, e(aten.ge.Tensor, pre_rms, mean), valid),
+                 e(aten.gt.Scalar, first, 0.5))
+        cand_a = e(aten.logical_and.default, valid, e(aten.logical_not.default, in_b))
+        flat = e(aten.reshape.default, e(aten.permute.default, keys, [0, 2, 1, 3]), [batch, n, heads * d])
+        norm = e(aten.clamp_min.default, e(aten.linalg_vector_norm.default, flat, 2.0, [-1], True), 1e-6)
+        unit = e(aten.div.Tensor, flat, norm)
+        sim = e(aten.matmul.default, unit, e(aten.transpose.int, unit, 1, 2))  # [B, N, N] key cosine
+        sim = e(aten.masked_fill.Scalar, sim, e(aten.logical_not.default, e(aten.unsqueeze.default, in_b, 1)), -2.0)
+        best = e(operator.getitem, e(aten.max.dim, sim, -1), 0)  # max.dim, not amax: TVM imports it
+        best = e(aten.masked_fill.Scalar, best, e(aten.logical_not.default, cand_a), -3.0)
+        top = e(operator.getitem, e(aten.topk.default, best, drop_by_similarity, -1), 0)
+        threshold = e(aten.slice.Tensor, top, 1, drop_by_similarity - 1, drop_by_similarity)
+        similar = e(aten.logical_and.default, e(aten.ge.Tensor, best, threshold), cand_a)
+        score = e(aten.sub.Tensor, score, e(aten.mul.Tensor, e(aten._to_copy.default, similar, dtype=torch.float32),
+                                             10.0))
+    # Importance is at most 1: padding goes first, then the similar A tokens; CLS stays.
+    score = e(aten.sub.Tensor, score, e(aten.mul.Tensor, e(aten.rsub.Scalar, validf, 1.0), 100.0))
+    score = e(aten.add.Tensor, score, e(aten.mul.Tensor, first, 1000.0))
+    return e(operator.getitem, e(aten.topk.default, score, keep, -1), 1)
+
+
+def _gather_tokens(e: _Emitter, value: torch.fx.Node, shape: list[int], axes: list[int], idx: torch.fx.Node,
+                   flat_idx: torch.fx.Node, keep: int, batch: int) -> torch.fx.Node:
+    """``value`` at the kept tokens along each of ``axes`` (per-row indices ``idx`` [B, keep])."""
+    if shape[0] != batch:
+        value = e(aten.expand.default, value, [batch] + shape[1:])
+        shape = [batch] + shape[1:]
+    for axis in axes:
+        if axis == 1:
+            # Rows of [B·N, rest]: one index per token, not one per element as gather needs.
+            rest = shape[2:]
+            value = e(aten.reshape.default, value, [batch * shape[1]] + rest)
+            value = e(aten.index_select.default, value, 0, flat_idx)
+            value = e(aten.reshape.default, value, [batch, keep] + rest)
+        else:
+            view = [batch] + [1] * (len(shape) - 1)
+            view[axis] = keep
+            target = list(shape)
+            target[axis] = keep
+            index = e(aten.expand.default, e(aten.view.default, idx, view), target)
+            value = e(aten.gather.default, value, axis, index)
+        shape[axis] = keep
+    return value
+
+
+def _shape_of(node) -> list[int]:
+    return [int(s) for s in structure.tensor_meta(node).shape]
+
+
+def _reshaped(src_old: list[int], src_new: list[int], dst_old: list[int]) -> list[int] | None:
+    """``dst_old`` with every axis that spans whole input axes resized to their new product."""
+    bounds = {}
+    acc = 1
+    for i, size in enumerate(src_old):
+        bounds.setdefault(acc, i)
+        acc *= size
+    bounds.setdefault(acc, len(src_old))
+    dst_new, acc = [], 1
+    for size in dst_old:
+        lo, hi = acc, acc * size
+        acc = hi
+        a0 = bounds.get(lo)
+        a1 = max((j for j in range(len(src_old) + 1) if math.prod(src_old[:j]) == hi), default=None)
+        if a0 is None or a1 is None or a1 < a0:
+            changed = [j for j in range(len(src_old)) if src_old[j] != src_new[j]]
+            if any(math.prod(src_old[:j]) < hi and math.prod(src_old[:j + 1]) > lo for j in changed):
+                return None  # regroups a token axis with others
+            dst_new.append(size)
+        else:
+            dst_new.append(math.prod(src_new[a0:a1]))
+    return dst_new
+
+
+def _as_meta(value):
+    # Shape and dtype only: enough for the next cut, without a fake-tensor pass per cut.
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_meta(v) for v in value)
+    return value
+
+
+class _Resizer(torch.fx.Interpreter):
+    """Runs the graph on its example inputs and, after the cut, rewrites every shape argument
+    that still names the old token count; refuses ops that need the dropped positions."""
+
+    def __init__(self, gm: torch.fx.GraphModule, downstream: set[torch.fx.Node], n: int):
+        super().__init__(gm)
+        self.downstream = downstream
+        self.n = n
+        self.shapes: dict[torch.fx.Node, object] = {}
+
+    def _changed(self, arg) -> list[int]:
+        if not isinstance(arg, torch.fx.Node) or structure.tensor_meta(arg) is None:
+            return []
+        old, new = _shape_of(arg), list(self.env[arg].shape)
+        return [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+
+    def run_node(self, node: torch.fx.Node):
+        if node in self.downstream and node.op == "call_function":
+            self._fix(node)
+        result = super().run_node(node)
+        self.shapes[node] = _as_meta(result)
+        return result
+
+    def _fix(self, node: torch.fx.Node) -> None:
+        src = node.args[0] if node.args else None
+        changed = self._changed(src)
+        if not changed:
+            return
+        target = node.target
+        src_old, src_new = _shape_of(src), list(self.env[src].shape)
+        if target in _SIZED:
+            dst = _reshaped(src_old, src_new, _shape_of(node))
+            if dst is None:
+                raise Refusal(f"{node.name} reshapes {src_old} to {_shape_of(node)} across the token axis")
+            node.update_arg(1, dst)
+        elif target is aten.expand.default:
+            dst_old = _shape_of(node)
+            lead = len(dst_old) - len(src_old)
+            sizes = list(node.args[1])
+            for i in range(len(dst_old)):
+                j = i - lead
+                if j >= 0 and j in changed:
+                    sizes[i] = src_new[j]
+                elif i > 0 and dst_old[i] == self.n and (j < 0 or src_old[j] == 1):
+                    raise Refusal(f"{node.name} broadcasts to the sequence length after the pruned layer")
+            node.update_arg(1, sizes)
+        elif target is aten.slice.Tensor:
+            dim = structure._dim_arg(node, 1, "dim", 0) % len(src_old)
+            start, end = structure._dim_arg(node, 2, "start"), structure._dim_arg(node, 3, "end")
+            if dim in changed and ((start or 0) != 0 or (end is not None and end < src_old[dim])
+                                   or structure._dim_arg(node, 4, "step", 1) != 1):
+                raise Refusal(f"{node.name} slices the sequence after the pruned layer")
+        elif target is aten.select.int:
+            dim = node.args[1] % len(src_old)
+            if dim in changed and node.args[2] != 0:
+                raise Refusal(f"{node.name} reads position {node.args[2]}, which pruning may drop "
+                              "(only position 0, CLS, is always kept)")
+        elif target in (aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+                        aten.arange.default, aten.full.default):
+            raise Refusal(f"{node.name} builds a tensor sized by the sequence after the pruned layer")
+
+
+def _prune_at(graph: ModelGraph, site: structure.AttentionSite, cut: torch.fx.Node, keep: int, **knobs) -> None:
+    g = graph.gm.graph
+    e = _Emitter(graph)
+    shape = _shape_of(site.node.args[0])
+    batch, heads, n, d = shape
+    dependent = structure.input_dependent_nodes(graph)
+    output = next(x for x in g.nodes if x.op == "output")
+    expected = [structure.tensor_meta(o) if isinstance(o, torch.fx.Node) else None
+                for o in pytree.tree_leaves(output.args[0])]
+    with g.inserting_before(site.node):
+        out, probs = _explicit_attention(e, site)
+        idx = _keep_indices(e, probs, site.node.args[1], shape, keep, **knobs)
+    site.node.replace_all_uses_with(out)
+    g.erase_node(site.node)
+    nodes = list(g.nodes)
+    pos = {node: i for i, node in enumerate(nodes)}
+    downstream = set(nodes[pos[cut]:])
+    # Constants count too (a mask built from arange, as in HF ViT), parameters do not.
+    live = [v for v in nodes[:pos[cut]] if v.op in ("placeholder", "call_function")
+            and structure.tensor_meta(v) is not None and any(u in downstream for u in structure.real_users(v))]
+    with g.inserting_before(cut):
+        offsets = e.const("prune_row_offsets", (torch.arange(batch) * n).unsqueeze(1))
+        flat_idx = e(aten.reshape.default, e(aten.add.Tensor, idx, offsets), [batch * keep])
+        for value in live:
+            vshape = _shape_of(value)
+            axes = [a for a in range(1, len(vshape)) if vshape[a] == n]
+            if not axes:
+                continue
+            if vshape[0] not in (batch, 1):
+                if value not in dependent:
+                    continue  # a weight-sized constant, not indexed by (batch, token)
+                raise Refusal(f"{value.name} {vshape} crosses the pruned layer without a batch axis")
+            gathered = _gather_tokens(e, value, vshape, axes, idx, flat_idx, keep, batch)
+            for user in list(value.users):
+                if user in downstream:
+                    user.replace_input_with(value, gathered)
+    for node in list(downstream):
+        if node.op == "call_function" and node.target in structure.METADATA_OPS:
+            g.erase_node(node)  # they assert the old (unpruned) metadata
+    remaining = set(g.nodes)
+    downstream &= remaining
+    graph.gm.recompile()
+    resizer = _Resizer(graph.gm, downstream, n)
+    try:
+        with torch.no_grad():
+            outputs = resizer.run(*graph.example_inputs)
+    except Refusal:
+        raise
+    except Exception as exc:  # an op the rewrite does not understand failed on the smaller shapes
+        raise Refusal(f"the graph after layer cut at {cut.name} does not run on {keep} tokens: "
+                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    graph.gm.recompile()
+    for node, value in resizer.shapes.items():
+        node.meta["val"] = value
+    for out_value, ref in zip(pytree.tree_leaves(outputs), expected):
+        if ref is not None and tuple(out_value.shape) != tuple(ref.shape):
+            raise Refusal(f"an output ({list(ref.shape)}) is indexed by token: pruning drops tokens, "
+                          "so only pooled or CLS outputs can be kept")
+
+
+def _plan(graph: ModelGraph, keep_ratio, layers) -> tuple[list[structure.AttentionSite], list[int], list[float]]:
+    sites = _attention_inputs(graph)
+    total = len(sites)
+    if total < 2:
+        raise Refusal("one attention layer: pruning after the last layer saves nothing")
+    q = structure.tensor_meta(sites[0].node.args[0])
+    if q.shape[1] * q.shape[3] == q.shape[2]:
+        raise Refusal("the hidden size equals the sequence length, so the token axis is ambiguous")
+    if layers is None:
+        layers = default_layers(total)
+    layers = sorted(int(layer) for layer in layers)
+    for layer in layers:
+        if not 0 <= layer < total - 1:
+            raise Refusal(f"layer {layer} cannot be pruned: choose from 0..{total - 2} "
+                          "(pruning after the last attention saves nothing)")
+    ratios = [float(keep_ratio)] * len(layers) if not isinstance(keep_ratio, (list, tuple)) \
+        else [float(r) for r in keep_ratio]
+    if len(ratios) != len(layers):
+        raise Refusal(f"{len(ratios)} keep ratios for {len(layers)} layers")
+    if any(not 0 < r <= 1 for r in ratios):
+        raise Refusal(f"keep ratios must lie in (0, 1], got {ratios}")
+    return sites, layers, ratios
+
+
+def default_layers(total: int) -> list[int]:
+    """Every layer but the last: the schedule then decides where pruning pays."""
+    return list(range(total - 1))
+
+
+def prune_graph(graph: ModelGraph, schedule: dict[int, int], **knobs) -> list[int]:
+    """Prune ``graph`` in place: after layer l keep ``schedule[l]`` tokens. Returns the token counts."""
+    counts = []
+    # Node identities survive each cut (only the pruned layer's SDPA is replaced), indices do not.
+    all_sites = structure.attention_sites(graph)
+    attention = [s.node for s in all_sites]
+    for layer in sorted(schedule):
+        sites = {s.node: s for s in structure.attention_sites(graph)}
+        site, following = sites[attention[layer]], sites[attention[layer + 1]]
+        n = _shape_of(site.node.args[0])[2]
+        keep = int(schedule[layer])
+        if not 1 <= keep <= n:
+            raise Refusal(f"layer {layer}: cannot keep {keep} of {n} tokens")
+        cut = _first_reader(graph, following)
+        layer_knobs = dict(knobs)
+        if layer_knobs.get("iterations") is None:
+            layer_knobs["iterations"] = default_iterations(layer, len(attention))
+        _prune_at(graph, site, cut, keep, **layer_knobs)
+        counts.append(keep)
+    graph.gm.graph.eliminate_dead_code()
+    graph.gm.recompile()
+    refresh_shapes(graph)
+    return counts
+
+
+def _schedule(sites, layers: list[int], ratios: list[float]) -> dict[int, int]:
+    n = _shape_of(sites[0].node.args[0])[2]
+    schedule = {}
+    for layer, ratio in zip(layers, ratios):
+        n = max(1, math.ceil(ratio * n - 1e-9))
+        schedule[layer] = n
+    return schedule
+
+
+def _run(graph: ModelGraph, keep_ratio, layers, iterations, head_range, sim_fraction, cls_weight) -> PassResult:
+    sites, layers, ratios = _plan(graph, keep_ratio, layers)
+    schedule = _schedule(sites, layers, ratios)
+    n = _shape_of(sites[0].node.args[0])[2]
+    prev, effective = n, {}
+    for layer in layers:
+        if schedule[layer] < prev:
+            effective[layer] = schedule[layer]
+        prev = schedule[layer]
+    if not effective:
+        return PassResult(graph, False, f"keep ratio {keep_ratio} keeps all {n} tokens: nothing to prune")
+    if cls_weight not in ("sqrt", "uniform"):
+        raise Refusal(f"cls_weight must be 'sqrt' or 'uniform', got {cls_weight!r}")
+    counts = prune_graph(graph, effective, iterations=iterations, head_range=tuple(head_range),
+                         sim_fraction=float(sim_fraction), cls_weight=cls_weight)
+    graph.info["token_pruning"] = {"layers": sorted(effective), "tokens": [n] + counts}
+    steps = " → ".join(str(c) for c in [n] + counts)
+    return PassResult(graph, True, f"pruned tokens after layers {sorted(effective)}: {steps} "
+                                   "(WPR importance, key-similarity drop)")
+
+
+def _check(graph: ModelGraph) -> str | None:
+    try:
+        # One cut exercises every rule the others use; a full dry run would cost a pass per layer.
+        _run(clone(graph), 0.7, [0], None, DEFAULT_HEAD_RANGE, 0.5, "sqrt")
+    except Refusal as refusal:
+        return str(refusal)
+    return None
+
+
+@register_pass("prune_tokens", Exactness.APPROXIMATE,
+               "Zero-TPrune: rank tokens by weighted PageRank on the attention probabilities, drop the "
+               "least important / most redundant ones after chosen layers (static keep count)", _check)
+def prune_tokens(graph: ModelGraph, keep_ratio=0.7, layers=None, iterations: int | None = None,
+                 head_range=DEFAULT_HEAD_RANGE, sim_fraction: float = 0.5, cls_weight: str = "sqrt") -> PassResult:
+    """``keep_ratio``: a float, or one per layer, of the tokens entering each pruned layer that
+    survive it; ``layers``: attention layers (0-based) after which to prune, default every layer
+    but the last; ``iterations``: WPR iterations (default by depth); ``head_range``: the variance
+    head filter; ``sim_fraction``: share of the dropped tokens chosen by key similarity."""
+    try:
+        # On a copy: a refusal half-way leaves the graph as it came.
+        return _run(clone(graph), keep_ratio, layers, iterations, head_range, sim_fraction, cls_weight)
+    except Refusal as refusal:
+        return PassResult(graph, False, str(refusal))

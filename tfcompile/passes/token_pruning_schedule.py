@@ -1,0 +1,96 @@
+"""Keep-ratio schedules for ``prune_tokens`` and their search under a quality budget.
+
+The quality figure is measured on the model itself: the pruned and the
+unpruned graph run on the same real inputs (several static-shape batches of
+the graph's own batch size), and the mean cosine similarity of their outputs
+(sentence embeddings for minilm) is the figure. The search ranks candidate
+schedules by the FLOPs they save (cost model) and returns the cheapest one
+whose quality meets the budget, so only as many candidates are pruned and run
+as it takes to find it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tfcompile.cost_models import estimate, load_device
+from tfcompile.graph import ModelGraph
+from tfcompile.passes.base import apply_pass
+
+# Knob settings the search tries, mildest to strongest; progressive ones follow the paper
+# (prune a little after several early layers rather than much after one).
+DEFAULT_GRID: tuple[dict, ...] = (
+    {"keep_ratio": 0.9, "layers": [2]},
+    {"keep_ratio": 0.8, "layers": [2]},
+    {"keep_ratio": [0.9, 0.9], "layers": [1, 3]},
+    {"keep_ratio": 0.8, "layers": [1], "sim_fraction": 0.0},
+    {"keep_ratio": [0.9, 0.9, 0.9], "layers": [0, 1, 2]},
+    {"keep_ratio": 0.7, "layers": [1]},
+    {"keep_ratio": 0.8, "layers": [0], "sim_fraction": 1.0},
+    {"keep_ratio": [0.8, 0.8], "layers": [0, 2]},
+    {"keep_ratio": 0.6, "layers": [0], "sim_fraction": 1.0},
+    {"keep_ratio": 0.5, "layers": [0], "sim_fraction": 1.0},
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleResult:
+    knobs: dict
+    summary: str
+    flops_cut: float  # 1 - pruned FLOPs / unpruned FLOPs (cost model)
+    quality: float  # mean cosine against the unpruned model
+    graph: ModelGraph | None
+
+
+def batched(inputs: tuple[torch.Tensor, ...], batch: int) -> list[tuple[torch.Tensor, ...]]:
+    """Split [M, ...] inputs into whole batches of the graph's static batch size (the rest is dropped)."""
+    count = inputs[0].shape[0] // batch
+    return [tuple(t[i * batch:(i + 1) * batch] for t in inputs) for i in range(count)]
+
+
+def outputs_on(graph: ModelGraph, batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """The first output over every batch, concatenated along the batch axis."""
+    return torch.cat([graph.run(b)[0] for b in batches])
+
+
+def mean_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    ref, got = reference.flatten(1).double(), candidate.flatten(1).double()
+    return torch.nn.functional.cosine_similarity(ref, got, dim=1).mean().item()
+
+
+def evaluate(graph: ModelGraph, knobs: dict, batches, reference: torch.Tensor, base_flops: float,
+             device=None) -> ScheduleResult:
+    pruned, outcome = apply_pass(graph, "prune_tokens", **knobs)
+    if not outcome.applied:
+        return ScheduleResult(knobs, outcome.reason, 0.0, 1.0, None)
+    flops = estimate(pruned, device or load_device("cpu")).flops
+    return ScheduleResult(knobs, outcome.reason, 1 - flops / base_flops,
+                          mean_cosine(reference, outputs_on(pruned, batches)), pruned)
+
+
+def search_schedule(graph: ModelGraph, inputs: tuple[torch.Tensor, ...], budget: float,
+                    grid=DEFAULT_GRID) -> tuple[ScheduleResult | None, list[ScheduleResult]]:
+    """The schedule in ``grid`` that saves the most FLOPs with mean cosine ≥ ``budget``
+    on ``inputs`` (real text, several batches of the graph's batch size)."""
+    batch = graph.example_inputs[0].shape[0]
+    batches = batched(inputs, batch)
+    if not batches:
+        raise ValueError(f"need at least {batch} input rows (one batch) to measure quality")
+    reference = outputs_on(graph, batches)
+    device = load_device("cpu")
+    base = estimate(graph, device).flops
+    # Cheap first: FLOPs of every candidate from the cost model, then quality in that order.
+    costed = []
+    for knobs in grid:
+        pruned, outcome = apply_pass(graph, "prune_tokens", **knobs)
+        if outcome.applied:
+            costed.append((1 - estimate(pruned, device).flops / base, knobs, outcome.reason, pruned))
+    tried = []
+    for cut, knobs, summary, pruned in sorted(costed, key=lambda c: -c[0]):
+        result = ScheduleResult(knobs, summary, cut, mean_cosine(reference, outputs_on(pruned, batches)), pruned)
+        tried.append(result)
+        if result.quality >= budget:
+            return result, tried
+    return None, tried
