@@ -25,7 +25,9 @@ def running_text() -> str:
     """The whole reference as one whitespace-normalised string (about 460 k characters)."""
     from pydoc_data.topics import topics
 
-    return re.sub(r"\s+", " ", " ".join(topics[key] for key in sorted(topics))).strip()
+    text = " ".join(topics[key] for key in sorted(topics))
+    text = re.sub(r"([*=~^\-])\1{2,}", " ", text)  # reST heading underlines are not language
+    return re.sub(r"\s+", " ", text).strip()
 
 
 @functools.lru_cache(maxsize=1)

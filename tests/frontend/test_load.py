@@ -149,3 +149,18 @@ def test_zip_that_is_no_model(tmp_path):
         z.writestr("readme.txt", "hello")
     with pytest.raises(ModelLoadError, match="neither"):
         load_model(str(path))
+
+
+def test_minilm_example_inputs_are_real_english_text():
+    from tfcompile import corpus
+
+    graph = load_model("minilm", LoadOptions(batch=2, seq=24))
+    ids, mask = graph.example_inputs
+    assert graph.info["inputs"] == "real English text"
+    assert (mask == 1).all() and (ids[:, 0] == 101).all() and (ids[:, -1] == 102).all()
+    assert not torch.equal(ids[0], ids[1])  # rows come from different places in the text
+    words = corpus.minilm_tokenizer().decode(ids[0].tolist()).split()
+    assert len(words) >= 10 and sum(w.isalpha() for w in words) >= len(words) // 2
+    # An explicit --input-shape keeps seeded random ids.
+    shaped = load_model("minilm", LoadOptions(input_shapes={"input_ids": (1, 8), "attention_mask": (1, 8)}))
+    assert "inputs" not in shaped.info

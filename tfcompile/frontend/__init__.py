@@ -51,7 +51,10 @@ def load_model(source: str, options: LoadOptions = LoadOptions()) -> ModelGraph:
     path = Path(source)
     if source in zoo.ZOO and not path.exists():
         module = zoo.build(source, seed=options.seed, config_overrides=options.config_overrides)
-        return _trace_module(module, source, options, info={"zoo": source, "kind": zoo.ZOO[source].kind})
+        text = None if options.input_shapes else zoo.real_text_inputs(source, options.batch, options.seq, options.seed)
+        return _trace_module(module, source, options, inputs=text, input_names=module.input_names if text else None,
+                             info={"zoo": source, "kind": zoo.ZOO[source].kind,
+                                   **({"inputs": "real English text"} if text else {})})
     if path.is_dir():
         return _trace_module(_wrap_hf(hf.load_directory(path)), path.name, options, info={"source": "hf-dir"})
     if path.is_file():

@@ -82,6 +82,24 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
+def real_text_inputs(name: str, batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Example inputs of real English for sentence encoders (None for other models).
+
+    Approximate passes are judged on the example inputs, and a trained encoder's
+    attention on random token ids says nothing about its attention on language.
+    Each row is ``seq`` tokens of running text (no padding, mask of ones), at a
+    different place in the text per row and per seed.
+    """
+    if ZOO[name].kind != "sentence-encoder":
+        return None
+    from tfcompile import corpus
+
+    span = len(corpus.running_text()) - 8 * seq - 1
+    rows = [corpus.encode_document(seq, offset_chars=((seed * batch + row) * 4000) % max(span, 1))
+            for row in range(batch)]
+    return torch.cat([ids for ids, _ in rows]), torch.cat([mask for _, mask in rows])
+
+
 def build(name: str, *, seed: int = 0, config_overrides: dict[str, Any] | None = None) -> TensorIO:
     quiet_transformers()
     torch.manual_seed(seed)
