@@ -23,3 +23,24 @@ def test_premerge_depends_on_device_and_token_count(tmp_path):
     # and computes less, so the structured model stays as it is.
     assert "premerge_ffn" not in _best(tmp_path, "h100", "64x128x256")["passes"]
     assert "premerge_ffn" not in _best(tmp_path, "cpu", "1x1x256")["passes"]
+
+
+def _minilm_search(allow_approx, budget):
+    from tfcompile.frontend import LoadOptions, load_model
+    from tfcompile.optimize import OptimizeSettings, optimize
+
+    graph = load_model("minilm", LoadOptions(batch=2, seq=32))  # real English text as example inputs
+    result = optimize(graph, OptimizeSettings(target="cpu", allow_approx=allow_approx, budget=budget,
+                                              pipeline=None))
+    result.cleanup()
+    return [r for r in result.reports if "prune_tokens" in r.passes]
+
+
+def test_token_pruning_is_searched_only_with_allow_approx_and_ranked_only_within_budget():
+    assert _minilm_search(allow_approx=False, budget=0.99) == []
+    pruned = _minilm_search(allow_approx=True, budget=0.97)
+    assert pruned, "prune_tokens never applied to minilm"
+    for report in pruned:
+        assert report.quality_metric == "mean_cosine" and 0 < report.quality < 1
+        assert report.eligible == (report.quality >= 0.97)
+    assert any(not r.eligible for r in pruned)  # the deep cut falls below 0.97 on real text
