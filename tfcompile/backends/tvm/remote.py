@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from tfcompile.backends.tvm import _flatten
 from tfcompile.backends.timing import Measurement
 from tfcompile.errors import BackendError, TfcompileError, first_line
 from tfcompile.graph import ModelGraph
@@ -271,15 +272,6 @@ class RemoteResult:
 def _device_type(target) -> str:
     kind = getattr(getattr(target, "kind", None), "name", "llvm")
     return {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
-
-
-def _flatten(result) -> list:
-    if hasattr(result, "numpy"):
-        return [result]
-    flat = []
-    for item in result:
-        flat.extend(_flatten(item))
-    return flat
 
 
 def _time_vm(vm, device, args, *, repeat: int, number: int) -> tuple[Measurement, tuple[torch.Tensor, ...]]:
