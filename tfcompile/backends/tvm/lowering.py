@@ -87,11 +87,13 @@ def import_graph(graph: ModelGraph) -> tvm.IRModule:
 
 def fuse_passes() -> list[tvm.transform.Pass]:
     """Legalise to TIR and fuse: the module these produce is what the schedule step sees."""
+    from tfcompile.backends.tvm import fast_math
+
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.DecomposeOpsForInference(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map=fast_math.legalize_map()),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -119,8 +121,9 @@ def vm_passes() -> list[tvm.transform.Pass]:
 def legalize_and_fuse(mod: tvm.IRModule, target, *, pad_multiple: int | None = None) -> tvm.IRModule:
     """Legalise and fuse; ``pad_multiple`` pads constant matmul weights' N to that multiple first."""
     from tfcompile.backends.tvm.padding import pad_matmul_n
+    from tfcompile.backends.tvm.patchify import patchify_conv
 
-    prepare = [pad_matmul_n(pad_multiple)] if pad_multiple else []
+    prepare = [patchify_conv] + ([pad_matmul_n(pad_multiple)] if pad_multiple else [])
     with target:
         return tvm.transform.Sequential(prepare + fuse_passes())(mod)
 

@@ -1,0 +1,91 @@
+"""Vectorisable legalisations of exp, erf, tanh, GELU and softmax for LLVM CPUs.
+
+TVM's default legalisation calls libm's ``expf``/``erff``/``tanhf``, which
+LLVM cannot vectorise: every element of a GELU or softmax becomes a scalar
+call. Measured on this project's 2-core EPYC with tfcompile's schedules, the
+GELU kernel of a GPT-2 layer (128 x 3072) took 1.8 ms (1.3 GFLOP/s) and a
+softmax over 12 x 128 x 128 scores 0.7 ms, together about 15 % of GPT-2's
+run time. TOPI's ``fast_exp``/``fast_erf``/``fast_tanh`` are polynomial and
+rational approximations made of multiply-adds, which vectorise.
+
+Exactness: on float32 inputs their relative error against float64 references
+is at most 1.1e-6 (exp, |x| < 88), 3.7e-7 (erf) and 3.1e-7 (tanh), the same
+order as float rounding of the surrounding GEMMs and as the approximations
+ORT's own CPU kernels use; the backend still checks each compiled variant
+against torch (1e-4 relative). Other dtypes keep TVM's default legalisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax, te, tirx, topi
+
+
+def _is_float32(call) -> bool:
+    info = getattr(call.args[0], "ty", None)
+    return isinstance(info, relax.TensorType) and str(info.dtype) == "float32"
+
+
+def _default(bb: relax.BlockBuilder, call):
+    return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
+
+
+def _unary(name: str, fast):
+    def legalize(bb: relax.BlockBuilder, call):
+        if not _is_float32(call):
+            return _default(bb, call)
+        return bb.call_te(fast, call.args[0], primfunc_name_hint=name)
+
+    return legalize
+
+
+def _gelu(x: te.Tensor) -> te.Tensor:
+    half = tirx.const(0.5, x.dtype)
+    return x * (half + topi.fast_erf(x * tirx.const(0.5**0.5, x.dtype)) * half)
+
+
+def _gelu_tanh(x: te.Tensor) -> te.Tensor:
+    inner = tirx.const(math.sqrt(2.0 / math.pi), x.dtype) * x * (1 + tirx.const(0.044715, x.dtype) * x * x)
+    return tirx.const(0.5, x.dtype) * x * (tirx.const(1.0, x.dtype) + topi.fast_tanh(inner))
+
+
+def _softmax(bb: relax.BlockBuilder, call):
+    if not _is_float32(call):
+        return _default(bb, call)
+    return bb.call_te(topi.nn.fast_softmax, call.args[0], call.attrs.axis, primfunc_name_hint="softmax")
+
+
+def _power(bb: relax.BlockBuilder, call):
+    """``x ** 2`` and ``x ** 3`` (GPT-2's GELU) as multiplies instead of scalar ``powf`` calls."""
+    exponent = call.args[1]
+    if isinstance(exponent, relax.Var):
+        exponent = bb.lookup_binding(exponent) or exponent
+    value = getattr(exponent, "value", None)
+    if not _is_float32(call) or value is None or value.numpy().size != 1:
+        return _default(bb, call)
+    power = float(value.numpy().reshape(()))
+    if power not in (2.0, 3.0):
+        return _default(bb, call)
+
+    def square(x: te.Tensor) -> te.Tensor:
+        return te.compute(x.shape, lambda *i: x(*i) * x(*i), name="power")
+
+    def cube(x: te.Tensor) -> te.Tensor:
+        return te.compute(x.shape, lambda *i: x(*i) * x(*i) * x(*i), name="power")
+
+    return bb.call_te(cube if power == 3.0 else square, call.args[0], primfunc_name_hint="power")
+
+
+def legalize_map() -> dict:
+    """Op name -> legaliser for ``relax.transform.LegalizeOps(customize_legalize_map=...)``."""
+    return {
+        "relax.exp": _unary("exp", topi.fast_exp),
+        "relax.erf": _unary("erf", topi.fast_erf),
+        "relax.tanh": _unary("tanh", topi.fast_tanh),
+        "relax.nn.gelu": _unary("gelu", _gelu),
+        "relax.nn.gelu_tanh": _unary("gelu_tanh", _gelu_tanh),
+        "relax.nn.softmax": _softmax,
+        "relax.power": _power,
+    }
