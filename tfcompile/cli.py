@@ -369,6 +369,7 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, output_
         console.print(f"[yellow]no calibration profile for {target}/{backend}: run `tfcompile calibrate --target "
                       f"{target} --backend {backend}`; showing uncalibrated predictions only[/yellow]")
     graphs = []
+    shape_of = {}  # variants of one shape are timed round-robin
     with console.status("building variants") as status:
         for batch in _int_list(batches, "--batches"):
             for seq in _int_list(seqs, "--seqs"):
@@ -377,8 +378,10 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, output_
                     variant = build_variant(original, spec)
                     variant.graph.name = f"{original.name} b{batch} s{seq} {spec.name}"
                     graphs.append(variant.graph)
+                    shape_of[id(variant.graph)] = (batch, seq)
         rows = measure_and_predict(graphs, backend=backend, device=device, profile=profile, repeat=repeat,
-                                   progress=lambda m: status.update(m), remote=remote_spec)
+                                   progress=lambda m: status.update(m), remote=remote_spec,
+                                   group_key=lambda graph: shape_of[id(graph)])
     scores = score(rows)
     table = Table(title=f"{model}: predicted vs measured on {target}/{remote_spec.label if remote_spec else backend}")
     table.add_column("variant")

@@ -8,6 +8,7 @@ Scores per predictor: MAPE, share within ±10 %, Kendall τ of the ranking.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Callable
 from scipy.stats import kendalltau
 
 from tfcompile.backends.runner import lower
-from tfcompile.backends.timing import measure
+from tfcompile.backends.timing import measure, measure_interleaved
 from tfcompile.cost_models import estimate
 from tfcompile.cost_models.calibration import Profile
 from tfcompile.cost_models.device import DeviceSpec
@@ -35,20 +36,38 @@ class ComparisonRow:
 
 def measure_and_predict(graphs: list[ModelGraph], *, backend: str, device: DeviceSpec, profile: Profile | None,
                         repeat: int = 10, progress: Callable[[str], None] = lambda _: None,
-                        remote=None) -> list[ComparisonRow]:
-    """``remote`` (a tvm.remote.RemoteSpec): measure with TVM on that device, variants in parallel over its servers."""
+                        remote=None, group_key: Callable[[ModelGraph], object] | None = None) -> list[ComparisonRow]:
+    """``remote`` (a tvm.remote.RemoteSpec): measure with TVM on that device, variants in parallel over its servers.
+
+    ``group_key``: consecutive graphs with the same key (variants of one model
+    and shape) are lowered together and timed round-robin, so that a slow
+    spell of the machine hits all of them alike instead of one.
+    """
     if remote is not None:
         return _measure_remote(graphs, device, profile, repeat, progress, remote)
     rows = []
+    done = 0
+    key = group_key or id
     with tempfile.TemporaryDirectory(prefix="tfcompile-compare-") as workdir:
-        for i, graph in enumerate(graphs, 1):
-            progress(f"[{i}/{len(graphs)}] {graph.name}: lowering for {backend}")
-            lowered = lower(graph, backend, Path(workdir))
-            progress(f"[{i}/{len(graphs)}] {graph.name}: measuring")
-            measured = measure(lowered.run, backend=backend, warmup=2, repeat=repeat, max_total_s=30.0)
-            rows.append(ComparisonRow(graph.name, measured.median_ms, _predict(graph, device, profile)))
-            if lowered.onnx_path is not None:
-                lowered.onnx_path.unlink(missing_ok=True)
+        for _, group in itertools.groupby(graphs, key=key):
+            group = list(group)
+            lowered = []
+            for graph in group:
+                progress(f"[{done + len(lowered) + 1}/{len(graphs)}] {graph.name}: lowering for {backend}")
+                lowered.append(lower(graph, backend, Path(workdir)))
+            progress(f"[{done + 1}-{done + len(group)}/{len(graphs)}] measuring {len(group)} variant(s)")
+            if len(group) == 1:
+                medians = [measure(lowered[0].run, backend=backend, warmup=2, repeat=repeat, max_total_s=30.0)]
+            else:
+                timed = measure_interleaved({str(i): low.run for i, low in enumerate(lowered)}, backend=backend,
+                                            repeat=repeat)
+                medians = [timed[str(i)] for i in range(len(group))]
+            for graph, measured, low in zip(group, medians, lowered):
+                rows.append(ComparisonRow(graph.name, measured.median_ms, _predict(graph, device, profile)))
+                if low.onnx_path is not None:
+                    low.onnx_path.unlink(missing_ok=True)
+            done += len(group)
+            del lowered
     return rows
 
 

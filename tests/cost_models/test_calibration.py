@@ -89,3 +89,36 @@ def test_scores():
     assert s["mape"] == pytest.approx((0.1 + 0.5 + 0.05) / 3)
     assert s["within_10pct"] == pytest.approx(2 / 3)
     assert s["kendall_tau"] == pytest.approx(1.0)
+
+
+def test_block_micro_benchmarks_cover_a_layers_kernel_classes_at_non_zoo_widths():
+    from tfcompile.cost_models.microbench import BLOCK_CONFIGS, default_suite
+
+    zoo_widths = {384, 768}  # minilm, bert/gpt2/vit; llama-tiny is narrower still
+    assert all(width not in zoo_widths for width, *_ in BLOCK_CONFIGS)
+    blocks = [b for b in default_suite() if b.name.startswith("blocks_")]
+    assert len(blocks) == len(BLOCK_CONFIGS)
+    module, inputs = blocks[0].build()
+    graph = export_module(module, inputs, name=blocks[0].name)
+    classes = {kernel_class(k) for k in group_kernels(graph, "ort")}
+    assert {"gemm", "attention", "norm"} <= classes
+
+
+def test_variants_of_one_shape_are_timed_round_robin(monkeypatch):
+    import tfcompile.compare as compare
+    from tfcompile.cost_models import load_device
+
+    from tfcompile.backends.timing import Measurement
+
+    calls = []
+    timed = Measurement("torch", 1e-3, (1e-3,))
+    monkeypatch.setattr(compare, "measure_interleaved",
+                        lambda runs, **kw: calls.append(("interleaved", len(runs))) or {k: timed for k in runs})
+    monkeypatch.setattr(compare, "measure", lambda run, **kw: calls.append(("alone", 1)) or timed)
+    graphs = [_mlp(rows=4), _mlp(rows=4), _mlp(rows=8)]
+    group = {id(graphs[0]): "a", id(graphs[1]): "a", id(graphs[2]): "b"}
+    rows = compare.measure_and_predict(graphs, backend="torch", device=load_device("cpu"), profile=None, repeat=1,
+                                       group_key=lambda g: group[id(g)])
+    assert [r.name for r in rows] == [g.name for g in graphs]
+    assert all(r.measured_ms == 1.0 for r in rows)
+    assert calls == [("interleaved", 2), ("alone", 1)]
