@@ -217,6 +217,21 @@ class MatmulAxes:
     i: object  # None for a GEMV
     j: object
     k: object
+    # B stored panel-major (``B[j // w, k, j % w]``, see padding.py): the panel width w, else None.
+    panel_width: int | None = None
+
+
+def _mentions(expr, var) -> bool:
+    from tvm.tirx.analysis import undefined_vars
+
+    return any(v.same_as(var) for v in undefined_vars(expr))
+
+
+def _panel_width(index, j_var) -> int | None:
+    """w if ``index`` is ``j % w`` (a panel-major B's innermost index)."""
+    if isinstance(index, tirx.FloorMod) and index.a.same_as(j_var) and isinstance(index.b, tirx.IntImm):
+        return int(index.b)
+    return None
 
 
 def _matmul_iters(sch: s_tir.Schedule, info):
@@ -235,24 +250,28 @@ def _matmul_iters(sch: s_tir.Schedule, info):
     def uses(region, var) -> bool:
         return any(r.min.same_as(var) for r in region.region)
 
+    def mentions(region, var) -> bool:
+        return any(_mentions(r.min, var) for r in region.region)
+
     def dims(region) -> list:
         return [r.min for r in region.region]
 
     operands = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
-    a = next((r for r in operands if uses(r, k_var) and not uses(r, j_var)), None)
-    b = next((r for r in operands if uses(r, j_var) and uses(r, k_var)), None)
+    a = next((r for r in operands if uses(r, k_var) and not mentions(r, j_var)), None)
+    b = next((r for r in operands if mentions(r, j_var) and uses(r, k_var)), None)
     if a is None or b is None:
         return None
-    if i_var is not None and (not uses(a, i_var) or uses(b, i_var)):
+    if i_var is not None and (not uses(a, i_var) or mentions(b, i_var)):
         i_var = None  # the third-last axis is a batch axis: a batched GEMV
     out = dims(stmt.writes[0])
     # Vectorising over j needs j contiguous in B and C.
-    if not (out[-1].same_as(j_var) and dims(b)[-1].same_as(j_var)):
+    panel_width = _panel_width(dims(b)[-1], j_var)
+    if not (out[-1].same_as(j_var) and (dims(b)[-1].same_as(j_var) or panel_width)):
         return None
     loops = [it.loop_rv for it in info.iters]
     if i_var is None:
-        return MatmulAxes(loops[:-2], None, loops[-2], loops[-1])
-    return MatmulAxes(loops[:-3], loops[-3], loops[-2], loops[-1])
+        return MatmulAxes(loops[:-2], None, loops[-2], loops[-1], panel_width)
+    return MatmulAxes(loops[:-3], loops[-3], loops[-2], loops[-1], panel_width)
 
 
 class Matmul(Rule):
@@ -288,8 +307,8 @@ class Matmul(Rule):
             return None
         lanes = vector_lanes(target, _dtype_bits(sch, block))
         m, n = extents[-3], extents[-2]
-        nr = _largest_divisor(n, [2 * lanes, lanes, lanes // 2, lanes // 4])
-        if nr < 4:
+        nr = axes.panel_width or _largest_divisor(n, [2 * lanes, lanes, lanes // 2, lanes // 4])
+        if nr < 4 or n % nr:
             return None  # no SIMD width divides N: leave it to the fallback (see pad_matmul_n)
         mr = _largest_divisor(m, [8, 6, 4, 3, 2]) if m > 1 else 1
         if m % 8 and m > 8 and mr < 4:
