@@ -38,13 +38,35 @@ def test_second_tuning_reuses_the_database_without_tuning(tuned):
     assert second.tuned == {} and second.reused == [kernel] and second.trial_budget == 0
 
 
+def _claim_timings(root, graph, kernel, rules_s, best_s):
+    """Overwrite the tuner's rules-vs-best timings for ``kernel`` (to test the MIN_GAIN policy both ways)."""
+    import json
+
+    path = tuning.database_dir(host_target(), root) / tuning.RULES_FILE
+    timings = json.loads(path.read_text())
+    key = tuning._workload_key(tuning.kernels_of(graph, host_target())[kernel])
+    assert key in timings  # tune_graph recorded this kernel's timings
+    timings[key] = {"rules_s": rules_s, "best_s": best_s}
+    path.write_text(json.dumps(timings))
+
+
 def test_compiling_uses_the_records_and_matches_torch(tuned):
     graph, root, kernel, _ = tuned
+    _claim_timings(root, graph, kernel, rules_s=1e-3, best_s=0.5e-3)
     module = compile_graph(graph, database_dir=root)  # "auto": the database exists, so "tuned"
     assert module.schedule == "tuned"
     assert module.kernel_rules[kernel] == "tuned"
     assert module.untuned_kernels == []
     assert "1 kernels from tuning records" in module.schedule_summary()
+    check = compare_outputs(graph.run(), module.run(graph.example_inputs), graph.output_names)
+    assert check.max_rel_err <= 1e-4
+
+
+def test_a_record_less_than_min_gain_faster_than_the_rules_is_not_used(tuned):
+    graph, root, kernel, _ = tuned
+    _claim_timings(root, graph, kernel, rules_s=1e-3, best_s=(1 - tuning.MIN_GAIN / 2) * 1e-3)
+    module = compile_graph(graph, database_dir=root)
+    assert module.schedule == "tuned" and module.kernel_rules[kernel] == "matmul"
     check = compare_outputs(graph.run(), module.run(graph.example_inputs), graph.output_names)
     assert check.max_rel_err <= 1e-4
 
@@ -57,6 +79,7 @@ def test_without_a_database_compiling_uses_the_rules(tmp_path):
 
 def test_tune_command_reports_reuse(tuned):
     graph, root, kernel, _ = tuned
+    _claim_timings(root, graph, kernel, rules_s=1e-3, best_s=0.5e-3)
     result = tfcompile("tune", MODEL, "--passes", "", "--trials", "4", "--kernels", kernel, "--database", str(root))
     assert result.returncode == 0, result.stderr
     assert "reused" in result.stdout and "0 kernels tuned" in result.stdout
@@ -74,6 +97,7 @@ def test_export_tvm_library_uses_the_database(tuned, tmp_path, monkeypatch):
     from tvm import relax
 
     graph, root, kernel, _ = tuned
+    _claim_timings(root, graph, kernel, rules_s=1e-3, best_s=0.5e-3)
     library = tmp_path / "model.so"
     monkeypatch.setenv("TFCOMPILE_TVM_TUNING_DIR", str(root))  # the default database, as a user's would be
     result = tfcompile("export", MODEL, "--passes", "", "--backend", "tvm", "-o", str(library))
