@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tfcompile optimize gpt2-small --target cpu --measure -o out/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -41,7 +41,7 @@ import torch
 
 from tfcompile import corpus
 from tfcompile.backends import ort as ort_backend
-from tfcompile.backends.timing import measure_interleaved
+from tfcompile.backends.timing import ORT_BLOCK, measure_interleaved
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph
@@ -159,7 +159,7 @@ def bench(name: str, seq: int, args, device) -> list[dict]:
             model = ort_backend.OrtModel(path, threads=args.threads)
             check = compare_outputs(reference, model.run(graph.example_inputs), graph.output_names)
             pair = measure_interleaved({"dense": runs["dense"], label: model.runner(graph.example_inputs)},
-                                       backend="ort", warmup=args.warmup, repeat=args.repeat)
+                                       backend="ort", warmup=args.warmup, repeat=args.repeat, block=ORT_BLOCK)
             del model
             row.update(quality=check.quality, metric=check.quality_metric, median_s=pair[label].median_s,
                        samples_s=list(pair[label].samples_s), dense_median_s=pair["dense"].median_s,
@@ -180,7 +180,8 @@ def bench(name: str, seq: int, args, device) -> list[dict]:
     if args.pairwise:
         return rows
     print(f"  lowered {len(runs)} models in {time.time() - t0:.0f} s; timing...", flush=True)
-    times = measure_interleaved(runs, backend="ort", warmup=args.warmup, repeat=args.repeat)
+    times = measure_interleaved(runs, backend="ort", warmup=args.warmup, repeat=args.repeat,
+                                block=ORT_BLOCK)
     base = times["dense"].median_s
     for row in rows:
         m = times[row["variant"]]

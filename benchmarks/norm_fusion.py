@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from tfcompile.backends.ort import OrtModel, export_onnx
-from tfcompile.backends.timing import measure_interleaved
+from tfcompile.backends.timing import ORT_BLOCK, measure_interleaved
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.passes import apply_pass
 from tfcompile.verify import compare_outputs
@@ -92,7 +92,7 @@ def bench(name: str, repeat: int, threads: int, workdir: Path, reuse: bool = Fal
         err = compare_outputs(reference, model.run(graph.example_inputs)).max_rel_err
         print(f"  {key:14s} max rel err vs torch: {err:.1e}")
     runs = {key: model.runner(graph.example_inputs) for key, model in models.items()}
-    result = measure_interleaved(runs, backend="ort", warmup=3, repeat=repeat)
+    result = measure_interleaved(runs, backend="ort", warmup=3, repeat=repeat, block=ORT_BLOCK)
     base = result["plain@default"].median_s
     base23 = result["plain@23"].median_s
     for key, m in result.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tfcompile.backends.runner import lower
+from tfcompile.backends.runner import interleave_block, lower
 from tfcompile.backends.timing import measure_interleaved
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.cost_models.padding import ideal_speedup
@@ -67,7 +67,7 @@ def main() -> None:
         err = ((reference[valid] - got[valid]).abs().max() / reference[valid].abs().max()).item()
         print(f"packed {args.backend} vs padded torch at valid positions: max relative error {err:.1e}")
         times = measure_interleaved({k: v.run for k, v in runs.items()}, backend=args.backend,
-                                    warmup=args.warmup, repeat=args.repeat)
+                                    warmup=args.warmup, repeat=args.repeat, block=interleave_block(args.backend))
     measured = times["padded"].median_s / times["packed"].median_s
     print(f"padded {times['padded'].median_ms:9.1f} ms   packed {times['packed'].median_ms:9.1f} ms   "
           f"(median of {args.repeat}, interleaved)")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from tfcompile.backends.ort import default_threads
 from tfcompile.backends.runner import lower
-from tfcompile.backends.timing import measure_interleaved
+from tfcompile.backends.timing import ORT_BLOCK, measure_interleaved
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.cost_models.calibration import load_profile
 from tfcompile.cost_models.ffn import choose_ffn_form
@@ -89,7 +89,7 @@ def bench_shape(d: int, hidden: int, ratio: float, tokens: list[int], budget_s: 
         runs["lowrank"]()
         once = time.perf_counter() - start
         repeat = max(5, min(200, int(budget_s / max(once, 1e-6))))
-        measured = measure_interleaved(runs, backend="ort", warmup=2, repeat=repeat)
+        measured = measure_interleaved(runs, backend="ort", warmup=2, repeat=repeat, block=ORT_BLOCK)
         row = {"tokens": t, "repeat": repeat,
                "dense_ms": measured["dense"].median_ms, "lowrank_ms": measured["lowrank"].median_ms,
                "roof_dense_ms": estimate(dense, cpu).latency_ms, "roof_lowrank_ms": estimate(lowrank, cpu).latency_ms}

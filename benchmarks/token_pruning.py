@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from tfcompile.backends.runner import lower
-from tfcompile.backends.timing import measure_interleaved
+from tfcompile.backends.timing import ORT_BLOCK, measure_interleaved
 from tfcompile.corpus import encode_document, encode_sentences, english_sentences, running_text
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.frontend import LoadOptions, load_model
@@ -119,7 +119,7 @@ def main() -> None:
                 if err > 1e-4:
                     raise SystemExit(f"ORT output of {name} differs from torch by {err:.1e}")
             times = measure_interleaved({k: v.run for k, v in lowered.items()}, backend="ort",
-                                        warmup=1, repeat=args.repeat)
+                                        warmup=1, repeat=args.repeat, block=ORT_BLOCK)
             for name in graphs:
                 speed[name] = {"ort": times["unpruned"].median_s / times[name].median_s,
                                "ort_ms": times[name].median_ms}

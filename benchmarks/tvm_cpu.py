@@ -8,7 +8,9 @@ against torch, medians and ratios to ORT printed as one table. Backends are
 timed in blocks of ``--repeat`` runs, not interleaved run by run (TVM's worker
 threads spin for a while after each parallel region and would steal the cores
 from whatever runs right after them), and the blocks go round ``--rounds``
-times so that a change in the machine's load hits every backend alike.
+times so that a change in the machine's load hits every backend alike. TVM
+with the rules and TVM tuned share a thread pool and are interleaved run by
+run within their block.
 
     .venv/bin/python benchmarks/tvm_cpu.py --models bert-base,gpt2-small --seq 128 --threads 2 \
         [--with-none] [--tune-trials 256]
@@ -31,7 +33,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--with-none", action="store_true", help="also time TVM's unscheduled loops (slow)")
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trial budget per model (0: no tuning)")
     args = parser.parse_args()
@@ -42,7 +44,7 @@ def main() -> None:
 
     from tfcompile.backends import ort
     from tfcompile.backends import tvm as tvm_backend
-    from tfcompile.backends.timing import measure
+    from tfcompile.backends.timing import measure, measure_interleaved
     from tfcompile.frontend import LoadOptions, load_model
     from tfcompile.passes import apply_pass
 
@@ -86,10 +88,20 @@ def main() -> None:
             add(f"tvm-{schedule}", module.runner(graph.example_inputs), module.run(graph.example_inputs),
                 repeat=args.repeat if schedule != "none" else 1)
         samples: dict[str, list[float]] = {label: [] for label in runs}
+        scheduled = [label for label in runs if label in ("tvm-rules", "tvm-tuned")]
         for _ in range(args.rounds):
             for label, (run, _error, repeat) in runs.items():
                 if label == "tvm-none" and samples[label]:
                     continue  # tens of seconds a run: one is enough
+                if label in scheduled[1:]:
+                    continue  # timed with tvm-rules, below
+                if label in scheduled and len(scheduled) > 1:
+                    # TVM against TVM shares one thread pool: interleave run by run.
+                    timed = measure_interleaved({s: runs[s][0] for s in scheduled}, backend="tvm", repeat=repeat,
+                                                warmup=1)
+                    for s in scheduled:
+                        samples[s].extend(timed[s].samples_s)
+                    continue
                 samples[label].extend(measure(run, backend=label, repeat=repeat, warmup=1).samples_s)
         results = {label: (statistics.median(samples[label]), runs[label][1]) for label in runs}
         ort_s = results["ort"][0]

@@ -16,7 +16,7 @@ from typing import Callable
 
 from scipy.stats import kendalltau
 
-from tfcompile.backends.runner import lower
+from tfcompile.backends.runner import interleave_block, lower
 from tfcompile.backends.timing import measure, measure_interleaved
 from tfcompile.cost_models import estimate
 from tfcompile.cost_models.calibration import Profile
@@ -60,7 +60,7 @@ def measure_and_predict(graphs: list[ModelGraph], *, backend: str, device: Devic
                 medians = [measure(lowered[0].run, backend=backend, warmup=2, repeat=repeat, max_total_s=30.0)]
             else:
                 timed = measure_interleaved({str(i): low.run for i, low in enumerate(lowered)}, backend=backend,
-                                            repeat=repeat)
+                                            repeat=repeat, block=interleave_block(backend))
                 medians = [timed[str(i)] for i in range(len(group))]
             for graph, measured, low in zip(group, medians, lowered):
                 rows.append(ComparisonRow(graph.name, measured.median_ms, _predict(graph, device, profile)))

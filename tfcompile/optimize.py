@@ -136,7 +136,7 @@ def _report_for(original, variant, reference, devices, profile, settings) -> Var
 
 
 def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_files, progress) -> None:
-    from tfcompile.backends.runner import lower
+    from tfcompile.backends.runner import interleave_block, lower
 
     if settings.remote is not None:
         _measure_remote(variants, reports, settings, progress)
@@ -154,7 +154,8 @@ def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_file
         runners[name] = lowered.run
         reports[name].backend_notes = list(lowered.notes)
     progress(f"measuring {len(runners)} variants on {settings.backend} (median of {settings.repeat})")
-    results = measure_interleaved(runners, backend=settings.backend, repeat=settings.repeat)
+    results = measure_interleaved(runners, backend=settings.backend, repeat=settings.repeat,
+                                  block=interleave_block(settings.backend))
     for name, measurement in results.items():
         reports[name].measured_ms = measurement.median_ms
         reports[name].backend = settings.backend

@@ -104,13 +104,16 @@ def default_threads() -> int:
 class OrtModel:
     """An ONNX Runtime session over one exported file."""
 
-    def __init__(self, path: Path, *, threads: int | None = None):
+    def __init__(self, path: Path, *, threads: int | None = None, spinning: bool = True):
+        """``spinning=False``: idle worker threads sleep instead of spinning, which a session that
+        shares the process with others needs (see ``backends.runner.lower``)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types

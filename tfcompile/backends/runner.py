@@ -19,6 +19,20 @@ from tfcompile.graph import ModelGraph
 BACKENDS = ("ort", "tvm", "torch")
 
 
+def interleave_block(backend: str) -> int:
+    """Timed runs per turn when variants on ``backend`` are timed round-robin (``measure_interleaved``).
+
+    Each ORT session has its own thread pool whose idle workers spin: run by
+    run, the session timed next shares the cores with the one before (minilm:
+    22.6 ms alone, 59 ms round-robin with two other sessions). Without spinning
+    every parallel op pays a thread wake-up, which on this VM cost more (33 ms).
+    So ORT is timed in short blocks after an untimed run.
+    """
+    from tfcompile.backends.timing import ORT_BLOCK
+
+    return ORT_BLOCK if backend == "ort" else 1
+
+
 @dataclasses.dataclass
 class Lowered:
     backend: str
