@@ -347,13 +347,17 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path), default=None,
               help="Calibration profile (default: the saved one for TARGET/BACKEND).")
 @click.option("--repeat", default=10, show_default=True, type=int)
+@click.option("--passes", "pass_count", default=1, show_default=True, type=click.IntRange(1, 10),
+              help="Measure every variant this many times over, keeping each one's lowest median "
+                   "(takes out spells of load on a shared host).")
 @click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-compare"),
               show_default=True, help="Directory for compare.json and compare.png.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @remote_options
-def compare(model, target, backend, batches, seqs, profile_path, repeat, output_dir, seed, remote, device_key):
+def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_count, output_dir, seed, remote,
+            device_key):
     """Predicted against measured latency for every variant of MODEL."""
-    from tfcompile.compare import measure_and_predict, score, write_outputs
+    from tfcompile.compare import lowest_of_passes, measure_and_predict, score, write_outputs
     from tfcompile.cost_models import load_device
     from tfcompile.cost_models.calibration import load_profile
     from tfcompile.frontend import LoadOptions, load_model
@@ -379,9 +383,11 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, output_
                     variant.graph.name = f"{original.name} b{batch} s{seq} {spec.name}"
                     graphs.append(variant.graph)
                     shape_of[id(variant.graph)] = (batch, seq)
-        rows = measure_and_predict(graphs, backend=backend, device=device, profile=profile, repeat=repeat,
-                                   progress=lambda m: status.update(m), remote=remote_spec,
-                                   group_key=lambda graph: shape_of[id(graph)])
+        rows = lowest_of_passes([
+            measure_and_predict(graphs, backend=backend, device=device, profile=profile, repeat=repeat,
+                                progress=lambda m, i=i: status.update(f"pass {i + 1}/{pass_count}: {m}"),
+                                remote=remote_spec, group_key=lambda graph: shape_of[id(graph)])
+            for i in range(pass_count)])
     scores = score(rows)
     table = Table(title=f"{model}: predicted vs measured on {target}/{remote_spec.label if remote_spec else backend}")
     table.add_column("variant")

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tfcompile.compare import ComparisonRow, score
+from tfcompile.compare import ComparisonRow, lowest_of_passes, score
 from tfcompile.cost_models.calibration import CLASSES, Profile, features, fit, kernel_class
 from tfcompile.cost_models.fusion import group_kernels
 from tfcompile.errors import TfcompileError
@@ -89,6 +89,13 @@ def test_scores():
     assert s["mape"] == pytest.approx((0.1 + 0.5 + 0.05) / 3)
     assert s["within_10pct"] == pytest.approx(2 / 3)
     assert s["kendall_tau"] == pytest.approx(1.0)
+
+
+def test_lowest_of_passes_keeps_each_variants_lowest_median_in_first_pass_order():
+    first = [ComparisonRow("a", 10.0, {"roofline": 9.0}), ComparisonRow("b", 30.0, {"roofline": 20.0})]
+    second = [ComparisonRow("b", 21.0, {"roofline": 20.0}), ComparisonRow("a", 12.0, {"roofline": 9.0})]
+    rows = lowest_of_passes([first, second])
+    assert [(r.name, r.measured_ms) for r in rows] == [("a", 10.0), ("b", 21.0)]
 
 
 def test_block_micro_benchmarks_cover_a_layers_kernel_classes_at_non_zoo_widths():
