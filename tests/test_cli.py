@@ -90,8 +90,8 @@ def test_existing_output_survives_a_failed_run(tmp_path):
 
 def test_optimize_measures_ranks_and_writes_report(tmp_path):
     out = tmp_path / "out"
-    result = tfcompile("optimize", "tests.tiny:bert", "--target", "cpu", "--measure", "--repeat", "3",
-                       "-o", str(out))
+    result = tfcompile("optimize", "tests.tiny:bert", "--target", "cpu", "--measure", "--measure-top", "2",
+                       "--repeat", "3", "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert "measured ms (ort)" in result.stdout
     report = json.loads((out / "report.json").read_text())

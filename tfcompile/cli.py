@@ -114,7 +114,7 @@ def cli() -> None:
               help="Minimum quality (cosine or top-1 agreement) for approximate variants.")
 @click.option("--lengths", default=None, help="Valid lengths of the batch's sequences (padding removal), e.g. 37,128,5.")
 @click.option("--measure", is_flag=True, help="Measure the baseline and the best predicted variants on --backend.")
-@click.option("--measure-top", default=2, show_default=True, type=int, help="How many variants to measure besides the baseline.")
+@click.option("--measure-top", default=1, show_default=True, type=int, help="How many variants to measure besides the baseline.")
 @click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
 @click.option("--repeat", default=10, show_default=True, type=int, help="Timed runs per variant.")
 @click.option("--explain", is_flag=True, help="Say for every pass why it applied or not.")
@@ -131,7 +131,6 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
     from tfcompile.backends import ort
     from tfcompile.cost_models import load_device
     from tfcompile.optimize import OptimizeSettings, optimize as run_optimize
-    from tfcompile.outputs import atomic_path
     from tfcompile.passes import get_pass
     from tfcompile.report import render_table, write_report
 
@@ -178,8 +177,7 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
             if best_onnx is None:
                 best_onnx = ort.export_onnx(best_graph, result.workdir / "best.onnx")
             export_info = _lower_precision(best_onnx, best_graph, graph, quantize, budget, result.workdir)
-            with atomic_path(output_dir / "model.onnx") as tmp:
-                tmp.write_bytes(Path(export_info.pop("path")).read_bytes())
+            ort.single_file(Path(export_info.pop("path")), output_dir / "model.onnx")
             write_report(output_dir / "report.json", model=model, target=target, variants=result.reports,
                          best=result.best, settings={"batch": load_kwargs["batch"], "seq": load_kwargs["seq"],
                                                      "backend": backend if measure else None,

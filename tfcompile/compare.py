@@ -64,8 +64,7 @@ def measure_and_predict(graphs: list[ModelGraph], *, backend: str, device: Devic
                 medians = [timed[str(i)] for i in range(len(group))]
             for graph, measured, low in zip(group, medians, lowered):
                 rows.append(ComparisonRow(graph.name, measured.median_ms, _predict(graph, device, profile)))
-                if low.onnx_path is not None:
-                    low.onnx_path.unlink(missing_ok=True)
+                low.remove_files()
             done += len(group)
             del lowered
     return rows

@@ -36,7 +36,7 @@ class OptimizeSettings:
     allow_approx: bool = False
     budget: float = 0.99  # minimum quality figure for approximate variants
     measure: bool = False
-    measure_top: int = 2  # eligible variants measured besides the baseline
+    measure_top: int = 1  # eligible variants measured besides the baseline (best predicted first)
     backend: str = "ort"
     repeat: int = 10
     workload: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -58,3 +58,28 @@ def test_reexports_an_onnx_file_written_by_torch(tmp_path):
     path = ort.export_onnx(variant, tmp_path / "model.onnx")
     check = compare_outputs(graph.run(), ort.OrtModel(path).run(graph.example_inputs))
     assert check.max_rel_err <= 1e-4
+
+
+def test_external_data_export_runs_and_converts_to_one_file(tmp_path):
+    graph = load_tiny("gpt2-small", batch=1, seq=16)
+    path = ort.export_onnx(graph, tmp_path / "work" / "m.onnx", external_data=True)
+    # The graph and its weights file, and no temporary directory left behind.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert path.stat().st_size < (tmp_path / "work" / "m.onnx.data").stat().st_size
+    expected = graph.run()
+    assert compare_outputs(expected, ort.OrtModel(path).run(graph.example_inputs)).max_rel_err <= 1e-4
+    single = ort.single_file(path, tmp_path / "out" / "model.onnx")
+    assert [p.name for p in single.parent.iterdir()] == ["model.onnx"]
+    assert compare_outputs(expected, ort.OrtModel(single).run(graph.example_inputs)).max_rel_err <= 1e-4
+
+
+def test_failed_external_data_export_leaves_no_file(tmp_path, monkeypatch):
+    graph = load_tiny("bert-base", batch=1, seq=16)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(ort.torch.onnx, "export", broken)
+    with pytest.raises(BackendError, match="exporter exploded"):
+        ort.export_onnx(graph, tmp_path / "model.onnx", external_data=True)
+    assert list(tmp_path.iterdir()) == []

@@ -41,12 +41,18 @@ class Lowered:
     onnx_path: Path | None = None
     notes: list[str] = dataclasses.field(default_factory=list)  # e.g. which TVM kernels ran untuned
 
+    def remove_files(self) -> None:
+        """Delete the exported ONNX file and its weights file, if any."""
+        if self.onnx_path is not None:
+            self.onnx_path.unlink(missing_ok=True)
+            self.onnx_path.with_name(self.onnx_path.name + ".data").unlink(missing_ok=True)
+
 
 def lower(graph: ModelGraph, backend: str, workdir: Path) -> Lowered:
     if backend == "ort":
         from tfcompile.backends import ort
 
-        path = ort.export_onnx(graph, Path(workdir) / f"{_safe(graph.name)}.onnx")
+        path = ort.export_onnx(graph, Path(workdir) / f"{_safe(graph.name)}.onnx", external_data=True)
         model = ort.OrtModel(path)
         return Lowered("ort", model.runner(graph.example_inputs), model.run(graph.example_inputs), path)
     if backend == "tvm":
