@@ -168,3 +168,112 @@ def test_onnx_export_runs_in_ort_and_matches_torch(minilm, tmp_path):
     lowered = lower(pruned, "ort", tmp_path)
     reference = pruned.run()[0]
     assert (torch.as_tensor(lowered.outputs[0]) - reference).abs().max().item() <= 1e-4
+
+
+# -- merge=True (token_merging): sizes, size-weighted pooling, proportional attention ---------------
+
+MERGE = dict(merge=True, merge_attention=True, merge_states=True)
+
+
+def _sizes(graph) -> list[torch.Tensor]:
+    nodes = [n for n in graph.gm.graph.nodes if n.meta.get("token_merge") == "weights"]
+    values = structure.evaluate_nodes(graph, nodes)
+    return [values[n] for n in nodes]
+
+
+def test_merge_keeping_every_token_is_exact(minilm):
+    # Every token its own group of size 1 (0 for padding): the sizes, the pooling that reads them,
+    # log-size attention bias (log 1 = 0) and the averaged states change nothing.
+    graph = clone(minilm)
+    prune_graph(graph, {0: 32, 2: 32}, **KNOBS, **MERGE)
+    assert len(_sizes(graph)) == 2
+    assert (graph.run(minilm.example_inputs)[0] - minilm.run()[0]).abs().max().item() <= 1e-5
+
+
+def test_merge_sizes_count_the_real_tokens_across_cuts(minilm):
+    lengths = minilm.example_inputs[1].sum(1)
+    pruned, summary = _prune(minilm, keep_ratio=[0.9, 0.5], layers=[0, 2], **MERGE)
+    assert "sizes weight the mean pooling" in summary
+    counts = pruned.info["token_pruning"]["tokens"][1:]
+    for sizes, kept in zip(_sizes(pruned), counts):
+        assert sizes.shape == (8, kept)
+        assert torch.equal(sizes.sum(1), lengths.float())  # no mass lost, none from padding
+        # Kept padding has size 0, every kept real token at least its own 1.
+        assert torch.equal((sizes > 0).sum(1), lengths.clamp(max=kept))
+        assert bool((sizes[sizes > 0] >= 1).all())
+
+
+class _SumPooled(torch.nn.Module):
+    """Post-LN encoder without positions and with a masked *sum* pooling: on one repeated token id
+    every state is the same vector h, so the output is (number of real tokens)·h."""
+
+    def __init__(self, d: int = 16, heads: int = 2, layers: int = 3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.heads = heads
+        self.embed = torch.nn.Embedding(20, d)
+        self.q, self.k, self.v, self.o = (torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+                                          for _ in range(4))
+        self.norm = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def forward(self, input_ids, attention_mask):
+        b, n = input_ids.shape
+        h = self.embed(input_ids)
+        allowed = attention_mask.bool()[:, None, None, :].expand(b, 1, n, n)
+        for q, k, v, o, norm in zip(self.q, self.k, self.v, self.o, self.norm):
+            split = [lin(h).view(b, n, self.heads, -1).transpose(1, 2) for lin in (q, k, v)]
+            a = torch.nn.functional.scaled_dot_product_attention(*split, attn_mask=allowed)
+            h = norm(h + o(a.transpose(1, 2).reshape(b, n, -1)))
+        return ((h * attention_mask.unsqueeze(-1).float()).sum(1),)
+
+
+def test_merge_keeps_the_pooled_mass_on_identical_tokens():
+    ids = torch.full((4, 12), 7)
+    mask = (torch.arange(12) < torch.tensor([12, 9, 5, 3]).unsqueeze(1)).long()
+    graph = export_module(_SumPooled(), (ids, mask), name="sum-pooled", input_names=["input_ids", "attention_mask"])
+    reference = graph.run()[0]
+    knobs = dict(keep_ratio=0.5, layers=[0, 1])
+    merged, _ = _prune(graph, **knobs, **MERGE)
+    assert torch.allclose(merged.run()[0], reference, rtol=1e-5, atol=1e-5)
+    pooled_only, _ = _prune(graph, **knobs, merge=True, merge_attention=False, merge_states=False)
+    assert torch.allclose(pooled_only.run()[0], reference, rtol=1e-5, atol=1e-5)
+    # Without sizes the 12-token row sums 3 states, not 12.
+    dropped, _ = _prune(graph, **knobs)
+    assert not torch.allclose(dropped.run()[0], reference, rtol=1e-3, atol=1e-3)
+
+
+def test_merge_raises_quality_on_real_sentences(minilm, sentences):
+    batches = batched(sentences, 8)
+    reference = outputs_on(minilm, batches)
+    quality = {}
+    for merge in (False, True):
+        pruned, _ = _prune(minilm, keep_ratio=[0.6, 0.6], layers=[0, 2], merge=merge)
+        quality[merge] = mean_cosine(reference, outputs_on(pruned, batches))
+    print("mean cosine without / with merge (after layers 0 and 2, 0.6 each):", quality)
+    assert quality[True] >= quality[False] + 0.05
+
+
+def test_merge_onnx_export_runs_in_ort_and_matches_torch(minilm, sentences, tmp_path):
+    from tfcompile.backends import ort  # what lower(graph, "ort", ...) runs, on one thread here
+    from tfcompile.verify import compare_outputs
+
+    pruned, _ = _prune(minilm, keep_ratio=[0.7, 0.7], layers=[0, 2], **MERGE)
+    model = ort.OrtModel(ort.export_onnx(pruned, tmp_path / "merged.onnx"), threads=1, spinning=False)
+    # The export's own rows and others (other kept sets, groups and sizes).
+    for inputs in (pruned.example_inputs, batched(sentences, 8)[1]):
+        got = tuple(torch.as_tensor(o) for o in model.run(inputs))
+        assert compare_outputs(pruned.run(inputs), got).max_abs_err <= 1e-4
+
+
+def test_merge_without_mean_pooling_applies_to_tiny_vit():
+    # CLS output, no attention mask: the sizes only drive the attention bias and the averaged states.
+    graph = load_tiny("vit-base")
+    pruned, summary = _prune(graph, keep_ratio=0.5, layers=[0], merge=True)
+    assert "no mean pooling found" in summary and "proportional attention" in summary
+    assert pruned.run(graph.example_inputs)[0].shape == graph.run()[0].shape
+    exact = clone(graph)
+    prune_graph(exact, {0: 17}, **KNOBS, **MERGE)
+    assert (exact.run(graph.example_inputs)[0] - graph.run()[0]).abs().max().item() <= 1e-5
