@@ -62,10 +62,12 @@ def test_window_covering_the_sequence_is_dense(name, request):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
-@pytest.mark.parametrize("window,sinks", [(8, 0), (5, 0), (1, 0), (5, 1), (4, 6)])  # 5 does not divide 32
-def test_local_attention_is_exactly_banded_attention(name, window, sinks, request):
+@pytest.mark.parametrize("window,sinks,block", [(8, 0, None), (5, 0, None), (1, 0, None), (5, 1, None),
+                                                (4, 6, None), (8, 1, 2), (5, 0, 3), (7, 2, 4), (12, 0, 5)])
+def test_local_attention_is_exactly_banded_attention(name, window, sinks, block, request):
+    # 5 does not divide 32; blocks of 2-5 queries reach 2-4 blocks to each side.
     graph = request.getfixturevalue(name)
-    variant, outcome = apply_pass(graph, "local_attention", window=window, sinks=sinks)
+    variant, outcome = apply_pass(graph, "local_attention", window=window, sinks=sinks, block=block)
     assert outcome.applied, outcome.reason
     expected = _banded_reference(graph, window, sinks).run(graph.example_inputs)
     got = variant.run(graph.example_inputs)
@@ -117,6 +119,9 @@ def test_cost_model_attention_flops_scale_with_window():
         assert _attention_flops(variant) == pytest.approx(dense * 2 * window / 128)
         variant, _ = apply_pass(graph, "local_attention", window=window, sinks=2)
         assert _attention_flops(variant) == pytest.approx(dense * (2 * window + 2) / 128)
+        # Blocks of w/4 queries: (m + 1)·b = 5w/4 causal keys per query instead of 2w.
+        variant, _ = apply_pass(graph, "local_attention", window=window, sinks=0, block=window // 4)
+        assert _attention_flops(variant) == pytest.approx(dense * 5 * window / 4 / 128)
     device = load_device("cpu")
     base = estimate(graph, device)
     local = estimate(apply_pass(graph, "local_attention", window=8)[0], device)
