@@ -24,6 +24,13 @@ Models and inputs (say what they are when quoting figures):
         --windows 128,256 --full-layers ";0,1,2,3,4,5" --topk 64 --repeat 3 --threads 2
     .venv/bin/python benchmarks/attention_sparsity.py --models minilm:512,minilm:4096 --minilm-tiled \\
         --windows 64,128,256 --full-layers ";0" --topk 64 --greedy "local=64;topk=32" --budget 0.98
+    .venv/bin/python benchmarks/attention_sparsity.py --models minilm:2048,minilm:4096 --minilm-tiled \\
+        --variants "local:512:1:128;local:512:0,1:128;local:256:1:64" --greedy "local=512:128" --budget 0.98 \\
+        --pairwise --repeat 5 --docs 8
+
+``--docs N`` averages the quality over N documents spread over the corpus
+(the timed one first); the greedy choice reads a held-out document half-way
+between the first two.
 """
 
 from __future__ import annotations
@@ -94,32 +101,59 @@ def variants(args) -> list[tuple[str, str, dict]]:
         for spec in args.variants.split(";"):
             kind, value, *rest = spec.split(":")
             layers = [int(i) for i in (rest[0] if rest else "").split(",") if i.strip()]
+            block = int(rest[1]) if len(rest) > 1 and rest[1] else None
             if kind == "local":
-                out.append((f"local w={value}" + (f" full={layers}" if layers else ""), "local_attention",
-                            {"window": int(value), "full_layers": layers}))
+                out.append((f"local w={value}" + (f" b={block}" if block else "")
+                            + (f" full={layers}" if layers else ""), "local_attention",
+                            {"window": int(value), "full_layers": layers, "block": block}))
             else:
                 out.append((f"top-k k={value}", "hard_attention_topk", {"k": int(value)}))
         return out
     for window in [int(w) for w in args.windows.split(",") if w]:
         for full in args.full_layers.split(";"):
             layers = [int(i) for i in full.split(",") if i.strip()]
-            label = f"local w={window}" + (f" full={layers}" if layers else "")
-            out.append((label, "local_attention", {"window": window, "full_layers": layers}))
+            label = f"local w={window}" + (f" b={args.block}" if args.block else "") + (f" full={layers}" if layers else "")
+            out.append((label, "local_attention", {"window": window, "full_layers": layers, "block": args.block}))
     for k in [int(k) for k in args.topk.split(",") if k]:
         out.append((f"top-k k={k}", "hard_attention_topk", {"k": k}))
     return out
+
+
+def doc_step(seq: int, docs: int) -> int:
+    """Characters between the starts of the quality documents (the held-out one sits half-way)."""
+    return (len(corpus.running_text()) - 8 * seq) // max(docs, 2)
+
+
+def quality_inputs(graph: ModelGraph, seq: int, docs: int) -> list[tuple[torch.Tensor, ...]]:
+    """The example input and ``docs − 1`` more documents spread over the corpus (same shape)."""
+    inputs = [tuple(graph.example_inputs)]
+    step = doc_step(seq, docs)
+    for i in range(1, docs):
+        ids, mask = corpus.encode_document(seq, offset_chars=step * i)
+        inputs.append((ids,) if len(graph.example_inputs) == 1 else (ids, mask))
+    return inputs
+
+
+def mean_quality(references: list, model, inputs: list, output_names) -> tuple[float, str, list[float]]:
+    checks = [compare_outputs(ref, model.run(x), output_names) for ref, x in zip(references, inputs)]
+    scores = [c.quality for c in checks]
+    return sum(scores) / len(scores), checks[0].quality_metric, scores
 
 
 def greedy_variants(graph: ModelGraph, seq: int, args) -> list[tuple[str, str, dict]]:
     """AxFormer-style greedy layer choice on a held-out document (another part of the corpus)."""
     from tfcompile.passes.attention_layer_choice import choose_layers
 
-    ids, mask = corpus.encode_document(seq, offset_chars=args.heldout_offset)
+    # Half-way between the first two quality documents, so it overlaps none of them.
+    offset = args.heldout_offset if args.heldout_offset is not None else doc_step(seq, args.docs) // 2
+    ids, mask = corpus.encode_document(seq, offset_chars=offset)
     heldout = [(ids,) if len(graph.example_inputs) == 1 else (ids, mask)]
     out = []
     for spec in args.greedy.split(";"):
         pass_name, value = spec.split("=")
-        knobs = {"window": int(value)} if pass_name == "local" else {"k": int(value)}
+        value, _, block = value.partition(":")  # local=W[:BLOCK]
+        knobs = {"window": int(value), "block": int(block) if block else None} if pass_name == "local" \
+            else {"k": int(value)}
         full_name = "local_attention" if pass_name == "local" else "hard_attention_topk"
         t0 = time.time()
         choice = choose_layers(graph, full_name, heldout, budget=args.budget, **knobs)
@@ -140,7 +174,8 @@ def bench(name: str, seq: int, args, device) -> list[dict]:
     base_cost = estimate(graph, device)
     path = ort_backend.export_onnx(graph, work / "dense.onnx")
     dense = ort_backend.OrtModel(path, threads=args.threads)
-    reference = dense.run(graph.example_inputs)
+    docs = quality_inputs(graph, seq, args.docs)
+    references = [dense.run(x) for x in docs]
     runs = {"dense": dense.runner(graph.example_inputs)}
     rows = [{"model": name, "seq": seq, "variant": "dense", "summary": "", "quality": 1.0,
              "metric": "", "predicted": 1.0, "flops": base_cost.flops}]
@@ -157,26 +192,27 @@ def bench(name: str, seq: int, args, device) -> list[dict]:
         if args.pairwise:
             # Low memory: one variant session at a time next to the dense one, timed as a pair.
             model = ort_backend.OrtModel(path, threads=args.threads)
-            check = compare_outputs(reference, model.run(graph.example_inputs), graph.output_names)
+            quality, metric, scores = mean_quality(references, model, docs, graph.output_names)
             pair = measure_interleaved({"dense": runs["dense"], label: model.runner(graph.example_inputs)},
                                        backend="ort", warmup=args.warmup, repeat=args.repeat, block=ORT_BLOCK)
             del model
-            row.update(quality=check.quality, metric=check.quality_metric, median_s=pair[label].median_s,
+            row.update(quality=quality, metric=metric, doc_qualities=scores, median_s=pair[label].median_s,
                        samples_s=list(pair[label].samples_s), dense_median_s=pair["dense"].median_s,
                        measured=pair["dense"].median_s / pair[label].median_s)
             rows[0].update(median_s=pair["dense"].median_s, samples_s=list(pair["dense"].samples_s), measured=1.0)
             rows.append(row)
-            print(f"  {label}: {check.quality_metric} {check.quality:.4f}; predicted {row['predicted']:.2f}x; "
+            print(f"  {label}: {metric} {quality:.4f} (min {min(scores):.4f} of {len(scores)}); "
+                  f"predicted {row['predicted']:.2f}x; "
                   f"measured {row['measured']:.2f}x ({pair['dense'].median_s:.2f} s -> {row['median_s']:.2f} s)",
                   flush=True)
             continue
         model = ort_backend.OrtModel(path, threads=args.threads)
-        check = compare_outputs(reference, model.run(graph.example_inputs), graph.output_names)
+        quality, metric, scores = mean_quality(references, model, docs, graph.output_names)
         runs[label] = model.runner(graph.example_inputs)
-        row.update(quality=check.quality, metric=check.quality_metric)
+        row.update(quality=quality, metric=metric, doc_qualities=scores)
         rows.append(row)
-        print(f"  {label}: {check.quality_metric} {check.quality:.4f}; predicted {rows[-1]['predicted']:.2f}x",
-              flush=True)
+        print(f"  {label}: {metric} {quality:.4f} (min {min(scores):.4f} of {len(scores)}); "
+              f"predicted {rows[-1]['predicted']:.2f}x", flush=True)
     if args.pairwise:
         return rows
     print(f"  lowered {len(runs)} models in {time.time() - t0:.0f} s; timing...", flush=True)
@@ -198,16 +234,20 @@ def main() -> None:
     parser.add_argument("--windows", default="128,256")
     parser.add_argument("--full-layers", default=";0", help="';'-separated sets of layers kept dense")
     parser.add_argument("--topk", default="64")
+    parser.add_argument("--block", type=int, default=None, help="local attention: queries per tile (default: the window)")
     parser.add_argument("--variants", default="", help="explicit list instead of the grid: "
-                        "'local:W[:FULL,LAYERS];topk:K;...'")
+                        "'local:W[:FULL,LAYERS[:BLOCK]];topk:K;...'")
     parser.add_argument("--minilm-tiled", action="store_true", help="allow minilm above 512 tokens (tiled positions)")
+    parser.add_argument("--docs", type=int, default=1, help="quality: mean over this many documents "
+                        "(the timed one and others spread over the corpus)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--greedy", default="", help="e.g. 'local=128;topk=32': add a variant whose layers "
+    parser.add_argument("--greedy", default="", help="e.g. 'local=128;local=512:128;topk=32': add a variant whose layers "
                         "are chosen greedily on a held-out document within --budget")
     parser.add_argument("--budget", type=float, default=0.95)
-    parser.add_argument("--heldout-offset", type=int, default=200000, help="held-out document: corpus offset (chars)")
+    parser.add_argument("--heldout-offset", type=int, default=None, help="held-out document: corpus offset "
+                        "(chars; default half-way between the first two quality documents)")
     parser.add_argument("--pairwise", action="store_true", help="time each variant against the dense model "
                         "as a pair, one variant session alive at a time (long sequences on a small-memory host)")
     parser.add_argument("--json", type=Path)
