@@ -71,7 +71,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from tfcompile.graph import ModelGraph, clone, refresh_shapes
-from tfcompile.passes import structure, token_merging
+from tfcompile.passes import structure, token_importance, token_merging
 from tfcompile.passes.base import Exactness, PassResult, register_pass
 from tfcompile.passes.packing import Refusal
 
@@ -83,18 +83,6 @@ _WALK_BACK_OPS = structure.RESHAPE_OPS | {aten.transpose.int, aten.permute.defau
                                            aten.clone.default, aten.split.Tensor, aten.split_with_sizes.default,
                                            operator.getitem, aten.unbind.int, aten.slice.Tensor,
                                            aten.select.int, aten.mul.Tensor}
-DEFAULT_HEAD_RANGE = (0.01, 0.7)
-
-
-def default_iterations(layer: int, layers: int) -> int:
-    # The paper iterates 30–50 times in the first quarter of a 12-layer ViT, 5–10 in the
-    # middle, once at the end. Each iteration re-reads P (B·H·N² floats), which is not
-    # cheap on a CPU, and the ranking settles long before the scores do, so fewer here.
-    if layer < layers / 4:
-        return 8
-    if layer < 3 * layers / 4:
-        return 3
-    return 1
 
 
 # -- analysis -------------------------------------------------------------------------------------
@@ -141,105 +129,7 @@ def _first_reader(graph: ModelGraph, site: structure.AttentionSite) -> torch.fx.
 
 # -- emitted subgraphs ----------------------------------------------------------------------------
 
-class _Emitter:
-    def __init__(self, graph: ModelGraph):
-        self.gm = graph.gm
-        self.g = graph.gm.graph
-
-    def __call__(self, target, *args, **kwargs) -> torch.fx.Node:
-        return self.g.call_function(target, args, kwargs)
-
-    def const(self, name: str, value: torch.Tensor) -> torch.fx.Node:
-        return self.g.get_attr(structure.add_constant(self.gm, name, value))
-
-
-def _explicit_attention(e: _Emitter, site: structure.AttentionSite) -> tuple[torch.fx.Node, torch.fx.Node]:
-    """softmax(QKᵀ·scale + mask)·V with the probabilities as a value; returns (output, P)."""
-    q, k, v = site.node.args[:3]
-    d = structure.tensor_meta(q).shape[-1]
-    scale = site.node.kwargs.get("scale") or (site.node.args[6] if len(site.node.args) > 6 else None)
-    scores = e(aten.matmul.default, q, e(aten.transpose.int, k, -2, -1))
-    scores = e(aten.mul.Tensor, scores, float(scale) if scale is not None else 1.0 / math.sqrt(d))
-    if site.mask is not None:
-        if structure.tensor_meta(site.mask).dtype == torch.bool:
-            # A large finite fill, not −inf: a fully masked row must not turn into NaN.
-            scores = e(aten.masked_fill.Scalar, scores, e(aten.logical_not.default, site.mask),
-                       torch.finfo(torch.float32).min)
-        else:
-            scores = e(aten.add.Tensor, scores, site.mask)
-    probs = e(aten.softmax.int, scores, -1)
-    return e(aten.matmul.default, probs, v), probs
-
-
-def _keep_indices(e: _Emitter, probs: torch.fx.Node, keys: torch.fx.Node, shape, keep: int, *, iterations: int,
-                  head_range: tuple[float, float], sim_fraction: float, cls_weight: str,
-                  parts: dict | None = None) -> torch.fx.Node:
-    """The [B, keep] indices of the tokens to keep, from P [B, H, N, N] and the keys [B, H, N, d].
-    ``parts`` (when given) receives the values merging reuses: "valid" [B, N] and "unit" keys."""
-    batch, heads, n, d = shape
-    first = e.const("prune_first_token", torch.nn.functional.one_hot(torch.tensor(0), n).float())
-    # A key no query attends to is padding: its column of P is exactly 0 (exp of the fill underflows).
-    valid = e(aten.gt.Scalar, e(aten.sum.dim_IntList, probs, [1, 2]), 0.0)
-    validf = e(aten._to_copy.default, valid, dtype=torch.float32)
-    count = e(aten.sum.dim_IntList, validf, [1], True)  # [B, 1]
-    parts = {} if parts is None else parts
-    parts["valid"] = validf
-    start = validf
-    if cls_weight == "sqrt":
-        boost = e(aten.mul.Tensor, e(aten.sub.Tensor, e(aten.sqrt.default, count), 1.0), first)
-        start = e(aten.mul.Tensor, validf, e(aten.add.Tensor, boost, 1.0))
-    start = e(aten.div.Tensor, start, e(aten.sum.dim_IntList, start, [1], True))
-    s = e(aten.unsqueeze.default, e(aten.unsqueeze.default, start, 1), 1)  # [B, 1, 1, N]
-    s = e(aten.expand.default, s, [batch, heads, 1, n])
-    pre = None
-    for _ in range(max(1, iterations)):
-        s = e(aten.matmul.default, s, probs)  # token i gathers Σ_j P[j, i]·s_j; Σ s stays 1
-        pre = pre or s
-    # Head filter on N-scaled scores (mean 1 over valid tokens), so the paper's [0.01, 0.7]
-    # range means the same at any sequence length.
-    scaled = e(aten.mul.Tensor, s, e(aten.unsqueeze.default, e(aten.unsqueeze.default, count, 1), 1))
-    dev = e(aten.mul.Tensor, e(aten.sub.Tensor, scaled, 1.0), e(aten.view.default, validf, [batch, 1, 1, n]))
-    var = e(aten.div.Tensor, e(aten.sum.dim_IntList, e(aten.mul.Tensor, dev, dev), [-1], True),
-            e(aten.view.default, count, [batch, 1, 1, 1]))
-    lo, hi = head_range
-    kept = e(aten.logical_and.default, e(aten.ge.Scalar, var, lo), e(aten.le.Scalar, var, hi))
-    weight = e(aten._to_copy.default, kept, dtype=torch.float32)  # [B, H, 1, 1]
-    nkept = e(aten.sum.dim_IntList, weight, [1], True)
-    weight = e(aten.add.Tensor, weight, e(aten._to_copy.default, e(aten.eq.Scalar, nkept, 0.0), dtype=torch.float32))
-    weight = e(aten.div.Tensor, weight, e(aten.sum.dim_IntList, weight, [1], True))
-    # EIR: root mean square over the kept heads.
-    importance = e(aten.sqrt.default, e(aten.sum.dim_IntList, e(aten.mul.Tensor, e(aten.mul.Tensor, s, s), weight),
-                                        [1]))
-    importance = e(aten.view.default, importance, [batch, n])
-    score = importance
-    drop_by_similarity = int(sim_fraction * (n - keep))
-    if drop_by_similarity > 0:
-        # S-stage: A = valid tokens below the mean one-iteration score (the paper's lower
-        # half, without a data-dependent sort), B = the rest, CLS always in B.
-        pre_rms = e(aten.view.default, e(aten.sqrt.default, e(aten.mean.dim, e(aten.mul.Tensor, pre, pre), [1])),
-                    [batch, n])
-        mean = e(aten.div.Tensor, e(aten.sum.dim_IntList, e(aten.mul.Tensor, pre_rms, validf), [1], True), count)
-        in_b = e(aten.logical_or.default, e(aten.logical_and.default, e(aten.ge.Tensor, pre_rms, mean), valid),
-                 e(aten.gt.Scalar, first, 0.5))
-        cand_a = e(aten.logical_and.default, valid, e(aten.logical_not.default, in_b))
-        unit = parts["unit"] = token_merging.unit_keys(e, keys, shape)
-        sim = e(aten.matmul.default, unit, e(aten.transpose.int, unit, 1, 2))  # [B, N, N] key cosine
-        parts["similarity"] = sim
-        sim = e(aten.masked_fill.Scalar, sim, e(aten.logical_not.default, e(aten.unsqueeze.default, in_b, 1)), -2.0)
-        best = e(operator.getitem, e(aten.max.dim, sim, -1), 0)  # max.dim, not amax: TVM imports it
-        best = e(aten.masked_fill.Scalar, best, e(aten.logical_not.default, cand_a), -3.0)
-        top = e(operator.getitem, e(aten.topk.default, best, drop_by_similarity, -1), 0)
-        threshold = e(aten.slice.Tensor, top, 1, drop_by_similarity - 1, drop_by_similarity)
-        similar = e(aten.logical_and.default, e(aten.ge.Tensor, best, threshold), cand_a)
-        score = e(aten.sub.Tensor, score, e(aten.mul.Tensor, e(aten._to_copy.default, similar, dtype=torch.float32),
-                                             10.0))
-    # Importance is at most 1: padding goes first, then the similar A tokens; CLS stays.
-    score = e(aten.sub.Tensor, score, e(aten.mul.Tensor, e(aten.rsub.Scalar, validf, 1.0), 100.0))
-    score = e(aten.add.Tensor, score, e(aten.mul.Tensor, first, 1000.0))
-    return e(operator.getitem, e(aten.topk.default, score, keep, -1), 1)
-
-
-def _gather_tokens(e: _Emitter, value: torch.fx.Node, shape: list[int], axes: list[int], idx: torch.fx.Node,
+def _gather_tokens(e: token_importance.Emitter, value: torch.fx.Node, shape: list[int], axes: list[int], idx: torch.fx.Node,
                    flat_idx: torch.fx.Node, keep: int, batch: int) -> torch.fx.Node:
     """``value`` at the kept tokens along each of ``axes`` (per-row indices ``idx`` [B, keep])."""
     if shape[0] != batch:
@@ -366,7 +256,7 @@ def _prune_at(graph: ModelGraph, site: structure.AttentionSite, cut: torch.fx.No
               merge: bool = False, merge_attention: bool = False, merge_states: bool = False, **knobs) -> None:
     merge_attention, merge_states = merge and merge_attention, merge and merge_states
     g = graph.gm.graph
-    e = _Emitter(graph)
+    e = token_importance.Emitter(graph)
     shape = _shape_of(site.node.args[0])
     batch, heads, n, d = shape
     dependent = structure.input_dependent_nodes(graph)
@@ -375,8 +265,8 @@ def _prune_at(graph: ModelGraph, site: structure.AttentionSite, cut: torch.fx.No
                 for o in pytree.tree_leaves(output.args[0])]
     parts: dict = {}
     with g.inserting_before(site.node):
-        out, probs = _explicit_attention(e, site)
-        idx = _keep_indices(e, probs, site.node.args[1], shape, keep, parts=parts, **knobs)
+        out, probs = token_importance.explicit_attention(e, site)
+        idx = token_importance.keep_indices(e, probs, site.node.args[1], shape, keep, parts=parts, **knobs)
         if merge and "unit" not in parts:
             parts["unit"] = token_merging.unit_keys(e, site.node.args[1], shape)
     site.node.replace_all_uses_with(out)
@@ -445,7 +335,7 @@ def _prune_at(graph: ModelGraph, site: structure.AttentionSite, cut: torch.fx.No
                           "so only pooled or CLS outputs can be kept")
 
 
-def _merge_at(e: _Emitter, before: list[torch.fx.Node], live: list[torch.fx.Node],
+def _merge_at(e: token_importance.Emitter, before: list[torch.fx.Node], live: list[torch.fx.Node],
               downstream: set[torch.fx.Node], parts: dict, idx: torch.fx.Node, shape: list[int],
               keep: int) -> token_merging.Merge:
     """Sizes after this cut; the pooling mask (first cut) or the previous sizes now read them."""
@@ -513,7 +403,7 @@ def prune_graph(graph: ModelGraph, schedule: dict[int, int], **knobs) -> list[in
         cut = _first_reader(graph, following)
         layer_knobs = dict(knobs)
         if layer_knobs.get("iterations") is None:
-            layer_knobs["iterations"] = default_iterations(layer, len(attention))
+            layer_knobs["iterations"] = token_importance.default_iterations(layer, len(attention))
         _prune_at(graph, site, cut, keep, **layer_knobs)
         counts.append(keep)
     graph.gm.graph.eliminate_dead_code()
@@ -565,7 +455,7 @@ def _run(graph: ModelGraph, keep_ratio, layers, iterations, head_range, sim_frac
 def _check(graph: ModelGraph) -> str | None:
     try:
         # One cut exercises every rule the others use; a full dry run would cost a pass per layer.
-        _run(clone(graph), 0.7, [0], None, DEFAULT_HEAD_RANGE, 0.5, "sqrt")
+        _run(clone(graph), 0.7, [0], None, token_importance.DEFAULT_HEAD_RANGE, 0.5, "sqrt")
     except Refusal as refusal:
         return str(refusal)
     return None
@@ -575,7 +465,7 @@ def _check(graph: ModelGraph) -> str | None:
                "Zero-TPrune: rank tokens by weighted PageRank on the attention probabilities, drop the "
                "least important / most redundant ones after chosen layers (static keep count)", _check)
 def prune_tokens(graph: ModelGraph, keep_ratio=0.7, layers=None, iterations: int | None = None,
-                 head_range=DEFAULT_HEAD_RANGE, sim_fraction: float = 0.5, cls_weight: str = "sqrt",
+                 head_range=token_importance.DEFAULT_HEAD_RANGE, sim_fraction: float = 0.5, cls_weight: str = "sqrt",
                  merge: bool = False, merge_attention: bool = True, merge_states: bool = True) -> PassResult:
     """``keep_ratio``: a float, or one per layer, of the tokens entering each pruned layer that
     survive it; ``layers``: attention layers (0-based) after which to prune, default every layer
