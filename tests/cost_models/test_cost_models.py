@@ -51,6 +51,45 @@ def test_sdpa_formula():
     assert cost.flops == 2 * 8 * 32 * 32 * 32 + 5 * 8 * 32 * 32
 
 
+def _attention_graph(seq: int):
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return (torch.nn.functional.scaled_dot_product_attention(q, k, v),)
+
+    q = torch.randn(1, 2, seq, 8)
+    return export_module(Attn(), (q, q, q), name="attn")
+
+
+def test_unfused_attention_pays_for_its_score_tensor_once_it_leaves_the_cache():
+    import dataclasses
+
+    cpu = load_device("cpu")
+    assert cpu.attention_score_passes > 0 and cpu.cache_bytes > 0
+    cpu = dataclasses.replace(cpu, cache_bytes=1 << 20)  # 1 MiB, so a small test reaches past it
+    seq = 512  # 2 heads × 512 × 512 × 4 B = 2 MiB of scores
+    long = estimate(_attention_graph(seq), cpu)
+    traffic = [k for k in long.kernels if k.node.endswith(".scores")]
+    assert len(traffic) == 1
+    assert traffic[0].bytes_moved == cpu.attention_score_passes * 2 * seq * seq * 4
+    assert traffic[0].latency_s > 0
+    # 2 × 256 × 256 × 4 B = 0.5 MiB stays in cache: no extra kernel.
+    assert not [k for k in estimate(_attention_graph(256), cpu).kernels if k.node.endswith(".scores")]
+    # GPUs run fused (flash) attention: the scores never reach DRAM.
+    a100 = load_device("a100")
+    assert a100.attention_score_passes == 0
+    assert not [k for k in estimate(_attention_graph(seq), a100).kernels if k.node.endswith(".scores")]
+
+
+def test_last_level_cache_is_read_from_sysfs(tmp_path):
+    from tfcompile.cost_models.device import last_level_cache_bytes
+
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert last_level_cache_bytes(tmp_path / "missing") == 0
+
+
 def test_every_target_loads_with_sources():
     assert {"a100", "h100", "cpu", "npu", "edge"} <= set(available_targets())
     for name in available_targets():

@@ -28,6 +28,10 @@ class DeviceSpec:
     efficiency: dict[str, float]
     overhead_per: str = "kernel"  # "kernel", or "graph" for whole-graph NPU runtimes
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Runtimes without a fused attention kernel write the B·H·Sq·Sk score tensor and read it
+    # back op by op; once it outgrows the last-level cache every pass goes to DRAM.
+    attention_score_passes: float = 0.0  # 0: fused (flash) attention, scores never leave the chip
+    cache_bytes: float = 0.0
 
     def peak_for(self, dtype: str) -> float:
         peak = self.peak_flops.get(dtype, 0.0)
@@ -59,6 +63,8 @@ def load_device(name: str) -> DeviceSpec:
         efficiency={k: float(data["efficiency"][k]) for k in OP_CLASSES},
         overhead_per=data.get("overhead_per", "kernel"),
         sources=dict(data.get("sources", {})),
+        attention_score_passes=float(data.get("attention", {}).get("score_passes", 0.0)),
+        cache_bytes=float(data.get("attention", {}).get("cache_mb", 0.0)) * 2**20,
     )
     if name == "cpu":
         spec = _with_host_peaks(spec)
@@ -107,5 +113,22 @@ def _with_host_peaks(spec: DeviceSpec) -> DeviceSpec:
     fp32 = host.cores * host.clock_hz * host.fp32_flops_per_cycle
     peaks = {"fp32": fp32, "fp16": fp32, "bf16": fp32 * (2 if "avx512_bf16" in host.flags else 1),
              "int8": fp32 * (4 if "avx512_vnni" in host.flags else 2)}
+    cache = last_level_cache_bytes()
     return dataclasses.replace(spec, description=f"{host.model}, {host.cores} cores at {host.clock_hz / 1e9:.2f} GHz",
-                               peak_flops=peaks)
+                               peak_flops=peaks, cache_bytes=cache or spec.cache_bytes)
+
+
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> float:
+    """The largest cache sysfs lists for CPU 0 (0 when it lists none)."""
+    sizes = []
+    for index in root.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if text[-1:] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return float(max(sizes, default=0))

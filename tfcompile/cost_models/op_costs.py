@@ -109,6 +109,12 @@ def _sdpa(node: torch.fx.Node) -> OpCost:
     return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "attention")
 
 
+def attention_score_bytes(node: torch.fx.Node) -> int:
+    """Size of the B·H·Sq·Sk score tensor an unfused attention materialises."""
+    q, k = (node.args[i].meta["val"] for i in range(2))
+    return math.prod(q.shape[:-1]) * k.shape[-2] * q.element_size()
+
+
 @op_cost(aten.einsum.default)
 def _einsum(node: torch.fx.Node) -> OpCost:
     # NB: one multiply-add per point of the full index space, as a naive

@@ -3,15 +3,22 @@
 First cut: every non-free node is one kernel (no backend fusion rules yet).
 Compute time = FLOPs / (peak for the dtype x class efficiency); memory time =
 bytes / (bandwidth x memory efficiency of the class). Whole-graph runtimes
-(NPUs) pay the overhead once per graph instead of once per kernel.
+(NPUs) pay the overhead once per graph instead of once per kernel. On devices
+whose runtimes have no fused attention kernel (``[attention] score_passes`` in
+the device file: this CPU), an attention whose score tensor outgrows the
+last-level cache also moves that tensor ``score_passes`` times through DRAM,
+costed as one more memory-bound kernel (the mask, softmax and guard ops that
+run between its two matmuls).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from tfcompile.cost_models.device import DeviceSpec
-from tfcompile.cost_models.op_costs import cost_of, dtype_name
+from tfcompile.cost_models.op_costs import attention_score_bytes, cost_of, dtype_name
 from tfcompile.graph import ModelGraph
 
 _MEMORY_CLASS = {"gemm": "memory", "attention": "memory", "memory": "memory", "norm": "norm",
@@ -41,6 +48,15 @@ class CostEstimate:
         return self.latency_s * 1e3
 
 
+def _score_traffic_bytes(node, op_class: str, device: DeviceSpec) -> float:
+    """DRAM traffic of an unfused attention's score tensor, when it does not fit in cache."""
+    if op_class != "attention" or not device.attention_score_passes \
+            or node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+        return 0.0
+    score_bytes = attention_score_bytes(node)
+    return device.attention_score_passes * score_bytes if score_bytes > device.cache_bytes else 0.0
+
+
 def estimate(graph: ModelGraph, device: DeviceSpec) -> CostEstimate:
     kernels = []
     for node in graph.call_nodes():
@@ -57,6 +73,12 @@ def estimate(graph: ModelGraph, device: DeviceSpec) -> CostEstimate:
             bound = "overhead"
         kernels.append(KernelEstimate(node.name, cost.op_class, cost.flops, cost.bytes_moved,
                                       max(compute_s, memory_s) + overhead_s, bound))
+        score_bytes = _score_traffic_bytes(node, cost.op_class, device)
+        if score_bytes:
+            # Separate elementwise kernels between the two matmuls: they add to the time, not overlap.
+            kernels.append(KernelEstimate(f"{node.name}.scores", "memory", 0.0, score_bytes,
+                                          score_bytes / (device.mem_bandwidth_bytes_per_s * device.efficiency["memory"]),
+                                          "memory"))
     total = sum(k.latency_s for k in kernels)
     if device.overhead_per == "graph":
         total += device.kernel_overhead_s
