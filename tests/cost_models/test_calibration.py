@@ -129,3 +129,31 @@ def test_variants_of_one_shape_are_timed_round_robin(monkeypatch):
     assert [r.name for r in rows] == [g.name for g in graphs]
     assert all(r.measured_ms == 1.0 for r in rows)
     assert calls == [("interleaved", 2), ("alone", 1)]
+
+
+def test_unfused_backends_pay_attention_score_traffic_beyond_the_cache(monkeypatch):
+    from tfcompile.cost_models import calibration, load_device
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return (torch.nn.functional.scaled_dot_product_attention(q, k, v),)
+
+    q = torch.randn(1, 2, 512, 8)
+    graph = export_module(Attn(), (q, q, q), name="attn")
+    small_cache = dataclasses.replace(load_device("cpu"), cache_bytes=1 << 20)  # scores are 2 MiB
+    monkeypatch.setattr(calibration, "_device", lambda target: small_cache)
+    traffic = small_cache.attention_score_passes * 2 * 512 * 512 * 4
+    coefficients = dict(s_per_flop={c: 1e-12 for c in CLASSES}, s_per_byte={c: 1e-10 for c in CLASSES},
+                        kernel_overhead_s=0.0, graph_overhead_s=0.0)
+    ort, torch_eager = Profile("cpu", "ort", **coefficients), Profile("cpu", "torch", **coefficients)
+    assert calibration.attention_traffic_bytes(graph, "cpu", "ort") == traffic
+    assert calibration.attention_traffic_bytes(graph, "cpu", "torch") == 0  # a fused SDPA kernel
+    extra = ort.predict_s(graph) - sum(ort.kernel_s(k) for k in group_kernels(graph, "ort"))
+    assert extra == pytest.approx(1e-10 * traffic)
+    assert torch_eager.predict_s(graph) == pytest.approx(sum(torch_eager.kernel_s(k)
+                                                             for k in group_kernels(graph, "torch")))
+    row = features(graph, "ort", "cpu")
+    assert row[2 * CLASSES.index("memory") + 1] >= traffic
+    # A device whose attention is fused (a GPU) adds nothing.
+    monkeypatch.setattr(calibration, "_device", lambda target: load_device("a100"))
+    assert calibration.attention_traffic_bytes(graph, "a100", "ort") == 0

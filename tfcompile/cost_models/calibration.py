@@ -5,6 +5,9 @@ Model: each kernel (after the backend's fusion rules) costs
 ``t_graph``. On CPUs compute and memory time add up more than they overlap, so
 the sum fits better than a max and keeps the fit linear. GEMMs with few rows
 (M < 64, decode-like) get their own class because their efficiency is far lower.
+On ORT and TVM, whose attention is unfused, a score tensor larger than the
+target's last-level cache adds its DRAM passes (``roofline.score_traffic_bytes``)
+to the elementwise ("memory") bytes.
 
 Coefficients are fitted by non-negative least squares on relative error (each
 row divided by its measured time, so a 10 us kernel counts as much as a 10 ms
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 from pathlib import Path
@@ -22,7 +26,9 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
+from tfcompile.cost_models.device import available_targets, load_device
 from tfcompile.cost_models.fusion import Kernel, group_kernels
+from tfcompile.cost_models.roofline import score_traffic_bytes
 from tfcompile.errors import TfcompileError
 from tfcompile.graph import ModelGraph
 from tfcompile.outputs import atomic_write_text
@@ -30,6 +36,22 @@ from tfcompile.outputs import atomic_write_text
 PROFILE_VERSION = 1
 CLASSES = ("gemm", "gemm_skinny", "attention", "norm", "softmax", "memory")
 SKINNY_ROWS = 64
+
+
+UNFUSED_ATTENTION_BACKENDS = {"ort", "tvm"}
+
+
+@functools.lru_cache(maxsize=None)
+def _device(target: str):
+    return load_device(target) if target in available_targets() else None
+
+
+def attention_traffic_bytes(graph: ModelGraph, target: str, backend: str) -> float:
+    """Score-tensor DRAM bytes of every attention in ``graph`` on ``backend`` (0 when fused)."""
+    device = _device(target) if backend in UNFUSED_ATTENTION_BACKENDS else None
+    if device is None or not device.attention_score_passes:
+        return 0.0
+    return float(sum(score_traffic_bytes(node, device) for node in graph.call_nodes()))
 
 
 def kernel_class(kernel: Kernel) -> str:
@@ -55,7 +77,9 @@ class Profile:
 
     def predict_s(self, graph: ModelGraph) -> float:
         kernels = group_kernels(graph, self.backend)
-        return self.graph_overhead_s + sum(self.kernel_s(k) for k in kernels)
+        traffic = attention_traffic_bytes(graph, self.target, self.backend)
+        return (self.graph_overhead_s + sum(self.kernel_s(k) for k in kernels)
+                + self.s_per_byte.get("memory", 0.0) * traffic)
 
     def predict_flops_only_s(self, graph: ModelGraph) -> float:
         return self.flops_only_s_per_flop * sum(k.flops for k in group_kernels(graph, self.backend))
@@ -79,7 +103,7 @@ class Profile:
         return cls(**data)
 
 
-def features(graph: ModelGraph, backend: str) -> np.ndarray:
+def features(graph: ModelGraph, backend: str, target: str = "") -> np.ndarray:
     """One row: FLOPs and bytes per class, kernel count, 1 (graph overhead)."""
     row = np.zeros(2 * len(CLASSES) + 2)
     for kernel in group_kernels(graph, backend):
@@ -87,13 +111,14 @@ def features(graph: ModelGraph, backend: str) -> np.ndarray:
         row[2 * i] += kernel.flops
         row[2 * i + 1] += kernel.bytes_moved
         row[-2] += 1
+    row[2 * CLASSES.index("memory") + 1] += attention_traffic_bytes(graph, target, backend)
     row[-1] = 1.0
     return row
 
 
 def fit(samples, target: str, backend: str, host: str = "") -> Profile:
     """Fit a profile to ``(name, graph, measured_s)`` samples."""
-    rows = np.stack([features(s.graph, backend) for s in samples])
+    rows = np.stack([features(s.graph, backend, target) for s in samples])
     measured = np.array([s.measured_s for s in samples])
     # Scale columns to O(1) so NNLS is well conditioned, then undo the scaling.
     scale = rows.max(axis=0)

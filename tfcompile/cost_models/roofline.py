@@ -48,10 +48,9 @@ class CostEstimate:
         return self.latency_s * 1e3
 
 
-def _score_traffic_bytes(node, op_class: str, device: DeviceSpec) -> float:
+def score_traffic_bytes(node, device: DeviceSpec) -> float:
     """DRAM traffic of an unfused attention's score tensor, when it does not fit in cache."""
-    if op_class != "attention" or not device.attention_score_passes \
-            or node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+    if not device.attention_score_passes or node.target is not torch.ops.aten.scaled_dot_product_attention.default:
         return 0.0
     score_bytes = attention_score_bytes(node)
     return device.attention_score_passes * score_bytes if score_bytes > device.cache_bytes else 0.0
@@ -73,7 +72,7 @@ def estimate(graph: ModelGraph, device: DeviceSpec) -> CostEstimate:
             bound = "overhead"
         kernels.append(KernelEstimate(node.name, cost.op_class, cost.flops, cost.bytes_moved,
                                       max(compute_s, memory_s) + overhead_s, bound))
-        score_bytes = _score_traffic_bytes(node, cost.op_class, device)
+        score_bytes = score_traffic_bytes(node, device)
         if score_bytes:
             # Separate elementwise kernels between the two matmuls: they add to the time, not overlap.
             kernels.append(KernelEstimate(f"{node.name}.scores", "memory", 0.0, score_bytes,
