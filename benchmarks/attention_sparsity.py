@@ -167,10 +167,15 @@ def greedy_variants(graph: ModelGraph, seq: int, args) -> list[tuple[str, str, d
 
 
 def bench(name: str, seq: int, args, device) -> list[dict]:
+    # Long-sequence exports are hundreds of MB each: nothing stays behind.
+    with tempfile.TemporaryDirectory(prefix="attn_sparsity_") as work:
+        return _bench(name, seq, args, device, Path(work))
+
+
+def _bench(name: str, seq: int, args, device, work: Path) -> list[dict]:
     t0 = time.time()
     graph = load(name, seq, args.minilm_tiled)
     extra = greedy_variants(graph, seq, args) if args.greedy else []
-    work = Path(tempfile.mkdtemp(prefix="attn_sparsity_"))
     base_cost = estimate(graph, device)
     path = ort_backend.export_onnx(graph, work / "dense.onnx")
     dense = ort_backend.OrtModel(path, threads=args.threads)
@@ -196,6 +201,8 @@ def bench(name: str, seq: int, args, device) -> list[dict]:
             pair = measure_interleaved({"dense": runs["dense"], label: model.runner(graph.example_inputs)},
                                        backend="ort", warmup=args.warmup, repeat=args.repeat, block=ORT_BLOCK)
             del model
+            path.unlink()
+            Path(f"{path}.data").unlink(missing_ok=True)
             row.update(quality=quality, metric=metric, doc_qualities=scores, median_s=pair[label].median_s,
                        samples_s=list(pair[label].samples_s), dense_median_s=pair["dense"].median_s,
                        measured=pair["dense"].median_s / pair[label].median_s)
