@@ -78,6 +78,14 @@ def test_causal_mask_on_bool_tensors_lowers_without_fold_constants():
     _assert_close(module.run(graph.example_inputs), graph.run())
 
 
+def test_batched_gpt2_lowers_although_its_traced_views_assume_another_attention_layout():
+    # The CPU flash-attention decomposition returns [S, B, H, d]-ordered output, after which
+    # GPT-2's x.view(-1, d) is illegal for B > 1 unless views are lowered as reshapes.
+    graph = load_model("gpt2-small", LoadOptions(batch=2, seq=16, config_overrides=TINY["gpt2-small"]))
+    module = compile_graph(graph, schedule="rules")
+    _assert_close(module.run(graph.example_inputs), graph.run())
+
+
 def test_run_on_new_inputs_matches_torch(bert):
     graph, module = bert
     generator = torch.Generator().manual_seed(7)

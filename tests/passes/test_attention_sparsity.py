@@ -181,14 +181,18 @@ def test_topk_keeps_k_per_query_without_renormalising():
     torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
 @pytest.mark.parametrize("pass_name,knobs", [("local_attention", {"window": 5}),
+                                             ("local_attention", {"window": 6, "block": 2, "full_layers": [0]}),
                                              ("hard_attention_topk", {"k": 4})])
-def test_onnx_export_matches_torch(tmp_path, gpt2, pass_name, knobs):
+def test_lowered_variant_matches_torch(tmp_path, gpt2, pass_name, knobs, backend):
     from tfcompile.backends.runner import lower
 
+    if backend == "tvm":
+        pytest.importorskip("tvm")
     variant, outcome = apply_pass(gpt2, pass_name, **knobs)
     assert outcome.applied
-    lowered = lower(variant, "ort", tmp_path)
+    lowered = lower(variant, backend, tmp_path)
     check = compare_outputs(variant.run(), lowered.outputs, variant.output_names)
     assert check.max_rel_err <= 1e-4, check
     # Quality against the dense model is a figure, reported not asserted tight.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -69,6 +70,26 @@ def canonicalise_bool(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
+def views_as_reshapes(program) -> None:
+    """Turn every ``aten.view`` of ``program`` into ``aten.reshape``, in place.
+
+    A traced ``view`` records that its input was contiguous *for the kernels
+    that ran at trace time*. The Relax frontend re-runs the decompositions,
+    and the CPU flash-attention decomposition returns its output in a
+    [S, B, H, d] layout, so GPT-2's ``x.view(-1, d)`` after the heads are
+    merged is no longer a legal view once the batch is larger than 1.
+    ``reshape`` is the same function on values and views whenever it can.
+    """
+    aten = torch.ops.aten
+    changed = False
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target is aten.view.default:
+            node.target = aten.reshape.default
+            changed = True
+    if changed:
+        program.graph_module.recompile()
+
+
 def import_graph(graph: ModelGraph) -> tvm.IRModule:
     """The variant as a Relax IRModule with weights bound as constants."""
     from tvm.relax.frontend.torch import from_exported_program
@@ -77,6 +98,7 @@ def import_graph(graph: ModelGraph) -> tvm.IRModule:
         program = to_exported_program(graph)
     except TraceError as exc:
         raise BackendError(f"tvm: {graph.name}: {exc}") from exc
+    views_as_reshapes(program)
     try:
         mod = from_exported_program(program, keep_params_as_input=False)
         mod = canonicalise_bool(mod)
