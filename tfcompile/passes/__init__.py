@@ -1,6 +1,8 @@
 """Rewrite passes. Importing this package registers every pass family."""
 
-from tfcompile.passes import attention_sparsity, cleanup, ffn, norm, padding, qkv_merge, token_pruning  # noqa: F401  (registration)
+from tfcompile.passes import (  # noqa: F401  (registration)
+    attention_sparsity, cleanup, ffn, norm, padding, qkv_merge, tome, token_pruning,
+)
 from tfcompile.passes.base import (  # noqa: F401
     Exactness,
     Pass,

@@ -253,7 +253,10 @@ class _Resizer(torch.fx.Interpreter):
 
 
 def _prune_at(graph: ModelGraph, site: structure.AttentionSite, cut: torch.fx.Node, keep: int, *,
-              merge: bool = False, merge_attention: bool = False, merge_states: bool = False, **knobs) -> None:
+              merge: bool = False, merge_attention: bool = False, merge_states: bool = False,
+              select=None, **knobs) -> None:
+    """Keep ``keep`` tokens from ``cut`` on. ``select(e, probs, shape, keep, parts)`` (emitted
+    before ``cut``) replaces Zero-TPrune's ranking when given (ToMe's bipartite matching)."""
     merge_attention, merge_states = merge and merge_attention, merge and merge_states
     g = graph.gm.graph
     e = token_importance.Emitter(graph)
@@ -266,9 +269,13 @@ def _prune_at(graph: ModelGraph, site: structure.AttentionSite, cut: torch.fx.No
     parts: dict = {}
     with g.inserting_before(site.node):
         out, probs = token_importance.explicit_attention(e, site)
-        idx = token_importance.keep_indices(e, probs, site.node.args[1], shape, keep, parts=parts, **knobs)
-        if merge and "unit" not in parts:
-            parts["unit"] = token_merging.unit_keys(e, site.node.args[1], shape)
+        if select is None:
+            idx = token_importance.keep_indices(e, probs, site.node.args[1], shape, keep, parts=parts, **knobs)
+            if merge and "unit" not in parts:
+                parts["unit"] = token_merging.unit_keys(e, site.node.args[1], shape)
+    if select is not None:
+        with g.inserting_before(cut):
+            idx = select(e, probs, shape, keep, parts)
     site.node.replace_all_uses_with(out)
     g.erase_node(site.node)
     nodes = list(g.nodes)
