@@ -1,7 +1,8 @@
 """Variant search: which passes, in which combination, for this target.
 
-Passes are tried in a canonical order (clean-up, projection merges, norm
-rewrites, FFN structure, attention, token pruning, padding). Every variant in
+Passes are tried in the order their declarations give (``pass_order``: by
+stage, projection merges, norm rewrites, FFN structure, attention, tokens,
+padding, and each after the passes it ``runs_after``). Every variant in
 the frontier branches on the next pass: without it, or with it for each knob
 setting (when it applies). Each new variant is verified against the original
 (results cached by pipeline) and costed on the target; the frontier keeps the
@@ -18,25 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from tfcompile.passes import all_passes
+from tfcompile.passes import Stage, all_passes, pass_order
 from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant, extend_variant
-
-# Earlier passes prepare later ones (e.g. affine folding before CRMSNorm).
-SEARCH_ORDER = (
-    "merge_qkv_projections",
-    "fuse_norm",
-    "fold_norm_affine",
-    "layernorm_to_rmsnorm",
-    "rmsnorm_to_crmsnorm",
-    "premerge_ffn",
-    "structure_ffn",
-    "hard_attention_topk",
-    "local_attention",
-    "prune_tokens",
-    "merge_tokens",
-    "remove_padding",
-    "prepack",
-)
 
 # Passes whose knobs come from the user's description of the workload, not from a grid.
 WORKLOAD_KNOBS = {"remove_padding": ("lengths",), "prepack": ("lengths",)}
@@ -77,10 +61,8 @@ class SearchSettings:
 
 def searchable_passes(settings: SearchSettings) -> list[str]:
     registered = {p.name: p for p in all_passes()}
-    ordered = [n for n in SEARCH_ORDER if n in registered]
-    ordered += sorted(n for n in registered if n not in ordered and n not in CLEANUP)
-    return [n for n in ordered
-            if n not in settings.exclude and (registered[n].exact or settings.allow_approx)]
+    return [n for n in pass_order() if registered[n].stage is not Stage.CLEANUP
+            and n not in settings.exclude and (registered[n].exact or settings.allow_approx)]
 
 
 def _knob_choices(name: str, settings: SearchSettings) -> list[dict[str, Any]]:

@@ -10,9 +10,9 @@ import dataclasses
 from typing import Any
 
 from tfcompile.graph import ModelGraph, clone
-from tfcompile.passes import PassOutcome, apply_pass, get_pass
+from tfcompile.passes import PassOutcome, Stage, all_passes, apply_pass, check_pipeline, get_pass, pass_order
 
-CLEANUP = ("remove_identity_ops", "fold_constants", "eliminate_dead_code")
+CLEANUP = tuple(pass_order([p.name for p in all_passes() if p.stage is Stage.CLEANUP]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,7 @@ BUILTIN_VARIANTS = (
 def custom_variant(pass_names: list[str]) -> VariantSpec:
     for name in pass_names:
         get_pass(name)  # raises UnknownPassError with the list of known passes
+    check_pipeline(pass_names)
     return VariantSpec("custom:" + "+".join(pass_names), tuple(pass_names))
 
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.cost_models.ffn import choose_ffn_form, choose_form
 from tfcompile.graph import export_module
-from tfcompile.passes import apply_pass, get_pass, structure
+from tfcompile.passes import apply_pass, get_pass
+from tfcompile import structure
 from tfcompile.verify import compare_outputs, verify
 from tests.passes.helpers import assert_rewrite_preserves, to_float64
 from tests.tiny import load_tiny

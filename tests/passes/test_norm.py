@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tfcompile.graph import ModelGraph, clone, export_module, fetch_attr
-from tfcompile.passes import apply_pass, norm, structure
+from tfcompile.passes import apply_pass, norm
+from tfcompile import structure
 from tfcompile.verify import compare_outputs
 from tests.passes.helpers import assert_rewrite_preserves, to_float64
 from tests.tiny import load_tiny

@@ -13,7 +13,8 @@ from tfcompile.corpus import encode_sentences, english_sentences
 from tfcompile.cost_models.op_costs import cost_of
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import clone, export_module
-from tfcompile.passes import apply_pass, get_pass, structure
+from tfcompile.passes import apply_pass, get_pass
+from tfcompile import structure
 from tfcompile.passes.base import Exactness
 from tfcompile.passes.token_pruning import prune_graph
 from tfcompile.passes.token_pruning_schedule import batched, mean_cosine, outputs_on

@@ -27,7 +27,7 @@ import torch
 from tfcompile.backends.timing import Measurement, measure
 from tfcompile.errors import BackendError, first_line
 from tfcompile.graph import ModelGraph, clone, fetch_attr, to_exported_program
-from tfcompile.passes.structure.core import unique_attr_name
+from tfcompile.structure import unique_attr_name
 from tfcompile.outputs import atomic_path
 
 PROTOBUF_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2

@@ -7,9 +7,14 @@ from tfcompile.passes.base import (  # noqa: F401
     Exactness,
     Pass,
     PassOutcome,
+    PassRefused,
     PassResult,
+    Stage,
     all_passes,
     apply_pass,
+    check_pipeline,
     get_pass,
+    pass_order,
     register_pass,
 )
+from tfcompile.passes.context import PassContext, Workload, default_context  # noqa: F401

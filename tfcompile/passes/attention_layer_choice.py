@@ -24,7 +24,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tfcompile.graph import ModelGraph
-from tfcompile.passes import apply_pass, structure
+from tfcompile.passes import apply_pass
+from tfcompile import structure
 from tfcompile.verify import compare_outputs
 
 

@@ -66,8 +66,8 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph
-from tfcompile.passes import structure
-from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile import structure
+from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
 
 aten = torch.ops.aten
 
@@ -133,7 +133,7 @@ def _sites(graph: ModelGraph) -> list[tuple[structure.AttentionSite, str]]:
         if q.shape[2] != k.shape[2]:
             raise _Refusal(f"{node.name} is cross-attention ({q.shape[2]} queries, {k.shape[2]} keys): "
                            "only self-attention over the token sequence is sparsified")
-        dropout = structure._dim_arg(node, 4, "dropout_p", 0.0)
+        dropout = structure.dim_arg(node, 4, "dropout_p", 0.0)
         if dropout:
             raise _Refusal(f"{node.name} has dropout_p={dropout}")
         if node.kwargs.get("enable_gqa"):
@@ -275,9 +275,9 @@ def _check_local(graph: ModelGraph) -> str | None:
     return _check(graph)
 
 
-@register_pass("local_attention", Exactness.APPROXIMATE,
+@register_checked_pass("local_attention", Exactness.APPROXIMATE,
                "banded (sliding-window) self-attention computed blockwise on [S/w, w, 2w] tiles in all "
-               "but the full_layers (MASFormer); attention cost ∝ S·w instead of S²", _check_local)
+               "but the full_layers (MASFormer); attention cost ∝ S·w instead of S²", _check_local, stage=Stage.ATTENTION)
 def local_attention(graph: ModelGraph, window: int = 128, full_layers: Iterable[int] = (),
                     layers: Iterable[int] | None = None, sinks: int = 1, block: int | None = None) -> PassResult:
     window, sinks = int(window), int(sinks)
@@ -346,10 +346,10 @@ def _rewrite_topk(graph: ModelGraph, site: structure.AttentionSite, causal: bool
     return keep
 
 
-@register_pass("hard_attention_topk", Exactness.APPROXIMATE,
+@register_checked_pass("hard_attention_topk", Exactness.APPROXIMATE,
                "AxFormer hard attention: after the softmax every query keeps its k largest probabilities "
                "(no renormalisation) in the selected layers; scores stay dense, so it saves nothing without "
-               "a sparse kernel", _check)
+               "a sparse kernel", _check, stage=Stage.ATTENTION)
 def hard_attention_topk(graph: ModelGraph, k: int = 32, layers: Iterable[int] | None = None) -> PassResult:
     k = int(k)
     if k < 1:

@@ -1,8 +1,17 @@
 """The pass contract and the registry.
 
-A pass has a name, an exactness, ``check(graph) -> reason | None`` (None means
-it applies) and ``run(graph, **knobs) -> PassResult``. ``run`` receives a clone
-and may rewrite it; the caller's graph is never touched (see ``apply_pass``).
+A pass is a name, an exactness, a description and two functions:
+
+- ``plan(graph, context, **knobs) -> plan``: reads the graph (never edits it)
+  and either returns what to rewrite or raises ``PassRefused(reason)``. Knob
+  values that make no sense are ``ValueError``s, not refusals.
+- ``rewrite(graph, plan) -> PassResult``: edits the graph it is handed, which
+  ``apply_pass`` cloned once, following the plan; it does not refuse.
+
+Planning and rewriting see the same clone, so a plan may hold that clone's
+nodes. A pass may declare ``runs_after``: passes that, when both appear in a
+pipeline, must come first (as torch.fx's pass manager takes constraints); the
+search order is derived from these declarations.
 """
 
 from __future__ import annotations
@@ -11,8 +20,9 @@ import dataclasses
 import enum
 from typing import Any, Callable
 
-from tfcompile.errors import UnknownPassError
+from tfcompile.errors import TfcompileError, UnknownPassError
 from tfcompile.graph import ModelGraph, clone, refresh_shapes
+from tfcompile.passes.context import PassContext, default_context
 
 
 class Exactness(enum.Enum):
@@ -20,11 +30,33 @@ class Exactness(enum.Enum):
     APPROXIMATE = "approximate"  # the function changes; a quality figure is reported
 
 
+class Stage(enum.IntEnum):
+    """What a pass rewrites; pipelines run the stages in this order (clean-up first, padding last)."""
+
+    CLEANUP = 0
+    PROJECTIONS = 1
+    NORMS = 2
+    FFN = 3
+    ATTENTION = 4
+    TOKENS = 5  # drop or merge tokens: every later token-wise op sees fewer
+    PADDING = 6  # specialises to the batch's lengths, so it sees the final graph
+
+
+class PassRefused(Exception):
+    """The pass does not apply to this graph; the message says why."""
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
 @dataclasses.dataclass(frozen=True)
 class PassResult:
     graph: ModelGraph
     changed: bool
     summary: str  # what was rewritten, e.g. "merged 12 q/k/v triples"
+    # What the rewrite did, for reports and tests (e.g. tokens per layer); typed by each pass.
+    record: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,25 +64,36 @@ class Pass:
     name: str
     exactness: Exactness
     description: str
-    check: Callable[[ModelGraph], str | None]
-    run: Callable[..., PassResult]
+    plan: Callable[..., Any]
+    rewrite: Callable[[ModelGraph, Any], PassResult]
+    stage: Stage
+    runs_after: tuple[str, ...] = ()
 
     @property
     def exact(self) -> bool:
         return self.exactness is Exactness.EXACT
 
+    def check(self, graph: ModelGraph, context: PassContext | None = None, **knobs: Any) -> str | None:
+        """Why the pass does not apply to ``graph`` (None if it does)."""
+        try:
+            self.plan(graph, context or default_context(), **knobs)
+        except PassRefused as refusal:
+            return refusal.reason
+        return None
+
 
 _REGISTRY: dict[str, Pass] = {}
 
 
-def register_pass(name: str, exactness: Exactness, description: str, check: Callable[[ModelGraph], str | None]):
-    """Decorator for a pass's run function."""
+def register_pass(name: str, exactness: Exactness, description: str, *, plan: Callable[..., Any],
+                  stage: Stage, runs_after: tuple[str, ...] = ()):
+    """Decorator for a pass's rewrite function; ``plan`` decides whether and what to rewrite."""
 
-    def wrap(run: Callable[..., PassResult]) -> Callable[..., PassResult]:
+    def wrap(rewrite: Callable[[ModelGraph, Any], PassResult]) -> Callable[[ModelGraph, Any], PassResult]:
         if name in _REGISTRY:
             raise ValueError(f"pass {name!r} registered twice")
-        _REGISTRY[name] = Pass(name, exactness, description, check, run)
-        return run
+        _REGISTRY[name] = Pass(name, exactness, description, plan, rewrite, stage, tuple(runs_after))
+        return rewrite
 
     return wrap
 
@@ -67,22 +110,79 @@ def all_passes() -> list[Pass]:
     return [(_REGISTRY[k]) for k in sorted(_REGISTRY)]
 
 
+def pass_order(names: list[str] | None = None) -> list[str]:
+    """``names`` (default: every pass) ordered by stage, each after what it ``runs_after``.
+
+    Ties within a stage keep alphabetical order, so the order is the same on every run.
+    """
+    names = sorted(_REGISTRY) if names is None else list(names)
+    wanted = set(names)
+    before = {n: {p for p in get_pass(n).runs_after if p in wanted} for n in names}
+    ordered: list[str] = []
+    while before:
+        ready = sorted((n for n, deps in before.items() if not deps), key=lambda n: (get_pass(n).stage, n))
+        if not ready:
+            raise ValueError(f"passes' runs_after constraints form a cycle among {sorted(before)}")
+        ordered.append(ready[0])
+        del before[ready[0]]
+        for deps in before.values():
+            deps.discard(ready[0])
+    return ordered
+
+
+def check_pipeline(names: list[str] | tuple[str, ...]) -> None:
+    """Refuse a pipeline that runs a pass before one it must follow."""
+    for i, name in enumerate(names):
+        for later in names[i + 1:]:
+            if later in get_pass(name).runs_after:
+                raise TfcompileError(f"pipeline order: {name} must run after {later} (swap them)")
+
+
 @dataclasses.dataclass(frozen=True)
 class PassOutcome:
     name: str
     applied: bool
     reason: str  # the rewrite summary when applied, the refusal otherwise
+    record: Any = None
 
 
-def apply_pass(graph: ModelGraph, name: str, **knobs: Any) -> tuple[ModelGraph, PassOutcome]:
-    """Run one pass on a clone of ``graph``; return the new graph and what happened."""
+def apply_pass(graph: ModelGraph, name: str, context: PassContext | None = None,
+               **knobs: Any) -> tuple[ModelGraph, PassOutcome]:
+    """Plan ``name`` on a clone of ``graph`` and rewrite that clone; ``graph`` itself is never touched.
+
+    A refused pass hands back ``graph`` itself with the reason.
+    """
     pass_ = get_pass(name)
-    reason = pass_.check(graph)
-    if reason is not None:
-        return graph, PassOutcome(name, False, reason)
-    result = pass_.run(clone(graph), **knobs)
-    if result.changed:
-        result.graph.gm.graph.lint()
-        result.graph.gm.recompile()
-        refresh_shapes(result.graph)
-    return result.graph, PassOutcome(name, result.changed, result.summary)
+    work = clone(graph)
+    try:
+        plan = pass_.plan(work, context or default_context(), **knobs)
+    except PassRefused as refusal:
+        return graph, PassOutcome(name, False, refusal.reason)
+    result = pass_.rewrite(work, plan)
+    if not result.changed:
+        return graph, PassOutcome(name, False, result.summary)
+    result.graph.gm.graph.lint()
+    result.graph.gm.recompile()
+    refresh_shapes(result.graph)
+    return result.graph, PassOutcome(name, True, result.summary, result.record)
+
+
+def register_checked_pass(name: str, exactness: Exactness, description: str,
+                          check: Callable[[ModelGraph], str | None], *, stage: Stage,
+                          runs_after: tuple[str, ...] = ()):
+    """TRANSITIONAL: the old ``check``/``run(graph, **knobs)`` form, until every family plans."""
+
+    def wrap(run: Callable[..., PassResult]) -> Callable[..., PassResult]:
+        def plan(graph: ModelGraph, context: PassContext, **knobs: Any) -> dict[str, Any]:
+            reason = check(graph)
+            if reason is not None:
+                raise PassRefused(reason)
+            return knobs
+
+        def rewrite(graph: ModelGraph, knobs: dict[str, Any]) -> PassResult:
+            return run(graph, **knobs)
+
+        register_pass(name, exactness, description, plan=plan, stage=stage, runs_after=runs_after)(rewrite)
+        return run
+
+    return wrap

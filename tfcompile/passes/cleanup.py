@@ -18,8 +18,8 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph
-from tfcompile.passes import structure
-from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile import structure
+from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
 
 aten = torch.ops.aten
 
@@ -53,7 +53,7 @@ def _check_identity(graph: ModelGraph) -> str | None:
     return None if _identity_candidates(graph) else "no identity ops (eval dropout, alias, no-op casts) in the graph"
 
 
-@register_pass("remove_identity_ops", Exactness.EXACT, "drop eval-mode dropout, aliases and no-op casts", _check_identity)
+@register_checked_pass("remove_identity_ops", Exactness.EXACT, "drop eval-mode dropout, aliases and no-op casts", _check_identity, stage=Stage.CLEANUP)
 def remove_identity_ops(graph: ModelGraph) -> PassResult:
     removed = 0
     for node in _identity_candidates(graph):
@@ -75,7 +75,7 @@ def _check_dead(graph: ModelGraph) -> str | None:
     return None if _dead_nodes(graph) else "no dead nodes"
 
 
-@register_pass("eliminate_dead_code", Exactness.EXACT, "remove nodes whose results are never used", _check_dead)
+@register_checked_pass("eliminate_dead_code", Exactness.EXACT, "remove nodes whose results are never used", _check_dead, stage=Stage.CLEANUP, runs_after=('fold_constants',))
 def eliminate_dead_code(graph: ModelGraph) -> PassResult:
     before = len(graph.gm.graph.nodes)
     # fx's DCE keeps impure nodes; our no-op asserts are handled by remove_identity_ops.
@@ -112,7 +112,7 @@ def _read_bytes(node: torch.fx.Node, graph: ModelGraph) -> int:
     return total
 
 
-@register_pass("fold_constants", Exactness.EXACT, "precompute subgraphs that do not depend on input values", _check_fold)
+@register_checked_pass("fold_constants", Exactness.EXACT, "precompute subgraphs that do not depend on input values", _check_fold, stage=Stage.CLEANUP, runs_after=('remove_identity_ops',))
 def fold_constants(graph: ModelGraph) -> PassResult:
     roots = _foldable_nodes(graph)
     keep = []

@@ -40,8 +40,9 @@ import torch
 from tfcompile.cost_models.calibration import load_profile
 from tfcompile.cost_models.ffn import choose_form
 from tfcompile.graph import ModelGraph
-from tfcompile.passes import ffn_premerge, structure  # noqa: F401  (ffn_premerge registers premerge_ffn)
-from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile.passes import ffn_premerge  # noqa: F401  (ffn_premerge registers premerge_ffn)
+from tfcompile import structure
+from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
 
 aten = torch.ops.aten
 
@@ -148,8 +149,8 @@ def _rewrite_site(graph: ModelGraph, site: structure.GemmSite, u, v, form: str, 
     gm.graph.erase_node(node)
 
 
-@register_pass("structure_ffn", Exactness.APPROXIMATE,
-               "factorise FFN projections into low-rank or block-dense form by truncated SVD", _check)
+@register_checked_pass("structure_ffn", Exactness.APPROXIMATE,
+               "factorise FFN projections into low-rank or block-dense form by truncated SVD", _check, stage=Stage.FFN, runs_after=('premerge_ffn',))
 def structure_ffn(graph: ModelGraph, *, rank_ratio: float | None = None, max_weight_error: float | None = None,
                   form: str = "lowrank", blocks: int = 4, align: int = 8, device: str | None = None,
                   backend: str | None = None) -> PassResult:

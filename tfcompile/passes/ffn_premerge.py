@@ -36,8 +36,8 @@ from torch.fx.node import map_arg
 from tfcompile.cost_models.calibration import load_profile
 from tfcompile.cost_models.ffn import NodeSet, dense_linear, predict_s
 from tfcompile.graph import ModelGraph, fetch_attr
-from tfcompile.passes import structure
-from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile import structure
+from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
 
 aten = torch.ops.aten
 
@@ -162,8 +162,8 @@ def _replace(graph: ModelGraph, entry, nodes, weight, bias) -> None:
         gm.graph.erase_node(node)
 
 
-@register_pass("premerge_ffn", Exactness.EXACT,
-               "multiply structured factors (low-rank, block-dense, block-shuffle) back into one dense GEMM", _check)
+@register_checked_pass("premerge_ffn", Exactness.EXACT,
+               "multiply structured factors (low-rank, block-dense, block-shuffle) back into one dense GEMM", _check, stage=Stage.FFN)
 def premerge_ffn(graph: ModelGraph, *, device: str | None = None, backend: str | None = None) -> PassResult:
     profile = load_profile(device, backend) if device and backend else None
     merged, left = [], []

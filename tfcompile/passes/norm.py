@@ -37,8 +37,8 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph, fetch_attr
-from tfcompile.passes import structure
-from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile import structure
+from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
 
 aten = torch.ops.aten
 
@@ -76,8 +76,8 @@ def _check_fuse(graph: ModelGraph) -> str | None:
     return "no RMSNorm/LayerNorm written out as arithmetic (mean/pow/rsqrt) over the last axis"
 
 
-@register_pass("fuse_norm", Exactness.EXACT,
-               "replace norms written out as arithmetic by one aten.rms_norm / aten.layer_norm", _check_fuse)
+@register_checked_pass("fuse_norm", Exactness.EXACT,
+               "replace norms written out as arithmetic by one aten.rms_norm / aten.layer_norm", _check_fuse, stage=Stage.NORMS)
 def fuse_norm(graph: ModelGraph) -> PassResult:
     g = graph.gm.graph
     found = structure.decomposed_norms(graph)
@@ -136,8 +136,8 @@ def _check_fold(graph: ModelGraph) -> str | None:
     return plan if isinstance(plan, str) else None
 
 
-@register_pass("fold_norm_affine", Exactness.EXACT,
-               "fold each norm's γ/β into the linear layers that read it (W·diag γ, b + Wβ)", _check_fold)
+@register_checked_pass("fold_norm_affine", Exactness.EXACT,
+               "fold each norm's γ/β into the linear layers that read it (W·diag γ, b + Wβ)", _check_fold, stage=Stage.NORMS, runs_after=('fuse_norm', 'merge_qkv_projections'))
 def fold_norm_affine(graph: ModelGraph) -> PassResult:
     plan = _foldable(graph)
     folded = 0
@@ -276,8 +276,8 @@ def swap_layernorms(graph: ModelGraph) -> int:
     return count
 
 
-@register_pass("layernorm_to_rmsnorm", Exactness.EXACT,
-               "centre the residual stream's writers and replace Pre-LN LayerNorms by RMSNorm", _check_ln2rms)
+@register_checked_pass("layernorm_to_rmsnorm", Exactness.EXACT,
+               "centre the residual stream's writers and replace Pre-LN LayerNorms by RMSNorm", _check_ln2rms, stage=Stage.NORMS, runs_after=('fold_norm_affine',))
 def layernorm_to_rmsnorm(graph: ModelGraph) -> PassResult:
     stream = structure.residual_stream(graph)
     centred = _rewrite_writers(graph, stream, _centre, "centred")
@@ -345,8 +345,8 @@ def _crms_norm(graph: ModelGraph, site: structure.NormSite, d: int) -> torch.fx.
     return out
 
 
-@register_pass("rmsnorm_to_crmsnorm", Exactness.EXACT,
-               "compress a zero-mean RMSNorm stream to d−1 coordinates (CRMSNorm)", _check_crms)
+@register_checked_pass("rmsnorm_to_crmsnorm", Exactness.EXACT,
+               "compress a zero-mean RMSNorm stream to d−1 coordinates (CRMSNorm)", _check_crms, stage=Stage.NORMS, runs_after=('layernorm_to_rmsnorm',))
 def rmsnorm_to_crmsnorm(graph: ModelGraph) -> PassResult:
     """Keep the first d−1 coordinates of the stream; its last is minus their sum.
 

@@ -30,7 +30,7 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from tfcompile.graph import ModelGraph
-from tfcompile.passes import structure
+from tfcompile import structure
 
 if TYPE_CHECKING:
     from tfcompile.passes.padding import Geometry
@@ -78,7 +78,7 @@ def _norm_dim(dim: int, rank: int) -> int:
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default=None):
-    return structure._dim_arg(node, index, name, default)
+    return structure.dim_arg(node, index, name, default)
 
 
 def _op_name(node: torch.fx.Node) -> str:

@@ -61,8 +61,8 @@ import torch
 
 from tfcompile.errors import ShapeError
 from tfcompile.graph import ModelGraph, clone
-from tfcompile.passes import structure
-from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile import structure
+from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
 from tfcompile.passes.packing import Packer, Refusal
 
 aten = torch.ops.aten
@@ -344,9 +344,9 @@ def _check_remove(graph: ModelGraph) -> str | None:
     return _dry_run(graph, lambda plan: packed_geometry(plan.lengths, plan.seq.seq))
 
 
-@register_pass("remove_padding", Exactness.EXACT,
+@register_checked_pass("remove_padding", Exactness.EXACT,
                "compute only the valid tokens of a right-padded batch: packed token-wise ops, "
-               "per-sequence attention, scatter back at the output", _check_remove)
+               "per-sequence attention, scatter back at the output", _check_remove, stage=Stage.PADDING)
 def remove_padding(graph: ModelGraph, lengths=None) -> PassResult:
     try:
         plan = _plan(graph, lengths)
@@ -366,9 +366,9 @@ def _check_prepack(graph: ModelGraph) -> str | None:
     return _dry_run(graph, lambda plan: binned_geometry(plan.lengths, plan.seq.seq, max(plan.lengths)))
 
 
-@register_pass("prepack", Exactness.EXACT,
+@register_checked_pass("prepack", Exactness.EXACT,
                "bin-pack the sequences of a right-padded batch into dense rows with block-diagonal "
-               "attention masks and per-sequence positions (prefill)", _check_prepack)
+               "attention masks and per-sequence positions (prefill)", _check_prepack, stage=Stage.PADDING, runs_after=('remove_padding',))
 def prepack(graph: ModelGraph, lengths=None, capacity: int | None = None) -> PassResult:
     try:
         plan = _plan(graph, lengths)

@@ -19,8 +19,8 @@ from collections import defaultdict
 import torch
 
 from tfcompile.graph import ModelGraph
-from tfcompile.passes import structure
-from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile import structure
+from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
 
 aten = torch.ops.aten
 
@@ -49,8 +49,8 @@ def _check(graph: ModelGraph) -> str | None:
     return "no two linear layers read the same tensor (projections are already fused or absent)"
 
 
-@register_pass("merge_qkv_projections", Exactness.EXACT,
-               "fuse linears that read the same input (q/k/v, gate/up) into one GEMM", _check)
+@register_checked_pass("merge_qkv_projections", Exactness.EXACT,
+               "fuse linears that read the same input (q/k/v, gate/up) into one GEMM", _check, stage=Stage.PROJECTIONS)
 def merge_qkv_projections(graph: ModelGraph) -> PassResult:
     gm = graph.gm
     groups = _groups(graph)

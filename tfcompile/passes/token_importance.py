@@ -20,7 +20,8 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph
-from tfcompile.passes import structure, token_merging
+from tfcompile.passes import token_merging
+from tfcompile import structure
 
 aten = torch.ops.aten
 

@@ -35,7 +35,7 @@ import operator
 import torch
 import torch.fx
 
-from tfcompile.passes import structure
+from tfcompile import structure
 
 aten = torch.ops.aten
 
@@ -189,7 +189,7 @@ def unwrap_biases(graph: torch.fx.Graph, downstream: set[torch.fx.Node]) -> None
     for node in downstream:
         if node.op != "call_function" or node.target is not _SDPA:
             continue
-        mask = structure._dim_arg(node, 3, "attn_mask")
+        mask = structure.dim_arg(node, 3, "attn_mask")
         if isinstance(mask, torch.fx.Node) and mask.meta.get(TAG) == "bias":
             base = mask.meta.get(BASE)
             _set_mask(node, by_name[base] if base is not None else None)
@@ -208,7 +208,7 @@ def attention_masks(downstream: set[torch.fx.Node]) -> dict[torch.fx.Node, torch
     found = {}
     for node in downstream:
         if node.op == "call_function" and node.target is _SDPA:
-            mask = structure._dim_arg(node, 3, "attn_mask")
+            mask = structure.dim_arg(node, 3, "attn_mask")
             meta = structure.tensor_meta(mask) if isinstance(mask, torch.fx.Node) else None
             found[node] = None if mask is None else (meta.dtype if meta is not None else torch.float32)
     return found
@@ -219,7 +219,7 @@ def proportional_attention(e, m: Merge, attentions: dict[torch.fx.Node, torch.dt
     logw = log_sizes(e, m)
     built: dict[object, torch.fx.Node] = {}
     for node in sorted(attentions, key=lambda x: x.name):
-        mask = structure._dim_arg(node, 3, "attn_mask")
+        mask = structure.dim_arg(node, 3, "attn_mask")
         key = mask if isinstance(mask, torch.fx.Node) else None
         if key not in built:
             if key is None:

@@ -71,8 +71,9 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from tfcompile.graph import ModelGraph, clone, refresh_shapes
-from tfcompile.passes import structure, token_importance, token_merging
-from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile.passes import token_importance, token_merging
+from tfcompile import structure
+from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
 from tfcompile.passes.packing import Refusal
 
 aten = torch.ops.aten
@@ -237,10 +238,10 @@ class _Resizer(torch.fx.Interpreter):
                     raise Refusal(f"{node.name} broadcasts to the sequence length after the pruned layer")
             node.update_arg(1, sizes)
         elif target is aten.slice.Tensor:
-            dim = structure._dim_arg(node, 1, "dim", 0) % len(src_old)
-            start, end = structure._dim_arg(node, 2, "start"), structure._dim_arg(node, 3, "end")
+            dim = structure.dim_arg(node, 1, "dim", 0) % len(src_old)
+            start, end = structure.dim_arg(node, 2, "start"), structure.dim_arg(node, 3, "end")
             if dim in changed and ((start or 0) != 0 or (end is not None and end < src_old[dim])
-                                   or structure._dim_arg(node, 4, "step", 1) != 1):
+                                   or structure.dim_arg(node, 4, "step", 1) != 1):
                 raise Refusal(f"{node.name} slices the sequence after the pruned layer")
         elif target is aten.select.int:
             dim = node.args[1] % len(src_old)
@@ -468,9 +469,9 @@ def _check(graph: ModelGraph) -> str | None:
     return None
 
 
-@register_pass("prune_tokens", Exactness.APPROXIMATE,
+@register_checked_pass("prune_tokens", Exactness.APPROXIMATE,
                "Zero-TPrune: rank tokens by weighted PageRank on the attention probabilities, drop the "
-               "least important / most redundant ones after chosen layers (static keep count)", _check)
+               "least important / most redundant ones after chosen layers (static keep count)", _check, stage=Stage.TOKENS)
 def prune_tokens(graph: ModelGraph, keep_ratio=0.7, layers=None, iterations: int | None = None,
                  head_range=token_importance.DEFAULT_HEAD_RANGE, sim_fraction: float = 0.5, cls_weight: str = "sqrt",
                  merge: bool = False, merge_attention: bool = True, merge_states: bool = True) -> PassResult:

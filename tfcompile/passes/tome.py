@@ -37,8 +37,8 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph, clone, refresh_shapes
-from tfcompile.passes import structure
-from tfcompile.passes.base import Exactness, PassResult, register_pass
+from tfcompile import structure
+from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
 from tfcompile.passes.packing import Refusal
 from tfcompile.passes.token_pruning import _attention_inputs, _prune_at, _shape_of
 
@@ -170,9 +170,9 @@ def _check(graph: ModelGraph) -> str | None:
     return None
 
 
-@register_pass("merge_tokens", Exactness.APPROXIMATE,
+@register_checked_pass("merge_tokens", Exactness.APPROXIMATE,
                "ToMe: merge r tokens per layer between attention and FFN by bipartite matching of "
-               "FFN-input states; size-weighted states, pooling and attention (static token counts)", _check)
+               "FFN-input states; size-weighted states, pooling and attention (static token counts)", _check, stage=Stage.TOKENS, runs_after=('prune_tokens',))
 def merge_tokens(graph: ModelGraph, r=8, layers=None, merge_attention: bool = True,
                  merge_states: bool = True) -> PassResult:
     try:

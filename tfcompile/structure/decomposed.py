@@ -8,11 +8,10 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph
+from tfcompile.structure.shapes import dim_arg, is_scalar, shape_of
+from tfcompile.structure.stream import is_passthrough, real_users
 
 aten = torch.ops.aten
-from tfcompile.passes.structure.core import *  # noqa: F401,F403
-from tfcompile.passes.structure.stream import *  # noqa: F401,F403
-from tfcompile.passes.structure.stream import _dim_arg, _is_scalar, _shape
 
 
 # ---------------------------------------------------------------------------
@@ -44,8 +43,8 @@ def _last_axis_mean_of(node) -> torch.fx.Node | None:
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.mean.dim):
         return None
     x, dims = node.args[0], node.args[1]
-    keepdim = _dim_arg(node, 2, "keepdim", False)
-    ndim = len(_shape(x) or ())
+    keepdim = dim_arg(node, 2, "keepdim", False)
+    ndim = len(shape_of(x) or ())
     if node.kwargs.get("dtype") is not None or not keepdim or list(dims) not in ([-1], [ndim - 1]):
         return None
     return x
@@ -95,7 +94,7 @@ def _other_arg(node: torch.fx.Node, known) -> object:
 
 
 def _vector_attr(value, d: int) -> bool:
-    return isinstance(value, torch.fx.Node) and value.op == "get_attr" and _shape(value) == (d,)
+    return isinstance(value, torch.fx.Node) and value.op == "get_attr" and shape_of(value) == (d,)
 
 
 def _match_norm_at(r: torch.fx.Node) -> DecomposedNorm | None:
@@ -105,20 +104,20 @@ def _match_norm_at(r: torch.fx.Node) -> DecomposedNorm | None:
     a = r.args[0]
     if not (isinstance(a, torch.fx.Node) and a.target is aten.add.Tensor):
         return None
-    stat, eps = (a.args[0], a.args[1]) if _is_scalar(a.args[1]) else (a.args[1], a.args[0])
-    if not _is_scalar(eps) or not isinstance(stat, torch.fx.Node):
+    stat, eps = (a.args[0], a.args[1]) if is_scalar(a.args[1]) else (a.args[1], a.args[0])
+    if not is_scalar(eps) or not isinstance(stat, torch.fx.Node):
         return None
     # The statistic: mean of a square (of x, or of x − μ), or var(x, correction=0).
     if stat.target in (aten.var.correction, aten.var.dim):
         x = _strip_passthrough(stat.args[0])
-        ndim = len(_shape(x) or ())
+        ndim = len(shape_of(x) or ())
         if stat.target is aten.var.dim:  # var(x, dim, unbiased, keepdim)
-            biased = _dim_arg(stat, 2, "unbiased", True) is False
-            keepdim = _dim_arg(stat, 3, "keepdim", False)
+            biased = dim_arg(stat, 2, "unbiased", True) is False
+            keepdim = dim_arg(stat, 3, "keepdim", False)
         else:  # var(x, dim, *, correction, keepdim)
             biased = stat.kwargs.get("correction", 1) == 0
             keepdim = stat.kwargs.get("keepdim", False)
-        if list(_dim_arg(stat, 1, "dim", []) or []) not in ([-1], [ndim - 1]) or not biased or not keepdim:
+        if list(dim_arg(stat, 1, "dim", []) or []) not in ([-1], [ndim - 1]) or not biased or not keepdim:
             return None
         kind = "layer_norm"
     else:
@@ -144,8 +143,8 @@ def _match_norm_at(r: torch.fx.Node) -> DecomposedNorm | None:
             return None
     elif _strip_passthrough(c) is not x:
         return None
-    shape = _shape(x)
-    if not shape or _shape(n) != shape:
+    shape = shape_of(x)
+    if not shape or shape_of(n) != shape:
         return None
     d = shape[-1]
     out, weight, bias = n, None, None

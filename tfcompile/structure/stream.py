@@ -8,9 +8,10 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph
+from tfcompile.structure.core import tensor_meta
+from tfcompile.structure.shapes import dim_arg, is_scalar, prod, shape_of
 
 aten = torch.ops.aten
-from tfcompile.passes.structure.core import *  # noqa: F401,F403
 
 
 # ---------------------------------------------------------------------------
@@ -68,46 +69,24 @@ def real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if not (u.op == "call_function" and u.target in METADATA_OPS)]
 
 
-def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    value = tensor_meta(node)
-    return None if value is None else tuple(int(s) for s in value.shape)
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
 def _reshape_axis(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> int | None:
     """The axis of ``src`` that a reshape to ``dst`` keeps intact as ``dst[axis]``.
 
     A reshape is row-major, so an axis survives unchanged exactly when some
     source axis has the same size and the same stride (product of the sizes
     after it)."""
-    size, stride = dst[axis], _prod(dst[axis + 1:])
+    size, stride = dst[axis], prod(dst[axis + 1:])
     for i in range(len(src) - 1, -1, -1):
-        if src[i] == size and _prod(src[i + 1:]) == stride:
+        if src[i] == size and prod(src[i + 1:]) == stride:
             return i
     return None
-
-
-def _dim_arg(node: torch.fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _is_scalar(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def axis_through(node: torch.fx.Node, out_axis: int) -> int | None:
     """The axis of ``node.args[0]`` that ``node`` passes on, unmixed, as its ``out_axis``.
 
     None when the op mixes, reduces, slices along or broadcasts that axis."""
-    src, dst = _shape(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None, _shape(node)
+    src, dst = shape_of(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None, shape_of(node)
     if src is None or dst is None:
         return None
     target = node.target
@@ -129,9 +108,9 @@ def axis_through(node: torch.fx.Node, out_axis: int) -> int | None:
         dim = node.args[1] % len(src)
         return out_axis if out_axis < dim else out_axis + 1
     if target is aten.slice.Tensor:
-        dim = _dim_arg(node, 1, "dim", 0) % len(src)
+        dim = dim_arg(node, 1, "dim", 0) % len(src)
         return None if dim == out_axis else out_axis
-    if target in (aten.mul.Tensor, aten.div.Tensor) and _is_scalar(node.args[1]):
+    if target in (aten.mul.Tensor, aten.div.Tensor) and is_scalar(node.args[1]):
         return out_axis
     return None
 
@@ -140,7 +119,7 @@ def axis_forward(node: torch.fx.Node, src_node: torch.fx.Node, in_axis: int) -> 
     """The axis of ``node``'s output that carries ``src_node``'s ``in_axis`` unmixed (None if none)."""
     if not node.args or node.args[0] is not src_node:
         return None
-    dst = _shape(node)
+    dst = shape_of(node)
     if dst is None:
         return None
     for out_axis in range(len(dst)):
@@ -187,16 +166,16 @@ def norm_sites(graph: ModelGraph) -> list[NormSite]:
         if len(shape) != 1:
             continue
         if node.target is aten.layer_norm.default:
-            weight, bias = _as_node(_dim_arg(node, 2, "weight")), _as_node(_dim_arg(node, 3, "bias"))
-            eps = _dim_arg(node, 4, "eps", 1e-5)
+            weight, bias = _as_node(dim_arg(node, 2, "weight")), _as_node(dim_arg(node, 3, "bias"))
+            eps = dim_arg(node, 4, "eps", 1e-5)
             sites.append(NormSite(node, "layer_norm", node.args[0], int(shape[0]), eps, weight, bias))
         else:
-            weight, eps = _as_node(_dim_arg(node, 2, "weight")), _dim_arg(node, 3, "eps")
+            weight, eps = _as_node(dim_arg(node, 2, "weight")), dim_arg(node, 3, "eps")
             bias, bias_node = None, None
             users = real_users(node)
             if len(users) == 1 and users[0].target is aten.add.Tensor and users[0].args[0] is node:
                 other = users[0].args[1]
-                if isinstance(other, torch.fx.Node) and other.op == "get_attr" and _shape(other) == (shape[0],):
+                if isinstance(other, torch.fx.Node) and other.op == "get_attr" and shape_of(other) == (shape[0],):
                     bias, bias_node = other, users[0]
             sites.append(NormSite(node, "rms_norm", node.args[0], int(shape[0]), eps, weight, bias, bias_node))
     return sites
@@ -215,7 +194,7 @@ class NormReader:
 
 def _linear_reader(user: torch.fx.Node, value: torch.fx.Node) -> NormReader | None:
     if user.target is aten.linear.default and user.args[0] is value:
-        w, b = user.args[1], _dim_arg(user, 2, "bias")
+        w, b = user.args[1], dim_arg(user, 2, "bias")
         if w is not value and _as_node(w) is not None and w.op == "get_attr" and (
                 b is None or (_as_node(b) is not None and b.op == "get_attr")):
             return NormReader(user, "linear", (), w, b)
@@ -233,14 +212,14 @@ def norm_readers(site: NormSite) -> tuple[list[NormReader], str | None]:
     stack: list[tuple[torch.fx.Node, tuple[torch.fx.Node, ...]]] = [(site.output, ())]
     while stack:
         value, path = stack.pop()
-        ndim = len(_shape(value) or ())
+        ndim = len(shape_of(value) or ())
         for user in real_users(value):
             reader = _linear_reader(user, value)
             if reader is not None:
                 readers.append(dataclasses.replace(reader, path=path))
                 continue
             out_axis = axis_forward(user, value, ndim - 1) if user.op == "call_function" else None
-            if out_axis is not None and out_axis == len(_shape(user)) - 1:
+            if out_axis is not None and out_axis == len(shape_of(user)) - 1:
                 stack.append((user, path + (user,)))
                 continue
             what = "the graph output" if user.op == "output" else f"{user.name} ({_op_name(user)})"
@@ -285,7 +264,7 @@ class ResidualStream:
 
 
 def _classify_leaf(node: torch.fx.Node, axis: int, consumer: torch.fx.Node) -> StreamWriter | str:
-    ndim = len(_shape(node) or ())
+    ndim = len(shape_of(node) or ())
     last = axis == ndim - 1
     if node.op == "get_attr":
         return StreamWriter("constant", node, axis, consumer, node, None)
@@ -295,7 +274,7 @@ def _classify_leaf(node: torch.fx.Node, axis: int, consumer: torch.fx.Node) -> S
     if target is aten.embedding.default and last and node.args[0].op == "get_attr":
         return StreamWriter("embedding", node, axis, consumer, node.args[0], None)
     if target is aten.linear.default and last:
-        w, b = node.args[1], _dim_arg(node, 2, "bias")
+        w, b = node.args[1], dim_arg(node, 2, "bias")
         if w.op == "get_attr" and (b is None or b.op == "get_attr"):
             return StreamWriter("linear", node, axis, consumer, w, b)
     if target is aten.addmm.default and last and not node.kwargs:
@@ -305,7 +284,7 @@ def _classify_leaf(node: torch.fx.Node, axis: int, consumer: torch.fx.Node) -> S
     if target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default) \
             and axis == 1:
         transposed = target is aten.convolution.default and node.args[6]
-        w, b = node.args[1], _dim_arg(node, 2, "bias")
+        w, b = node.args[1], dim_arg(node, 2, "bias")
         if not transposed and w.op == "get_attr" and (b is None or b.op == "get_attr"):
             return StreamWriter("conv", node, axis, consumer, w, b)
     return (f"writer {node.name} ({_op_name(node)}) is not an embedding, constant table, linear or "
@@ -340,7 +319,7 @@ def residual_stream(graph: ModelGraph) -> ResidualStream | None:
             if node in in_stream:
                 end = "stream"
                 break
-            shape = _shape(node)
+            shape = shape_of(node)
             if node.op == "call_function" and node.target is aten.add.Tensor and shape is not None \
                     and ax == len(shape) - 1 and all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
                 end = "add"
@@ -364,7 +343,7 @@ def residual_stream(graph: ModelGraph) -> ResidualStream | None:
                     dims[n] = a
             if end == "add":
                 for operand in node.args[:2]:
-                    shape, oshape = _shape(node), _shape(operand)
+                    shape, oshape = shape_of(node), shape_of(operand)
                     if oshape is None or len(oshape) < 1 or oshape[-1] != shape[-1]:
                         problems.append(f"{operand.name} is broadcast along the model axis into {node.name}")
                         continue
@@ -374,7 +353,7 @@ def residual_stream(graph: ModelGraph) -> ResidualStream | None:
             dims[n] = a
             reached_from.setdefault(n, set()).add(r)
         if end == "cat":
-            dim = _dim_arg(node, 1, "dim", 0) % len(_shape(node))
+            dim = dim_arg(node, 1, "dim", 0) % len(shape_of(node))
             dims[node] = ax
             reached_from.setdefault(node, set()).add(reader)
             if dim == ax:
@@ -403,7 +382,7 @@ def residual_stream(graph: ModelGraph) -> ResidualStream | None:
             reached_from.setdefault(node, set()).add(reader)
 
     for site in sites:
-        shape = _shape(site.input)
+        shape = shape_of(site.input)
         if shape is None:
             continue
         climb(site.input, len(shape) - 1, site.node, site.node)

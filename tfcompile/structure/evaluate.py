@@ -7,13 +7,9 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph, fetch_attr
+from tfcompile.structure.core import SHAPE_ONLY_OPS, tensor_meta
 
 aten = torch.ops.aten
-from tfcompile.passes.structure.core import *  # noqa: F401,F403
-from tfcompile.passes.structure.stream import *  # noqa: F401,F403
-from tfcompile.passes.structure.decomposed import *  # noqa: F401,F403
-from tfcompile.passes.structure.sequence import *  # noqa: F401,F403
-from tfcompile.passes.structure.linear import *  # noqa: F401,F403
 
 
 # ---------------------------------------------------------------------------

@@ -9,13 +9,11 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph, fetch_attr
+from tfcompile.structure.core import input_dependent_nodes, module_path
+from tfcompile.structure.shapes import dim_arg, prod, shape_of
+from tfcompile.structure.stream import RESHAPE_OPS, is_passthrough, real_users
 
 aten = torch.ops.aten
-from tfcompile.passes.structure.core import *  # noqa: F401,F403
-from tfcompile.passes.structure.stream import *  # noqa: F401,F403
-from tfcompile.passes.structure.stream import _dim_arg, _prod, _shape
-from tfcompile.passes.structure.decomposed import *  # noqa: F401,F403
-from tfcompile.passes.structure.sequence import *  # noqa: F401,F403
 
 
 # ---------------------------------------------------------------------------
@@ -46,8 +44,8 @@ class GemmSite:
     @property
     def tokens(self) -> int:
         """Rows of the GEMM: every leading axis of the input counts as tokens."""
-        shape = _shape(self.input) or (0,)
-        return _prod(shape[:-1])
+        shape = shape_of(self.input) or (0,)
+        return prod(shape[:-1])
 
 
 def _attr(value) -> bool:
@@ -58,7 +56,7 @@ def gemm_site(node: torch.fx.Node) -> GemmSite | None:
     if node.op != "call_function":
         return None
     if node.target is aten.linear.default:
-        x, w, b = node.args[0], node.args[1], _dim_arg(node, 2, "bias")
+        x, w, b = node.args[0], node.args[1], dim_arg(node, 2, "bias")
         if isinstance(x, torch.fx.Node) and _attr(w) and (b is None or _attr(b)):
             return GemmSite(node, "linear", x, w.target, None if b is None else b.target)
     if node.target is aten.addmm.default and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:

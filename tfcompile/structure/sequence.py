@@ -8,12 +8,10 @@ import torch
 import torch.fx
 
 from tfcompile.graph import ModelGraph
+from tfcompile.structure.core import tensor_meta
+from tfcompile.structure.shapes import dim_arg
 
 aten = torch.ops.aten
-from tfcompile.passes.structure.core import *  # noqa: F401,F403
-from tfcompile.passes.structure.stream import *  # noqa: F401,F403
-from tfcompile.passes.structure.stream import _dim_arg
-from tfcompile.passes.structure.decomposed import *  # noqa: F401,F403
 
 
 # ---------------------------------------------------------------------------
@@ -64,7 +62,7 @@ def attention_sites(graph: ModelGraph) -> list[AttentionSite]:
     for node in graph.call_nodes():
         if node.target is not aten.scaled_dot_product_attention.default:
             continue
-        mask = _dim_arg(node, 3, "attn_mask")
+        mask = dim_arg(node, 3, "attn_mask")
         sites.append(AttentionSite(node, mask if isinstance(mask, torch.fx.Node) else None,
-                                   bool(_dim_arg(node, 5, "is_causal", False))))
+                                   bool(dim_arg(node, 5, "is_causal", False))))
     return sites

@@ -1,0 +1,92 @@
+"""One cost model interface: a device, a backend and coefficients bound together.
+
+Every caller (search, passes, optimize, compare, remote measurement,
+benchmarks) asks a ``CostModel`` for ``predict(graph)``; none resolves a
+target string, a profile file and a formula on its own.
+
+- ``RooflineCostModel``: the device file's peaks and efficiencies, per kernel
+  max(compute, memory) + overhead (``roofline.estimate``).
+- ``CalibratedCostModel``: a fitted profile for (target, backend)
+  (``calibration.Profile``); FLOPs and bytes still come from the roofline walk.
+
+``predict`` accepts anything with ``call_nodes()``: a ModelGraph, or a
+``NodeSet`` of a candidate sub-graph (the FFN forms a pass weighs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Protocol
+
+from tfcompile.cost_models.calibration import Profile, load_profile
+from tfcompile.cost_models.device import DeviceSpec, load_device
+from tfcompile.cost_models.roofline import estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    latency_s: float
+    flops: float
+    bytes_moved: float
+    kind: str  # "roofline" or "calibrated"
+
+
+class CostModel(Protocol):
+    device: DeviceSpec
+    backend: str
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+    def predict(self, graph) -> Prediction: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RooflineCostModel:
+    device: DeviceSpec
+    backend: str = "ort"
+
+    @property
+    def kind(self) -> str:
+        return "roofline"
+
+    @property
+    def label(self) -> str:
+        return "roofline"
+
+    def predict(self, graph) -> Prediction:
+        result = estimate(graph, self.device)
+        return Prediction(result.latency_s, result.flops, result.bytes_moved, self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibratedCostModel:
+    device: DeviceSpec
+    backend: str
+    profile: Profile
+
+    @property
+    def kind(self) -> str:
+        return "calibrated"
+
+    @property
+    def label(self) -> str:
+        return f"calibrated {self.device.name}/{self.backend}"
+
+    def predict(self, graph) -> Prediction:
+        roofline = estimate(graph, self.device)
+        return Prediction(self.profile.predict_s(graph), roofline.flops, roofline.bytes_moved, self.kind)
+
+
+def cost_model_for(target: str | DeviceSpec, backend: str = "ort", *, profile_path: Path | None = None,
+                   calibrated: bool = True) -> CostModel:
+    """The target's calibrated model when a profile for (target, backend) exists, else its roofline."""
+    device = load_device(target) if isinstance(target, str) else target
+    profile = load_profile(device.name, backend, profile_path) if calibrated else None
+    if profile is not None:
+        return CalibratedCostModel(device, backend, profile)
+    return RooflineCostModel(device, backend)
