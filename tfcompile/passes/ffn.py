@@ -193,8 +193,7 @@ def structure_ffn(graph: ModelGraph, *, rank_ratio: float | None = None, max_wei
     graph.info["structure_ffn"] = records
     if not records:
         return PassResult(graph, False, "no projection factorised: " + "; ".join(kept))
-    graph.gm.graph.eliminate_dead_code()  # the dense weights' get_attr nodes
-    structure.drop_unused_attrs(graph.gm, attrs)
+    structure.remove_dead_code(graph.gm, attrs)  # the dense weights' get_attr nodes
     ranks = sorted({r["rank"] for r in records})
     errors = ", ".join(f"{r['layer']} {r['rel_error']:.3f}" for r in records)
     summary = (f"factorised {len(records)} FFN projections ({form}, rank {'/'.join(map(str, ranks))}); "

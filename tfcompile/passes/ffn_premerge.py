@@ -189,8 +189,7 @@ def premerge_ffn(graph: ModelGraph, *, device: str | None = None, backend: str |
         merged.append(f"{chain.name} ({sum(n.target in structure.CHAIN_GEMM_OPS for n in nodes)} GEMMs)")
     if not merged:
         return PassResult(graph, False, "nothing merged: " + "; ".join(left))
-    graph.gm.graph.eliminate_dead_code()
-    structure.drop_unused_attrs(graph.gm, attrs)
+    structure.remove_dead_code(graph.gm, attrs)
     summary = f"merged {len(merged)} structured layers into dense GEMMs: {', '.join(merged)}"
     if left:
         summary += f"; left structured: {'; '.join(left)}"

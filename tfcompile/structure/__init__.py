@@ -57,7 +57,6 @@ from tfcompile.structure.linear import (  # noqa: F401
     FFNBlock,
     GemmSite,
     LinearChain,
-    drop_unused_attrs,
     ffn_blocks,
     gemm_site,
     gemm_sites,
@@ -65,4 +64,8 @@ from tfcompile.structure.linear import (  # noqa: F401
 )
 from tfcompile.structure.evaluate import (  # noqa: F401
     evaluate_nodes,
+)
+from tfcompile.structure.build import (  # noqa: F401
+    GraphBuilder,
+    remove_dead_code,
 )

@@ -226,19 +226,3 @@ def linear_chains(graph: ModelGraph) -> list[LinearChain]:
         if len(gemms) >= 2:
             chains.append(LinearChain(_chain_arg(nodes[0], dependent), tuple(nodes), gemms))
     return chains
-
-
-def drop_unused_attrs(gm: torch.fx.GraphModule, targets: set[str]) -> None:
-    """Delete those of ``targets`` that no get_attr reads any more from ``gm``.
-
-    For passes on a clone (``apply_pass``): the clone's modules are its own, so
-    the original keeps its weights, and exports of the variant do not carry
-    the replaced ones."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in targets - used:
-        *path, field = target.split(".")
-        owner = gm
-        for part in path:
-            owner = getattr(owner, part, None)
-        if owner is not None and hasattr(owner, field):
-            delattr(owner, field)
