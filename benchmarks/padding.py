@@ -22,7 +22,7 @@ import torch
 from tfcompile.backends.runner import interleave_block, lower
 from tfcompile.backends.timing import measure_interleaved
 from tfcompile.cost_models import estimate, load_device
-from tfcompile.cost_models.padding import ideal_speedup
+from tfcompile.cost_models.padding_gain import ideal_speedup
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.passes import apply_pass
 from tfcompile.passes.padding import with_lengths

@@ -6,7 +6,7 @@ import torch
 
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.cost_models.op_costs import cost_of
-from tfcompile.cost_models.padding import ideal_speedup, prepack_speedup
+from tfcompile.cost_models.padding_gain import ideal_speedup, prepack_speedup
 from tfcompile.errors import ShapeError
 from tfcompile.graph import export_module, fetch_attr
 from tfcompile.passes import apply_pass, get_pass

@@ -142,7 +142,7 @@ def vm_passes() -> list[tvm.transform.Pass]:
 
 def legalize_and_fuse(mod: tvm.IRModule, target, *, pad_multiple: int | None = None) -> tvm.IRModule:
     """Legalise and fuse; ``pad_multiple`` pads constant matmul weights' N to that multiple first."""
-    from tfcompile.backends.tvm.padding import pad_matmul_n
+    from tfcompile.backends.tvm.matmul_layout import pad_matmul_n
     from tfcompile.backends.tvm.patchify import patchify_conv
 
     prepare = [patchify_conv] + ([pad_matmul_n(pad_multiple)] if pad_multiple else [])

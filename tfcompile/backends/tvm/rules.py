@@ -217,7 +217,7 @@ class MatmulAxes:
     i: object  # None for a GEMV
     j: object
     k: object
-    # B stored panel-major (``B[j // w, k, j % w]``, see padding.py): the panel width w, else None.
+    # B stored panel-major (``B[j // w, k, j % w]``, see matmul_layout.py): the panel width w, else None.
     panel_width: int | None = None
 
 
