@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from tfcompile.graph import ModelGraph
 from tfcompile import structure
-from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
+from tfcompile.graph import ModelGraph
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.context import PassContext
 
 aten = torch.ops.aten
 
@@ -45,18 +46,18 @@ def _is_identity(node: torch.fx.Node) -> bool:
     return False
 
 
-def _identity_candidates(graph: ModelGraph) -> list[torch.fx.Node]:
-    return [n for n in graph.call_nodes() if _is_identity(n) or n.target in IMPURE_NOOPS]
+def _plan_identity(graph: ModelGraph, context: PassContext) -> list[torch.fx.Node]:
+    found = [n for n in graph.call_nodes() if _is_identity(n) or n.target in IMPURE_NOOPS]
+    if not found:
+        raise PassRefused("no identity ops (eval dropout, alias, no-op casts) in the graph")
+    return found
 
 
-def _check_identity(graph: ModelGraph) -> str | None:
-    return None if _identity_candidates(graph) else "no identity ops (eval dropout, alias, no-op casts) in the graph"
-
-
-@register_checked_pass("remove_identity_ops", Exactness.EXACT, "drop eval-mode dropout, aliases and no-op casts", _check_identity, stage=Stage.CLEANUP)
-def remove_identity_ops(graph: ModelGraph) -> PassResult:
+@register_pass("remove_identity_ops", Exactness.EXACT, "drop eval-mode dropout, aliases and no-op casts",
+               plan=_plan_identity, stage=Stage.CLEANUP)
+def remove_identity_ops(graph: ModelGraph, identities: list[torch.fx.Node]) -> PassResult:
     removed = 0
-    for node in _identity_candidates(graph):
+    for node in identities:
         if node.target in IMPURE_NOOPS:
             graph.gm.graph.erase_node(node)
         else:
@@ -66,17 +67,15 @@ def remove_identity_ops(graph: ModelGraph) -> PassResult:
     return PassResult(graph, removed > 0, f"removed {removed} identity ops")
 
 
-def _dead_nodes(graph: ModelGraph) -> list[torch.fx.Node]:
-    return [n for n in graph.nodes() if n.op in ("call_function", "get_attr") and not n.users
-            and n.target not in IMPURE_NOOPS]
+def _plan_dead(graph: ModelGraph, context: PassContext) -> None:
+    if not any(n.op in ("call_function", "get_attr") and not n.users and n.target not in IMPURE_NOOPS
+               for n in graph.nodes()):
+        raise PassRefused("no dead nodes")
 
 
-def _check_dead(graph: ModelGraph) -> str | None:
-    return None if _dead_nodes(graph) else "no dead nodes"
-
-
-@register_checked_pass("eliminate_dead_code", Exactness.EXACT, "remove nodes whose results are never used", _check_dead, stage=Stage.CLEANUP, runs_after=('fold_constants',))
-def eliminate_dead_code(graph: ModelGraph) -> PassResult:
+@register_pass("eliminate_dead_code", Exactness.EXACT, "remove nodes whose results are never used",
+               plan=_plan_dead, stage=Stage.CLEANUP, runs_after=("fold_constants",))
+def eliminate_dead_code(graph: ModelGraph, plan: None) -> PassResult:
     before = len(graph.gm.graph.nodes)
     # fx's DCE keeps impure nodes; our no-op asserts are handled by remove_identity_ops.
     graph.gm.graph.eliminate_dead_code()
@@ -85,7 +84,7 @@ def eliminate_dead_code(graph: ModelGraph) -> PassResult:
     return PassResult(graph, removed > 0, f"removed {removed} dead nodes")
 
 
-def _foldable_nodes(graph: ModelGraph) -> list[torch.fx.Node]:
+def _plan_fold(graph: ModelGraph, context: PassContext) -> list[torch.fx.Node]:
     """Maximal constant nodes that feed input-dependent computation."""
     dependent = structure.input_dependent_nodes(graph)
     constant = {n for n in graph.call_nodes() if n not in dependent and n.target not in IMPURE_NOOPS}
@@ -96,11 +95,9 @@ def _foldable_nodes(graph: ModelGraph) -> list[torch.fx.Node]:
             if value is None or value.numel() == 0:
                 continue
             roots.append(node)
+    if not roots:
+        raise PassRefused("no subgraph independent of input values")
     return roots
-
-
-def _check_fold(graph: ModelGraph) -> str | None:
-    return None if _foldable_nodes(graph) else "no subgraph independent of input values"
 
 
 def _read_bytes(node: torch.fx.Node, graph: ModelGraph) -> int:
@@ -112,9 +109,9 @@ def _read_bytes(node: torch.fx.Node, graph: ModelGraph) -> int:
     return total
 
 
-@register_checked_pass("fold_constants", Exactness.EXACT, "precompute subgraphs that do not depend on input values", _check_fold, stage=Stage.CLEANUP, runs_after=('remove_identity_ops',))
-def fold_constants(graph: ModelGraph) -> PassResult:
-    roots = _foldable_nodes(graph)
+@register_pass("fold_constants", Exactness.EXACT, "precompute subgraphs that do not depend on input values",
+               plan=_plan_fold, stage=Stage.CLEANUP, runs_after=("remove_identity_ops",))
+def fold_constants(graph: ModelGraph, roots: list[torch.fx.Node]) -> PassResult:
     keep = []
     for node in roots:
         out = structure.tensor_meta(node)

@@ -38,7 +38,8 @@ import torch.fx
 
 from tfcompile.graph import ModelGraph, fetch_attr
 from tfcompile import structure
-from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.context import PassContext
 
 aten = torch.ops.aten
 
@@ -70,17 +71,18 @@ def _problem(problems: list[str]) -> str:
 
 # --------------------------------------------------------------------------- fuse_norm
 
-def _check_fuse(graph: ModelGraph) -> str | None:
-    if structure.decomposed_norms(graph):
-        return None
-    return "no RMSNorm/LayerNorm written out as arithmetic (mean/pow/rsqrt) over the last axis"
-
-
-@register_checked_pass("fuse_norm", Exactness.EXACT,
-               "replace norms written out as arithmetic by one aten.rms_norm / aten.layer_norm", _check_fuse, stage=Stage.NORMS)
-def fuse_norm(graph: ModelGraph) -> PassResult:
-    g = graph.gm.graph
+def _plan_fuse(graph: ModelGraph, context: PassContext) -> list[structure.DecomposedNorm]:
     found = structure.decomposed_norms(graph)
+    if not found:
+        raise PassRefused("no RMSNorm/LayerNorm written out as arithmetic (mean/pow/rsqrt) over the last axis")
+    return found
+
+
+@register_pass("fuse_norm", Exactness.EXACT,
+               "replace norms written out as arithmetic by one aten.rms_norm / aten.layer_norm",
+               plan=_plan_fuse, stage=Stage.NORMS)
+def fuse_norm(graph: ModelGraph, found: list[structure.DecomposedNorm]) -> PassResult:
+    g = graph.gm.graph
     for m in found:
         with g.inserting_before(m.output):
             if m.kind == "rms_norm":
@@ -110,8 +112,8 @@ def fuse_norm(graph: ModelGraph) -> PassResult:
 
 # --------------------------------------------------------------------------- fold_norm_affine
 
-def _foldable(graph: ModelGraph):
-    """[(site, readers)] for every norm with γ/β, or the reason one cannot be folded."""
+def _plan_fold(graph: ModelGraph, context: PassContext) -> list[tuple[structure.NormSite, list]]:
+    """[(site, readers)] for every norm with γ/β; refused with the reason one cannot be folded."""
     plan, problems = [], []
     for site in structure.norm_sites(graph):
         if not site.has_affine:
@@ -127,19 +129,16 @@ def _foldable(graph: ModelGraph):
             continue
         plan.append((site, readers))
     if not plan and not problems:
-        return "no norm has an affine γ/β left to fold"
-    return _problem(problems) if problems else plan
+        raise PassRefused("no norm has an affine γ/β left to fold")
+    if problems:
+        raise PassRefused(_problem(problems))
+    return plan
 
 
-def _check_fold(graph: ModelGraph) -> str | None:
-    plan = _foldable(graph)
-    return plan if isinstance(plan, str) else None
-
-
-@register_checked_pass("fold_norm_affine", Exactness.EXACT,
-               "fold each norm's γ/β into the linear layers that read it (W·diag γ, b + Wβ)", _check_fold, stage=Stage.NORMS, runs_after=('fuse_norm', 'merge_qkv_projections'))
-def fold_norm_affine(graph: ModelGraph) -> PassResult:
-    plan = _foldable(graph)
+@register_pass("fold_norm_affine", Exactness.EXACT,
+               "fold each norm's γ/β into the linear layers that read it (W·diag γ, b + Wβ)",
+               plan=_plan_fold, stage=Stage.NORMS, runs_after=("fuse_norm", "merge_qkv_projections"))
+def fold_norm_affine(graph: ModelGraph, plan: list[tuple[structure.NormSite, list]]) -> PassResult:
     folded = 0
     for site, readers in plan:
         gamma = fetch_attr(graph.gm, site.weight.target).double() if site.weight is not None else None
@@ -241,18 +240,18 @@ def _native_rms_hint(graph: ModelGraph) -> str | None:
     return None
 
 
-def _check_ln2rms(graph: ModelGraph) -> str | None:
+def _plan_ln2rms(graph: ModelGraph, context: PassContext) -> structure.ResidualStream:
     sites = structure.norm_sites(graph)
     if not any(s.kind == "layer_norm" for s in sites):
-        return _native_rms_hint(graph) or "no LayerNorm in the graph"
+        raise PassRefused(_native_rms_hint(graph) or "no LayerNorm in the graph")
     stream = structure.residual_stream(graph)
     if stream.problems:
-        return "not a Pre-LN stream: " + _problem(stream.problems)
+        raise PassRefused("not a Pre-LN stream: " + _problem(stream.problems))
     if any(s.kind == "rms_norm" for s in stream.norms):
         reason = _writers_centred(graph, stream)
         if reason is not None:
-            return f"the stream is also read by an RMSNorm, whose output centring would change ({reason})"
-    return None
+            raise PassRefused(f"the stream is also read by an RMSNorm, whose output centring would change ({reason})")
+    return stream
 
 
 def swap_layernorms(graph: ModelGraph) -> int:
@@ -276,10 +275,10 @@ def swap_layernorms(graph: ModelGraph) -> int:
     return count
 
 
-@register_checked_pass("layernorm_to_rmsnorm", Exactness.EXACT,
-               "centre the residual stream's writers and replace Pre-LN LayerNorms by RMSNorm", _check_ln2rms, stage=Stage.NORMS, runs_after=('fold_norm_affine',))
-def layernorm_to_rmsnorm(graph: ModelGraph) -> PassResult:
-    stream = structure.residual_stream(graph)
+@register_pass("layernorm_to_rmsnorm", Exactness.EXACT,
+               "centre the residual stream's writers and replace Pre-LN LayerNorms by RMSNorm",
+               plan=_plan_ln2rms, stage=Stage.NORMS, runs_after=("fold_norm_affine",))
+def layernorm_to_rmsnorm(graph: ModelGraph, stream: structure.ResidualStream) -> PassResult:
     centred = _rewrite_writers(graph, stream, _centre, "centred")
     swapped = swap_layernorms(graph)
     graph.gm.graph.eliminate_dead_code()
@@ -289,37 +288,33 @@ def layernorm_to_rmsnorm(graph: ModelGraph) -> PassResult:
 
 # --------------------------------------------------------------------------- rmsnorm_to_crmsnorm
 
-def _crms_plan(graph: ModelGraph):
+def _plan_crms(graph: ModelGraph, context: PassContext):
+    """(stream, readers per norm), or refused with the first precondition that fails."""
     sites = structure.norm_sites(graph)
     if any(s.kind == "layer_norm" for s in sites):
-        return "LayerNorms remain: run layernorm_to_rmsnorm first (CRMS needs a zero-mean stream)"
+        raise PassRefused("LayerNorms remain: run layernorm_to_rmsnorm first (CRMS needs a zero-mean stream)")
     if not sites:
-        return "no RMSNorm in the graph"
+        raise PassRefused("no RMSNorm in the graph")
     stream = structure.residual_stream(graph)
     if stream.problems:
-        return "not a Pre-norm stream: " + _problem(stream.problems)
+        raise PassRefused("not a Pre-norm stream: " + _problem(stream.problems))
     for site in sites:
         if site.has_affine:
-            return (f"{site.node.name} still has γ/β: run fold_norm_affine first (the compressed norm "
-                    "cannot apply a per-coordinate scale to the dropped coordinate)")
+            raise PassRefused(f"{site.node.name} still has γ/β: run fold_norm_affine first (the compressed norm "
+                              "cannot apply a per-coordinate scale to the dropped coordinate)")
     reason = _writers_centred(graph, stream)
     if reason is not None:
-        return (f"the residual stream is not zero-mean ({reason}); run layernorm_to_rmsnorm first "
-                "(a native RMSNorm model such as Llama cannot be compressed)")
+        raise PassRefused(f"the residual stream is not zero-mean ({reason}); run layernorm_to_rmsnorm first "
+                          "(a native RMSNorm model such as Llama cannot be compressed)")
     if stream.d is None or stream.d < 2:
-        return "norms of different widths"
+        raise PassRefused("norms of different widths")
     readers = {}
     for site in sites:
         found, problem = structure.norm_readers(site)
         if problem is not None:
-            return f"every norm reader must be a linear layer: {problem}"
+            raise PassRefused(f"every norm reader must be a linear layer: {problem}")
         readers[site] = found
     return stream, readers
-
-
-def _check_crms(graph: ModelGraph) -> str | None:
-    plan = _crms_plan(graph)
-    return plan if isinstance(plan, str) else None
 
 
 def _resize(node: torch.fx.Node, axis: int, d: int) -> None:
@@ -345,9 +340,10 @@ def _crms_norm(graph: ModelGraph, site: structure.NormSite, d: int) -> torch.fx.
     return out
 
 
-@register_checked_pass("rmsnorm_to_crmsnorm", Exactness.EXACT,
-               "compress a zero-mean RMSNorm stream to d−1 coordinates (CRMSNorm)", _check_crms, stage=Stage.NORMS, runs_after=('layernorm_to_rmsnorm',))
-def rmsnorm_to_crmsnorm(graph: ModelGraph) -> PassResult:
+@register_pass("rmsnorm_to_crmsnorm", Exactness.EXACT,
+               "compress a zero-mean RMSNorm stream to d−1 coordinates (CRMSNorm)",
+               plan=_plan_crms, stage=Stage.NORMS, runs_after=("layernorm_to_rmsnorm",))
+def rmsnorm_to_crmsnorm(graph: ModelGraph, plan) -> PassResult:
     """Keep the first d−1 coordinates of the stream; its last is minus their sum.
 
     Writers keep rows [:d−1]; readers become W[:, :d−1] − W[:, d−1]1ᵀ; each
@@ -362,7 +358,7 @@ def rmsnorm_to_crmsnorm(graph: ModelGraph) -> PassResult:
     also has no single ONNX/ATen op (it lowers to mul/sum/add/rsqrt), so this
     is mainly worth it where the backend fuses elementwise chains.
     """
-    stream, readers = _crms_plan(graph)
+    stream, readers = plan
     d = stream.d
     _rewrite_writers(graph, stream, lambda t, axis: t.narrow(axis, 0, d - 1), "crms")
     for node, axis in stream.dims.items():

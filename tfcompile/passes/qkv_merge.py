@@ -18,14 +18,15 @@ from collections import defaultdict
 
 import torch
 
-from tfcompile.graph import ModelGraph
 from tfcompile import structure
-from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
+from tfcompile.graph import ModelGraph
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.context import PassContext
 
 aten = torch.ops.aten
 
 
-def _groups(graph: ModelGraph) -> list[list[structure.LinearSite]]:
+def _plan(graph: ModelGraph, context: PassContext) -> list[list[structure.LinearSite]]:
     by_input: dict[torch.fx.Node, list[structure.LinearSite]] = defaultdict(list)
     for site in structure.linear_sites(graph):
         by_input[site.input].append(site)
@@ -40,20 +41,16 @@ def _groups(graph: ModelGraph) -> list[list[structure.LinearSite]]:
         if len({s.weight(graph).shape[1] for s in sites}) != 1:
             continue
         groups.append(sites)
+    if not groups:
+        raise PassRefused("no two linear layers read the same tensor (projections are already fused or absent)")
     return groups
 
 
-def _check(graph: ModelGraph) -> str | None:
-    if _groups(graph):
-        return None
-    return "no two linear layers read the same tensor (projections are already fused or absent)"
-
-
-@register_checked_pass("merge_qkv_projections", Exactness.EXACT,
-               "fuse linears that read the same input (q/k/v, gate/up) into one GEMM", _check, stage=Stage.PROJECTIONS)
-def merge_qkv_projections(graph: ModelGraph) -> PassResult:
+@register_pass("merge_qkv_projections", Exactness.EXACT,
+               "fuse linears that read the same input (q/k/v, gate/up) into one GEMM",
+               plan=_plan, stage=Stage.PROJECTIONS)
+def merge_qkv_projections(graph: ModelGraph, groups: list[list[structure.LinearSite]]) -> PassResult:
     gm = graph.gm
-    groups = _groups(graph)
     for sites in groups:
         # Insert after the last of the group so every operand is defined.
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
