@@ -25,7 +25,8 @@ from tfcompile.compare import ComparisonRow, lowest_of_passes, measure_and_predi
 from tfcompile.cost_models import load_device
 from tfcompile.cost_models.calibration import fit, save_profile
 from tfcompile.cost_models.device import detect_host
-from tfcompile.cost_models.microbench import default_suite, run_suite
+from tfcompile.cost_models.model import CalibratedCostModel
+from tfcompile.calibrate import default_suite, run_suite
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.variants import BUILTIN_VARIANTS, build_variant
 
@@ -72,6 +73,7 @@ def main() -> None:
     profile = fit(samples, "cpu", args.backend, host=f"{host.model}, {host.cores} cores")
     save_profile(profile, args.out / f"profile-cpu-{args.backend}.json")
     console.print(f"calibration: {len(samples)} micro-benchmarks, fit MAPE {profile.fit_mape:.1%}")
+    cost_model = CalibratedCostModel(load_device("cpu"), args.backend, profile)
 
     measured_by_pass: list[list[ComparisonRow]] = []
     with console.status("measuring") as status:
@@ -81,8 +83,7 @@ def main() -> None:
             for model, batch, seq in CONFIGS:
                 status.update(f"pass {pass_index + 1}/{args.passes}: {model} b{batch} s{seq}: building variants")
                 graphs = config_variants(model, batch, seq)
-                for row in measure_and_predict(graphs, backend=args.backend, device=load_device("cpu"),
-                                               profile=profile, repeat=args.repeat,
+                for row in measure_and_predict(graphs, cost_model=cost_model, repeat=args.repeat,
                                                progress=lambda m: status.update(f"pass {pass_index + 1}: {m}"),
                                                group_key=lambda graph: (model, batch, seq)):
                     rows_of_pass.append(row)

@@ -6,3 +6,14 @@ verification against the original -> cost models (predicted latency per target)
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["optimize_model"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `import tfcompile` (and the CLI's --help) does not pay for importing torch.
+    if name == "optimize_model":
+        from tfcompile.pipeline import optimize_model
+
+        return optimize_model
+    raise AttributeError(f"module 'tfcompile' has no attribute {name!r}")

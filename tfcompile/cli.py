@@ -65,13 +65,18 @@ def model_options(fn):
     return fn
 
 
-def _load(model, batch, seq, input_shape, trust_pickle, config_path, seed):
-    from tfcompile.frontend import LoadOptions, load_model
+def _load_options(batch, seq, input_shape, trust_pickle, config_path, seed):
+    from tfcompile.frontend import LoadOptions
 
     shapes, dtypes = _parse_input_shapes(input_shape)
-    options = LoadOptions(batch=batch, seq=seq, input_shapes=shapes, input_dtypes=dtypes,
-                          trust_pickle=trust_pickle, config=config_path, seed=seed)
-    return load_model(model, options)
+    return LoadOptions(batch=batch, seq=seq, input_shapes=shapes, input_dtypes=dtypes,
+                       trust_pickle=trust_pickle, config=config_path, seed=seed)
+
+
+def _load(model, **load_kwargs):
+    from tfcompile.frontend import load_model
+
+    return load_model(model, _load_options(**load_kwargs))
 
 
 def remote_options(fn):
@@ -128,85 +133,31 @@ def cli() -> None:
 def optimize(model, target, passes, allow_approx, budget, lengths, measure, measure_top, backend, repeat, explain,
              quantize, output_dir, remote, device_key, **load_kwargs):
     """Search variants of MODEL, verify and predict them, measure the best, rank them."""
-    from tfcompile.backends import ort
-    from tfcompile.cost_models import load_device
-    from tfcompile.optimize import OptimizeSettings, optimize as run_optimize
-    from tfcompile.passes import get_pass
-    from tfcompile.report import render_table, write_report
+    from tfcompile.pipeline import optimize_model
+    from tfcompile.report import render_table
 
-    load_device(target)  # an unknown target fails before the model is loaded
     remote_spec, backend = _remote_spec(remote, device_key, backend)
-    if remote_spec is not None and not measure:
-        raise TfcompileError("--remote is where --measure measures: add --measure")
-    pipeline = None
-    if passes:
-        pipeline = tuple(p.strip() for p in passes.split(",") if p.strip())
-        for name in pipeline:
-            get_pass(name)
-    workload = {}
-    if lengths:
-        workload["lengths"] = _int_list(lengths, "--lengths")
-        if max(workload["lengths"]) > load_kwargs["seq"]:
-            raise TfcompileError(f"--lengths: {max(workload['lengths'])} is longer than --seq {load_kwargs['seq']}")
-        if len(workload["lengths"]) != load_kwargs["batch"]:
-            raise TfcompileError(f"--lengths gives {len(workload['lengths'])} lengths for --batch {load_kwargs['batch']}")
+    pipeline = tuple(p.strip() for p in passes.split(",") if p.strip()) if passes else None
+
+    def show(graph, result) -> None:
+        render_table(result.reports, target, console, title=f"{graph.name} on {target}")
+        for report in result.reports:
+            for note in report.backend_notes:
+                console.print(f"[dim]{report.name}: {note}[/dim]")
+        if explain:
+            _explain(result)
+
     with console.status("loading model") as status:
-        graph = _load(model, **load_kwargs)
-        if workload.get("lengths"):
-            from tfcompile.passes.padding import with_lengths
-
-            # The baseline runs the padded batch those lengths describe; variants are checked at valid positions.
-            graph = with_lengths(graph, workload["lengths"])
-            graph.info["lengths"] = workload["lengths"]
-        settings = OptimizeSettings(target=target, pipeline=pipeline, allow_approx=allow_approx, budget=budget,
-                                    measure=measure, measure_top=measure_top, backend=backend, repeat=repeat,
-                                    workload=workload, remote=remote_spec)
-        result = run_optimize(graph, settings, progress=lambda msg: status.update(msg))
-        try:
-            render_table(result.reports, target, console, title=f"{graph.name} on {target}")
-            for report in result.reports:
-                for note in report.backend_notes:
-                    console.print(f"[dim]{report.name}: {note}[/dim]")
-            if explain:
-                _explain(result)
-            if result.best is None:
-                raise TfcompileError("no variant is eligible; nothing written")
-            status.update(f"writing {output_dir}")
-            best_graph = result.variants[result.best].graph
-            best_onnx = result.onnx_files.get(result.best)
-            if best_onnx is None:
-                best_onnx = ort.export_onnx(best_graph, result.workdir / "best.onnx")
-            export_info = _lower_precision(best_onnx, best_graph, graph, quantize, budget, result.workdir)
-            ort.single_file(Path(export_info.pop("path")), output_dir / "model.onnx")
-            write_report(output_dir / "report.json", model=model, target=target, variants=result.reports,
-                         best=result.best, settings={"batch": load_kwargs["batch"], "seq": load_kwargs["seq"],
-                                                     "backend": backend if measure else None,
-                                                     **({"remote": str(remote_spec)} if remote_spec else {}),
-                                                     "allow_approx": allow_approx, "budget": budget,
-                                                     "lengths": workload.get("lengths")},
-                         refusals=result.refusals, export=export_info)
-        finally:
-            result.cleanup()
-    console.print(f"best: [bold]{result.best}[/bold]; wrote {output_dir / 'report.json'} and {output_dir / 'model.onnx'}")
-
-
-def _lower_precision(onnx_path, best_graph, original, mode, budget, workdir) -> dict:
-    """Check the exported model in ONNX Runtime; quantize it first when asked."""
-    from tfcompile.backends import ort
-    from tfcompile.backends.quantize import quantize
-    from tfcompile.verify import compare_outputs
-
-    path = onnx_path if mode == "none" else quantize(onnx_path, workdir / f"model-{mode}.onnx", mode)
-    outputs = ort.OrtModel(path).run(best_graph.example_inputs)
-    check = compare_outputs(original.run(best_graph.example_inputs), outputs, original.output_names)
-    info = {"path": str(path), "quantize": mode, "exact": mode == "none", "max_abs_err": check.max_abs_err,
-            "max_rel_err": check.max_rel_err, "quality": check.quality, "quality_metric": check.quality_metric}
-    if mode != "none" and check.quality < budget:
-        raise TfcompileError(f"{mode} quantization gives {check.quality_metric} {check.quality:.4f}, below "
-                             f"--budget {budget}; nothing written (raise the budget or use --quantize none)")
-    console.print(f"model.onnx ({'fp32' if mode == 'none' else mode}) in ONNX Runtime vs torch: "
+        outcome = optimize_model(model, output_dir, target=target, backend=backend, passes=pipeline,
+                                 allow_approx=allow_approx, budget=budget,
+                                 lengths=_int_list(lengths, "--lengths") if lengths else None, measure=measure,
+                                 measure_top=measure_top, repeat=repeat, quantize=quantize, remote=remote_spec,
+                                 load=_load_options(**load_kwargs), on_ranked=show,
+                                 progress=lambda msg: status.update(msg))
+    check = outcome.export
+    console.print(f"model.onnx ({'fp32' if check.exact else check.quantize}) in ONNX Runtime vs torch: "
                   f"max relative error {check.max_rel_err:.1e}, {check.quality_metric} {check.quality:.5f}")
-    return info
+    console.print(f"best: [bold]{outcome.result.best}[/bold]; wrote {outcome.report_path} and {outcome.onnx_path}")
 
 
 def _explain(result) -> None:
@@ -305,7 +256,7 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
     from tfcompile.cost_models import load_device
     from tfcompile.cost_models.calibration import fit, save_profile
     from tfcompile.cost_models.device import detect_host
-    from tfcompile.cost_models.microbench import default_suite, run_suite
+    from tfcompile.calibrate import default_suite, run_suite
 
     load_device(target)
     remote_spec, backend = _remote_spec(remote, device_key, backend)
@@ -315,7 +266,7 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
     suite = default_suite()
     with console.status("calibrating") as status:
         if remote_spec is not None:
-            from tfcompile.backends.tvm.remote import run_suite_remote
+            from tfcompile.calibrate import run_suite_remote
 
             samples = run_suite_remote(suite, remote_spec, repeat=repeat, target_name=target,
                                        progress=lambda m: status.update(f"calibrating {m}"))
@@ -356,18 +307,17 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
             device_key):
     """Predicted against measured latency for every variant of MODEL."""
     from tfcompile.compare import lowest_of_passes, measure_and_predict, score, write_outputs
-    from tfcompile.cost_models import load_device
-    from tfcompile.cost_models.calibration import load_profile
+    from tfcompile.cost_models.model import cost_model_for
     from tfcompile.frontend import LoadOptions, load_model
     from tfcompile.variants import BUILTIN_VARIANTS, build_variant
 
-    device = load_device(target)
+    cost_model_for(target)  # an unknown target fails before anything else
     remote_spec, backend = _remote_spec(remote, device_key, backend)
     if target != "cpu" and remote_spec is None:
         raise TfcompileError(f"measuring on {target} needs that device; only 'cpu' (this host) is measured here, "
                              "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
-    profile = load_profile(target, backend, profile_path)
-    if profile is None:
+    cost_model = cost_model_for(target, backend, profile_path=profile_path)
+    if cost_model.kind != "calibrated":
         console.print(f"[yellow]no calibration profile for {target}/{backend}: run `tfcompile calibrate --target "
                       f"{target} --backend {backend}`; showing uncalibrated predictions only[/yellow]")
     graphs = []
@@ -382,7 +332,7 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
                     graphs.append(variant.graph)
                     shape_of[id(variant.graph)] = (batch, seq)
         rows = lowest_of_passes([
-            measure_and_predict(graphs, backend=backend, device=device, profile=profile, repeat=repeat,
+            measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
                                 progress=lambda m, i=i: status.update(f"pass {i + 1}/{pass_count}: {m}"),
                                 remote=remote_spec, group_key=lambda graph: shape_of[id(graph)])
             for i in range(pass_count)])

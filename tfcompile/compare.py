@@ -16,12 +16,9 @@ from typing import Callable
 
 from scipy.stats import kendalltau
 
-from tfcompile.backends.runner import interleave_block, lower
-from tfcompile.backends.timing import measure, measure_interleaved
-from tfcompile.cost_models import estimate
-from tfcompile.cost_models.calibration import Profile
-from tfcompile.cost_models.device import DeviceSpec
+from tfcompile.cost_models.model import CalibratedCostModel, CostModel, RooflineCostModel
 from tfcompile.graph import ModelGraph
+from tfcompile.measure import measure_here, measure_remote
 from tfcompile.outputs import atomic_path, atomic_write_text
 
 PREDICTORS = ("calibrated", "roofline", "flops_only")
@@ -34,39 +31,34 @@ class ComparisonRow:
     predicted_ms: dict[str, float]  # per predictor
 
 
-def measure_and_predict(graphs: list[ModelGraph], *, backend: str, device: DeviceSpec, profile: Profile | None,
-                        repeat: int = 10, progress: Callable[[str], None] = lambda _: None,
+def measure_and_predict(graphs: list[ModelGraph], *, cost_model: CostModel, repeat: int = 10,
+                        progress: Callable[[str], None] = lambda _: None,
                         remote=None, group_key: Callable[[ModelGraph], object] | None = None) -> list[ComparisonRow]:
-    """``remote`` (a tvm.remote.RemoteSpec): measure with TVM on that device, variants in parallel over its servers.
+    """Measure every graph on ``cost_model``'s backend (or on ``remote``) and predict it with every predictor.
 
-    ``group_key``: consecutive graphs with the same key (variants of one model
-    and shape) are lowered together and timed round-robin, so that a slow
-    spell of the machine hits all of them alike instead of one.
+    ``remote`` (a tvm.remote.RemoteSpec): measure with TVM on that device,
+    variants in parallel over its servers. ``group_key``: consecutive graphs
+    with the same key (variants of one model and shape) are lowered together
+    and timed round-robin, so that a slow spell of the machine hits all of
+    them alike instead of one.
     """
     if remote is not None:
-        return _measure_remote(graphs, device, profile, repeat, progress, remote)
+        named = {f"{i}:{g.name}": g for i, g in enumerate(graphs)}
+        timed = measure_remote(named, remote, cost_model.device.name, repeat=repeat, progress=progress)
+        return [ComparisonRow(g.name, timed[key].measurement.median_ms, predict_all(g, cost_model))
+                for key, g in named.items()]
     rows = []
     done = 0
-    key = group_key or id
     with tempfile.TemporaryDirectory(prefix="tfcompile-compare-") as workdir:
-        for _, group in itertools.groupby(graphs, key=key):
+        for _, group in itertools.groupby(graphs, key=group_key or id):
             group = list(group)
-            lowered = []
-            for graph in group:
-                progress(f"[{done + len(lowered) + 1}/{len(graphs)}] {graph.name}: lowering for {backend}")
-                lowered.append(lower(graph, backend, Path(workdir)))
-            progress(f"[{done + 1}-{done + len(group)}/{len(graphs)}] measuring {len(group)} variant(s)")
-            if len(group) == 1:
-                medians = [measure(lowered[0].run, backend=backend, warmup=2, repeat=repeat, max_total_s=30.0)]
-            else:
-                timed = measure_interleaved({str(i): low.run for i, low in enumerate(lowered)}, backend=backend,
-                                            repeat=repeat, block=interleave_block(backend))
-                medians = [timed[str(i)] for i in range(len(group))]
-            for graph, measured, low in zip(group, medians, lowered):
-                rows.append(ComparisonRow(graph.name, measured.median_ms, _predict(graph, device, profile)))
-                low.remove_files()
+            named = {f"{done + i}:{g.name}": g for i, g in enumerate(group)}
+            label = f"[{done + 1}-{done + len(group)}/{len(graphs)}]"
+            timed = measure_here(named, cost_model.backend, Path(workdir), repeat=repeat,
+                                 progress=lambda m, label=label: progress(f"{label} {m}"))
+            rows += [ComparisonRow(g.name, timed[key].measurement.median_ms, predict_all(g, cost_model))
+                     for key, g in named.items()]
             done += len(group)
-            del lowered
     return rows
 
 
@@ -86,32 +78,13 @@ def lowest_of_passes(passes: list[list[ComparisonRow]]) -> list[ComparisonRow]:
     return [best[row.name] for row in passes[0]]
 
 
-def _predict(graph: ModelGraph, device: DeviceSpec, profile: Profile | None) -> dict[str, float]:
-    predicted = {"roofline": estimate(graph, device).latency_ms}
-    if profile is not None:
-        predicted["calibrated"] = profile.predict_s(graph) * 1e3
-        predicted["flops_only"] = profile.predict_flops_only_s(graph) * 1e3
+def predict_all(graph: ModelGraph, cost_model: CostModel) -> dict[str, float]:
+    """Milliseconds per predictor: the device's roofline always; calibrated and FLOPs-only with a profile."""
+    predicted = {"roofline": RooflineCostModel(cost_model.device, cost_model.backend).predict(graph).latency_s * 1e3}
+    if isinstance(cost_model, CalibratedCostModel):
+        predicted["calibrated"] = cost_model.predict(graph).latency_s * 1e3
+        predicted["flops_only"] = cost_model.profile.predict_flops_only_s(graph) * 1e3
     return predicted
-
-
-def _measure_remote(graphs, device, profile, repeat, progress, remote) -> list[ComparisonRow]:
-    from tfcompile.backends.tvm.remote import measure_many, remote_target
-    from tfcompile.errors import BackendError
-    from tfcompile.verify import compare_outputs
-
-    target, cross_compiler = remote_target(device.name)
-    named = {f"{i}:{g.name}": g for i, g in enumerate(graphs)}
-    results = measure_many(named, remote, repeat=repeat, target=target, cross_compiler=cross_compiler,
-                           progress=progress)
-    rows = []
-    for key, graph in named.items():
-        result = results[key]
-        check = compare_outputs(graph.run(), result.outputs, graph.output_names)
-        if check.max_rel_err > 1e-4:
-            raise BackendError(f"{graph.name}: output on {remote.label} differs from torch by "
-                               f"{check.max_rel_err:.1e} relative")
-        rows.append(ComparisonRow(graph.name, result.measurement.median_ms, _predict(graph, device, profile)))
-    return rows
 
 
 def score(rows: list[ComparisonRow]) -> dict[str, dict[str, float]]:

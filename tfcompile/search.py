@@ -11,7 +11,9 @@ are always allowed; approximate ones only with ``allow_approx``, and a variant
 whose quality falls below the budget is reported but never extended.
 
 The target decides: the same search on another device spec or batch size can
-pick another pipeline, because the objective is that target's cost model.
+pick another pipeline, because the objective is that target's cost model. The
+search and every pass read one ``PassContext`` (target, backend, cost model,
+workload); the knob grid holds only what tells variants apart.
 """
 
 from __future__ import annotations
@@ -19,21 +21,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from tfcompile.passes import Stage, all_passes, pass_order
+from tfcompile.passes import PassContext, Stage, all_passes, get_pass, pass_order
 from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant, extend_variant
 
-# Passes whose knobs come from the user's description of the workload, not from a grid.
-WORKLOAD_KNOBS = {"remove_padding": ("lengths",), "prepack": ("lengths",)}
-# Knobs that say where the model will run rather than what the variant is: kept out of names.
-CONTEXT_KNOBS = ("device", "backend")
-
-
-def default_knob_grid(target: str, backend: str) -> dict[str, list[dict[str, Any]]]:
-    """Knob settings the search tries; FFN passes decide per layer with the target's cost model."""
-    context = {"device": target, "backend": backend}
+def default_knob_grid() -> dict[str, list[dict[str, Any]]]:
+    """Knob settings the search tries; FFN passes decide per layer with the context's cost model."""
     return {
-        "premerge_ffn": [context],
-        "structure_ffn": [{"rank_ratio": 0.5, **context}, {"max_weight_error": 0.1, **context}],
+        "structure_ffn": [{"rank_ratio": 0.5}, {"max_weight_error": 0.1}],
         # A mild late cut (by importance) and a deep early one (by key similarity): on minilm
         # these were the best at ~10 % and ~34 % FLOPs (benchmarks/token_pruning.py).
         # Blockwise local attention pays once the sequence is several windows long; top-k keeps the
@@ -55,7 +49,6 @@ class SearchSettings:
     allow_approx: bool = False
     beam_width: int = 6
     knob_grid: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
-    workload: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"lengths": [...]}
     exclude: tuple[str, ...] = ()
 
 
@@ -65,12 +58,11 @@ def searchable_passes(settings: SearchSettings) -> list[str]:
             and n not in settings.exclude and (registered[n].exact or settings.allow_approx)]
 
 
-def _knob_choices(name: str, settings: SearchSettings) -> list[dict[str, Any]]:
-    needed = WORKLOAD_KNOBS.get(name, ())
-    if any(k not in settings.workload for k in needed):
-        return []  # e.g. padding removal without --lengths: nothing to remove
-    base = {k: settings.workload[k] for k in needed}
-    return [{**base, **choice} for choice in settings.knob_grid.get(name) or [{}]]
+def _workload_gap(name: str, context: PassContext) -> str | None:
+    """Why the workload gives ``name`` nothing to work on (None if it does)."""
+    if get_pass(name).stage is Stage.PADDING and context.workload.lengths is None:
+        return "needs the batch's lengths (give --lengths)"
+    return None
 
 
 def _spec_name(passes: tuple[str, ...], knobs: dict[str, dict[str, Any]]) -> str:
@@ -80,8 +72,7 @@ def _spec_name(passes: tuple[str, ...], knobs: dict[str, dict[str, Any]]) -> str
     if passes[: len(CLEANUP)] == CLEANUP:
         parts, rest = ["cleanup"], passes[len(CLEANUP):]
     for name in rest:
-        extra = {k: v for k, v in knobs.get(name, {}).items()
-                 if k not in WORKLOAD_KNOBS.get(name, ()) and k not in CONTEXT_KNOBS}
+        extra = knobs.get(name, {})
         parts.append(name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + ")" if extra else ""))
     return "+".join(parts)
 
@@ -103,13 +94,14 @@ class SearchResult:
 Evaluate = Callable[[Variant], Candidate]
 
 
-def search(original, evaluate: Evaluate, settings: SearchSettings,
+def search(original, evaluate: Evaluate, settings: SearchSettings, context: PassContext,
            progress: Callable[[str], None] = lambda _: None) -> SearchResult:
     seen: dict[tuple, Candidate] = {}
     refusals: dict[str, str] = {}
 
     def visit(spec: VariantSpec, parent: Variant | None = None) -> Candidate | None:
-        variant = extend_variant(parent, spec) if parent is not None else build_variant(original, spec)
+        variant = (extend_variant(parent, spec, context) if parent is not None
+                   else build_variant(original, spec, context))
         for outcome in variant.outcomes:
             if not outcome.applied:
                 refusals.setdefault(outcome.name, outcome.reason)
@@ -126,12 +118,13 @@ def search(original, evaluate: Evaluate, settings: SearchSettings,
     start = visit(VariantSpec("cleanup", CLEANUP))
     frontier = [start or baseline]
     for name in searchable_passes(settings):
-        missing = [k for k in WORKLOAD_KNOBS.get(name, ()) if k not in settings.workload]
-        if missing:
-            refusals[name] = f"needs the batch's {', '.join(missing)} (give --lengths)"
+        gap = _workload_gap(name, context)
+        if gap is not None:
+            refusals[name] = gap
+            continue
         children = []
         for parent in frontier:
-            for knobs in _knob_choices(name, settings):
+            for knobs in settings.knob_grid.get(name) or [{}]:
                 passes = parent.variant.spec.passes + (name,)
                 all_knobs = {**parent.variant.spec.knobs, name: knobs}
                 child = visit(VariantSpec(_spec_name(passes, all_knobs), passes, all_knobs), parent.variant)

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from tfcompile.graph import ModelGraph, clone
-from tfcompile.passes import PassOutcome, Stage, all_passes, apply_pass, check_pipeline, get_pass, pass_order
+from tfcompile.passes import PassContext, PassOutcome, Stage, all_passes, apply_pass, check_pipeline, get_pass, pass_order
 
 CLEANUP = tuple(pass_order([p.name for p in all_passes() if p.stage is Stage.CLEANUP]))
 
@@ -55,17 +55,17 @@ def custom_variant(pass_names: list[str]) -> VariantSpec:
     return VariantSpec("custom:" + "+".join(pass_names), tuple(pass_names))
 
 
-def build_variant(original: ModelGraph, spec: VariantSpec) -> Variant:
+def build_variant(original: ModelGraph, spec: VariantSpec, context: PassContext | None = None) -> Variant:
     graph = clone(original, name=spec.name)
     outcomes = []
     for name in spec.passes:
-        graph, outcome = apply_pass(graph, name, **spec.knobs.get(name, {}))
+        graph, outcome = apply_pass(graph, name, context, **spec.knobs.get(name, {}))
         outcomes.append(outcome)
     graph.name = spec.name
     return Variant(spec, graph, outcomes)
 
 
-def extend_variant(parent: Variant, spec: VariantSpec) -> Variant:
+def extend_variant(parent: Variant, spec: VariantSpec, context: PassContext | None = None) -> Variant:
     """``parent`` plus the one pass ``spec`` adds to its pipeline, without re-running the parent's passes.
 
     The search extends its frontier one pass at a time; rebuilding every child
@@ -74,7 +74,7 @@ def extend_variant(parent: Variant, spec: VariantSpec) -> Variant:
     if parent.graph is None or spec.passes[:-1] != parent.spec.passes:
         raise ValueError(f"{spec.name} does not extend {parent.name} by one pass")
     name = spec.passes[-1]
-    graph, outcome = apply_pass(parent.graph, name, **spec.knobs.get(name, {}))
+    graph, outcome = apply_pass(parent.graph, name, context, **spec.knobs.get(name, {}))
     if graph is not parent.graph:  # a refused pass hands back the parent's graph: leave its name alone
         graph.name = spec.name
     return Variant(spec, graph, parent.outcomes + [outcome])

@@ -6,7 +6,7 @@ reference magnitude (element-wise relative error is meaningless near zero).
 Approximate variants report a quality figure: mean cosine similarity of
 output vectors for embeddings and hidden states, top-1 agreement for logits.
 
-For a right-padded batch (``graph.info["lengths"]``), outputs indexed by
+For a right-padded batch (the workload's ``lengths``), outputs indexed by
 token ([B, L, ...]) are compared at valid positions only: what a model
 computes at padded positions is meaningless, and padding removal writes zeros
 there.
@@ -75,8 +75,9 @@ def _quality(ref: torch.Tensor, got: torch.Tensor, name: str) -> tuple[str, floa
     return "mean_cosine", cosine
 
 
-def verify(original: ModelGraph, variant: ModelGraph,
-           reference_outputs: tuple[torch.Tensor, ...] | None = None) -> Verification:
+def verify(original: ModelGraph, variant: ModelGraph, reference_outputs: tuple[torch.Tensor, ...] | None = None,
+           *, lengths: tuple[int, ...] | list[int] | None = None) -> Verification:
+    """``lengths``: the valid lengths of a right-padded batch (the workload's), compared at valid positions only."""
     reference = reference_outputs if reference_outputs is not None else original.run()
     return compare_outputs(reference, variant.run(original.example_inputs), original.output_names,
-                           lengths=original.info.get("lengths"))
+                           lengths=list(lengths) if lengths else None)

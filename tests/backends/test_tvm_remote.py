@@ -150,6 +150,7 @@ def test_optimize_and_compare_hand_measurement_to_the_remote(monkeypatch):
     from tfcompile.backends.tvm import remote as remote_module
     from tfcompile.compare import measure_and_predict
     from tfcompile.cost_models import load_device
+    from tfcompile.cost_models.model import RooflineCostModel
     from tfcompile.optimize import OptimizeSettings, optimize
 
     calls = []
@@ -172,7 +173,7 @@ def test_optimize_and_compare_hand_measurement_to_the_remote(monkeypatch):
     measured = {r.name: (r.measured_ms, r.backend) for r in result.reports if r.measured_ms is not None}
     assert measured == {"baseline": (1.0, "tvm@phone"), "custom:fold_constants": (2.0, "tvm@phone")}
 
-    rows = measure_and_predict([graph, graph], backend="tvm", device=load_device("cpu"), profile=None, repeat=3,
+    rows = measure_and_predict([graph, graph], cost_model=RooflineCostModel(load_device("cpu"), "tvm"), repeat=3,
                                remote=spec)
     assert [r.measured_ms for r in rows] == [1.0, 2.0] and all("roofline" in r.predicted_ms for r in rows)
 

@@ -99,7 +99,7 @@ def test_lowest_of_passes_keeps_each_variants_lowest_median_in_first_pass_order(
 
 
 def test_block_micro_benchmarks_cover_a_layers_kernel_classes_at_non_zoo_widths():
-    from tfcompile.cost_models.microbench import BLOCK_CONFIGS, default_suite
+    from tfcompile.calibrate import BLOCK_CONFIGS, default_suite
 
     zoo_widths = {384, 768}  # minilm, bert/gpt2/vit; llama-tiny is narrower still
     assert all(width not in zoo_widths for width, *_ in BLOCK_CONFIGS)
@@ -113,18 +113,19 @@ def test_block_micro_benchmarks_cover_a_layers_kernel_classes_at_non_zoo_widths(
 
 def test_variants_of_one_shape_are_timed_round_robin(monkeypatch):
     import tfcompile.compare as compare
-    from tfcompile.cost_models import load_device
-
+    import tfcompile.measure as measure
     from tfcompile.backends.timing import Measurement
+    from tfcompile.cost_models import load_device
+    from tfcompile.cost_models.model import RooflineCostModel
 
     calls = []
     timed = Measurement("torch", 1e-3, (1e-3,))
-    monkeypatch.setattr(compare, "measure_interleaved",
+    monkeypatch.setattr(measure, "measure_interleaved",
                         lambda runs, **kw: calls.append(("interleaved", len(runs))) or {k: timed for k in runs})
-    monkeypatch.setattr(compare, "measure", lambda run, **kw: calls.append(("alone", 1)) or timed)
+    monkeypatch.setattr(measure, "measure", lambda run, **kw: calls.append(("alone", 1)) or timed)
     graphs = [_mlp(rows=4), _mlp(rows=4), _mlp(rows=8)]
     group = {id(graphs[0]): "a", id(graphs[1]): "a", id(graphs[2]): "b"}
-    rows = compare.measure_and_predict(graphs, backend="torch", device=load_device("cpu"), profile=None, repeat=1,
+    rows = compare.measure_and_predict(graphs, cost_model=RooflineCostModel(load_device("cpu"), "torch"), repeat=1,
                                        group_key=lambda g: group[id(g)])
     assert [r.name for r in rows] == [g.name for g in graphs]
     assert all(r.measured_ms == 1.0 for r in rows)

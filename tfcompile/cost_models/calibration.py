@@ -33,6 +33,16 @@ from tfcompile.errors import TfcompileError
 from tfcompile.graph import ModelGraph
 from tfcompile.outputs import atomic_write_text
 
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One measured graph: what ``fit`` learns from."""
+
+    name: str
+    graph: ModelGraph
+    measured_s: float
+
+
 PROFILE_VERSION = 1
 CLASSES = ("gemm", "gemm_skinny", "attention", "norm", "softmax", "memory")
 SKINNY_ROWS = 64

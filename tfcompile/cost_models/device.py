@@ -43,6 +43,11 @@ def _devices_dir() -> Path:
     return Path(str(resources.files("tfcompile.cost_models") / "devices"))
 
 
+def device_file(name: str) -> Path:
+    """The TOML file of a known target (``load_device`` has checked the name)."""
+    return _devices_dir() / f"{name}.toml"
+
+
 def available_targets() -> list[str]:
     return sorted(p.stem for p in _devices_dir().glob("*.toml"))
 

@@ -6,7 +6,6 @@ import torch
 import torch.fx
 
 from tfcompile.structure.core import tensor_meta
-from tfcompile.structure.core import tensor_meta
 
 
 def shape_of(node: torch.fx.Node) -> tuple[int, ...] | None:

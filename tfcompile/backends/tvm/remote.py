@@ -49,7 +49,7 @@ QUEUE_TIMEOUT_S = 900.0  # waiting in the tracker's queue for a free server
 SESSION_TIMEOUT_S = 900.0  # the server ends a session that runs longer than this
 
 __all__ = ["RemoteError", "RemoteResult", "RemoteSpec", "RemoteArtifact", "export_module", "measure_artifacts",
-           "measure_many", "measure_local", "remote_target", "run_suite_remote", "servers_for",
+           "measure_many", "measure_local", "remote_target", "servers_for",
            "tracker_summary"]
 
 
@@ -199,10 +199,10 @@ def remote_target(target_name: str | None):
 
     table, kind = {}, "cpu"
     if target_name:
-        from tfcompile.cost_models.device import _devices_dir, load_device
+        from tfcompile.cost_models.device import device_file, load_device
 
         kind = load_device(target_name).kind  # unknown names fail with the list of known ones
-        with (_devices_dir() / f"{target_name}.toml").open("rb") as f:
+        with device_file(target_name).open("rb") as f:
             table = tomllib.load(f).get("tvm", {})
     if "target" not in table:
         if kind != "cpu":
@@ -384,19 +384,3 @@ def measure_many(graphs: Iterable[ModelGraph] | Mapping[str, ModelGraph], remote
         progress(f"measuring {len(artifacts)} variants on {remote}")
         return measure_artifacts(artifacts, remote, repeat=repeat, number=number, queue_timeout=queue_timeout,
                                  session_timeout=session_timeout, progress=progress)
-
-
-def run_suite_remote(suite, remote: RemoteSpec, *, repeat: int = 10, target_name: str | None = "cpu",
-                     progress: Callable[[str], None] = lambda _: None) -> list:
-    """``microbench.run_suite`` with TVM on the remote: calibration samples measured on the device."""
-    from tfcompile.cost_models.microbench import Sample
-    from tfcompile.graph import export_module as export_torch
-
-    graphs = {}
-    for bench in suite:
-        module, inputs = bench.build()
-        graphs[bench.name] = export_torch(module, inputs, name=bench.name)
-    target, cross_compiler = remote_target(target_name)
-    results = measure_many(graphs, remote, repeat=repeat, target=target, cross_compiler=cross_compiler,
-                           progress=progress)
-    return [Sample(name, graph, results[name].measurement.median_s) for name, graph in graphs.items()]

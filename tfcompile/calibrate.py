@@ -1,4 +1,6 @@
-"""Micro-benchmarks for calibration: GEMM sweep, attention, norms, softmax,
+"""Calibration: micro-benchmarks measured on a real runtime, here or on a remote device.
+
+Micro-benchmarks: GEMM sweep, attention, norms, softmax,
 elementwise ops and a launch floor, each a tiny traced model; and synthetic
 transformer blocks, which no zoo model matches in width or depth.
 
@@ -23,7 +25,8 @@ import torch
 
 from tfcompile.backends.runner import lower
 from tfcompile.backends.timing import measure
-from tfcompile.graph import ModelGraph, export_module
+from tfcompile.cost_models.calibration import Sample
+from tfcompile.graph import export_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +149,6 @@ def default_suite() -> list[MicroBenchmark]:
     return suite
 
 
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    name: str
-    graph: ModelGraph
-    measured_s: float
 
 
 def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10,
@@ -165,3 +163,18 @@ def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10,
             result = measure(lowered.run, backend=backend, warmup=3, repeat=repeat, max_total_s=10.0)
             samples.append(Sample(bench.name, graph, result.median_s))
     return samples
+
+
+def run_suite_remote(suite: list[MicroBenchmark], remote, *, repeat: int = 10, target_name: str | None = "cpu",
+                     progress: Callable[[str], None] = lambda _: None) -> list[Sample]:
+    """``run_suite`` with TVM on a remote device (a ``tvm.remote.RemoteSpec``): samples measured there."""
+    from tfcompile.backends.tvm.remote import measure_many, remote_target
+
+    graphs = {}
+    for bench in suite:
+        module, inputs = bench.build()
+        graphs[bench.name] = export_module(module, inputs, name=bench.name)
+    target, cross_compiler = remote_target(target_name)
+    results = measure_many(graphs, remote, repeat=repeat, target=target, cross_compiler=cross_compiler,
+                           progress=progress)
+    return [Sample(name, graph, results[name].measurement.median_s) for name, graph in graphs.items()]

@@ -1,0 +1,83 @@
+"""Measuring variants on a real runtime: here (ORT, TVM, torch) or on a remote device (TVM RPC).
+
+One place for both, used by ``optimize``, ``compare`` and the benchmarks.
+Every lowered or remote output is checked against torch before its timing
+counts, with one tolerance: a backend that computes something else has no
+latency worth reporting.
+
+Local variants of one shape are timed round-robin (``measure_interleaved``),
+so a slow spell of the machine hits all of them alike. Remote variants are
+timed in parallel over the tracker's servers, each holding one server for its
+whole timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+from tfcompile.backends.runner import Lowered, interleave_block, lower
+from tfcompile.backends.timing import Measurement, measure, measure_interleaved
+from tfcompile.errors import BackendError
+from tfcompile.graph import ModelGraph
+from tfcompile.verify import compare_outputs
+
+# A backend's output that moves more than this (relative to the largest output
+# magnitude) from torch's is a lowering bug, not a faster variant.
+OUTPUT_TOLERANCE = 1e-4
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Timed:
+    measurement: Measurement
+    runtime: str  # "ort", "tvm", "torch", or the remote device's label
+    notes: list[str] = dataclasses.field(default_factory=list)
+    onnx_path: Path | None = None  # the ORT export, kept for the caller when asked
+
+
+def check_outputs(name: str, graph: ModelGraph, outputs, what: str) -> None:
+    """``what``: whose outputs these are, e.g. "ort output" or "output on rk3588"."""
+    check = compare_outputs(graph.run(), outputs, graph.output_names)
+    if check.max_rel_err > OUTPUT_TOLERANCE:
+        raise BackendError(f"{name}: {what} differs from torch by {check.max_rel_err:.1e} relative")
+
+
+def measure_here(graphs: dict[str, ModelGraph], backend: str, workdir: Path, *, repeat: int,
+                 keep_files: bool = False, progress: Progress = lambda _: None) -> dict[str, Timed]:
+    """Lower every graph on ``backend``, check it, and time them round-robin (one alone: by itself)."""
+    lowered: dict[str, Lowered] = {}
+    for name, graph in graphs.items():
+        progress(f"lowering {name} for {backend}")
+        lowered[name] = lower(graph, backend, workdir)
+        check_outputs(name, graph, lowered[name].outputs, f"{backend} output")
+    progress(f"measuring {len(lowered)} variant(s) on {backend} (median of {repeat})")
+    if len(lowered) == 1:
+        ((name, low),) = lowered.items()
+        results = {name: measure(low.run, backend=backend, warmup=2, repeat=repeat, max_total_s=30.0)}
+    else:
+        results = measure_interleaved({n: low.run for n, low in lowered.items()}, backend=backend,
+                                      repeat=repeat, block=interleave_block(backend))
+    timed = {}
+    for name, low in lowered.items():
+        if not keep_files:
+            low.remove_files()
+        timed[name] = Timed(results[name], backend, list(low.notes), low.onnx_path if keep_files else None)
+    return timed
+
+
+def measure_remote(graphs: dict[str, ModelGraph], remote, target_name: str, *, repeat: int,
+                   progress: Progress = lambda _: None) -> dict[str, Timed]:
+    """Compile for the remote device's target here, time on the device through its TVM RPC tracker, check."""
+    from tfcompile.backends.tvm.remote import measure_many, remote_target
+
+    target, cross_compiler = remote_target(target_name)
+    results = measure_many(graphs, remote, repeat=repeat, target=target, cross_compiler=cross_compiler,
+                           progress=progress)
+    timed = {}
+    for name, graph in graphs.items():
+        check_outputs(name, graph, results[name].outputs, f"output on {remote.label}")
+        timed[name] = Timed(results[name].measurement, remote.label)
+    return timed
