@@ -69,7 +69,7 @@ def _load_file(path: Path, options: LoadOptions) -> ModelGraph:
     kind = detect.detect(path)
     name = path.stem
     if kind is detect.FileKind.EXPORTED_PROGRAM:
-        program = torch_files.load_exported_program(path)
+        program = torch_files.load_exported_program(path, trust_pickle=options.trust_pickle)
         return _from_program(program, name, options)
     if kind is detect.FileKind.TORCHSCRIPT:
         return _from_torchscript(path, options)

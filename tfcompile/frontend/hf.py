@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -71,13 +72,22 @@ def io_spec(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask"], ["last_hidden_state"]
 
 
-def model_class_for(config) -> type:
+def model_class_for(config, source: Path | None = None) -> type:
+    """The transformers model class the config's ``architectures`` names (AutoModel if none).
+
+    Only model classes: a config is input, and ``getattr(transformers, name)`` reaches
+    any public function or class of the library.
+    """
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        if cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ModelLoadError(f"{source or 'config'}: architectures names {arch!r}, which is not a transformers "
+                                 "model class (e.g. GPT2LMHeadModel, BertModel)")
+        return cls
     return transformers.AutoModel
 
 
@@ -88,10 +98,18 @@ def load_directory(path: Path) -> torch.nn.Module:
         raise ModelLoadError(f"{path}: a model directory needs a config.json (Hugging Face layout)")
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        cls = model_class_for(config)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, TypeError... on a bad config
+        raise ModelLoadError(f"{path}/config.json: not a usable Hugging Face config: {first_line(exc)}") from exc
+    cls = model_class_for(config, path / "config.json")
+    try:
         model = cls.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not a loadable Hugging Face model directory: {first_line(exc)}") from exc
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(f"{path}: a checkpoint in it is a pickle that names more than tensors; tfcompile reads "
+                             "Hugging Face checkpoints only with the weights-only unpickler (convert it to "
+                             "safetensors)") from exc
+    except Exception as exc:  # weights that do not fit, truncated safetensors, missing files: all input faults
+        raise ModelLoadError(f"{path}: not a loadable Hugging Face model directory: {type(exc).__name__}: "
+                             f"{first_line(exc)}") from exc
     return model.eval()
 
 
@@ -102,14 +120,22 @@ def build_from_config(config_path: Path, state_dict: dict[str, torch.Tensor]) ->
     try:
         config = transformers.AutoConfig.from_pretrained(config_path.parent if config_path.name == "config.json"
                                                          else config_path, local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, TypeError... on a bad config
         raise ModelLoadError(f"{config_path}: not a Hugging Face config: {first_line(exc)}") from exc
-    cls = model_class_for(config)
-    if cls is transformers.AutoModel:
-        model = cls.from_config(config, attn_implementation="sdpa")
-    else:
-        model = cls._from_config(config, attn_implementation="sdpa")
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    cls = model_class_for(config, config_path)
+    try:
+        if cls is transformers.AutoModel:
+            model = cls.from_config(config, attn_implementation="sdpa")
+        else:
+            model = cls._from_config(config, attn_implementation="sdpa")
+    except Exception as exc:  # absurd or inconsistent sizes in the config
+        raise ModelLoadError(f"{config_path}: cannot build {cls.__name__} from this config: {type(exc).__name__}: "
+                             f"{first_line(exc)}") from exc
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # "size mismatch for ...": the weights are of another model size
+        raise ModelLoadError(f"state dict does not fit {cls.__name__} from {config_path}: "
+                             f"{_first_mismatch(exc)}") from exc
     if missing:
         raise ModelLoadError(f"state dict does not fit {cls.__name__} from {config_path}: "
                              f"{len(missing)} missing tensors, e.g. {missing[0]}")
@@ -117,6 +143,14 @@ def build_from_config(config_path: Path, state_dict: dict[str, torch.Tensor]) ->
         raise ModelLoadError(f"state dict does not fit {cls.__name__} from {config_path}: "
                              f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
     return model.eval()
+
+
+def _first_mismatch(exc: RuntimeError) -> str:
+    """load_state_dict lists every mismatch on its own line after a header; the first one says enough."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    details = [line for line in lines if line.startswith("size mismatch")]
+    return (details[0] + (f" (and {len(details) - 1} more)" if len(details) > 1 else "")) if details \
+        else first_line(exc)
 
 
 def max_positions(model: torch.nn.Module) -> int | None:

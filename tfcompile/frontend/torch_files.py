@@ -2,13 +2,16 @@
 
 Only a full pickle (a ``torch.save`` of an ``nn.Module``) needs unpickling,
 which executes whatever code the file names; it is loaded only when the user
-passes ``--trust-pickle``. Everything else is read with ``weights_only=True``
-or with torch's own archive readers.
+passes ``--trust-pickle``. Everything else is read with ``weights_only=True``;
+torch.export archives member by member (``pt2_archive``), TorchScript archives
+after their code has been checked for file access (TorchScript runs an
+archive's ``__setstate__`` methods while loading it).
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -16,24 +19,45 @@ from pathlib import Path
 import torch
 
 from tfcompile.errors import ModelLoadError, UntrustedPickleError, first_line
+from tfcompile.frontend import pt2_archive
 
-TRUST_FLAG = "--trust-pickle"
+TRUST_FLAG = pt2_archive.TRUST_FLAG
+
+# TorchScript builtins that read or write files (torch.save, torch.from_file and their
+# aten:: forms). TorchScript's unpickler only builds TorchScript classes, but a class's
+# __setstate__ runs while the archive loads and may call any builtin.
+TORCHSCRIPT_FILE_CALLS = re.compile(r"\b(save|from_file)\b")
 
 
-def load_exported_program(path: Path) -> torch.export.ExportedProgram:
-    try:
-        return torch.export.load(str(path))
-    except (zipfile.BadZipFile, EOFError, RuntimeError, KeyError, ValueError, OSError) as exc:
-        raise ModelLoadError(f"{path}: unreadable torch.export archive: {first_line(exc)}") from exc
+def load_exported_program(path: Path, *, trust_pickle: bool = False) -> torch.export.ExportedProgram:
+    return pt2_archive.load_exported_program(path, trust_pickle=trust_pickle)
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    check_torchscript_code(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch asks users to move to torch.export
             return torch.jit.load(str(path), map_location="cpu", _restore_shapes=True)
     except (RuntimeError, zipfile.BadZipFile, OSError) as exc:
         raise ModelLoadError(f"{path}: unreadable TorchScript archive: {first_line(exc)}") from exc
+
+
+def check_torchscript_code(path: Path) -> None:
+    """Refuse an archive whose TorchScript code touches files: it would run while loading."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if "/code/" not in f"/{info.filename}" or not info.filename.endswith(".py"):
+                    continue
+                text = archive.read(info).decode("utf-8", errors="replace")
+                if match := TORCHSCRIPT_FILE_CALLS.search(text):
+                    raise ModelLoadError(
+                        f"{path}: the TorchScript code in archive member {info.filename} calls {match[1]}, which "
+                        "reads or writes files (TorchScript runs such code while loading); tfcompile does not "
+                        "load it. Export the model with torch.export.save instead")
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: truncated or corrupt zip archive ({first_line(exc)})") from exc
 
 
 def traced_input_specs(module: torch.jit.ScriptModule) -> list[tuple[str, tuple[int, ...], torch.dtype]] | None:
