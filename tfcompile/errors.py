@@ -30,6 +30,10 @@ class UnknownTargetError(TfcompileError):
     """No device spec with that name."""
 
 
+class DeviceSpecError(TfcompileError):
+    """A device file is missing a field or has one of the wrong type."""
+
+
 class UnknownPassError(TfcompileError):
     """No registered pass with that name."""
 

@@ -209,3 +209,74 @@ def test_hf_directory_with_a_pickled_checkpoint_runs_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     assert_refused(run_cli(capsys, "optimize", model_dir, "-o", out), match=str(model_dir), marker=marker,
                    output=out)
+
+
+# --- --target is a name from the device folder, never a path --------------------------------------------
+
+def _device_toml(**overrides) -> str:
+    fields = {"name": '"mine"', "description": '"a device"', "kind": '"gpu"', "mem_bandwidth_gbps": "100",
+              "kernel_overhead_us": "5"}
+    fields.update(overrides)
+    lines = [f"{k} = {v}" for k, v in fields.items() if v is not None]
+    return "\n".join(lines) + ("\n[peak_tflops]\nfp32 = 10.0\n[efficiency]\n"
+                               "gemm = 0.5\nattention = 0.5\nmemory = 0.5\nnorm = 0.5\nsoftmax = 0.5\n")
+
+
+@pytest.mark.parametrize("target", ["../../../../../../etc/passwd", "/etc/passwd", "cpu/../cpu", "cpu.toml",
+                                    "CPU", "", "devices/cpu"])
+def test_target_is_a_name_not_a_path(target, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, lines, everything = run_cli(capsys, "optimize", "gpt2-small", "--target", target, "-o", out)
+    assert code == EXIT_USER_ERROR and "Traceback" not in everything
+    assert len(lines) == 1 and "unknown target" in lines[0] and "known targets: a100, cpu" in lines[0]
+    assert not out.exists()
+
+
+def test_target_path_to_a_valid_device_file_is_refused(tmp_path, capsys):
+    """A well-formed TOML outside the device folder is refused too: it is never read."""
+    from tfcompile.cost_models.device import _devices_dir
+
+    crafted = tmp_path / "mine.toml"
+    crafted.write_text(_device_toml())
+    relative = Path("../" * len(_devices_dir().resolve().parts)) / str(crafted.with_suffix("")).lstrip("/")
+    code, lines, _ = run_cli(capsys, "calibrate", "--target", str(relative), "-o", tmp_path / "p.json")
+    assert code == EXIT_USER_ERROR and len(lines) == 1 and "unknown target" in lines[0]
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"kind": None}, "field kind must be one of"),
+    ({"kind": '"tpu"'}, "field kind must be one of"),
+    ({"mem_bandwidth_gbps": '"fast"'}, "field mem_bandwidth_gbps must be a number > 0; found str 'fast'"),
+    ({"mem_bandwidth_gbps": "0"}, "field mem_bandwidth_gbps must be a number > 0"),
+    ({"kernel_overhead_us": "true"}, "field kernel_overhead_us must be a number >= 0; found bool True"),
+    ({"kernel_overhead_us": "nan"}, "field kernel_overhead_us must be a number >= 0"),
+    ({"name": "3"}, "field name must be a non-empty string"),
+])
+def test_device_file_fields_are_checked_one_by_one(overrides, field, tmp_path):
+    from tfcompile.cost_models.device import device_from_toml
+    from tfcompile.errors import DeviceSpecError
+
+    path = tmp_path / "mine.toml"
+    path.write_text(_device_toml(**overrides))
+    with pytest.raises(DeviceSpecError) as caught:
+        device_from_toml(path)
+    assert field in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_device_file_efficiency_and_toml_errors(tmp_path):
+    from tfcompile.cost_models.device import device_from_toml
+    from tfcompile.errors import DeviceSpecError
+
+    path = tmp_path / "mine.toml"
+    path.write_text(_device_toml().replace("softmax = 0.5", "softmax = 1.5"))
+    with pytest.raises(DeviceSpecError, match=r"field efficiency.softmax must be a number > 0 and <= 1"):
+        device_from_toml(path)
+    path.write_text(_device_toml().replace("softmax = 0.5\n", ""))
+    with pytest.raises(DeviceSpecError, match=r"field efficiency.softmax must be .*; found missing"):
+        device_from_toml(path)
+    path.write_text("name = \n")
+    with pytest.raises(DeviceSpecError, match="not valid TOML"):
+        device_from_toml(path)
+    path.write_text(_device_toml())
+    assert device_from_toml(path).kind == "gpu"

@@ -12,7 +12,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from tfcompile.errors import UnknownTargetError
+from tfcompile.errors import DeviceSpecError, UnknownTargetError
 
 OP_CLASSES = ("gemm", "attention", "memory", "norm", "softmax")
 
@@ -53,27 +53,110 @@ def available_targets() -> list[str]:
 
 
 def load_device(name: str) -> DeviceSpec:
-    path = _devices_dir() / f"{name}.toml"
-    if not path.is_file():
-        raise UnknownTargetError(f"unknown target {name!r}; known targets: {', '.join(available_targets())}")
-    with path.open("rb") as f:
-        data = tomllib.load(f)
-    spec = DeviceSpec(
-        name=data["name"],
-        description=data["description"],
-        kind=data["kind"],
-        peak_flops={k: float(v) * 1e12 for k, v in data["peak_tflops"].items()},
-        mem_bandwidth_bytes_per_s=float(data["mem_bandwidth_gbps"]) * 1e9,
-        kernel_overhead_s=float(data["kernel_overhead_us"]) * 1e-6,
-        efficiency={k: float(data["efficiency"][k]) for k in OP_CLASSES},
-        overhead_per=data.get("overhead_per", "kernel"),
-        sources=dict(data.get("sources", {})),
-        attention_score_passes=float(data.get("attention", {}).get("score_passes", 0.0)),
-        cache_bytes=float(data.get("attention", {}).get("cache_mb", 0.0)) * 2**20,
-    )
+    """The spec of a known target. A target is a name from ``devices/``, never a path."""
+    known = available_targets()
+    # Only exact names of the shipped files: "--target ../../etc/x" must not reach the filesystem.
+    if not isinstance(name, str) or name not in known:
+        raise UnknownTargetError(f"unknown target {name!r}; known targets: {', '.join(known)} "
+                                 "(see `tfcompile targets`)")
+    spec = device_from_toml(device_file(name))
     if name == "cpu":
         spec = _with_host_peaks(spec)
     return spec
+
+
+def device_from_toml(path: Path) -> DeviceSpec:
+    """Read and validate one device file; each missing or mistyped field is one clear error."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise DeviceSpecError(f"{path}: cannot read device file: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DeviceSpecError(f"{path}: not valid TOML: {exc}") from exc
+    field = _FieldReader(path, data)
+    efficiency = field.table("efficiency")
+    attention = field.table("attention", required=False)
+    return DeviceSpec(
+        name=field.text("name"),
+        description=field.text("description"),
+        kind=field.choice("kind", DEVICE_KINDS),
+        peak_flops={k: v * 1e12 for k, v in field.numbers("peak_tflops").items()},
+        mem_bandwidth_bytes_per_s=field.number("mem_bandwidth_gbps", positive=True) * 1e9,
+        kernel_overhead_s=field.number("kernel_overhead_us") * 1e-6,
+        efficiency={k: _FieldReader(path, efficiency, "efficiency").number(k, positive=True, at_most=1.0)
+                    for k in OP_CLASSES},
+        overhead_per=field.choice("overhead_per", OVERHEAD_UNITS, default="kernel"),
+        sources=field.texts("sources", required=False),
+        attention_score_passes=_FieldReader(path, attention, "attention").number("score_passes", default=0.0),
+        cache_bytes=_FieldReader(path, attention, "attention").number("cache_mb", default=0.0) * 2**20,
+    )
+
+
+DEVICE_KINDS = ("cpu", "gpu", "npu", "edge")
+OVERHEAD_UNITS = ("kernel", "graph")
+_MISSING = object()
+
+
+class _FieldReader:
+    """Typed access to a device file's fields: one error per missing or mistyped field, naming it."""
+
+    def __init__(self, path: Path, data: dict, table: str | None = None):
+        self.path, self.data, self.prefix = path, data, f"{table}." if table else ""
+
+    def _fail(self, key: str, expected: str, value: object = _MISSING) -> DeviceSpecError:
+        found = "missing" if value is _MISSING else f"{type(value).__name__} {value!r}"
+        return DeviceSpecError(f"{self.path}: field {self.prefix}{key} must be {expected}; found {found}")
+
+    def _get(self, key: str, expected: str, default: object = _MISSING) -> object:
+        value = self.data.get(key, default)
+        if value is _MISSING:
+            raise self._fail(key, expected)
+        return value
+
+    def text(self, key: str) -> str:
+        value = self._get(key, "a string")
+        if not isinstance(value, str) or not value:
+            raise self._fail(key, "a non-empty string", value)
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: object = _MISSING) -> str:
+        expected = "one of " + ", ".join(repr(o) for o in options)
+        value = self._get(key, expected, default)
+        if value not in options:
+            raise self._fail(key, expected, value)
+        return value
+
+    def number(self, key: str, *, positive: bool = False, at_most: float | None = None,
+               default: object = _MISSING) -> float:
+        expected = ("a number > 0" if positive else "a number >= 0") + (f" and <= {at_most:g}" if at_most else "")
+        value = self._get(key, expected, default)
+        # bool is an int in Python; a TOML true is no number; NaN and inf compare false below.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._fail(key, expected, value)
+        ok = (value > 0 if positive else value >= 0) and value < float("inf") and (at_most is None or value <= at_most)
+        if not ok:
+            raise self._fail(key, expected, value)
+        return float(value)
+
+    def table(self, key: str, *, required: bool = True) -> dict:
+        value = self._get(key, "a table", _MISSING if required else {})
+        if not isinstance(value, dict):
+            raise self._fail(key, "a table", value)
+        return value
+
+    def numbers(self, key: str) -> dict[str, float]:
+        table = self.table(key)
+        reader = _FieldReader(self.path, table, key)
+        values = {k: reader.number(k) for k in table}
+        if not any(v > 0 for v in values.values()):
+            raise self._fail(key, "a table with at least one peak > 0", table)
+        return values
+
+    def texts(self, key: str, *, required: bool = True) -> dict[str, str]:
+        table = self.table(key, required=required)
+        reader = _FieldReader(self.path, table, key)
+        return {k: reader.text(k) for k in table}
 
 
 @dataclasses.dataclass(frozen=True)
