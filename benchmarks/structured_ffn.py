@@ -36,6 +36,7 @@ from tfcompile.backends.timing import ORT_BLOCK, measure_interleaved
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.cost_models.calibration import load_profile
 from tfcompile.cost_models.ffn import choose_ffn_form
+from tfcompile.cost_models.model import CalibratedCostModel, RooflineCostModel
 from tfcompile.graph import export_module
 from tfcompile.passes import apply_pass
 from tfcompile.verify import compare_outputs
@@ -71,10 +72,10 @@ def bench_shape(d: int, hidden: int, ratio: float, tokens: list[int], budget_s: 
     for t in tokens:
         x = torch.randn(1, t, d, generator=torch.Generator().manual_seed(t))
         dense = export_module(module, (x,), name=f"dense_{d}_{t}")
-        lowrank, outcome = apply_pass(dense, "structure_ffn", rank_ratio=ratio)
+        lowrank, outcome = apply_pass(dense, "structure_ffn", rank_ratio=ratio, every_projection=True)
         if not outcome.applied:
             raise RuntimeError(f"structure_ffn did not apply: {outcome.reason}")
-        rank = lowrank.info["structure_ffn"][0]["rank"]  # ratio · d, rounded up to a multiple of 8
+        rank = outcome.record.projections[0].rank  # ratio · d, rounded up to a multiple of 8
         lowrank.name = f"lowrank_{d}_{t}"
         runs = {}
         for name, graph in (("dense", dense), ("lowrank", lowrank)):
@@ -99,9 +100,10 @@ def bench_shape(d: int, hidden: int, ratio: float, tokens: list[int], budget_s: 
         rows.append(row)
         for path in workdir.glob("*.onnx"):
             path.unlink()  # 16 MB+ each at the larger widths
-    predicted = {"roofline": choose_ffn_form(d, hidden, rank, 1, cpu).crossover_tokens}
+    predicted = {"roofline": choose_ffn_form(d, hidden, rank, 1, RooflineCostModel(cpu)).crossover_tokens}
     if profile is not None:
-        predicted["calibrated"] = choose_ffn_form(d, hidden, rank, 1, cpu, profile=profile).crossover_tokens
+        calibrated = CalibratedCostModel(cpu, "ort", profile)
+        predicted["calibrated"] = choose_ffn_form(d, hidden, rank, 1, calibrated).crossover_tokens
     return rank, rows, predicted
 
 

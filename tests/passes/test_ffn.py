@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.cost_models.ffn import choose_ffn_form, choose_form
+from tfcompile.cost_models.model import cost_model_for
 from tfcompile.graph import export_module
-from tfcompile.passes import apply_pass, get_pass
+from tfcompile.passes import PassContext, apply_pass, get_pass
 from tfcompile import structure
 from tfcompile.verify import compare_outputs, verify
 from tests.passes.helpers import assert_rewrite_preserves, to_float64
@@ -180,14 +181,14 @@ def test_structure_refuses_a_model_without_ffn():
 @pytest.mark.parametrize("name", ["gpt2-small", "bert-base"])
 def test_structure_reports_per_layer_error_and_premerge_reproduces_it(name):
     graph = load_tiny(name)
-    structured, outcome = apply_pass(graph, "structure_ffn", rank_ratio=0.5)
+    structured, outcome = apply_pass(graph, "structure_ffn", every_projection=True, rank_ratio=0.5)
     assert outcome.applied and not get_pass("structure_ffn").exact
-    records = structured.info["structure_ffn"]
+    records = outcome.record.projections
     assert len(records) == 4  # 2 layers × (up, down)
     for r in records:
-        assert r["rank"] == min(r["in"], r["out"]) // 2
-        assert 0.05 < r["rel_error"] < 1  # random weights have a flat spectrum: half the rank loses a lot
-        assert f"{r['layer']} {r['rel_error']:.3f}" in outcome.reason
+        assert r.rank == min(r.in_features, r.out_features) // 2
+        assert 0.05 < r.rel_error < 1  # random weights have a flat spectrum: half the rank loses a lot
+        assert f"{r.layer} {r.rel_error:.3f}" in outcome.reason
     assert len(_gemms(structured)) == len(_gemms(graph)) + 4  # each FFN projection is two GEMMs
     check = verify(graph, structured)
     assert check.max_rel_err > 1e-3  # the function changed...
@@ -199,27 +200,28 @@ def test_structure_reports_per_layer_error_and_premerge_reproduces_it(name):
 
 def test_full_rank_is_near_exact_on_gpt2():
     graph = load_tiny("gpt2-small")
-    structured, _ = apply_pass(graph, "structure_ffn", rank_ratio=1.0)
-    assert max(r["rel_error"] for r in structured.info["structure_ffn"]) < 1e-12
+    structured, outcome = apply_pass(graph, "structure_ffn", every_projection=True, rank_ratio=1.0)
+    assert max(r.rel_error for r in outcome.record.projections) < 1e-12
     check = verify(graph, structured)
     assert check.quality == 1.0 and check.max_rel_err < 1e-4
 
 
 def test_error_budget_picks_the_rank():
     graph = load_tiny("bert-base")
-    structured, _ = apply_pass(graph, "structure_ffn", max_weight_error=0.3)
-    records = structured.info["structure_ffn"]
-    assert all(r["rel_error"] <= 0.3 for r in records)
-    assert all(r["rank"] % 8 == 0 and r["rank"] <= min(r["in"], r["out"]) for r in records)
-    assert any(r["rank"] < min(r["in"], r["out"]) for r in records)  # the budget did cut something
+    structured, outcome = apply_pass(graph, "structure_ffn", every_projection=True, max_weight_error=0.3)
+    records = outcome.record.projections
+    assert all(r.rel_error <= 0.3 for r in records)
+    assert all(r.rank % 8 == 0 and r.rank <= min(r.in_features, r.out_features) for r in records)
+    assert any(r.rank < min(r.in_features, r.out_features) for r in records)  # the budget did cut something
 
 
 def test_block_dense_form_and_its_premerge():
     graph = load_tiny("bert-base")
-    structured, outcome = apply_pass(graph, "structure_ffn", form="blockdense", blocks=4, rank_ratio=0.5)
+    structured, outcome = apply_pass(graph, "structure_ffn", every_projection=True, form="blockdense", blocks=4,
+                                     rank_ratio=0.5)
     assert outcome.applied
     assert sum(n.target is aten.bmm.default for n in structured.call_nodes()) == 4
-    assert all(r["blocks"] == 4 and r["rank"] == 32 for r in structured.info["structure_ffn"])
+    assert all(r.blocks == 4 and r.rank == 32 for r in outcome.record.projections)
     assert_rewrite_preserves(structured, "premerge_ffn", rel_tol=FP32_TOL)
 
 
@@ -228,8 +230,8 @@ def test_minilm_quality_with_real_weights():
     reference = graph.run()
     quality = {}
     for ratio in (1.0, 0.75, 0.25):
-        structured, _ = apply_pass(graph, "structure_ffn", rank_ratio=ratio)
-        errors = [r["rel_error"] for r in structured.info["structure_ffn"]]
+        structured, outcome = apply_pass(graph, "structure_ffn", every_projection=True, rank_ratio=ratio)
+        errors = [r.rel_error for r in outcome.record.projections]
         assert len(errors) == 12  # 6 layers × (up, down)
         check = verify(graph, structured, reference)
         assert check.quality_metric == "mean_cosine"
@@ -261,7 +263,7 @@ def test_structured_flops_are_rank_times_in_plus_out():
     d, hidden = 64, 256
     graph = export_module(DenseFFN(d, hidden), (torch.randn(1, 16, d),), name="ffn")
     for form in ("lowrank", "blockdense"):
-        structured, _ = apply_pass(graph, "structure_ffn", rank_ratio=0.25, form=form)
+        structured, _ = apply_pass(graph, "structure_ffn", every_projection=True, rank_ratio=0.25, form=form)
         r = d // 4
         if form == "lowrank":
             expected = r * (d + hidden) / (d * hidden)
@@ -272,27 +274,29 @@ def test_structured_flops_are_rank_times_in_plus_out():
 
 
 def test_cost_model_picks_dense_on_h100_at_one_token_and_lowrank_on_cpu_at_many():
-    one = choose_form(768, 3072, 192, 1, "h100")
+    h100, cpu = cost_model_for("h100", calibrated=False), cost_model_for("cpu", calibrated=False)
+    one = choose_form(768, 3072, 192, 1, h100)
     assert one.best == "dense"  # one launch beats two tiny GEMMs
-    assert choose_form(768, 3072, 192, 4096, "cpu").best == "structured"
+    assert choose_form(768, 3072, 192, 4096, cpu).best == "structured"
     cross = one.crossover_tokens
     assert cross is not None and 1 < cross < 4096
-    assert choose_form(768, 3072, 192, cross - 1, "h100").best == "dense"
-    assert choose_form(768, 3072, 192, cross, "h100").best == "structured"
-    ffn = choose_ffn_form(768, 3072, 192, 4096, "cpu")
+    assert choose_form(768, 3072, 192, cross - 1, h100).best == "dense"
+    assert choose_form(768, 3072, 192, cross, h100).best == "structured"
+    ffn = choose_ffn_form(768, 3072, 192, 4096, cpu)
     assert ffn.speedup > 2  # 0.3125 of the FLOPs
 
 
 def test_choice_is_per_token_count_in_the_passes():
     d, hidden = 256, 1024  # predicted crossover on h100 at rank 64: 1231 tokens for each projection
     module = DenseFFN(d, hidden)
+    h100 = PassContext.build("h100", calibrated=False)
     for tokens, factorised in ((1, False), (4096, True)):
         graph = export_module(module, (torch.randn(1, tokens, d),), name=f"ffn{tokens}")
-        structured, outcome = apply_pass(graph, "structure_ffn", rank_ratio=0.25, device="h100")
+        structured, outcome = apply_pass(graph, "structure_ffn", h100, rank_ratio=0.25)
         assert outcome.applied is factorised, outcome.reason
         if not factorised:
             assert "dense predicted faster at 1 tokens" in outcome.reason
-            structured, _ = apply_pass(graph, "structure_ffn", rank_ratio=0.25)
+            structured, _ = apply_pass(graph, "structure_ffn", every_projection=True, rank_ratio=0.25)
         # premerge with a target merges back only where the dense GEMM is predicted faster.
-        merged, outcome = apply_pass(structured, "premerge_ffn", device="h100")
+        merged, outcome = apply_pass(structured, "premerge_ffn", h100)
         assert outcome.applied is not factorised, outcome.reason

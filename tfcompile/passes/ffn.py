@@ -10,18 +10,19 @@ into one dense GEMM (``premerge_ffn``, in ``ffn_premerge.py``).
 - ``blockdense``: ``linear(blkdiag(V₁..V_k)·x, U, b)`` where the input is split
   into k chunks; column block i of W is approximated by its rank-r/k SVD
   ``U_i·V_i`` (which is optimal for this structure, as the blocks are
-  independent), U = [U₁ … U_k]. The block-diagonal GEMM is written as
-  view → transpose → bmm → transpose → reshape, so ONNX and the cost model
-  see one batched GEMM.
+  independent), U = [U₁ … U_k]. The block-diagonal GEMM is one batched GEMM
+  (``structure.emit_blockdense_linear``, the form the cost model prices too).
 
 Rank: ``rank_ratio`` (r = ratio · min(in, out), e.g. 0.25 → d/4 for d → 4d)
 or ``max_weight_error`` (the smallest r whose relative Frobenius error
 ‖W − Ŵ‖/‖W‖ stays within the budget), rounded up to a multiple of ``align``.
-With ``device`` (a target name) only projections whose structured form the
-target's cost model predicts faster at the layer's token count are rewritten
-(``cost_models.ffn.choose_form``), so the choice is per layer and per token
-count. Per-layer weight errors go to the summary and to
-``graph.info["structure_ffn"]``; end-to-end quality comes from verification.
+A projection is rewritten only where the context's cost model predicts its
+structured form faster at the layer's token count
+(``cost_models.ffn.form_latencies_s``), so the choice is per layer and per
+token count; ``every_projection=True`` factorises every projection whatever
+the prediction (to measure or study the approximation itself). Per-layer
+weight errors go to the summary and to the record (``StructureFFNRecord``);
+end-to-end quality comes from verification.
 
 Preconditions: an FFN block whose hidden activation is read only by the down
 projection, floating-point weights that are model attributes.
@@ -33,29 +34,55 @@ checkpoint is the post-hoc approximation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from tfcompile.cost_models.calibration import load_profile
-from tfcompile.cost_models.ffn import choose_form
+from tfcompile import structure
+from tfcompile.cost_models.ffn import FORMS, form_latencies_s
 from tfcompile.graph import ModelGraph
 from tfcompile.passes import ffn_premerge  # noqa: F401  (ffn_premerge registers premerge_ffn)
-from tfcompile import structure
-from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.context import PassContext
 
 aten = torch.ops.aten
 
 DEFAULT_RANK_RATIO = 0.25
 
 
-def _check(graph: ModelGraph) -> str | None:
-    blocks = structure.ffn_blocks(graph)
-    if not blocks:
-        return "no FFN block (up/gate linear → activation → down linear with model weights) found"
-    if not any(s.weight(graph).is_floating_point() for b in blocks for s in b.sites):
-        return "FFN weights are not floating point (quantised?): nothing to factorise by SVD"
-    return None
+@dataclasses.dataclass(frozen=True)
+class FactorisedProjection:
+    layer: str  # module path of the projection
+    role: str  # "up" (a gate projection counts as up) or "down"
+    in_features: int
+    out_features: int
+    rank: int
+    blocks: int  # 1 for low-rank
+    form: str
+    tokens: int  # rows of the GEMM in the traced graph
+    rel_error: float  # ‖W − Ŵ‖/‖W‖, Frobenius
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureFFNRecord:
+    projections: tuple[FactorisedProjection, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Factorisation:
+    site: structure.GemmSite
+    u: torch.Tensor  # [out, r]
+    v: torch.Tensor  # [r, in] (low-rank) or [k, in/k, r/k] (block-dense, for bmm)
+    projection: FactorisedProjection
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+    form: str
+    blocks: int
+    factorisations: tuple[_Factorisation, ...]
+    kept_dense: tuple[str, ...]  # why each other projection was left alone
 
 
 def _rank_for(singular: list[torch.Tensor], base: int, full: int, total_sq: float, rank_ratio, max_weight_error,
@@ -115,45 +142,7 @@ def _factorise(w: torch.Tensor, rank_ratio, max_weight_error, form: str, blocks:
     return u.to(w.dtype), v.to(w.dtype), r, math.sqrt(tail / total_sq)
 
 
-def _rewrite_site(graph: ModelGraph, site: structure.GemmSite, u, v, form: str, blocks: int) -> None:
-    gm = graph.gm
-    node = site.node
-    stack = node.meta.get("nn_module_stack", {})
-    x = site.input
-    shape = tuple(int(s) for s in node.args[1 if site.kind == "addmm" else 0].meta["val"].shape)
-    in_f, rank = shape[-1], u.shape[1]
-    base = node.name
-    with gm.graph.inserting_before(node):
-        new = []
-        if form == "lowrank":
-            v_node = gm.graph.get_attr(structure.add_constant(gm, f"{base}_lowrank_v", v))
-            h = gm.graph.call_function(aten.linear.default, (x, v_node, None))
-            new.append(h)
-        else:
-            tokens = math.prod(shape[:-1])
-            v_node = gm.graph.get_attr(structure.add_constant(gm, f"{base}_blockdense_v", v))
-            xb = gm.graph.call_function(aten.view.default, (x, [tokens, blocks, in_f // blocks]))
-            xt = gm.graph.call_function(aten.transpose.int, (xb, 0, 1))
-            hb = gm.graph.call_function(aten.bmm.default, (xt, v_node))
-            ht = gm.graph.call_function(aten.transpose.int, (hb, 0, 1))
-            # reshape, not view: the transposed blocks are not contiguous.
-            h = gm.graph.call_function(aten.reshape.default, (ht, list(shape[:-1]) + [rank]))
-            new += [xb, xt, hb, ht, h]
-        u_node = gm.graph.get_attr(structure.add_constant(gm, f"{base}_{form}_u", u))
-        b_node = gm.graph.get_attr(site.bias_target) if site.bias_target is not None else None
-        out = gm.graph.call_function(aten.linear.default, (h, u_node, b_node))
-        new.append(out)
-    for n in new:
-        n.meta["nn_module_stack"] = stack
-    node.replace_all_uses_with(out)
-    gm.graph.erase_node(node)
-
-
-@register_checked_pass("structure_ffn", Exactness.APPROXIMATE,
-               "factorise FFN projections into low-rank or block-dense form by truncated SVD", _check, stage=Stage.FFN, runs_after=('premerge_ffn',))
-def structure_ffn(graph: ModelGraph, *, rank_ratio: float | None = None, max_weight_error: float | None = None,
-                  form: str = "lowrank", blocks: int = 4, align: int = 8, device: str | None = None,
-                  backend: str | None = None) -> PassResult:
+def _check_knobs(rank_ratio, max_weight_error, form: str) -> tuple[float | None, float | None]:
     if rank_ratio is not None and max_weight_error is not None:
         raise ValueError("give rank_ratio or max_weight_error, not both")
     if rank_ratio is None and max_weight_error is None:
@@ -162,14 +151,23 @@ def structure_ffn(graph: ModelGraph, *, rank_ratio: float | None = None, max_wei
         raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio}")
     if max_weight_error is not None and not 0 <= max_weight_error < 1:
         raise ValueError(f"max_weight_error must be in [0, 1), got {max_weight_error}")
-    if form not in ("lowrank", "blockdense"):
+    if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; use lowrank or blockdense")
-    profile = load_profile(device, backend) if device and backend else None
-    records, kept = [], []
-    attrs = {n.target for n in graph.nodes("get_attr")}
-    for block in structure.ffn_blocks(graph):
+    return rank_ratio, max_weight_error
+
+
+def _plan(graph: ModelGraph, context: PassContext, *, rank_ratio: float | None = None,
+          max_weight_error: float | None = None, form: str = "lowrank", blocks: int = 4, align: int = 8,
+          every_projection: bool = False) -> _Plan:
+    rank_ratio, max_weight_error = _check_knobs(rank_ratio, max_weight_error, form)
+    ffn_blocks = structure.ffn_blocks(graph)
+    if not ffn_blocks:
+        raise PassRefused("no FFN block (up/gate linear → activation → down linear with model weights) found")
+    if not any(s.weight(graph).is_floating_point() for b in ffn_blocks for s in b.sites):
+        raise PassRefused("FFN weights are not floating point (quantised?): nothing to factorise by SVD")
+    factorisations, kept = [], []
+    for block in ffn_blocks:
         for site in block.sites:
-            role = "down" if site is block.down else "up"  # a gate projection counts as "up"
             label = structure.module_path(site.node) or site.node.name
             w = site.weight(graph)
             out_f, in_f = w.shape
@@ -178,26 +176,62 @@ def structure_ffn(graph: ModelGraph, *, rank_ratio: float | None = None, max_wei
                 continue
             u, v, r, err = _factorise(w, rank_ratio, max_weight_error, form, blocks, align)
             tokens = site.tokens
-            if device is not None:
-                choice = choose_form(in_f, out_f, r, tokens, device, form=form, blocks=blocks,
-                                     bias=site.bias_target is not None, dtype=w.dtype, profile=profile)
-                if choice.best == "dense":
+            if not every_projection:
+                dense_s, structured_s = form_latencies_s(in_f, out_f, r, tokens, context.cost_model, form=form,
+                                                         blocks=blocks, bias=site.bias_target is not None,
+                                                         dtype=w.dtype)
+                if structured_s >= dense_s:
                     kept.append(f"{label} (dense predicted faster at {tokens} tokens: "
-                                f"{choice.dense_s * 1e6:.1f} vs {choice.structured_s * 1e6:.1f} us)")
+                                f"{dense_s * 1e6:.1f} vs {structured_s * 1e6:.1f} us)")
                     continue
-            _rewrite_site(graph, site, u, v, form, blocks)
-            records.append({"layer": label, "role": role,
-                            "in": in_f, "out": out_f, "rank": r,
-                            "blocks": blocks if form == "blockdense" else 1, "form": form, "tokens": tokens,
-                            "rel_error": err})
-    graph.info["structure_ffn"] = records
-    if not records:
-        return PassResult(graph, False, "no projection factorised: " + "; ".join(kept))
+            role = "down" if site is block.down else "up"
+            projection = FactorisedProjection(label, role, in_f, out_f, r, blocks if form == "blockdense" else 1,
+                                              form, tokens, err)
+            factorisations.append(_Factorisation(site, u, v, projection))
+    if not factorisations:
+        raise PassRefused("no projection factorised: " + "; ".join(kept))
+    return _Plan(form, blocks, tuple(factorisations), tuple(kept))
+
+
+def _rewrite_site(graph: ModelGraph, item: _Factorisation, form: str, blocks: int) -> None:
+    gm, site = graph.gm, item.site
+    node = site.node
+    lead = structure.shape_of(site.input)[:-1]
+    in_f, out_f, rank = item.projection.in_features, item.projection.out_features, item.projection.rank
+    first_new = node.prev
+    with gm.graph.inserting_before(node):
+        build = structure.GraphBuilder(gm, dtype=item.u.dtype)
+        v = build.const(f"{node.name}_{form}_v", item.v)
+        u = build.const(f"{node.name}_{form}_u", item.u)
+        bias = gm.graph.get_attr(site.bias_target) if site.bias_target is not None else None
+        if form == "lowrank":
+            out = structure.emit_lowrank_linear(build, site.input, v, u, bias, lead=lead, d_out=out_f, rank=rank)
+        else:
+            out = structure.emit_blockdense_linear(build, site.input, v, u, bias, lead=lead, d_in=in_f,
+                                                   d_out=out_f, rank=rank, blocks=blocks)
+    stack = node.meta.get("nn_module_stack", {})
+    new = first_new.next
+    while new is not node:
+        if new.op == "call_function":
+            new.meta["nn_module_stack"] = stack
+        new = new.next
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
+@register_pass("structure_ffn", Exactness.APPROXIMATE,
+               "factorise FFN projections into low-rank or block-dense form by truncated SVD",
+               plan=_plan, stage=Stage.FFN, runs_after=("premerge_ffn",))
+def structure_ffn(graph: ModelGraph, plan: _Plan) -> PassResult:
+    attrs = {n.target for n in graph.nodes("get_attr")}
+    for item in plan.factorisations:
+        _rewrite_site(graph, item, plan.form, plan.blocks)
     structure.remove_dead_code(graph.gm, attrs)  # the dense weights' get_attr nodes
-    ranks = sorted({r["rank"] for r in records})
-    errors = ", ".join(f"{r['layer']} {r['rel_error']:.3f}" for r in records)
-    summary = (f"factorised {len(records)} FFN projections ({form}, rank {'/'.join(map(str, ranks))}); "
+    projections = tuple(item.projection for item in plan.factorisations)
+    ranks = sorted({p.rank for p in projections})
+    errors = ", ".join(f"{p.layer} {p.rel_error:.3f}" for p in projections)
+    summary = (f"factorised {len(projections)} FFN projections ({plan.form}, rank {'/'.join(map(str, ranks))}); "
                f"relative weight error per layer: {errors}")
-    if kept:
-        summary += f"; kept dense: {'; '.join(kept)}"
-    return PassResult(graph, True, summary)
+    if plan.kept_dense:
+        summary += f"; kept dense: {'; '.join(plan.kept_dense)}"
+    return PassResult(graph, True, summary, StructureFFNRecord(projections))

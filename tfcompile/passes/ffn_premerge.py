@@ -5,7 +5,9 @@ more constant-weight GEMMs with nothing nonlinear between them
 (``structure.linear_chains``): low-rank adapters ``linear(linear(x, V), U, b)``,
 the output of ``structure_ffn``, block-dense layers, and block-shuffle
 (Monarch) layers written as reshape / transpose / bmm / einsum, into
-``linear(x, W, b)`` (plus a view back to the chain's output shape).
+``linear(x, W, b)`` (plus a view back to the chain's output shape), where the
+context's cost model predicts the dense GEMM faster at the chain's token
+count: the choice is per layer and per token count.
 
 W and b come from pushing the identity through the traced subgraph, in
 float64 with torch: row j of the probe batch is e_j, one extra row is 0, so
@@ -14,30 +16,32 @@ between the factors (the shuffle of a Monarch layer): multiplying the block
 matrices without it would be wrong. The traced shapes are kept: the probes are
 fed in batches of the subgraph's own token count. A random-input check then
 confirms that the subgraph is the token-wise affine map x ↦ xWᵀ + b (it
-must not mix tokens); chains that fail are left alone with the reason.
+must not mix tokens); chains that fail are left alone with the reason. All of
+this is evaluation of the existing ops (the plan), never a trial rewrite.
 
 Preconditions: the chain's intermediate values are read only inside the
-chain; its input and output agree on the number of token rows.
+chain; its input and output agree on the number of token rows. A graph with
+chains of which none is merged is not refused: the pass applies and reports
+why each chain was left structured.
 
 Exact: the merged GEMM computes the same affine map up to float
 reassociation (W is computed in float64, then rounded once to the model's
-dtype). With ``device`` (a target name) a chain is merged only where that
-target's cost model predicts the dense GEMM faster at the chain's token count,
-which makes the choice per layer and per token count.
+dtype).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch.fx.node import map_arg
 
-from tfcompile.cost_models.calibration import load_profile
-from tfcompile.cost_models.ffn import NodeSet, dense_linear, predict_s
-from tfcompile.graph import ModelGraph, fetch_attr
 from tfcompile import structure
-from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
+from tfcompile.cost_models.ffn import linear_sketch
+from tfcompile.graph import ModelGraph, fetch_attr
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.context import PassContext
 
 aten = torch.ops.aten
 
@@ -46,15 +50,21 @@ aten = torch.ops.aten
 AFFINE_CHECK_TOL = 1e-9
 
 
-def _check(graph: ModelGraph) -> str | None:
-    if structure.linear_chains(graph):
-        return None
-    return "no chain of two or more linear maps without a nonlinearity between them: nothing structured to merge"
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Merge:
+    """One chain to replace: ``nodes`` (read from ``entry``) become ``linear(entry, weight, bias)``."""
+
+    name: str
+    entry: torch.fx.Node
+    nodes: tuple[torch.fx.Node, ...]
+    weight: torch.Tensor
+    bias: torch.Tensor | None  # None when the chain maps 0 to exactly 0
 
 
-def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    value = node.meta.get("val")
-    return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+    merges: tuple[_Merge, ...]
+    left: tuple[str, ...]  # why each other chain stays structured
 
 
 class _Region:
@@ -120,11 +130,11 @@ def _candidates(chain: structure.LinearChain):
             yield starts[s], list(chain.nodes[s:e + 1])
 
 
-def _merge_plan(graph: ModelGraph, chain: structure.LinearChain):
-    """(entry, region, W, b) for the widest region that is a token-wise affine map, or the reason."""
+def _merge_for(graph: ModelGraph, chain: structure.LinearChain) -> _Merge | str:
+    """The widest region of ``chain`` that is a token-wise affine map, or the reason there is none."""
     reason = "input and output do not have the same number of token rows"
     for entry, nodes in _candidates(chain):
-        in_shape, out_shape = _shape(entry), _shape(nodes[-1])
+        in_shape, out_shape = structure.shape_of(entry), structure.shape_of(nodes[-1])
         if not in_shape or not out_shape or math.prod(in_shape[:-1]) != math.prod(out_shape[:-1]):
             continue
         region = _Region(graph, entry, nodes)
@@ -135,26 +145,62 @@ def _merge_plan(graph: ModelGraph, chain: structure.LinearChain):
             continue
         if err <= AFFINE_CHECK_TOL:
             dtype = region.dtype or nodes[-1].meta["val"].dtype
-            return entry, nodes, weight.to(dtype), bias.to(dtype)
+            # A chain without any bias maps 0 to exactly 0 in fp64: keep it bias-free.
+            kept_bias = bias.to(dtype) if bool(bias.abs().max() > 0) else None
+            return _Merge(chain.name, entry, tuple(nodes), weight.to(dtype), kept_bias)
         reason = f"not a token-wise affine map (random-input check off by {err:.1e} relative)"
     return reason
 
 
-def _replace(graph: ModelGraph, entry, nodes, weight, bias) -> None:
+def _dense_predicted_faster(merge: _Merge, context: PassContext) -> str | None:
+    """None when the dense GEMM is predicted faster than the chain, else why the chain stays."""
+    shape = structure.shape_of(merge.entry)
+    dense = linear_sketch("dense", math.prod(shape[:-1]), shape[-1], merge.weight.shape[0],
+                          bias=merge.bias is not None, dtype=merge.nodes[-1].meta["val"].dtype)
+    dense_s = context.cost_model.predict(dense).latency_s
+    structured_s = context.cost_model.predict(structure.sketch_of(merge.nodes)).latency_s
+    if structured_s <= dense_s:
+        return (f"{merge.name}: structured form predicted faster on {context.target} "
+                f"({structured_s * 1e6:.1f} vs {dense_s * 1e6:.1f} us)")
+    return None
+
+
+def _plan(graph: ModelGraph, context: PassContext) -> _Plan:
+    chains = structure.linear_chains(graph)
+    if not chains:
+        raise PassRefused("no chain of two or more linear maps without a nonlinearity between them: "
+                          "nothing structured to merge")
+    merges, left = [], []
+    for chain in chains:
+        merge = _merge_for(graph, chain)
+        if isinstance(merge, str):
+            left.append(f"{chain.name}: {merge}")
+            continue
+        slower = _dense_predicted_faster(merge, context)
+        if slower is not None:
+            left.append(slower)
+            continue
+        merges.append(merge)
+    return _Plan(tuple(merges), tuple(left))
+
+
+def _replace(graph: ModelGraph, merge: _Merge) -> None:
     gm = graph.gm
+    entry, nodes = merge.entry, merge.nodes
     exit_ = nodes[-1]
     gemm = next(n for n in reversed(nodes) if n.target in structure.CHAIN_GEMM_OPS)
     base = f"premerged_{gemm.name}"
+    stack = gemm.meta.get("nn_module_stack", {})
     with gm.graph.inserting_before(nodes[0]):
-        w = gm.graph.get_attr(structure.add_constant(gm, f"{base}_weight", weight))
-        # A chain without any bias maps 0 to exactly 0 in fp64: keep it bias-free.
-        b = gm.graph.get_attr(structure.add_constant(gm, f"{base}_bias", bias)) \
-            if bool(bias.abs().max() > 0) else None
-        out = gm.graph.call_function(aten.linear.default, (entry, w, b))
-        out.meta["nn_module_stack"] = gemm.meta.get("nn_module_stack", {})
-        if _shape(entry)[:-1] != _shape(exit_)[:-1]:
-            out = gm.graph.call_function(aten.view.default, (out, list(_shape(exit_))))
-            out.meta["nn_module_stack"] = gemm.meta.get("nn_module_stack", {})
+        build = structure.GraphBuilder(gm)
+        weight = build.const(f"{base}_weight", merge.weight)
+        bias = build.const(f"{base}_bias", merge.bias) if merge.bias is not None else None
+        out = build(aten.linear.default, entry, weight, bias)
+        out.meta["nn_module_stack"] = stack
+        out_shape = structure.shape_of(exit_)
+        if structure.shape_of(entry)[:-1] != out_shape[:-1]:
+            out = build(aten.view.default, out, list(out_shape))
+            out.meta["nn_module_stack"] = stack
     exit_.replace_all_uses_with(out)
     for node in reversed(nodes):
         for user in list(node.users):  # metadata asserts on the removed values
@@ -162,35 +208,19 @@ def _replace(graph: ModelGraph, entry, nodes, weight, bias) -> None:
         gm.graph.erase_node(node)
 
 
-@register_checked_pass("premerge_ffn", Exactness.EXACT,
-               "multiply structured factors (low-rank, block-dense, block-shuffle) back into one dense GEMM", _check, stage=Stage.FFN)
-def premerge_ffn(graph: ModelGraph, *, device: str | None = None, backend: str | None = None) -> PassResult:
-    profile = load_profile(device, backend) if device and backend else None
-    merged, left = [], []
-    chains = structure.linear_chains(graph)
+@register_pass("premerge_ffn", Exactness.EXACT,
+               "multiply structured factors (low-rank, block-dense, block-shuffle) back into one dense GEMM",
+               plan=_plan, stage=Stage.FFN)
+def premerge_ffn(graph: ModelGraph, plan: _Plan) -> PassResult:
+    if not plan.merges:
+        return PassResult(graph, False, "nothing merged: " + "; ".join(plan.left))
     attrs = {n.target for n in graph.nodes("get_attr")}
-    for chain in chains:
-        plan = _merge_plan(graph, chain)
-        if isinstance(plan, str):
-            left.append(f"{chain.name}: {plan}")
-            continue
-        entry, nodes, weight, bias = plan
-        if device is not None:
-            shape = _shape(entry)
-            dense_s = predict_s(dense_linear(math.prod(shape[:-1]), shape[-1], weight.shape[0],
-                                             bias=bool(bias.abs().max() > 0), dtype=nodes[-1].meta["val"].dtype),
-                                device, profile)
-            structured_s = predict_s(NodeSet(nodes), device, profile)
-            if structured_s <= dense_s:
-                left.append(f"{chain.name}: structured form predicted faster on {device} "
-                            f"({structured_s * 1e6:.1f} vs {dense_s * 1e6:.1f} us)")
-                continue
-        _replace(graph, entry, nodes, weight, bias)
-        merged.append(f"{chain.name} ({sum(n.target in structure.CHAIN_GEMM_OPS for n in nodes)} GEMMs)")
-    if not merged:
-        return PassResult(graph, False, "nothing merged: " + "; ".join(left))
+    for merge in plan.merges:
+        _replace(graph, merge)
     structure.remove_dead_code(graph.gm, attrs)
+    merged = [f"{m.name} ({sum(n.target in structure.CHAIN_GEMM_OPS for n in m.nodes)} GEMMs)"
+              for m in plan.merges]
     summary = f"merged {len(merged)} structured layers into dense GEMMs: {', '.join(merged)}"
-    if left:
-        summary += f"; left structured: {'; '.join(left)}"
+    if plan.left:
+        summary += f"; left structured: {'; '.join(plan.left)}"
     return PassResult(graph, True, summary)

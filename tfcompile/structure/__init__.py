@@ -69,3 +69,9 @@ from tfcompile.structure.build import (  # noqa: F401
     GraphBuilder,
     remove_dead_code,
 )
+from tfcompile.structure.forms import (  # noqa: F401
+    emit_blockdense_linear,
+    emit_dense_linear,
+    emit_lowrank_linear,
+    sketch_of,
+)
