@@ -142,7 +142,7 @@ def mean_quality(references: list, model, inputs: list, output_names) -> tuple[f
 
 def greedy_variants(graph: ModelGraph, seq: int, args) -> list[tuple[str, str, dict]]:
     """AxFormer-style greedy layer choice on a held-out document (another part of the corpus)."""
-    from tfcompile.passes.attention_layer_choice import choose_layers
+    from tfcompile.knob_search.attention_layers import choose_layers
 
     # Half-way between the first two quality documents, so it overlaps none of them.
     offset = args.heldout_offset if args.heldout_offset is not None else doc_step(seq, args.docs) // 2

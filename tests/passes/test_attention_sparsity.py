@@ -11,7 +11,7 @@ from tfcompile.cost_models import estimate, load_device
 from tfcompile.graph import clone
 from tfcompile.passes import apply_pass, get_pass
 from tfcompile import structure
-from tfcompile.passes.attention_layer_choice import choose_layers
+from tfcompile.knob_search.attention_layers import choose_layers
 from tfcompile.passes.attention_sparsity import band_mask
 from tfcompile.verify import compare_outputs
 

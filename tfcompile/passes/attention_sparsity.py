@@ -37,8 +37,7 @@ for the 2w+1 a query needs; b = w/4 holds 2.25w, in 4× as many tiles. All
 shapes are static. Layers listed in ``full_layers`` stay dense (MASFormer keeps full
 attention in a few layers).
 
-Preconditions (``check`` detects them from the graph, names the node, leaves
-the graph alone): at least one SDPA node; 4-D q/k/v of the same batch and
+Preconditions (the plan detects them from the graph and names the node): at least one SDPA node; 4-D q/k/v of the same batch and
 heads (no GQA broadcasting) and no dropout; self-attention (as many keys as
 queries); and the node's attention pattern, evaluated on the example inputs,
 must be "full" (no mask, or a mask that allows everything) or "causal"
@@ -53,11 +52,12 @@ top-k get weight 0 instead of their softmax weight, and the remaining weights
 are not renormalised for top-k). The quality figure (top-1 agreement for
 logits, mean cosine otherwise) must be checked against the budget; the layers
 to sparsify can be chosen greedily on held-out inputs with
-``tfcompile.passes.attention_layer_choice.choose_layers`` (AxFormer's rule).
+``tfcompile.knob_search.attention_layers.choose_layers`` (AxFormer's rule).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Iterable
@@ -67,7 +67,8 @@ import torch.fx
 
 from tfcompile.graph import ModelGraph
 from tfcompile import structure
-from tfcompile.passes.base import Exactness, PassResult, Stage, register_checked_pass
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.context import PassContext
 
 aten = torch.ops.aten
 
@@ -75,8 +76,42 @@ aten = torch.ops.aten
 _MARK = "attention_sparsity"
 
 
-class _Refusal(Exception):
-    pass
+@dataclasses.dataclass(frozen=True)
+class LocalAttentionRecord:
+    window: int
+    sinks: int
+    block: int  # queries per tile
+    layers: tuple[int, ...]  # attention layers rewritten (indices in graph order)
+    of: int  # attention layers that qualified
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKAttentionRecord:
+    k: int
+    layers: tuple[int, ...]
+    of: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Qualified:
+    """An attention the passes may rewrite, with its pattern on the example inputs."""
+
+    site: structure.AttentionSite
+    causal: bool  # else full
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalPlan:
+    layers: tuple[_Qualified, ...]  # the chosen layers
+    record: LocalAttentionRecord
+    block: int | None  # as asked (each layer caps it at its window and sequence)
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _TopKPlan:
+    layers: tuple[_Qualified, ...]
+    record: TopKAttentionRecord
 
 
 def _scale_of(node: torch.fx.Node, head_dim: int) -> float:
@@ -91,15 +126,16 @@ def _pattern(site: structure.AttentionSite, value, seq: int) -> str:
     if value is None:
         allowed = tril if site.is_causal else torch.ones(seq, seq, dtype=torch.bool)
     else:
-        if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[-2:]) not in {(seq, seq), (1, seq)}:
-            raise _Refusal(f"{node.name}: attention mask of shape {list(getattr(value, 'shape', []))} "
-                           "is not a [.., S, S] self-attention mask")
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 \
+                or tuple(value.shape[-2:]) not in {(seq, seq), (1, seq)}:
+            raise PassRefused(f"{node.name}: attention mask of shape {list(getattr(value, 'shape', []))} "
+                              "is not a [.., S, S] self-attention mask")
         if value.dtype == torch.bool:
             allowed = value
         else:
             blocked = value <= torch.finfo(value.dtype).min / 2
             if not bool((blocked | (value == 0)).all()):
-                raise _Refusal(f"{node.name} adds a bias to the attention scores (e.g. ALiBi), not a 0/−∞ mask")
+                raise PassRefused(f"{node.name} adds a bias to the attention scores (e.g. ALiBi), not a 0/−∞ mask")
             allowed = ~blocked
         allowed = allowed.expand(*allowed.shape[:-2], seq, seq)
         if site.is_causal:
@@ -108,51 +144,46 @@ def _pattern(site: structure.AttentionSite, value, seq: int) -> str:
         return "full"
     if bool((allowed == tril).all()):
         return "causal"
-    raise _Refusal(f"{node.name}: on the example inputs the attention mask is neither full nor causal "
-                   "(padding or another pattern); run remove_padding first or use unpadded inputs")
+    raise PassRefused(f"{node.name}: on the example inputs the attention mask is neither full nor causal "
+                      "(padding or another pattern); run remove_padding first or use unpadded inputs")
 
 
-def _sites(graph: ModelGraph) -> list[tuple[structure.AttentionSite, str]]:
-    """Every SDPA node not yet sparsified, with its pattern; raises _Refusal when one does not qualify."""
+def _qualified(graph: ModelGraph) -> list[_Qualified]:
+    """Every SDPA node not yet sparsified, with its pattern; refuses when one does not qualify."""
     sites = [s for s in structure.attention_sites(graph) if not s.node.meta.get(_MARK)]
     if not sites:
         if any(s.node.meta.get(_MARK) for s in structure.attention_sites(graph)):
-            raise _Refusal("every attention is already sparsified")
-        raise _Refusal("no scaled_dot_product_attention node: nothing to sparsify")
+            raise PassRefused("every attention is already sparsified")
+        raise PassRefused("no scaled_dot_product_attention node: nothing to sparsify")
     for site in sites:
         node = site.node
         q, k, v = (structure.tensor_meta(a) if isinstance(a, torch.fx.Node) else None for a in node.args[:3])
         if q is None or k is None or v is None:
-            raise _Refusal(f"{node.name}: q/k/v shapes unknown")
+            raise PassRefused(f"{node.name}: q/k/v shapes unknown")
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise _Refusal(f"{node.name}: q/k/v are not 4-D [batch, heads, seq, dim] "
-                           f"({list(q.shape)}, {list(k.shape)}, {list(v.shape)})")
+            raise PassRefused(f"{node.name}: q/k/v are not 4-D [batch, heads, seq, dim] "
+                              f"({list(q.shape)}, {list(k.shape)}, {list(v.shape)})")
         if tuple(q.shape[:2]) != tuple(k.shape[:2]) or tuple(k.shape[:3]) != tuple(v.shape[:3]):
-            raise _Refusal(f"{node.name}: q, k and v differ in batch/heads ({list(q.shape)}, {list(k.shape)}, "
-                           f"{list(v.shape)}): grouped-query broadcasting is not supported")
+            raise PassRefused(f"{node.name}: q, k and v differ in batch/heads ({list(q.shape)}, {list(k.shape)}, "
+                              f"{list(v.shape)}): grouped-query broadcasting is not supported")
         if q.shape[2] != k.shape[2]:
-            raise _Refusal(f"{node.name} is cross-attention ({q.shape[2]} queries, {k.shape[2]} keys): "
-                           "only self-attention over the token sequence is sparsified")
+            raise PassRefused(f"{node.name} is cross-attention ({q.shape[2]} queries, {k.shape[2]} keys): "
+                              "only self-attention over the token sequence is sparsified")
         dropout = structure.dim_arg(node, 4, "dropout_p", 0.0)
         if dropout:
-            raise _Refusal(f"{node.name} has dropout_p={dropout}")
+            raise PassRefused(f"{node.name} has dropout_p={dropout}")
         if node.kwargs.get("enable_gqa"):
-            raise _Refusal(f"{node.name} uses enable_gqa")
+            raise PassRefused(f"{node.name} uses enable_gqa")
     masks = [s.mask for s in sites if s.mask is not None]
     try:
         values = structure.evaluate_nodes(graph, masks) if masks else {}
     except ValueError as exc:
-        raise _Refusal(f"{exc} to inspect the attention mask") from exc
-    return [(s, _pattern(s, values.get(s.mask), int(structure.tensor_meta(s.node.args[0]).shape[2])))
-            for s in sites]
-
-
-def _check(graph: ModelGraph) -> str | None:
-    try:
-        _sites(graph)
-    except _Refusal as refusal:
-        return str(refusal)
-    return None
+        raise PassRefused(f"{exc} to inspect the attention mask") from exc
+    qualified = []
+    for site in sites:
+        seq = int(structure.tensor_meta(site.node.args[0]).shape[2])
+        qualified.append(_Qualified(site, causal=_pattern(site, values.get(site.mask), seq) == "causal"))
+    return qualified
 
 
 def _select(count: int, layers: Iterable[int] | None, exclude: Iterable[int] = ()) -> list[int]:
@@ -271,15 +302,8 @@ def _rewrite_local(graph: ModelGraph, node: torch.fx.Node, causal: bool, window:
     g.erase_node(node)
 
 
-def _check_local(graph: ModelGraph) -> str | None:
-    return _check(graph)
-
-
-@register_checked_pass("local_attention", Exactness.APPROXIMATE,
-               "banded (sliding-window) self-attention computed blockwise on [S/w, w, 2w] tiles in all "
-               "but the full_layers (MASFormer); attention cost ∝ S·w instead of S²", _check_local, stage=Stage.ATTENTION)
-def local_attention(graph: ModelGraph, window: int = 128, full_layers: Iterable[int] = (),
-                    layers: Iterable[int] | None = None, sinks: int = 1, block: int | None = None) -> PassResult:
+def _plan_local(graph: ModelGraph, context: PassContext, *, window: int = 128, full_layers: Iterable[int] = (),
+                layers: Iterable[int] | None = None, sinks: int = 1, block: int | None = None) -> _LocalPlan:
     window, sinks = int(window), int(sinks)
     if window < 1:
         raise ValueError(f"window must be ≥ 1, got {window}")
@@ -287,32 +311,35 @@ def local_attention(graph: ModelGraph, window: int = 128, full_layers: Iterable[
         raise ValueError(f"block must be ≥ 1, got {block}")
     if sinks < 0:
         raise ValueError(f"sinks must be ≥ 0, got {sinks}")
-    try:
-        sites = _sites(graph)
-    except _Refusal as refusal:
-        return PassResult(graph, False, str(refusal))
-    chosen = _select(len(sites), layers, full_layers)
+    qualified = _qualified(graph)
+    chosen = _select(len(qualified), layers, full_layers)
     if not chosen:
-        return PassResult(graph, False, "no layer selected (every attention layer is in full_layers)")
-    seq = int(structure.tensor_meta(sites[0][0].node.args[0]).shape[2])
-    for i in chosen:
-        site, pattern = sites[i]
-        _rewrite_local(graph, site.node, pattern == "causal", window, sinks, block)
+        raise PassRefused("no layer selected (every attention layer is in full_layers)")
+    seq = int(structure.tensor_meta(qualified[0].site.node.args[0]).shape[2])
+    record = LocalAttentionRecord(window, sinks, min(block or window, window, seq), tuple(chosen), len(qualified))
+    return _LocalPlan(tuple(qualified[i] for i in chosen), record, block, seq)
+
+
+@register_pass("local_attention", Exactness.APPROXIMATE,
+               "banded (sliding-window) self-attention computed blockwise on [S/w, w, 2w] tiles in all "
+               "but the full_layers (MASFormer); attention cost ∝ S·w instead of S²",
+               plan=_plan_local, stage=Stage.ATTENTION)
+def local_attention(graph: ModelGraph, plan: _LocalPlan) -> PassResult:
+    record = plan.record
+    for layer in plan.layers:
+        _rewrite_local(graph, layer.site.node, layer.causal, record.window, record.sinks, plan.block)
     _finish(graph)
-    block = min(block or window, window, seq)
-    graph.info.setdefault("attention_sparsity", []).append(
-        {"pass": "local_attention", "window": window, "sinks": sinks, "block": block, "layers": chosen,
-         "of": len(sites)})
-    return PassResult(graph, True, f"local attention (window {window}, {sinks} sink tokens, block "
-                                   f"{block} of {seq} tokens) "
-                                   f"in {len(chosen)} of {len(sites)} layers {chosen}")
+    chosen = list(record.layers)
+    return PassResult(graph, True, f"local attention (window {record.window}, {record.sinks} sink tokens, block "
+                                   f"{record.block} of {plan.seq} tokens) "
+                                   f"in {len(chosen)} of {record.of} layers {chosen}", record)
 
 
 # ---------------------------------------------------------------------------
 # hard_attention_topk
 
 
-def _rewrite_topk(graph: ModelGraph, site: structure.AttentionSite, causal: bool, k: int) -> int:
+def _rewrite_topk(graph: ModelGraph, site: structure.AttentionSite, k: int) -> None:
     g = graph.gm.graph
     node = site.node
     q, kk, v = node.args[:3]
@@ -339,33 +366,35 @@ def _rewrite_topk(graph: ModelGraph, site: structure.AttentionSite, causal: bool
         # Keep the probabilities at or above the k-th largest, zero the rest; no renormalisation
         # (AxFormer). Masked keys have probability 0 and stay 0 either way.
         kept = _call(g, aten.ge.Tensor, probs, kth)
-        sparse = _call(g, aten.mul.Tensor, probs, _call(g, aten._to_copy.default, kept, dtype=structure.tensor_meta(q).dtype))
+        kept = _call(g, aten._to_copy.default, kept, dtype=structure.tensor_meta(q).dtype)
+        sparse = _call(g, aten.mul.Tensor, probs, kept)
         out = _call(g, aten.matmul.default, sparse, v)
     node.replace_all_uses_with(out)
     g.erase_node(node)
-    return keep
 
 
-@register_checked_pass("hard_attention_topk", Exactness.APPROXIMATE,
-               "AxFormer hard attention: after the softmax every query keeps its k largest probabilities "
-               "(no renormalisation) in the selected layers; scores stay dense, so it saves nothing without "
-               "a sparse kernel", _check, stage=Stage.ATTENTION)
-def hard_attention_topk(graph: ModelGraph, k: int = 32, layers: Iterable[int] | None = None) -> PassResult:
+def _plan_topk(graph: ModelGraph, context: PassContext, *, k: int = 32,
+               layers: Iterable[int] | None = None) -> _TopKPlan:
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}")
-    try:
-        sites = _sites(graph)
-    except _Refusal as refusal:
-        return PassResult(graph, False, str(refusal))
-    chosen = _select(len(sites), layers)
+    qualified = _qualified(graph)
+    chosen = _select(len(qualified), layers)
     if not chosen:
-        return PassResult(graph, False, "no layer selected")
-    for i in chosen:
-        site, pattern = sites[i]
+        raise PassRefused("no layer selected")
+    return _TopKPlan(tuple(qualified[i] for i in chosen), TopKAttentionRecord(k, tuple(chosen), len(qualified)))
+
+
+@register_pass("hard_attention_topk", Exactness.APPROXIMATE,
+               "AxFormer hard attention: after the softmax every query keeps its k largest probabilities "
+               "(no renormalisation) in the selected layers; scores stay dense, so it saves nothing without "
+               "a sparse kernel", plan=_plan_topk, stage=Stage.ATTENTION)
+def hard_attention_topk(graph: ModelGraph, plan: _TopKPlan) -> PassResult:
+    record = plan.record
+    for layer in plan.layers:
         # An explicit mask is applied as is; is_causal is honoured separately.
-        _rewrite_topk(graph, site, pattern == "causal", k)
+        _rewrite_topk(graph, layer.site, record.k)
     _finish(graph)
-    graph.info.setdefault("attention_sparsity", []).append(
-        {"pass": "hard_attention_topk", "k": k, "layers": chosen, "of": len(sites)})
-    return PassResult(graph, True, f"top-{k} hard attention in {len(chosen)} of {len(sites)} layers {chosen}")
+    chosen = list(record.layers)
+    return PassResult(graph, True, f"top-{record.k} hard attention in {len(chosen)} of {record.of} layers {chosen}",
+                      record)

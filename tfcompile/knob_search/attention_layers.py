@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tfcompile.graph import ModelGraph
-from tfcompile.passes import apply_pass
+from tfcompile.passes import PassContext, apply_pass
 from tfcompile import structure
 from tfcompile.verify import compare_outputs
 
@@ -37,7 +37,8 @@ class LayerChoice:
 
 
 def choose_layers(graph: ModelGraph, pass_name: str, heldout: Sequence[tuple[torch.Tensor, ...]], *,
-                  budget: float, order: Iterable[int] | None = None, **knobs: Any) -> LayerChoice:
+                  budget: float, order: Iterable[int] | None = None, context: PassContext | None = None,
+                  **knobs: Any) -> LayerChoice:
     """Greedily pick the layers ``pass_name`` (with ``knobs``) may sparsify within ``budget``."""
     if not heldout:
         raise ValueError("choose_layers needs at least one held-out input tuple")
@@ -48,7 +49,7 @@ def choose_layers(graph: ModelGraph, pass_name: str, heldout: Sequence[tuple[tor
     trace: list[dict[str, Any]] = []
     for layer in (range(count) if order is None else order):
         trial = sorted(accepted + [int(layer) % count])
-        variant, outcome = apply_pass(graph, pass_name, layers=trial, **knobs)
+        variant, outcome = apply_pass(graph, pass_name, context, layers=trial, **knobs)
         if not outcome.applied:
             trace.append({"layer": layer, "accepted": False, "reason": outcome.reason})
             continue
