@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tfcompile optimize gpt2-small --target cpu --measure -o out/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check tfcompile tests benchmarks
 	$(PY) -m pytest -q --durations=10
 
 test-slow: $(STAMP)

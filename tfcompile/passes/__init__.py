@@ -1,8 +1,13 @@
-"""Rewrite passes. Importing this package registers every pass family."""
+"""Rewrite passes. Importing this package registers every pass family.
 
-from tfcompile.passes import (  # noqa: F401  (registration)
-    attention_sparsity, cleanup, ffn, norm, padding, qkv_merge, tome, token_pruning,
-)
+Every module and sub-package here is a pass family (or the contract itself:
+``base``, ``context``) and is imported below, so adding a pass is writing one
+module: no list to extend.
+"""
+
+import importlib
+import pkgutil
+
 from tfcompile.passes.base import (  # noqa: F401
     Exactness,
     Pass,
@@ -18,3 +23,6 @@ from tfcompile.passes.base import (  # noqa: F401
     register_pass,
 )
 from tfcompile.passes.context import PassContext, Workload, default_context  # noqa: F401
+
+for _family in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_family.name}")
