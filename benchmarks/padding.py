@@ -24,7 +24,7 @@ from tfcompile.backends.timing import measure_interleaved
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.cost_models.padding_gain import ideal_speedup
 from tfcompile.frontend import LoadOptions, load_model
-from tfcompile.passes import apply_pass
+from tfcompile.passes import PassContext, Workload, apply_pass, default_context
 from tfcompile.passes.padding import with_lengths
 
 
@@ -45,7 +45,8 @@ def main() -> None:
     print(f"{args.model} batch {args.batch} seq {args.seq}, lengths {lengths} (seed {args.seed})")
     started = time.time()
     padded = with_lengths(load_model(args.model, LoadOptions(batch=args.batch, seq=args.seq)), lengths)
-    packed, outcome = apply_pass(padded, "remove_padding", lengths=lengths)
+    context = PassContext(default_context().cost_model, Workload(lengths=tuple(lengths)))
+    packed, outcome = apply_pass(padded, "remove_padding", context=context)
     if not outcome.applied:
         raise SystemExit(f"remove_padding did not apply: {outcome.reason}")
     print(f"remove_padding: {outcome.reason} ({time.time() - started:.0f} s to load and rewrite)")

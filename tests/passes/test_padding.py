@@ -9,7 +9,7 @@ from tfcompile.cost_models.op_costs import cost_of
 from tfcompile.cost_models.padding_gain import ideal_speedup, prepack_speedup
 from tfcompile.errors import ShapeError
 from tfcompile.graph import export_module, fetch_attr
-from tfcompile.passes import apply_pass, get_pass
+from tfcompile.passes import PassContext, Workload, apply_pass, default_context, get_pass
 from tfcompile.passes.padding import with_lengths
 from tests.tiny import load_tiny
 
@@ -30,6 +30,11 @@ def zoo():
     return get
 
 
+def _lengths(lengths):
+    """A context whose workload is a batch of ``lengths`` (the host roofline, as by default)."""
+    return PassContext(default_context().cost_model, Workload(lengths=tuple(lengths)))
+
+
 def _valid(lengths, seq):
     return torch.arange(seq).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
 
@@ -39,10 +44,12 @@ def _rel_err(ref, got):
 
 
 def _check_packed(graph, lengths, pass_name="remove_padding", **knobs):
-    """Apply the pass; valid outputs must match the padded model and padded ones be zero."""
+    """Apply the pass; valid outputs must match the padded model and padded ones be zero.
+
+    Returns the packed graph and the pass's record."""
     before = [(n.name, n.target) for n in graph.gm.graph.nodes]
     reference = graph.run()
-    packed, outcome = apply_pass(graph, pass_name, lengths=lengths, **knobs)
+    packed, outcome = apply_pass(graph, pass_name, context=_lengths(lengths), **knobs)
     assert outcome.applied, outcome.reason
     assert get_pass(pass_name).exact
     got = packed.run(graph.example_inputs)
@@ -58,7 +65,7 @@ def _check_packed(graph, lengths, pass_name="remove_padding", **knobs):
         else:
             errors.append(_rel_err(ref, out))
     assert max(errors) <= TOL, f"{pass_name} relative error {max(errors):.2e}"
-    return packed
+    return packed, outcome.record
 
 
 def _random_lengths(rng, batch, seq):
@@ -79,7 +86,7 @@ def test_minilm_mean_pooling_is_exact(zoo, seed):
     # Real weights; the sentence embedding pools over each sequence's packed tokens.
     lengths = _random_lengths(random.Random(10 + seed), 3, 32)
     graph = with_lengths(zoo("minilm", 3, 32), lengths)
-    packed = _check_packed(graph, lengths)
+    packed, _ = _check_packed(graph, lengths)
     sums = [n for n in packed.call_nodes() if n.target is aten.sum.dim_IntList]
     assert sums and all(tuple(n.meta["val"].shape) == (384,) for n in sums if n.args[1] == [0])
 
@@ -87,7 +94,7 @@ def test_minilm_mean_pooling_is_exact(zoo, seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gpt2_prefill_random_mixes_are_exact(zoo, seed):
     lengths = _random_lengths(random.Random(20 + seed), 4, 16)
-    graph = with_lengths(zoo("gpt2-small", 4, 16), lengths)  # GPT-2 has no mask: lengths come from the knob
+    graph = with_lengths(zoo("gpt2-small", 4, 16), lengths)  # GPT-2 has no mask: lengths come from the workload
     _check_packed(graph, lengths)
 
 
@@ -101,7 +108,7 @@ def test_llama_rope_and_gqa_are_exact(zoo):
 @pytest.mark.parametrize("lengths", [[7], [9, 9, 9], [1, 16, 1], [16, 1]], ids=["one", "equal", "ones", "one-token"])
 def test_edge_cases_are_exact(zoo, lengths):
     graph = with_lengths(zoo("bert-base", len(lengths), 16), lengths)
-    packed = _check_packed(graph, lengths)
+    packed, _ = _check_packed(graph, lengths)
     attention = [n for n in packed.call_nodes() if n.target is aten.scaled_dot_product_attention.default]
     assert len(attention) == 2 * len(set(lengths))  # one call per distinct length and layer
 
@@ -114,18 +121,18 @@ def test_gpt2_edge_cases(zoo):
 def test_empty_row_and_too_long_rows_are_shape_errors(zoo):
     gpt2 = zoo("gpt2-small", 2, 16)
     with pytest.raises(ShapeError, match="row 1 is empty"):
-        apply_pass(gpt2, "remove_padding", lengths=[4, 0])
+        apply_pass(gpt2, "remove_padding", context=_lengths([4, 0]))
     with pytest.raises(ShapeError, match="length 17, more than the padded length 16"):
-        apply_pass(gpt2, "remove_padding", lengths=[17, 4])
+        apply_pass(gpt2, "remove_padding", context=_lengths([17, 4]))
     with pytest.raises(ShapeError, match="2 lengths given for a batch of 3"):
-        apply_pass(zoo("gpt2-small", 3, 16), "remove_padding", lengths=[4, 5])
+        apply_pass(zoo("gpt2-small", 3, 16), "remove_padding", context=_lengths([4, 5]))
     bert = zoo("bert-base", 2, 16)
     inputs = list(bert.example_inputs)
     inputs[1] = torch.tensor([[1] * 16, [0] * 16])
     with pytest.raises(ShapeError, match="row 1 is empty"):
         apply_pass(dataclasses.replace(bert, example_inputs=tuple(inputs)), "remove_padding")
     with pytest.raises(ShapeError, match="disagree with the example attention mask"):
-        apply_pass(with_lengths(bert, [16, 5]), "remove_padding", lengths=[16, 6])
+        apply_pass(with_lengths(bert, [16, 5]), "remove_padding", context=_lengths([16, 6]))
 
 
 def test_no_padding_leaves_the_graph_alone(zoo):
@@ -218,7 +225,7 @@ def test_encoder_without_mask_is_refused():
             return (torch.nn.functional.scaled_dot_product_attention(h, h, h).squeeze(1),)
 
     graph = export_module(NoMask(), (torch.randint(0, 50, (2, 8)),), name="nomask", input_names=["input_ids"])
-    _, outcome = apply_pass(graph, "remove_padding", lengths=[3, 8])
+    _, outcome = apply_pass(graph, "remove_padding", context=_lengths([3, 8]))
     assert not outcome.applied and "attend to padded positions" in outcome.reason
 
 
@@ -226,7 +233,7 @@ def test_wrong_positions_are_caught(zoo):
     # Negative control: positions that do not restart per sequence must fail the same check.
     lengths = [5, 16, 9]
     graph = with_lengths(zoo("gpt2-small", 3, 16), lengths)
-    packed, _ = apply_pass(graph, "remove_padding", lengths=lengths)
+    packed, _ = apply_pass(graph, "remove_padding", context=_lengths(lengths))
     positions = fetch_attr(packed.gm, "packing_slot_position")
     # Positions that run on across sequences (modulo the table) instead of restarting.
     packed.gm.packing_slot_position = torch.arange(len(positions)) % 16
@@ -247,7 +254,7 @@ def test_packed_graph_computes_less(zoo, name):
     lengths = [3, 16, 7, 2]
     batch, seq = len(lengths), 16
     graph = with_lengths(zoo(name, batch, seq), lengths)
-    packed, _ = apply_pass(graph, "remove_padding", lengths=lengths)
+    packed, _ = apply_pass(graph, "remove_padding", context=_lengths(lengths))
     ideal = ideal_speedup(lengths, seq)
     assert ideal.token_wise == pytest.approx(64 / 28) and ideal.attention == pytest.approx(4 * 256 / 318)
     # Token-wise GEMMs scale exactly with Σl / (B·L).
@@ -275,8 +282,8 @@ def test_packed_graph_computes_less(zoo, name):
 def test_gpt2_prepack_is_exact_and_uses_fewer_slots(zoo):
     lengths = [5, 16, 9, 3, 2, 7]
     graph = with_lengths(zoo("gpt2-small", 6, 16), lengths)
-    packed = _check_packed(graph, lengths, "prepack")
-    rows = packed.info["padding"]["rows"]
+    packed, record = _check_packed(graph, lengths, "prepack")
+    rows = record.rows
     assert rows == 3  # first-fit decreasing: 16 | 9+7 | 5+3+2
     masks = [n for n in packed.call_nodes() if n.target is aten.scaled_dot_product_attention.default]
     assert len(masks) == 2 and all(tuple(n.args[0].meta["val"].shape[:1]) == (rows,) for n in masks)
@@ -288,11 +295,11 @@ def test_gpt2_prepack_is_exact_and_uses_fewer_slots(zoo):
 def test_prepack_capacity_knob(zoo):
     lengths = [5, 12, 9, 3]
     graph = with_lengths(zoo("gpt2-small", 4, 16), lengths)
-    packed = _check_packed(graph, lengths, "prepack", capacity=16)  # 12+3 | 9+5
-    assert packed.info["padding"]["rows"] == 2
+    _, record = _check_packed(graph, lengths, "prepack", capacity=16)  # 12+3 | 9+5
+    assert record.rows == 2
     with pytest.raises(ShapeError, match="capacity 8 is shorter than the longest sequence"):
-        apply_pass(graph, "prepack", lengths=lengths, capacity=8)
-    _, outcome = apply_pass(graph, "prepack", lengths=[16, 16, 16, 16])
+        apply_pass(graph, "prepack", context=_lengths(lengths), capacity=8)
+    _, outcome = apply_pass(graph, "prepack", context=_lengths([16, 16, 16, 16]))
     assert not outcome.applied and "no gain" in outcome.reason
 
 
