@@ -106,6 +106,15 @@ def test_full_layers_stay_dense_and_layers_knob(gpt2):
     assert not outcome.applied and "no layer selected" in outcome.reason
 
 
+def test_records_say_what_was_rewritten(gpt2):
+    from tfcompile.passes.attention_sparsity import LocalAttentionRecord, TopKAttentionRecord
+
+    _, outcome = apply_pass(gpt2, "local_attention", window=8, full_layers=[0], sinks=0)
+    assert outcome.record == LocalAttentionRecord(window=8, sinks=0, block=8, layers=(1,), of=2)
+    _, outcome = apply_pass(gpt2, "hard_attention_topk", k=4)
+    assert outcome.record == TopKAttentionRecord(k=4, layers=(0, 1), of=2)
+
+
 def _attention_flops(graph) -> float:
     from tfcompile.cost_models.op_costs import cost_of
     return sum(cost_of(n).flops for n in graph.call_nodes() if n.target is aten.scaled_dot_product_attention.default)
