@@ -92,8 +92,8 @@ def packed_dim(geometry: Geometry, layout: Layout, dim: int) -> int | None:
 
 
 def padded_token_sizes(geometry: Geometry, layout: Layout) -> list[int]:
-    b, l = geometry.batch, geometry.max_len
-    return [b, l] if len(layout.axes) == 2 else [b * l]
+    batch, max_len = geometry.batch, geometry.max_len
+    return [batch, max_len] if len(layout.axes) == 2 else [batch * max_len]
 
 
 def reshaped_layout(geometry: Geometry, layout: Layout, dst: tuple[int, ...]) -> Layout | None:
@@ -105,19 +105,19 @@ def reshaped_layout(geometry: Geometry, layout: Layout, dst: tuple[int, ...]) ->
     src, axes = layout.shape, layout.axes
     if src == dst:
         return Layout(dst, axes)
-    b, l = geometry.batch, geometry.max_len
+    batch, max_len = geometry.batch, geometry.max_len
     before = math.prod(src[:axes[0]])
     between = math.prod(src[axes[0] + 1:axes[1]]) if len(axes) == 2 else None
     for i in range(len(dst)):
         if math.prod(dst[:i]) != before:
             continue
-        if len(axes) == 2 and dst[i] == b:
+        if len(axes) == 2 and dst[i] == batch:
             for j in range(i + 1, len(dst)):
-                if dst[j] == l and math.prod(dst[i + 1:j]) == between:
+                if dst[j] == max_len and math.prod(dst[i + 1:j]) == between:
                     return Layout(dst, (i, j))
-        if dst[i] == b * l and (len(axes) == 1 or between == 1):
+        if dst[i] == batch * max_len and (len(axes) == 1 or between == 1):
             return Layout(dst, (i,))  # batch-major flattening of adjacent token axes
-        if len(axes) == 1 and dst[i:i + 2] == (b, l):
+        if len(axes) == 1 and dst[i:i + 2] == (batch, max_len):
             return Layout(dst, (i, i + 1))
     return None
 

@@ -23,7 +23,7 @@ from tfcompile.graph import ModelGraph
 from tfcompile.passes.padding.batch import PaddedBatch
 from tfcompile.passes.padding.geometry import Geometry
 from tfcompile.passes.padding.layout import (
-    REDUCTIONS, Layout, broadcast_shape, norm_dim, packed_shape, padded_token_sizes, token_dims,
+    REDUCTIONS, Layout, broadcast_shape, packed_shape, padded_token_sizes, token_dims,
 )
 from tfcompile.passes.padding.token_rules import Rule, Step, TokenPlan, input_layout
 
