@@ -1,0 +1,34 @@
+"""A library user gets what `tfcompile optimize` writes, from a few lines of Python."""
+
+import json
+
+import onnx
+
+import tfcompile
+from tfcompile.cli import main
+
+# Timings differ between two runs; everything else in report.json must not.
+TIMED = ("measured_ms",)
+
+
+def _without_timings(report: dict) -> dict:
+    report = dict(report)
+    report["variants"] = [{k: v for k, v in variant.items() if k not in TIMED} for variant in report["variants"]]
+    return report
+
+
+def test_optimize_model_reproduces_the_cli(tmp_path):
+    # Only the baseline is measured, so two runs cannot rank differently by timing noise alone.
+    cli_dir, library_dir = tmp_path / "cli", tmp_path / "library"
+    assert main(["optimize", "tests.tiny:bert", "--target", "cpu", "--measure", "--measure-top", "0",
+                 "--repeat", "2", "-o", str(cli_dir)]) == 0
+
+    outcome = tfcompile.optimize_model("tests.tiny:bert", library_dir, target="cpu", measure=True, measure_top=0,
+                                       repeat=2)
+
+    cli_report = json.loads((cli_dir / "report.json").read_text())
+    library_report = json.loads(outcome.report_path.read_text())
+    assert _without_timings(library_report) == _without_timings(cli_report)
+    assert [v["measured_ms"] > 0 for v in library_report["variants"] if v["measured_ms"] is not None] == [True]
+    cli_model, library_model = onnx.load(cli_dir / "model.onnx"), onnx.load(outcome.onnx_path)
+    assert library_model.graph.SerializeToString() == cli_model.graph.SerializeToString()
