@@ -1,11 +1,14 @@
 """The ``tfcompile`` command line: parse, call the library, print.
 
-Errors caused by the user's input are ``TfcompileError``s: printed as one
-line on stderr, exit status 2, no traceback, no output file written.
+Errors caused by the user's input are ``TfcompileError``s (or click's own
+usage errors): printed as one line on stderr, exit status 2, no traceback, no
+output file written. Anything else is a bug in tfcompile: one line and exit
+status 1, with the traceback only under ``tfcompile --debug``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,10 +16,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tfcompile.errors import TfcompileError
+from tfcompile.errors import MAX_SEED, TfcompileError, first_line
 
 EXIT_USER_ERROR = 2
-EXIT_INTERNAL_ERROR = 3
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
+DEBUG_FLAG = "--debug"
 
 # Piped output (CI logs, files) would otherwise wrap the table at 80 columns.
 console = Console(width=None if Console().is_terminal else 140)
@@ -50,15 +55,18 @@ def _parse_input_shapes(specs: tuple[str, ...]):
 
 def model_options(fn):
     options = [
-        click.option("--batch", default=1, show_default=True, type=int, help="Batch size of the example inputs."),
-        click.option("--seq", default=128, show_default=True, type=int, help="Sequence length of token inputs."),
+        click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Batch size of the example inputs."),
+        click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1),
+                     help="Sequence length of token inputs."),
         click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DIMS[:DTYPE]",
                      help="Explicit input shape, e.g. input_ids=1x128:int64 (repeatable)."),
         click.option("--trust-pickle", is_flag=True,
                      help="Allow unpickling a full torch.save'd module (runs code from the file)."),
-        click.option("--config", "config_path", type=click.Path(path_type=Path),
+        click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True),
                      help="Hugging Face config.json for a bare state dict or safetensors file."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed for weights and inputs."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED),
+                     help="Seed for weights and inputs."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -105,7 +113,8 @@ def _remote_spec(remote, device_key, backend):
 
 @click.group()
 @click.version_option(package_name="tfcompile")
-def cli() -> None:
+@click.option(DEBUG_FLAG, is_flag=True, help="Show the traceback of an internal error (for bug reports).")
+def cli(debug: bool) -> None:
     """Graph rewrites and hardware cost models for transformer inference."""
 
 
@@ -117,9 +126,11 @@ def cli() -> None:
 @click.option("--allow-approx", is_flag=True, help="Search and rank approximate variants that meet --budget.")
 @click.option("--budget", default=0.99, show_default=True, type=float,
               help="Minimum quality (cosine or top-1 agreement) for approximate variants.")
-@click.option("--lengths", default=None, help="Valid lengths of the batch's sequences (padding removal), e.g. 37,128,5.")
+@click.option("--lengths", default=None,
+              help="Valid lengths of the batch's sequences (padding removal), e.g. 37,128,5.")
 @click.option("--measure", is_flag=True, help="Measure the baseline and the best predicted variants on --backend.")
-@click.option("--measure-top", default=1, show_default=True, type=int, help="How many variants to measure besides the baseline.")
+@click.option("--measure-top", default=1, show_default=True, type=int,
+              help="How many variants to measure besides the baseline.")
 @click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
 @click.option("--repeat", default=10, show_default=True, type=int, help="Timed runs per variant.")
 @click.option("--explain", is_flag=True, help="Say for every pass why it applied or not.")
@@ -161,26 +172,13 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
 
 
 def _explain(result) -> None:
-    best = next(r for r in result.reports if r.name == result.best) if result.best else None
-    table = Table(title="why each pass applied or not")
-    table.add_column("pass")
-    table.add_column("in best variant")
-    table.add_column("reason")
-    from tfcompile.passes import all_passes
+    from tfcompile.optimize import explain
 
-    for p in all_passes():
-        used = best is not None and p.name in best.passes
-        if used:
-            reason = "applied"
-        elif any(p.name in r.passes for r in result.reports):
-            reason = "applied in other variants; the best variant is faster without it"
-        elif p.name in result.refusals:
-            reason = result.refusals[p.name]
-        elif not p.exact:
-            reason = "approximate: searched only with --allow-approx"
-        else:
-            reason = "not reached: no variant in the search frontier could take it"
-        table.add_row(p.name, "yes" if used else "no", reason)
+    table = Table(title="why each pass applied or not")
+    for column in ("pass", "in best variant", "reason"):
+        table.add_column(column)
+    for name, used, reason in explain(result):
+        table.add_row(name, "yes" if used else "no", reason)
     console.print(table)
 
 
@@ -441,8 +439,8 @@ def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
         outcome = result.outcomes.get(kernel, {})
         rules_us = f"{outcome['rules_s'] * 1e6:.1f}" if outcome.get("rules_s") else "no rule"
         best_us = f"{outcome['best_s'] * 1e6:.1f}" if outcome.get("best_s") else ""
-        table.add_row(kernel, "tuned (rules kept: no record 5% faster)" if outcome.get("from_rules") else "tuned", str(records),
-                      rules_us, best_us)
+        how = "tuned (rules kept: no record 5% faster)" if outcome.get("from_rules") else "tuned"
+        table.add_row(kernel, how, str(records), rules_us, best_us)
     for kernel in result.reused:
         table.add_row(kernel, "reused (already in the database)", "", "", "")
     for kernel in result.skipped:
@@ -458,21 +456,37 @@ def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = DEBUG_FLAG in args or os.environ.get("TFCOMPILE_DEBUG") == "1"
     try:
-        cli.main(args=argv, prog_name="tfcompile", standalone_mode=False)
+        cli.main(args=args, prog_name="tfcompile", standalone_mode=False)
     except TfcompileError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        _print_error(str(exc))
         return EXIT_USER_ERROR
     except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        return 130
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
+        # click would print the usage block, a blank line and the error: one line says it all.
+        _print_error(exc.format_message() + _help_hint(exc))
+        return EXIT_USER_ERROR
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _print_error("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug, not the input: say so in one line, traceback on request
+        if debug:
+            raise
+        _print_error(f"internal error: {type(exc).__name__}: {first_line(exc)} (a bug in tfcompile, not in your "
+                     f"input; rerun as `tfcompile {DEBUG_FLAG} ...` for the traceback and report it)")
+        return EXIT_INTERNAL_ERROR
     return 0
+
+
+def _print_error(message: str) -> None:
+    one_line = " ".join(message.split())  # messages quoting torch or a file may carry newlines
+    err_console.print(f"error: {one_line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _help_hint(exc: click.ClickException) -> str:
+    context = getattr(exc, "ctx", None)
+    return f" (see `{context.command_path} --help`)" if context is not None else ""
 
 
 if __name__ == "__main__":

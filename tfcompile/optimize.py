@@ -20,7 +20,7 @@ from tfcompile.cost_models import available_targets, load_device
 from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.graph import ModelGraph
 from tfcompile.measure import measure_here, measure_remote
-from tfcompile.passes import PassContext, Workload, check_pipeline
+from tfcompile.passes import PassContext, Workload, all_passes, check_pipeline
 from tfcompile.report import VariantReport, rank
 from tfcompile.search import Candidate, SearchSettings, default_knob_grid, search
 from tfcompile.variants import Variant, VariantSpec, build_variant
@@ -156,3 +156,23 @@ def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_file
         reports[name].backend_notes = result.notes
         if result.onnx_path is not None:
             onnx_files[name] = result.onnx_path
+
+
+def explain(result: OptimizeResult) -> list[tuple[str, bool, str]]:
+    """(pass, in the best variant, why) for every registered pass: what ``--explain`` shows."""
+    best = next(r for r in result.reports if r.name == result.best) if result.best else None
+    rows = []
+    for p in all_passes():
+        used = best is not None and p.name in best.passes
+        if used:
+            reason = "applied"
+        elif any(p.name in r.passes for r in result.reports):
+            reason = "applied in other variants; the best variant is faster without it"
+        elif p.name in result.refusals:
+            reason = result.refusals[p.name]
+        elif not p.exact:
+            reason = "approximate: searched only with --allow-approx"
+        else:
+            reason = "not reached: no variant in the search frontier could take it"
+        rows.append((p.name, used, reason))
+    return rows
