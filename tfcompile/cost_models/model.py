@@ -10,7 +10,7 @@ target string, a profile file and a formula on its own.
   (``calibration.Profile``); FLOPs and bytes still come from the roofline walk.
 
 ``predict`` accepts anything with ``call_nodes()``: a ModelGraph, or a
-``NodeSet`` of a candidate sub-graph (the FFN forms a pass weighs).
+``structure.GraphBuilder`` sketch of a candidate sub-graph (the FFN forms a pass weighs).
 """
 
 from __future__ import annotations
