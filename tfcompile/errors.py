@@ -6,8 +6,16 @@ prints that line and exits non-zero without a traceback.
 """
 
 
+# Seeds go to torch.Generator.manual_seed; one range for the CLI and the library.
+MAX_SEED = 2**63 - 1
+
+
 class TfcompileError(Exception):
     """An error caused by the user's input, reported as one line."""
+
+
+class InvalidOptionError(TfcompileError):
+    """An option's value is out of range or of the wrong kind."""
 
 
 class ModelLoadError(TfcompileError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -280,3 +281,188 @@ def test_device_file_efficiency_and_toml_errors(tmp_path):
         device_from_toml(path)
     path.write_text(_device_toml())
     assert device_from_toml(path).kind == "gpu"
+
+
+# --- options out of range ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,match", [
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--batch", "0"], "--batch"),
+    (["--seq", "-5"], "--seq"),
+    (["--batch", "1000000000000"], "more than the"),
+    (["--batch", "4096", "--seq", str(10**9)], "more than the"),
+    (["--config", "/nonexistent/config.json"], "--config"),
+    (["--no-such-option"], "No such option"),
+])
+def test_options_out_of_range(args, match, tmp_path, capsys):
+    out = tmp_path / "out"
+    marker = tmp_path / MARKER
+    assert_refused(run_cli(capsys, "optimize", "gpt2-small", *args, "-o", out), match=match, marker=marker,
+                   output=out)
+
+
+def test_absurd_input_shape_is_refused_before_allocating(clean_pt2, tmp_path, capsys):
+    out = tmp_path / "out"
+    result = run_cli(capsys, "optimize", clean_pt2, "--input-shape", "x=1000000x1000000000:float32", "-o", out)
+    assert_refused(result, match="more than the", marker=tmp_path / MARKER, output=out)
+
+
+def test_input_shape_naming_no_input_of_the_model(clean_pt2, tmp_path, capsys):
+    out = tmp_path / "out"
+    result = run_cli(capsys, "optimize", clean_pt2, "--input-shape", "input_ids=2x4:int64", "-o", out)
+    assert_refused(result, match="the model's inputs are x", marker=tmp_path / MARKER, output=out)
+
+
+def test_seed_out_of_range_through_the_library():
+    from tfcompile.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="--seed"):
+        load_model("gpt2-small", LoadOptions(seed=2**64))
+
+
+# --- factories: the user's own code, whatever it does, ends in one line ------------------------------------
+
+FACTORIES = '''
+import torch
+
+class Branchy(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+class ReturnsNothing(torch.nn.Module):
+    def forward(self, x):
+        return None
+
+def branchy():
+    return Branchy(), (torch.randn(2, 4),)
+
+def forward_returns_none():
+    return ReturnsNothing(), (torch.randn(2, 4),)
+
+def raises():
+    raise RuntimeError("weights server down")
+
+def needs_args(path):
+    return torch.nn.Linear(2, 2)
+
+def returns_none():
+    return None
+
+def inputs_that_do_not_fit():
+    return torch.nn.Linear(4, 2), (torch.randn(2, 3),)
+
+def exits():
+    raise SystemExit(3)
+'''
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch) -> str:
+    name = f"hostile_factories_{uuid.uuid4().hex}"  # a fresh name: Python caches imported modules by name
+    (tmp_path / f"{name}.py").write_text(FACTORIES)
+    (tmp_path / f"{name}_syntax.py").write_text("def broken(:\n")
+    (tmp_path / f"{name}_import_raises.py").write_text("raise ValueError('import boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+@pytest.mark.parametrize("factory,match", [
+    ("{m}:raises", "the factory raised RuntimeError: weights server down"),
+    ("{m}:needs_args", "the factory needs arguments"),
+    ("{m}:returns_none", "returned NoneType, not an nn.Module"),
+    ("{m}:exits", "the factory raised SystemExit"),
+    ("{m}:no_such_factory", "has no attribute 'no_such_factory'"),
+    ("{m}_syntax:broken", "syntax error"),
+    ("{m}_import_raises:anything", "raised ValueError: import boom"),
+    ("no_such_module_xyz:factory", "no module named 'no_such_module_xyz'"),
+    ("{m}:forward_returns_none", "forward returns NoneType"),
+    ("{m}:branchy", "--input-shape"),
+    ("{m}:inputs_that_do_not_fit", "could not trace"),
+])
+def test_factory_failures(factory, match, factory_module, tmp_path, capsys):
+    out = tmp_path / "out"
+    result = run_cli(capsys, "optimize", factory.format(m=factory_module), "-o", out)
+    assert_refused(result, match=match, marker=tmp_path / MARKER, output=out)
+
+
+# --- weights that do not fit, damaged checkpoints, configs that name no model -------------------------------
+
+@pytest.fixture
+def tiny_gpt2_dir(tmp_path) -> Path:
+    from tests.tiny import tiny_module
+
+    model_dir = tmp_path / "gpt2"
+    tiny_module("gpt2-small").model.save_pretrained(model_dir)
+    return model_dir
+
+
+def _edit_config(model_dir: Path, **changes) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+def _safetensors_file(model_dir: Path) -> Path:
+    return next(model_dir.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("weights-of-another-size", "not a loadable Hugging Face model directory"),
+    ("truncated-safetensors", "not a loadable Hugging Face model directory"),
+    ("garbage-safetensors", "not a loadable Hugging Face model directory"),
+    ("architectures-not-a-model", "not a transformers model class"),
+    ("config-not-json", "not a usable Hugging Face config"),
+])
+def test_damaged_hf_directory(damage, match, tiny_gpt2_dir, tmp_path, capsys):
+    weights = _safetensors_file(tiny_gpt2_dir)
+    if damage == "weights-of-another-size":
+        _edit_config(tiny_gpt2_dir, n_embd=128)
+    elif damage == "truncated-safetensors":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage-safetensors":
+        weights.write_bytes(bytes(range(256)) * 16)
+    elif damage == "architectures-not-a-model":
+        _edit_config(tiny_gpt2_dir, architectures=["pipeline"])
+    else:
+        (tiny_gpt2_dir / "config.json").write_text("{not json")
+    out = tmp_path / "out"
+    assert_refused(run_cli(capsys, "optimize", tiny_gpt2_dir, "-o", out), match=match, marker=tmp_path / MARKER,
+                   output=out)
+
+
+def test_state_dict_that_does_not_fit_its_config(tiny_gpt2_dir, tmp_path, capsys):
+    from tests.tiny import tiny_module
+
+    weights = tmp_path / "weights.pt"
+    torch.save(tiny_module("gpt2-small").model.state_dict(), weights)
+    config = tmp_path / "config.json"
+    config.write_text((tiny_gpt2_dir / "config.json").read_text())
+    _edit_config(tmp_path, n_embd=128)
+    out = tmp_path / "out"
+    assert_refused(run_cli(capsys, "optimize", weights, "--config", config, "-o", out), match="does not fit",
+                   marker=tmp_path / MARKER, output=out)
+
+
+# --- valid inputs that used to crash ------------------------------------------------------------------------
+
+def test_dynamic_pt2_loads_with_static_shapes(tmp_path):
+    """Symbolic dimensions reached the cost model and the report (SymFloat format error); re-traced static now."""
+    graph = load_model(str(save_clean_pt2(tmp_path / "dynamic.pt2", dynamic=True)))
+    for node in graph.gm.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            assert all(isinstance(d, int) for d in value.shape), node
+
+
+def test_traced_torchscript_loads_with_static_shapes(tmp_path):
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.trace(module, torch.randn(3, 8)), str(path))
+    graph = load_model(str(path))
+    assert all(isinstance(d, int) for n in graph.gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+               for d in n.meta["val"].shape)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(graph.run((x,))[0], module(x))

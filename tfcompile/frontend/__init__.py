@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -22,13 +23,19 @@ from typing import Any
 
 import torch
 
-from tfcompile.errors import ModelLoadError, ShapeError
+from tfcompile.errors import MAX_SEED, InvalidOptionError, ModelLoadError, ShapeError, TraceError, first_line
 from tfcompile.frontend import detect, hf, torch_files, zoo
 from tfcompile.frontend.inputs import make_input, seeded_generator
+from tfcompile.frontend.limits import check_fits_in_memory, quiet_library_logs, tensor_bytes
 from tfcompile.graph import ModelGraph, export_module, from_exported_program
 
 
 FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+TRACE_HINT = ("give the input shapes the model expects (--input-shape NAME=DIMS[:DTYPE]), or a module:factory "
+              "returning (module, example_inputs) that fixes them; data-dependent Python control flow cannot be "
+              "traced (use torch.cond or take the branch out)")
+# Token inputs are int64 ids plus a mask of the same shape.
+TOKEN_INPUT_BYTES = 2 * 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +53,18 @@ class LoadOptions:
 
 
 def load_model(source: str, options: LoadOptions = LoadOptions()) -> ModelGraph:
-    if options.batch <= 0 or options.seq <= 0:
-        raise ShapeError(f"--batch and --seq must be positive (got batch={options.batch}, seq={options.seq})")
+    check_options(options)
+    try:
+        with quiet_library_logs():
+            graph = _load(source, options)
+    except TraceError as exc:
+        raise TraceError(f"{str(exc).rstrip('.')}; {TRACE_HINT}") from exc
+    check_tensor_outputs(graph)
+    check_activation_memory(graph)
+    return graph
+
+
+def _load(source: str, options: LoadOptions) -> ModelGraph:
     path = Path(source)
     if source in zoo.ZOO and not path.exists():
         module = zoo.build(source, seed=options.seed, config_overrides=options.config_overrides)
@@ -63,6 +80,24 @@ def load_model(source: str, options: LoadOptions = LoadOptions()) -> ModelGraph:
         return _load_factory(source, options)
     zoo_names = ", ".join(zoo.ZOO)
     raise ModelLoadError(f"{source}: no such file, directory or zoo model (zoo: {zoo_names})")
+
+
+def check_options(options: LoadOptions) -> None:
+    """The library's entry checks what the CLI's option types check, for callers that skip the CLI."""
+    for flag, value in (("--batch", options.batch), ("--seq", options.seq)):
+        if not _is_int(value) or value <= 0:
+            raise ShapeError(f"{flag} must be a positive integer (got {value!r})")
+    if not _is_int(options.seed) or not 0 <= options.seed <= MAX_SEED:
+        raise InvalidOptionError(f"--seed must be an integer from 0 to {MAX_SEED} (got {options.seed!r})")
+    for name, shape in (options.input_shapes or {}).items():
+        if not shape or not all(_is_int(d) and d > 0 for d in shape):
+            raise ShapeError(f"--input-shape {name}: every dimension must be a positive integer (got {shape})")
+    check_fits_in_memory(tensor_bytes((options.batch, options.seq), TOKEN_INPUT_BYTES),
+                         f"--batch {options.batch} --seq {options.seq}", "lower --batch or --seq")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _load_file(path: Path, options: LoadOptions) -> ModelGraph:
@@ -98,17 +133,63 @@ def _from_state_dict(state: dict[str, torch.Tensor], path: Path, options: LoadOp
 def _from_program(program: torch.export.ExportedProgram, name: str, options: LoadOptions) -> ModelGraph:
     placeholders = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     names = [s.arg.name for s in placeholders]
-    stored = program.example_inputs[0] if program.example_inputs else None
+    fakes = {n.name: n.meta["val"] for n in program.graph.nodes if n.op == "placeholder"}
+    _check_input_names(name, names, options)
+    stored = _stored_inputs(program, names, fakes)
     if options.input_shapes is None and stored is not None:
-        inputs = tuple(stored)
+        inputs = stored
     else:
-        fakes = {n.name: n.meta["val"] for n in program.graph.nodes if n.op == "placeholder"}
-        inputs = _inputs_for(names, {k: tuple(int(d) for d in fakes[k].shape) for k in names},
-                             {k: fakes[k].dtype for k in names}, options, int_high=_embedding_rows(program))
-        if stored is not None and [t.shape for t in stored] != [t.shape for t in inputs]:
-            # A static export only runs at its traced shapes; try a re-trace at the new ones.
-            return _trace_module(program.module(), name, options, inputs=inputs, input_names=names)
+        shapes = {k: (options.input_shapes or {}).get(k) or _concrete_shape(name, k, fakes[k]) for k in names}
+        inputs = _inputs_for(names, shapes, {k: (options.input_dtypes or {}).get(k) or fakes[k].dtype for k in names},
+                             options, int_high=_embedding_rows(program))
+    traced_at = [tuple(fakes[k].shape) for k in names]
+    if any(_is_symbolic(fakes[k]) for k in names) or traced_at != [tuple(t.shape) for t in inputs]:
+        # Symbolic dimensions reach the cost model and the report as SymInts/SymFloats, and a static
+        # export only runs at its traced shapes: re-trace at the concrete inputs either way.
+        return _trace_module(_retraceable(program), name, options, inputs=inputs, input_names=names,
+                             info={"source": "pt2"})
     return from_exported_program(program, inputs, name=name, input_names=names, info={"source": "pt2"})
+
+
+def _retraceable(program: torch.export.ExportedProgram) -> torch.nn.Module:
+    """program.module() overrides .train()/.eval() on the instance to raise; tracing calls .eval()."""
+    module = program.module()
+    for method in ("train", "eval"):
+        module.__dict__.pop(method, None)
+    return module
+
+
+def _stored_inputs(program: torch.export.ExportedProgram, names: list[str], fakes: dict) -> tuple | None:
+    """The archive's sample inputs when they are tensors that fit the graph's inputs, else None."""
+    stored = program.example_inputs[0] if program.example_inputs else None
+    if not isinstance(stored, (tuple, list)) or len(stored) != len(names):
+        return None
+    for tensor, key in zip(stored, names):
+        fake = fakes[key]
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != fake.dtype or tensor.dim() != fake.dim():
+            return None
+        if any(isinstance(d, int) and d != t for d, t in zip(fake.shape, tensor.shape)):
+            return None
+    return tuple(stored)
+
+
+def _is_symbolic(fake: torch.Tensor) -> bool:
+    return not all(isinstance(d, int) for d in fake.shape)
+
+
+def _concrete_shape(model: str, input_name: str, fake: torch.Tensor) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in fake.shape)
+    except Exception as exc:  # an unbacked symbolic size has no value to fall back on
+        raise ShapeError(f"{model}: input {input_name!r} has a dynamic shape {tuple(fake.shape)} and no stored "
+                         f"example; give --input-shape {input_name}=DIMS") from exc
+
+
+def _check_input_names(model: str, names: list[str], options: LoadOptions) -> None:
+    unknown = sorted(set(options.input_shapes or {}) - set(names))
+    if unknown:
+        raise ShapeError(f"{model}: --input-shape names {', '.join(unknown)}, but the model's inputs are "
+                         f"{', '.join(names)}")
 
 
 def _from_torchscript(path: Path, options: LoadOptions) -> ModelGraph:
@@ -127,7 +208,13 @@ def _from_torchscript(path: Path, options: LoadOptions) -> ModelGraph:
     try:
         program = TS2EPConverter(module, inputs).convert()
     except Exception as exc:  # the converter raises whatever the TorchScript op it met raises
-        raise ModelLoadError(f"{path}: TorchScript could not be converted to torch.export: {exc}") from exc
+        raise ModelLoadError(f"{path}: TorchScript could not be converted to torch.export: "
+                             f"{type(exc).__name__}: {first_line(exc)}") from exc
+    if any(_is_symbolic(n.meta["val"]) for n in program.graph.nodes
+           if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)):
+        # The converter leaves the batch dimension symbolic; the cost model and the report need numbers.
+        return _trace_module(_retraceable(program), path.stem, options, inputs=inputs,
+                             info={"source": "torchscript"})
     return from_exported_program(program, inputs, name=path.stem, info={"source": "torchscript"})
 
 
@@ -148,22 +235,59 @@ def _from_onnx(path: Path, options: LoadOptions) -> ModelGraph:
 
 
 def _load_factory(source: str, options: LoadOptions) -> ModelGraph:
+    """Run the user's own factory (naming it is the consent); whatever it raises is reported in one line."""
     module_name, _, attr = source.partition(":")
-    # Like `python -m`, a factory in the user's working directory must be importable.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelLoadError(f"{source}: cannot import factory: {exc}") from exc
-    made = factory()
+    factory = _import_factory(source, module_name, attr)
+    made = _call_factory(source, factory)
     inputs = None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         made, inputs = made
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        if not all(isinstance(t, torch.Tensor) for t in inputs):
+            kinds = ", ".join(sorted({type(t).__name__ for t in inputs}))
+            raise ModelLoadError(f"{source}: the factory's example inputs must be tensors (got {kinds})")
     if not isinstance(made, torch.nn.Module):
-        raise ModelLoadError(f"{source}: the factory returned {type(made).__name__}, not an nn.Module")
+        raise ModelLoadError(f"{source}: the factory returned {type(made).__name__}, not an nn.Module "
+                             "(or a tuple of an nn.Module and its example inputs)")
     return _trace_module(_wrap_if_hf(made), attr, options, inputs=inputs, info={"source": "factory"})
+
+
+def _import_factory(source: str, module_name: str, attr: str):
+    # Like `python -m`, a factory in the user's working directory must be importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ModelLoadError(f"{source}: no module named {module_name!r} (run tfcompile from the directory "
+                                 "that holds it, or install it)") from exc
+        raise ModelLoadError(f"{source}: importing {module_name} failed: {first_line(exc)}") from exc
+    except SyntaxError as exc:
+        raise ModelLoadError(f"{source}: {exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from exc
+    except (Exception, SystemExit) as exc:  # the module's own code raised while importing
+        raise ModelLoadError(f"{source}: importing {module_name} raised {type(exc).__name__}: "
+                             f"{first_line(exc)}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ModelLoadError(f"{source}: module {module_name} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ModelLoadError(f"{source}: {attr} is a {type(factory).__name__}, not a callable factory")
+    return factory
+
+
+def _call_factory(source: str, factory):
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:
+        raise ModelLoadError(f"{source}: the factory needs arguments ({first_line(exc)}); tfcompile calls it with "
+                             "none: give a function without required parameters") from exc
+    except ValueError:  # builtins without a signature: just call them
+        pass
+    try:
+        return factory()
+    except (Exception, SystemExit) as exc:
+        raise ModelLoadError(f"{source}: the factory raised {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _wrap_hf(model: torch.nn.Module) -> hf.TensorIO:
@@ -192,6 +316,32 @@ def _trace_module(module: torch.nn.Module, name: str, options: LoadOptions, *,
     if getattr(module, "pooling", None):
         output_names = ["sentence_embedding"]
     return export_module(module, inputs, name=name, input_names=input_names, output_names=output_names, info=info)
+
+
+def check_tensor_outputs(graph: ModelGraph) -> None:
+    """Verification and export compare tensors; a forward that returns None or numbers is the model's fault."""
+    output = next(node for node in graph.gm.graph.nodes if node.op == "output")
+    values, _ = torch.utils._pytree.tree_flatten(output.args[0])
+    kinds = {type(v.meta.get("val") if isinstance(v, torch.fx.Node) else v).__name__ for v in values}
+    bad = sorted(k for k in kinds if k not in ("FakeTensor", "Tensor", "Parameter"))
+    if not values or bad:
+        found = ", ".join(bad) if bad else "nothing"
+        raise TraceError(f"{graph.name}: forward returns {found}; tfcompile needs a tensor or a tuple of tensors "
+                         "(return the logits or hidden states)")
+
+
+def check_activation_memory(graph: ModelGraph) -> None:
+    """The traced graph knows every intermediate's shape: refuse before running one that cannot fit."""
+    largest, where = 0, None
+    for node in graph.gm.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape):
+            nbytes = tensor_bytes(tuple(value.shape), value.element_size())
+            if nbytes > largest:
+                largest, where = nbytes, node.name
+    if where is not None:
+        check_fits_in_memory(largest, f"{graph.name}: the intermediate tensor {where}",
+                             "lower --batch or --seq (or the --input-shape dimensions)")
 
 
 def _default_shapes(module: torch.nn.Module, names: list[str], options: LoadOptions) -> dict[str, tuple[int, ...]]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from tfcompile.frontend.limits import check_fits_in_memory, tensor_bytes
+
 DEFAULT_SEED = 0
 
 
@@ -26,6 +28,9 @@ def make_input(
 ) -> torch.Tensor:
     if any(d <= 0 for d in shape):
         raise ValueError(f"input {name!r}: every dimension must be positive, got {shape}")
+    # Asked before allocating: a dimension of 10^12 would otherwise end in an out-of-memory kill.
+    check_fits_in_memory(tensor_bytes(shape, dtype.itemsize), f"input {name!r} of shape {shape}",
+                         "lower --batch/--seq or the --input-shape dimensions")
     if dtype == torch.bool:
         return torch.ones(shape, dtype=torch.bool)
     if not dtype.is_floating_point:

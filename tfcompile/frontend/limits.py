@@ -1,4 +1,4 @@
-"""How much memory an input may ask for, checked before anything is allocated.
+"""Limits at the input boundary: memory asked for before allocating, and quiet libraries.
 
 A shape of 10^12 elements, a ``--batch`` of a billion or an archive that
 claims terabytes would otherwise end in an out-of-memory kill (no message at
@@ -7,9 +7,14 @@ all) or a swap storm; asking first turns them into one clear error.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import os
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 from tfcompile.errors import ShapeError
 
@@ -47,3 +52,24 @@ def check_fits_in_memory(nbytes: int, what: str, hint: str) -> None:
     if nbytes > budget:
         raise ShapeError(f"{what} needs {human_bytes(nbytes)}, more than the {human_bytes(budget)} of memory "
                          f"available; {hint}")
+
+
+@contextlib.contextmanager
+def quiet_library_logs() -> Iterator[None]:
+    """torch logs and prints tracebacks and generated code before it raises; the user gets tfcompile's one line.
+
+    Loggers of torch and transformers set their own levels, so only disabling
+    logging as a whole silences them; the previous setting comes back after.
+    ``TFCOMPILE_DEBUG=1`` lets everything through.
+    """
+    if os.environ.get("TFCOMPILE_DEBUG") == "1":
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)

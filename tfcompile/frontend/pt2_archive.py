@@ -31,11 +31,9 @@ import contextlib
 import io
 import json
 import keyword
-import logging
 import operator
 import re
 import types
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -44,7 +42,7 @@ from typing import Any, Iterator
 import torch
 
 from tfcompile.errors import ModelLoadError, UntrustedPickleError, first_line
-from tfcompile.frontend.limits import check_fits_in_memory, human_bytes, memory_budget_bytes
+from tfcompile.frontend.limits import check_fits_in_memory, human_bytes, memory_budget_bytes, quiet_library_logs
 
 TRUST_FLAG = "--trust-pickle"
 PICKLE_PROTOCOL_BYTE = 0x80
@@ -97,8 +95,6 @@ BARE_SYMBOL = re.compile(r"[a-z]+\d+", re.ASCII)  # s0, u3: str()-style expressi
 OPERATOR_NAMESPACES = frozenset({"aten", "prims"})
 FILE_OPERATORS = frozenset({"aten::save", "aten::from_file"})
 
-# torch logs a multi-line traceback of its own before it raises; the user gets one line from tfcompile.
-TORCH_LOGGERS = ("torch.export", "torch._export.serde.serialize", "torch.export.pt2_archive._package")
 
 
 def load_exported_program(path: Path, *, trust_pickle: bool) -> torch.export.ExportedProgram:
@@ -415,24 +411,9 @@ def _clip(text: str, limit: int = 60) -> str:
 
 # --- loading and checking what torch built ---------------------------------------------------------
 
-@contextlib.contextmanager
-def _quiet_torch() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in TORCH_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _torch_load(path: Path, rewritten: io.BytesIO) -> torch.export.ExportedProgram:
     try:
-        with _quiet_torch():
+        with quiet_library_logs():
             return torch.export.load(rewritten)
     except KeyError as exc:
         raise ModelLoadError(f"{path}: the archive holds no exported program named {first_line(exc)} "

@@ -34,17 +34,19 @@ def load_exported_program(path: Path, *, trust_pickle: bool = False) -> torch.ex
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
-    check_torchscript_code(path)
+    members = check_torchscript_code(path)
+    # Without stored traced inputs (a scripted module) torch warns from C++ straight onto stderr.
+    restore_shapes = any(name.endswith("/traced_inputs.pkl") for name in members)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch asks users to move to torch.export
-            return torch.jit.load(str(path), map_location="cpu", _restore_shapes=True)
+            return torch.jit.load(str(path), map_location="cpu", _restore_shapes=restore_shapes)
     except (RuntimeError, zipfile.BadZipFile, OSError) as exc:
         raise ModelLoadError(f"{path}: unreadable TorchScript archive: {first_line(exc)}") from exc
 
 
-def check_torchscript_code(path: Path) -> None:
-    """Refuse an archive whose TorchScript code touches files: it would run while loading."""
+def check_torchscript_code(path: Path) -> list[str]:
+    """Refuse an archive whose TorchScript code touches files: it would run while loading. Returns the members."""
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
@@ -56,6 +58,7 @@ def check_torchscript_code(path: Path) -> None:
                         f"{path}: the TorchScript code in archive member {info.filename} calls {match[1]}, which "
                         "reads or writes files (TorchScript runs such code while loading); tfcompile does not "
                         "load it. Export the model with torch.export.save instead")
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: truncated or corrupt zip archive ({first_line(exc)})") from exc
 
