@@ -31,12 +31,16 @@ import torch
 
 from tfcompile.backends.runner import lower
 from tfcompile.backends.timing import ORT_BLOCK, measure_interleaved
-from tfcompile.corpus import encode_document, encode_sentences, english_sentences, running_text
+from tfcompile.corpus import (
+    encode_document,
+    encode_sentences,
+    english_sentences,
+    running_text,
+)
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.frontend import LoadOptions, load_model
-from tfcompile.graph import clone
-from tfcompile.passes import get_pass
-from tfcompile.passes.token_pruning_schedule import batched, mean_cosine, outputs_on
+from tfcompile.knob_search.token_schedule import batched, mean_cosine, outputs_on
+from tfcompile.passes import apply_pass
 
 SCHEDULES = {
     "L2 0.8": {"keep_ratio": 0.8, "layers": [2]},
@@ -74,15 +78,15 @@ def inputs_for(kind: str, rows: int, seq: int) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([d[0] for d in docs]), torch.cat([d[1] for d in docs])
 
 
-def token_fraction(graph, layers: int) -> float:
-    """Mean share of the N tokens that the layers process (what the FLOPs cut follows)."""
-    info = graph.info.get("token_pruning") or graph.info.get("token_merging")  # tokens entering attention
-    if not info:
+def token_fraction(record, layers: int) -> float:
+    """Mean share of the N tokens that the layers process (what the FLOPs cut follows); ``record``:
+    the token pass's ``TokenCounts``."""
+    if record is None:
         return 1.0
-    n, counts, per_layer, current = info["tokens"][0], iter(info["tokens"][1:]), [], info["tokens"][0]
+    n, counts, per_layer, current = record.tokens[0], iter(record.tokens[1:]), [], record.tokens[0]
     for layer in range(layers):
         per_layer.append(current / n)
-        if layer in info["layers"]:
+        if layer in record.layers:
             current = next(counts)
     return sum(per_layer) / layers
 
@@ -121,17 +125,16 @@ def main() -> None:
         graphs = {"unpruned": base}
         stats = {"unpruned": (0.0, 1.0, "", 1.0)}
         for name in names:
-            # The pass's run directly: check() would repeat a dry run of the first cut.
             knobs = dict(SCHEDULES[name])
-            result = get_pass(knobs.pop("pass", "prune_tokens")).run(clone(base), **knobs)
-            pruned, outcome = result.graph, result
-            if not outcome.changed:
-                print(f"  {name}: not applied: {outcome.summary}")
+            pruned, outcome = apply_pass(base, knobs.pop("pass", "prune_tokens"), **knobs)
+            if not outcome.applied:
+                print(f"  {name}: not applied: {outcome.reason}")
                 continue
             cut = 1 - estimate(pruned, device).flops / base_flops
             quality = mean_cosine(reference, outputs_on(pruned, batches))
             graphs[name] = dataclasses.replace(pruned, name=f"minilm-{kind}-{name.replace(' ', '_')}")
-            stats[name] = (cut, quality, outcome.summary.split(": ")[1].split(" (")[0], token_fraction(pruned, layers))
+            stats[name] = (cut, quality, outcome.reason.split(": ")[1].split(" (")[0],
+                           token_fraction(outcome.record, layers))
             print(f"  {name}: {stats[name][2]} tokens, FLOPs cut {cut:.1%}, mean cosine {quality:.4f}", flush=True)
         speed = {name: {} for name in graphs}
         if not args.quality_only:

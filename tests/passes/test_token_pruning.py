@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from tests.tiny import LowRankFfnBlock, load_tiny, tiny_module
+from tfcompile import structure
 from tfcompile.corpus import encode_sentences, english_sentences
 from tfcompile.cost_models.op_costs import cost_of
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import clone, export_module
+from tfcompile.knob_search.token_schedule import batched, mean_cosine, outputs_on
 from tfcompile.passes import apply_pass, get_pass
-from tfcompile import structure
 from tfcompile.passes.base import Exactness
-from tfcompile.passes.token_pruning import prune_graph
-from tfcompile.passes.token_pruning_schedule import batched, mean_cosine, outputs_on
+from tfcompile.passes.tokens.prune import prune_graph
 
 aten = torch.ops.aten
 KNOBS = dict(iterations=None, head_range=(0.01, 0.7), sim_fraction=0.5, cls_weight="sqrt")
@@ -37,10 +37,10 @@ def sentences():
 
 
 def _prune(graph, **knobs):
-    """The pass's run without apply_pass's check, which repeats a dry run (tests here are about run)."""
-    result = get_pass("prune_tokens").run(clone(graph), **knobs)
-    assert result.changed, result.summary
-    return result.graph, result.summary
+    """The pass applied (its plan and rewrite on a clone); returns the graph and the summary."""
+    pruned, outcome = apply_pass(graph, "prune_tokens", **knobs)
+    assert outcome.applied, outcome.reason
+    return pruned, outcome.reason
 
 
 def _linear_flops(graph) -> float:
@@ -193,9 +193,10 @@ def test_merge_keeping_every_token_is_exact(minilm):
 
 def test_merge_sizes_count_the_real_tokens_across_cuts(minilm):
     lengths = minilm.example_inputs[1].sum(1)
-    pruned, summary = _prune(minilm, keep_ratio=[0.9, 0.5], layers=[0, 2], **MERGE)
+    pruned, outcome = apply_pass(minilm, "prune_tokens", keep_ratio=[0.9, 0.5], layers=[0, 2], **MERGE)
+    summary = outcome.reason
     assert "sizes weight the mean pooling" in summary
-    counts = pruned.info["token_pruning"]["tokens"][1:]
+    counts = outcome.record.tokens[1:]
     for sizes, kept in zip(_sizes(pruned), counts):
         assert sizes.shape == (8, kept)
         assert torch.equal(sizes.sum(1), lengths.float())  # no mass lost, none from padding

@@ -13,9 +13,9 @@ from tfcompile.corpus import encode_sentences, english_sentences
 from tfcompile.cost_models import estimate, load_device
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import clone, export_module
+from tfcompile.knob_search.token_schedule import batched, mean_cosine, outputs_on
 from tfcompile.passes import apply_pass, get_pass
 from tfcompile.passes.base import Exactness
-from tfcompile.passes.token_pruning_schedule import batched, mean_cosine, outputs_on
 
 
 class _MeanPooledEncoder(torch.nn.Module):
@@ -88,7 +88,7 @@ def test_flops_fall_and_quality_stays_high_on_real_sentences(minilm):
     device = load_device("cpu")
     merged, outcome = apply_pass(minilm, "merge_tokens", r=3)
     assert outcome.applied, outcome.reason
-    assert merged.info["token_merging"]["tokens"] == [32, 29, 26, 23, 20, 17, 14]
+    assert list(outcome.record.tokens) == [32, 29, 26, 23, 20, 17, 14]
     cut = 1 - estimate(merged, device).flops / estimate(minilm, device).flops
     quality = mean_cosine(reference, outputs_on(merged, batches))
     print(f"merge_tokens r=3 on 32 padded sentences: FLOPs cut {cut:.1%}, mean cosine {quality:.4f}")

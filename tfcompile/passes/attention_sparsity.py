@@ -37,10 +37,11 @@ for the 2w+1 a query needs; b = w/4 holds 2.25w, in 4× as many tiles. All
 shapes are static. Layers listed in ``full_layers`` stay dense (MASFormer keeps full
 attention in a few layers).
 
-Preconditions (the plan detects them from the graph and names the node): at least one SDPA node; 4-D q/k/v of the same batch and
-heads (no GQA broadcasting) and no dropout; self-attention (as many keys as
-queries); and the node's attention pattern, evaluated on the example inputs,
-must be "full" (no mask, or a mask that allows everything) or "causal"
+Preconditions (the plan detects them from the graph and names the node): at
+least one SDPA node; 4-D q/k/v of the same batch and heads (no GQA
+broadcasting) and no dropout; self-attention (as many keys as queries); and
+the node's attention pattern, evaluated on the example inputs, must be "full"
+(no mask, or a mask that allows everything) or "causal"
 (``is_causal`` or an explicit lower-triangular 0/−∞ or boolean mask, as HF
 GPT-2/Llama build it). Padding masks, ALiBi biases and other patterns are
 refused: the rewrite does not read the original mask, so a padded batch must
@@ -200,16 +201,7 @@ def _select(count: int, layers: Iterable[int] | None, exclude: Iterable[int] = (
 
 def _finish(graph: ModelGraph) -> None:
     """Drop what the rewritten attention no longer reads (e.g. the S×S causal-mask construction)."""
-    g = graph.gm.graph
-    while True:
-        g.eliminate_dead_code()
-        asserts = [n for n in g.nodes if n.op == "call_function" and n.target in structure.METADATA_OPS
-                   and n.args and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "call_function"
-                   and not structure.real_users(n.args[0])]
-        if not asserts:
-            return
-        for node in asserts:
-            g.erase_node(node)
+    structure.remove_dead_code(graph.gm)
 
 
 # ---------------------------------------------------------------------------

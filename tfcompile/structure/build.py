@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 from tfcompile.structure.core import add_constant
+from tfcompile.structure.stream import METADATA_OPS, real_users
 
 
 class GraphBuilder:
@@ -57,11 +58,23 @@ class GraphBuilder:
 def remove_dead_code(gm: torch.fx.GraphModule, replaced_attrs: set[str] = frozenset()) -> None:
     """Drop nodes nobody reads, then those of ``replaced_attrs`` no get_attr reads any more.
 
-    For passes on a clone (``apply_pass``): the clone's modules are its own, so
-    the original keeps its weights, and exports of the variant do not carry
+    A traced metadata assert keeps the value it checks alive; an assert whose
+    value nothing else reads goes with it (e.g. the S×S causal-mask
+    construction that a rewritten attention no longer reads). ``replaced_attrs``
+    are for passes on a clone (``apply_pass``): the clone's modules are its own,
+    so the original keeps its weights, and exports of the variant do not carry
     the replaced ones."""
-    gm.graph.eliminate_dead_code()
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    graph = gm.graph
+    while True:
+        graph.eliminate_dead_code()
+        orphan_asserts = [n for n in graph.nodes if n.op == "call_function" and n.target in METADATA_OPS
+                          and n.args and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "call_function"
+                          and not real_users(n.args[0])]
+        if not orphan_asserts:
+            break
+        for node in orphan_asserts:
+            graph.erase_node(node)
+    used = {n.target for n in graph.nodes if n.op == "get_attr"}
     for target in set(replaced_attrs) - used:
         *path, field = target.split(".")
         owner = gm

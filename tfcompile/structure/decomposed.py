@@ -172,7 +172,8 @@ def _match_norm_at(r: torch.fx.Node) -> DecomposedNorm | None:
         return None
     if any(t.op == "call_function" and t.target not in {
             aten.mean.dim, aten.sub.Tensor, aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.add.Tensor,
-            aten.rsqrt.default, aten.sqrt.default, aten.div.Tensor, aten.var.correction, aten.var.dim} and not is_passthrough(t)
+            aten.rsqrt.default, aten.sqrt.default, aten.div.Tensor, aten.var.correction, aten.var.dim}
+           and not is_passthrough(t)
            for t in inner):
         return None
     order = {node: i for i, node in enumerate(out.graph.nodes)}

@@ -49,17 +49,8 @@ def pack(graph: ModelGraph, plan: PackingPlan) -> None:
     """Replace ``graph``'s FX graph by its packed form."""
     new = _Packer(graph, plan.geometry, plan.tokens).build()
     graph.gm.graph = new
-    # The mask construction that attention no longer reads goes away here; metadata asserts
-    # on it would keep it alive, so they go first.
-    while True:
-        new.eliminate_dead_code()
-        asserts = [n for n in new.nodes if n.op == "call_function" and n.target in structure.METADATA_OPS
-                   and n.args and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "call_function"
-                   and not structure.real_users(n.args[0])]
-        if not asserts:
-            return
-        for node in asserts:
-            new.erase_node(node)
+    # The mask construction that attention no longer reads goes away here, its metadata asserts with it.
+    structure.remove_dead_code(graph.gm)
 
 
 class _Packer:

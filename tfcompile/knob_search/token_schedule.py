@@ -6,7 +6,8 @@ the graph's own batch size), and the mean cosine similarity of their outputs
 (sentence embeddings for minilm) is the figure. The search ranks candidate
 schedules by the FLOPs they save (cost model) and returns the cheapest one
 whose quality meets the budget, so only as many candidates are pruned and run
-as it takes to find it.
+as it takes to find it. FLOPs come from the context's cost model
+(``context.cost_model.predict``), the host CPU's roofline when no context is given.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import dataclasses
 
 import torch
 
-from tfcompile.cost_models import estimate, load_device
 from tfcompile.graph import ModelGraph
 from tfcompile.passes.base import apply_pass
+from tfcompile.passes.context import PassContext, default_context
 
 # Knob settings the search tries, mildest to strongest; progressive ones follow the paper
 # (prune a little after several early layers rather than much after one).
@@ -67,32 +68,34 @@ def mean_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 def evaluate(graph: ModelGraph, knobs: dict, batches, reference: torch.Tensor, base_flops: float,
-             device=None) -> ScheduleResult:
-    pruned, outcome = apply_pass(graph, "prune_tokens", **knobs)
+             context: PassContext | None = None) -> ScheduleResult:
+    context = context or default_context()
+    pruned, outcome = apply_pass(graph, "prune_tokens", context, **knobs)
     if not outcome.applied:
         return ScheduleResult(knobs, outcome.reason, 0.0, 1.0, None)
-    flops = estimate(pruned, device or load_device("cpu")).flops
+    flops = context.cost_model.predict(pruned).flops
     return ScheduleResult(knobs, outcome.reason, 1 - flops / base_flops,
                           mean_cosine(reference, outputs_on(pruned, batches)), pruned)
 
 
 def search_schedule(graph: ModelGraph, inputs: tuple[torch.Tensor, ...], budget: float,
-                    grid=DEFAULT_GRID) -> tuple[ScheduleResult | None, list[ScheduleResult]]:
-    """The schedule in ``grid`` that saves the most FLOPs with mean cosine ≥ ``budget``
-    on ``inputs`` (real text, several batches of the graph's batch size)."""
+                    grid=DEFAULT_GRID, context: PassContext | None = None,
+                    ) -> tuple[ScheduleResult | None, list[ScheduleResult]]:
+    """The schedule in ``grid`` that saves the most FLOPs (``context``'s cost model) with mean
+    cosine ≥ ``budget`` on ``inputs`` (real text, several batches of the graph's batch size)."""
+    context = context or default_context()
     batch = graph.example_inputs[0].shape[0]
     batches = batched(inputs, batch)
     if not batches:
         raise ValueError(f"need at least {batch} input rows (one batch) to measure quality")
     reference = outputs_on(graph, batches)
-    device = load_device("cpu")
-    base = estimate(graph, device).flops
+    base = context.cost_model.predict(graph).flops
     # Cheap first: FLOPs of every candidate from the cost model, then quality in that order.
     costed = []
     for knobs in grid:
-        pruned, outcome = apply_pass(graph, "prune_tokens", **knobs)
+        pruned, outcome = apply_pass(graph, "prune_tokens", context, **knobs)
         if outcome.applied:
-            costed.append((1 - estimate(pruned, device).flops / base, knobs, outcome.reason, pruned))
+            costed.append((1 - context.cost_model.predict(pruned).flops / base, knobs, outcome.reason, pruned))
     tried = []
     for cut, knobs, summary, pruned in sorted(costed, key=lambda c: -c[0]):
         result = ScheduleResult(knobs, summary, cut, mean_cosine(reference, outputs_on(pruned, batches)), pruned)
