@@ -165,24 +165,3 @@ def apply_pass(graph: ModelGraph, name: str, context: PassContext | None = None,
     result.graph.gm.recompile()
     refresh_shapes(result.graph)
     return result.graph, PassOutcome(name, True, result.summary, result.record)
-
-
-def register_checked_pass(name: str, exactness: Exactness, description: str,
-                          check: Callable[[ModelGraph], str | None], *, stage: Stage,
-                          runs_after: tuple[str, ...] = ()):
-    """TRANSITIONAL: the old ``check``/``run(graph, **knobs)`` form, until every family plans."""
-
-    def wrap(run: Callable[..., PassResult]) -> Callable[..., PassResult]:
-        def plan(graph: ModelGraph, context: PassContext, **knobs: Any) -> dict[str, Any]:
-            reason = check(graph)
-            if reason is not None:
-                raise PassRefused(reason)
-            return knobs
-
-        def rewrite(graph: ModelGraph, knobs: dict[str, Any]) -> PassResult:
-            return run(graph, **knobs)
-
-        register_pass(name, exactness, description, plan=plan, stage=stage, runs_after=runs_after)(rewrite)
-        return run
-
-    return wrap
