@@ -171,7 +171,7 @@ def test_onnx_export_runs_in_ort_and_matches_torch(minilm, tmp_path):
     assert (torch.as_tensor(lowered.outputs[0]) - reference).abs().max().item() <= 1e-4
 
 
-# -- merge=True (token_merging): sizes, size-weighted pooling, proportional attention ---------------
+# -- merge=True (passes/tokens/merging.py): sizes, size-weighted pooling, proportional attention ---------------
 
 MERGE = dict(merge=True, merge_attention=True, merge_states=True)
 
