@@ -62,7 +62,8 @@ def model_options(fn):
         click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DIMS[:DTYPE]",
                      help="Explicit input shape, e.g. input_ids=1x128:int64 (repeatable)."),
         click.option("--trust-pickle", is_flag=True,
-                     help="Allow unpickling a full torch.save'd module (runs code from the file)."),
+                     help="Allow unpickling a full torch.save'd module or pickled archive members "
+                          "(runs code from the file: only for files you trust)."),
         click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True),
                      help="Hugging Face config.json for a bare state dict or safetensors file."),
         click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED),

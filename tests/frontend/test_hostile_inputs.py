@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import random
 import uuid
 import zipfile
 from pathlib import Path
@@ -466,3 +467,47 @@ def test_traced_torchscript_loads_with_static_shapes(tmp_path):
                for d in n.meta["val"].shape)
     x = torch.randn(3, 8)
     torch.testing.assert_close(graph.run((x,))[0], module(x))
+
+
+# --- a small fuzz: truncations and bit flips with a fixed seed ----------------------------------------------
+
+def _mutations(data: bytes, count: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    mutated = []
+    for i in range(count):
+        if i % 2 == 0:
+            mutated.append(data[: rng.randrange(1, len(data))])
+        else:
+            flipped = bytearray(data)
+            for _ in range(rng.randrange(1, 8)):
+                flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            mutated.append(bytes(flipped))
+    return mutated
+
+
+def _torchscript_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(4, 2), torch.randn(1, 4)), buffer)
+    return buffer.getvalue()
+
+
+def _safetensors_bytes() -> bytes:
+    from safetensors.torch import save
+
+    return save({"weight": torch.randn(4, 4), "bias": torch.randn(4)})
+
+
+@pytest.mark.parametrize("kind", ["pt2", "torchscript", "safetensors"])
+def test_fuzzed_model_files_load_or_fail_in_one_line(kind, clean_pt2, tmp_path):
+    """Whatever the damage, the result is a model or a TfcompileError: no other exception, no code run."""
+    from tfcompile.errors import TfcompileError
+
+    original = {"pt2": clean_pt2.read_bytes, "torchscript": _torchscript_bytes,
+                "safetensors": _safetensors_bytes}[kind]()
+    path = tmp_path / "model.bin"
+    for data in _mutations(original, count=16, seed=22):
+        path.write_bytes(data)
+        try:
+            load_model(str(path), LoadOptions(input_shapes={"x": (2, 4)}, input_dtypes={"x": torch.float32}))
+        except TfcompileError as exc:
+            assert "\n" not in str(exc)

@@ -14,7 +14,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from tfcompile.errors import ModelLoadError
+from tfcompile.errors import ModelLoadError, first_line
 
 
 class FileKind(enum.Enum):
@@ -54,8 +54,9 @@ def _detect_zip(path: Path) -> FileKind:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ModelLoadError(f"{path}: truncated or corrupt zip archive ({exc})") from exc
+    # ValueError: member names that are not UTF-8; NotImplementedError: an unknown zip version.
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise ModelLoadError(f"{path}: truncated or corrupt zip archive ({first_line(exc)})") from exc
     tails = {name.split("/", 1)[-1] for name in names}
     if "archive_format" in tails or any(t.startswith("models/") and t.endswith(".json") for t in tails):
         return FileKind.EXPORTED_PROGRAM

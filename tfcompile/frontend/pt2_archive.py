@@ -115,7 +115,7 @@ def load_exported_program(path: Path, *, trust_pickle: bool) -> torch.export.Exp
 def _open_zip(path: Path) -> Iterator[zipfile.ZipFile]:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise ModelLoadError(f"{path}: truncated or corrupt zip archive ({first_line(exc)})") from exc
     with archive:
         yield archive
@@ -153,8 +153,9 @@ def _relative(root: str, info: zipfile.ZipInfo) -> str:
 def _read(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     try:
         return archive.read(info)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
-        # A failed CRC, a cut-off member, an encrypted or unknown compression method.
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError,
+            ValueError) as exc:
+        # A failed CRC, a cut-off member, an encrypted member, an unknown compression, a name not in UTF-8.
         raise ModelLoadError(f"{path}: truncated or corrupt zip archive (member {info.filename}: "
                              f"{first_line(exc)})") from exc
 
@@ -318,14 +319,14 @@ def _restricted_repickle(path: Path, member: str, data: bytes) -> bytes:
     except Exception as exc:  # UnpicklingError for a forbidden global; anything else for garbage
         raise UntrustedPickleError(
             f"{path}: archive member {member} is a pickle that the restricted (weights-only) unpickler "
-            f"refuses ({_refusal_reason(exc)}); unpickling it fully would run code from the file, so tfcompile "
+            f"refuses ({refusal_reason(exc)}); unpickling it fully would run code from the file, so tfcompile "
             f"loads it only with {TRUST_FLAG}") from exc
     buffer = io.BytesIO()
     torch.save(loaded, buffer)
     return buffer.getvalue()
 
 
-def _refusal_reason(exc: Exception) -> str:
+def refusal_reason(exc: Exception) -> str:
     """torch's refusal is a page of advice; the name it refused, or the bad opcode, is the point."""
     text = str(exc)
     if match := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
@@ -383,7 +384,8 @@ def _check_json_strings(path: Path, member: str, value: Any, key: str | None) ->
 
 def _check_name(path: Path, member: str, text: str, key: str | None, *, as_identifier: bool) -> None:
     if as_identifier:
-        ok = text.isidentifier() and text.isascii() and not keyword.iskeyword(text)
+        # Empty: the positional arguments of higher-order operators (torch.cond) have no name.
+        ok = text == "" or (text.isidentifier() and text.isascii() and not keyword.iskeyword(text))
     else:
         ok = SAFE_NAME.fullmatch(text) is not None
     if not ok:

@@ -14,6 +14,7 @@ import pickle
 import re
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -41,8 +42,9 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch asks users to move to torch.export
             return torch.jit.load(str(path), map_location="cpu", _restore_shapes=restore_shapes)
-    except (RuntimeError, zipfile.BadZipFile, OSError) as exc:
-        raise ModelLoadError(f"{path}: unreadable TorchScript archive: {first_line(exc)}") from exc
+    except Exception as exc:  # the code was checked first: what torch still refuses is a damaged archive
+        raise ModelLoadError(f"{path}: unreadable TorchScript archive: {type(exc).__name__}: "
+                             f"{first_line(exc)}") from exc
 
 
 def check_torchscript_code(path: Path) -> list[str]:
@@ -59,7 +61,8 @@ def check_torchscript_code(path: Path) -> list[str]:
                         "reads or writes files (TorchScript runs such code while loading); tfcompile does not "
                         "load it. Export the model with torch.export.save instead")
             return archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError, NotImplementedError,
+            zlib.error) as exc:
         raise ModelLoadError(f"{path}: truncated or corrupt zip archive ({first_line(exc)})") from exc
 
 
@@ -86,12 +89,13 @@ def load_torch_save(path: Path, *, trust_pickle: bool) -> object:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
+            reason = pt2_archive.refusal_reason(exc)
+            what = "a full pickle" if reason.startswith("it names") else "not a weights-only pickle"
             raise UntrustedPickleError(
-                f"{path} is a full pickle (it names Python objects such as a model class); "
-                f"unpickling runs code from the file, so tfcompile loads it only with {TRUST_FLAG}. "
-                "Safer: save it with torch.export.save (.pt2), safetensors or ONNX") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: unreadable torch.save file: {first_line(exc)}") from exc
+                f"{path} is {what} ({reason}); unpickling runs code from the file, so tfcompile loads it only "
+                f"with {TRUST_FLAG}. Safer: save it with torch.export.save (.pt2), safetensors or ONNX") from exc
+    except Exception as exc:  # the restricted unpickler ran no code; whatever else it raises is damage
+        raise ModelLoadError(f"{path}: unreadable torch.save file: {type(exc).__name__}: {first_line(exc)}") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:  # arbitrary code ran; anything can come out of it
