@@ -68,18 +68,21 @@ def model_options(fn):
                      help="Hugging Face config.json for a bare state dict or safetensors file."),
         click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED),
                      help="Seed for weights and inputs."),
+        click.option("--timeout", "load_timeout", default=600.0, show_default=True,
+                     type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds loading and tracing the model may take."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _load_options(batch, seq, input_shape, trust_pickle, config_path, seed):
+def _load_options(batch, seq, input_shape, trust_pickle, config_path, seed, load_timeout):
     from tfcompile.frontend import LoadOptions
 
     shapes, dtypes = _parse_input_shapes(input_shape)
     return LoadOptions(batch=batch, seq=seq, input_shapes=shapes, input_dtypes=dtypes,
-                       trust_pickle=trust_pickle, config=config_path, seed=seed)
+                       trust_pickle=trust_pickle, config=config_path, seed=seed, timeout_s=load_timeout)
 
 
 def _load(model, **load_kwargs):

@@ -30,6 +30,10 @@ class TraceError(TfcompileError):
     """The model loaded but torch.export could not trace it."""
 
 
+class LoadTimeoutError(TfcompileError):
+    """Loading or tracing the model took longer than --timeout."""
+
+
 class ShapeError(TfcompileError):
     """The requested input shapes do not fit the model."""
 

@@ -511,3 +511,12 @@ def test_fuzzed_model_files_load_or_fail_in_one_line(kind, clean_pt2, tmp_path):
             load_model(str(path), LoadOptions(input_shapes={"x": (2, 4)}, input_dtypes={"x": torch.float32}))
         except TfcompileError as exc:
             assert "\n" not in str(exc)
+
+
+def test_factory_that_never_returns_stops_at_the_timeout(tmp_path, monkeypatch, capsys):
+    name = f"hangs_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text("def forever():\n    while True:\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    result = run_cli(capsys, "optimize", f"{name}:forever", "--timeout", "1", "-o", out)
+    assert_refused(result, match="took longer than 1 s", marker=tmp_path / MARKER, output=out)

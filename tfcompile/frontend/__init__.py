@@ -26,7 +26,7 @@ import torch
 from tfcompile.errors import MAX_SEED, InvalidOptionError, ModelLoadError, ShapeError, TraceError, first_line
 from tfcompile.frontend import detect, hf, torch_files, zoo
 from tfcompile.frontend.inputs import make_input, seeded_generator
-from tfcompile.frontend.limits import check_fits_in_memory, quiet_library_logs, tensor_bytes
+from tfcompile.frontend.limits import check_fits_in_memory, deadline, quiet_library_logs, tensor_bytes
 from tfcompile.graph import ModelGraph, export_module, from_exported_program
 
 
@@ -50,12 +50,14 @@ class LoadOptions:
     seed: int = 0
     # Shrinks a zoo model (tests); ignored for other sources.
     config_overrides: dict[str, Any] | None = None
+    # Seconds loading and tracing may take (a factory or a trace that never returns); None: no limit.
+    timeout_s: float | None = None
 
 
 def load_model(source: str, options: LoadOptions = LoadOptions()) -> ModelGraph:
     check_options(options)
     try:
-        with quiet_library_logs():
+        with quiet_library_logs(), deadline(options.timeout_s, f"loading and tracing {source}"):
             graph = _load(source, options)
     except TraceError as exc:
         raise TraceError(f"{str(exc).rstrip('.')}; {TRACE_HINT}") from exc
@@ -89,6 +91,8 @@ def check_options(options: LoadOptions) -> None:
             raise ShapeError(f"{flag} must be a positive integer (got {value!r})")
     if not _is_int(options.seed) or not 0 <= options.seed <= MAX_SEED:
         raise InvalidOptionError(f"--seed must be an integer from 0 to {MAX_SEED} (got {options.seed!r})")
+    if options.timeout_s is not None and not (isinstance(options.timeout_s, (int, float)) and options.timeout_s > 0):
+        raise InvalidOptionError(f"--timeout must be a positive number of seconds (got {options.timeout_s!r})")
     for name, shape in (options.input_shapes or {}).items():
         if not shape or not all(_is_int(d) and d > 0 for d in shape):
             raise ShapeError(f"--input-shape {name}: every dimension must be a positive integer (got {shape})")

@@ -12,11 +12,13 @@ import io
 import logging
 import math
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
 
-from tfcompile.errors import ShapeError
+from tfcompile.errors import LoadTimeoutError, ShapeError
 
 
 def memory_budget_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -73,3 +75,38 @@ def quiet_library_logs() -> Iterator[None]:
             yield
     finally:
         logging.disable(previous)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None, what: str) -> Iterator[None]:
+    """Stop ``what`` with one clear error after ``seconds`` (a factory or trace that never returns).
+
+    SIGALRM interrupts Python code between bytecodes, so a loop in a factory
+    stops at once and a long torch kernel at its end. Signals reach only the
+    main thread; elsewhere (and with no limit) this does nothing.
+    """
+    if seconds is None or threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    message = (f"{what} took longer than {seconds:g} s; stopped (raise --timeout if it is just slow, or check "
+               "the factory for a loop that never ends)")
+    expired = []
+
+    def expire(_signum, _frame):
+        expired.append(True)
+        raise LoadTimeoutError(message)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except Exception as exc:
+        # Loaders wrap what they catch in their own errors; the timeout is still the cause.
+        if expired and not isinstance(exc, LoadTimeoutError):
+            raise LoadTimeoutError(message) from exc
+        raise
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
