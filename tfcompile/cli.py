@@ -91,6 +91,17 @@ def _load(model, **load_kwargs):
     return load_model(model, _load_options(**load_kwargs))
 
 
+def _file_output(_ctx, param, text: str | None) -> Path | None:
+    """-o for a file: `out/dir/` or an existing directory would become a file named after it, or fail late."""
+    if text is None:
+        return None
+    # Checked on the raw text: Path("out/dir/") forgets the slash.
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise click.BadParameter(f"{text!r} is a directory; give the name of a file to write inside it",
+                                 param=param)
+    return Path(text)
+
+
 def remote_options(fn):
     """--remote/--device-key: measure on another machine through a TVM RPC tracker."""
     fn = click.option("--device-key", "device_key", default=None, metavar="KEY",
@@ -190,7 +201,7 @@ def _explain(result) -> None:
 @click.argument("model")
 @click.option("--passes", default="remove_identity_ops,fold_constants,eliminate_dead_code", show_default=True,
               help="Comma-separated passes to apply before export ('' for none).")
-@click.option("--output", "-o", "output_path", type=click.Path(path_type=Path), required=True,
+@click.option("--output", "-o", "output_path", type=click.Path(), required=True, callback=_file_output,
               help="File to write: .onnx for ort, a shared library (.so) for tvm.")
 @click.option("--backend", type=click.Choice(["ort", "tvm"]), default="ort", show_default=True,
               help="ort: checked ONNX; tvm: a Relax VM library for this CPU (tuned kernels where a database exists).")
@@ -249,8 +260,8 @@ def _int_list(text: str, option: str) -> list[int]:
 @cli.command()
 @click.option("--target", "-t", default="cpu", show_default=True, help="Only this host (cpu) can be measured here.")
 @click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
-@click.option("--repeat", default=10, show_default=True, type=int, help="Timed runs per micro-benchmark.")
-@click.option("--output", "-o", "output_path", type=click.Path(path_type=Path), default=None,
+@click.option("--repeat", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs per micro-benchmark.")
+@click.option("--output", "-o", "output_path", type=click.Path(), default=None, callback=_file_output,
               help="Profile file (default: the profile directory, $TFCOMPILE_PROFILE_DIR or ~/.cache/tfcompile).")
 @remote_options
 def calibrate(target, backend, repeat, output_path, remote, device_key):
@@ -295,15 +306,15 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
 @click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
 @click.option("--batches", default="1", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--seqs", default="128", show_default=True, help="Comma-separated sequence lengths.")
-@click.option("--profile", "profile_path", type=click.Path(path_type=Path), default=None,
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Calibration profile (default: the saved one for TARGET/BACKEND).")
-@click.option("--repeat", default=10, show_default=True, type=int)
+@click.option("--repeat", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--passes", "pass_count", default=1, show_default=True, type=click.IntRange(1, 10),
               help="Measure every variant this many times over, keeping each one's lowest median "
                    "(takes out spells of load on a shared host).")
 @click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-compare"),
               show_default=True, help="Directory for compare.json and compare.png.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @remote_options
 def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_count, output_dir, seed, remote,
             device_key):
@@ -395,7 +406,7 @@ def targets():
 @click.argument("model")
 @click.option("--target", "-t", default="cpu", show_default=True,
               help="Only this host (cpu) can be tuned here; tuning measures every trial.")
-@click.option("--trials", default=64, show_default=True, type=int,
+@click.option("--trials", default=64, show_default=True, type=click.IntRange(min=1),
               help="Trial budget over all kernels that still need tuning (split evenly, at least 4 each).")
 @click.option("--passes", default="remove_identity_ops,fold_constants,eliminate_dead_code", show_default=True,
               help="Passes to apply first: tune the variant you will deploy ('' for none).")

@@ -12,6 +12,8 @@ import io
 import json
 import pickle
 import random
+import subprocess
+import sys
 import uuid
 import zipfile
 from pathlib import Path
@@ -520,3 +522,32 @@ def test_factory_that_never_returns_stops_at_the_timeout(tmp_path, monkeypatch, 
     out = tmp_path / "out"
     result = run_cli(capsys, "optimize", f"{name}:forever", "--timeout", "1", "-o", out)
     assert_refused(result, match="took longer than 1 s", marker=tmp_path / MARKER, output=out)
+
+
+def test_trusted_pickle_of_a_class_from_main_says_what_is_missing(tmp_path, capsys):
+    """A class defined in the saving script's __main__ cannot be found when tfcompile unpickles it."""
+    script = tmp_path / "save.py"
+    script.write_text("import sys, torch\n"
+                      "class Net(torch.nn.Module):\n"
+                      "    def forward(self, x):\n"
+                      "        return x * 2\n"
+                      "torch.save(Net(), sys.argv[1])\n")
+    model = tmp_path / "model.pt"
+    subprocess.run([sys.executable, str(script), str(model)], check=True, timeout=120)
+    out = tmp_path / "out"
+    result = run_cli(capsys, "optimize", model, "--trust-pickle", "--input-shape", "x=2x4:float32", "-o", out)
+    assert_refused(result, match="module:factory", marker=tmp_path / MARKER, output=out)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["export", "gpt2-small", "-o", "{tmp}/newdir/"], "is a directory"),
+    (["export", "gpt2-small", "-o", "{tmp}"], "is a directory"),
+    (["compare", "gpt2-small", "--repeat", "0", "-o", "{tmp}/out"], "--repeat"),
+    (["compare", "gpt2-small", "--profile", "{tmp}/missing.json", "-o", "{tmp}/out"], "--profile"),
+    (["calibrate", "--repeat", "0", "-o", "{tmp}/out/p.json"], "--repeat"),
+    (["tune", "gpt2-small", "--trials", "0", "--database", "{tmp}/out"], "--trials"),
+])
+def test_other_commands_refuse_bad_values_in_one_line(args, match, tmp_path, capsys):
+    code, lines, everything = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == EXIT_USER_ERROR and len(lines) == 1 and match in lines[0], everything
+    assert not (tmp_path / "out").exists() and not (tmp_path / "newdir").exists()

@@ -98,6 +98,11 @@ def load_torch_save(path: Path, *, trust_pickle: bool) -> object:
         raise ModelLoadError(f"{path}: unreadable torch.save file: {type(exc).__name__}: {first_line(exc)}") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as exc:
+        # A pickle stores classes by module and name; one defined in the saving script's __main__ is not there.
+        raise ModelLoadError(f"{path}: the pickle names a class this process cannot import ({first_line(exc)}); "
+                             "pickles keep only the class's module and name, so give a module:factory that builds "
+                             "the model, or save it with torch.export.save (.pt2)") from exc
     except Exception as exc:  # arbitrary code ran; anything can come out of it
         raise ModelLoadError(f"{path}: unpickling failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
