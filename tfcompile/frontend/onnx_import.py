@@ -52,6 +52,7 @@ from torch import nn
 
 from tfcompile.errors import ModelLoadError, ShapeError, TfcompileError
 from tfcompile.frontend.inputs import make_input, seeded_generator
+from tfcompile.frontend import onnx_layer_ops  # noqa: F401  (registers Gemm, Conv, norms, pools)
 from tfcompile.frontend.onnx_ops import OPS, OpSpec, torch_dtype
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")

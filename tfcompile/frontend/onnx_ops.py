@@ -85,11 +85,11 @@ def _scalar(a: Any) -> Any:
     return _flat(a)[0]
 
 
-def _axis(axis: int, rank: int) -> int:
+def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _torch_pads(begin: list[int], end: list[int]) -> list[int]:
+def torch_pads(begin: list[int], end: list[int]) -> list[int]:
     # F.pad lists (begin, end) pairs starting from the last dimension.
     return [p for i in reversed(range(len(begin))) for p in (begin[i], end[i])]
 
@@ -230,28 +230,28 @@ def _reshape(n, x, shape=None):
 
 @op("Flatten")
 def _flatten(n, x):
-    axis = _axis(n.get("axis", 1), x.dim())
+    axis = normalize_axis(n.get("axis", 1), x.dim())
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 @op("Squeeze", static=(1,))
 def _squeeze(n, x, axes=None):
     axes = _ints(n.get("axes", []) if axes is None else axes)
-    return x.squeeze(tuple(_axis(a, x.dim()) for a in axes)) if axes else x.squeeze()
+    return x.squeeze(tuple(normalize_axis(a, x.dim()) for a in axes)) if axes else x.squeeze()
 
 
 @op("Unsqueeze", static=(1,))
 def _unsqueeze(n, x, axes=None):
     axes = _ints(n.get("axes") if axes is None else axes)
     rank = x.dim() + len(axes)  # axes index the output
-    for a in sorted(_axis(a, rank) for a in axes):
+    for a in sorted(normalize_axis(a, rank) for a in axes):
         x = x.unsqueeze(a)
     return x
 
 
 @op("Split", static=(1,))
 def _split(n, x, split=None):
-    axis = _axis(n.get("axis", 0), x.dim())
+    axis = normalize_axis(n.get("axis", 0), x.dim())
     sizes = _ints(split) if split is not None else n.get("split")
     if not sizes:  # equal parts; since opset 18 the last one may be smaller
         sizes = -(-x.shape[axis] // n.get("num_outputs", len(n.outputs)))
@@ -267,7 +267,7 @@ def _slice(n, x, starts=None, ends=None, axes=None, steps=None):
     steps = _ints(steps) if steps is not None else [1] * len(starts)
     index, flips = [slice(None)] * x.dim(), []
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        axis = _axis(axis, x.dim())
+        axis = normalize_axis(axis, x.dim())
         dim = x.shape[axis]
         start, end = start + dim if start < 0 else start, end + dim if end < 0 else end
         if step > 0:
@@ -282,7 +282,7 @@ def _slice(n, x, starts=None, ends=None, axes=None, steps=None):
 
 @op("Gather", scalars=(1,))
 def _gather(n, x, idx):
-    axis = _axis(n.get("axis", 0), x.dim())
+    axis = normalize_axis(n.get("axis", 0), x.dim())
     if isinstance(idx, int):
         return x.select(axis, idx)
     if axis == 0 and x.dim() == 2 and n.input_kinds[:2] == ("weight", "runtime"):
@@ -294,7 +294,7 @@ def _gather(n, x, idx):
 
 @op("GatherElements")
 def _gather_elements(n, x, idx):
-    axis = _axis(n.get("axis", 0), x.dim())
+    axis = normalize_axis(n.get("axis", 0), x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)  # torch.gather rejects negative indices
     return torch.gather(x, axis, idx.long())
 
@@ -325,23 +325,23 @@ def _pad(n, x, pads=None, value=None, axes=None):
     if n.opset < 11:
         pads, value = n.get("pads"), n.get("value", 0.0)
     pads = _ints(pads)
-    axes = [_axis(a, x.dim()) for a in _ints(axes)] if axes is not None else list(range(x.dim()))
+    axes = [normalize_axis(a, x.dim()) for a in _ints(axes)] if axes is not None else list(range(x.dim()))
     begin, end = [0] * x.dim(), [0] * x.dim()
     for a, p0, p1 in zip(axes, pads[:len(axes)], pads[len(axes):]):
         begin[a], end[a] = p0, p1
-    torch_pads = _torch_pads(begin, end)
-    while torch_pads[-2:] == [0, 0]:  # non-constant modes only pad trailing dims
-        del torch_pads[-2:]
+    widths = torch_pads(begin, end)
+    while widths[-2:] == [0, 0]:  # non-constant modes only pad trailing dims
+        del widths[-2:]
     mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}[
         n.get("mode", "constant")]
     if mode != "constant":
-        return F.pad(x, torch_pads, mode=mode)
-    return F.pad(x, torch_pads, value=_scalar(value) if value is not None else 0)
+        return F.pad(x, widths, mode=mode)
+    return F.pad(x, widths, value=_scalar(value) if value is not None else 0)
 
 
 @op("CumSum", static=(1,))
 def _cumsum(n, x, axis):
-    axis = _axis(_scalar(axis), x.dim())
+    axis = normalize_axis(_scalar(axis), x.dim())
     reverse = n.get("reverse", 0)
     src = x.flip(axis) if reverse else x
     out = _to(torch.cumsum(src, axis), x.dtype)  # torch sums int32 into int64
@@ -358,7 +358,7 @@ def _topk(n, x, k=None):
 
 def _arg(f: Callable) -> Callable:
     def impl(n, x):
-        axis, keep = _axis(n.get("axis", 0), x.dim()), bool(n.get("keepdims", 1))
+        axis, keep = normalize_axis(n.get("axis", 0), x.dim()), bool(n.get("keepdims", 1))
         if n.get("select_last_index", 0):
             return x.shape[axis] - 1 - f(x.flip(axis), axis, keepdim=keep)
         return f(x, axis, keepdim=keep)
@@ -398,7 +398,7 @@ def _reduce(f: Callable) -> Callable:
             if n.get("noop_with_empty_axes", 0):
                 return x
             axes = list(range(x.dim()))
-        out = f(x, [_axis(a, x.dim()) for a in axes], bool(n.get("keepdims", 1)))
+        out = f(x, [normalize_axis(a, x.dim()) for a in axes], bool(n.get("keepdims", 1)))
         return _to(out, x.dtype)  # torch widens integer sums
     return impl
 
@@ -412,101 +412,9 @@ def _softmax_like(f: Callable) -> Callable:
         if n.opset >= 13:
             return f(x, dim=n.get("axis", -1))
         # Before opset 13 the input is coerced to 2-D around `axis` (default 1).
-        axis = _axis(n.get("axis", 1), x.dim())
+        axis = normalize_axis(n.get("axis", 1), x.dim())
         return f(x.reshape(math.prod(x.shape[:axis]), -1), dim=1).reshape(x.shape)
     return impl
 
 
 OPS["Softmax"], OPS["LogSoftmax"] = OpSpec(_softmax_like(F.softmax)), OpSpec(_softmax_like(F.log_softmax))
-
-
-@op("LayerNormalization")
-def _layer_norm(n, x, scale, bias=None):
-    axis, eps = _axis(n.get("axis", -1), x.dim()), n.get("epsilon", 1e-5)
-    shape = tuple(x.shape[axis:])
-    if not (n.wants(1) or n.wants(2)):
-        return F.layer_norm(x, shape, scale.expand(shape), None if bias is None else bias.expand(shape), eps)
-    dims = tuple(range(axis, x.dim()))
-    xf = x.float() if n.get("stash_type", 1) == 1 else x
-    mean = xf.mean(dims, keepdim=True)
-    inv_std = torch.rsqrt(((xf - mean) ** 2).mean(dims, keepdim=True) + eps)
-    y = ((xf - mean) * inv_std).to(x.dtype) * scale
-    return (y if bias is None else y + bias), mean, inv_std
-
-
-@op("RMSNormalization")
-def _rms_norm(n, x, scale):
-    axis, eps = _axis(n.get("axis", -1), x.dim()), n.get("epsilon", 1e-5)
-    xf = x.float() if n.get("stash_type", 1) == 1 else x
-    ms = (xf * xf).mean(tuple(range(axis, x.dim())), keepdim=True)
-    return (xf * torch.rsqrt(ms + eps)).to(x.dtype) * scale
-
-
-@op("BatchNormalization")
-def _batch_norm(n, x, scale, bias, mean, var):
-    if n.get("training_mode", 0):
-        raise NotImplementedError("BatchNormalization in training mode")
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, n.get("epsilon", 1e-5))
-
-
-# -- linear algebra, convolution, pooling ---------------------------------------
-
-@op("Gemm")
-def _gemm(n, a, b, c=None):
-    alpha, beta = n.get("alpha", 1.0), n.get("beta", 1.0)
-    a = a.t() if n.get("transA", 0) else a
-    if alpha == 1 and beta == 1:
-        # The forms torch itself lowers to Gemm: linear (transB) and addmm.
-        if n.get("transB", 0) and (c is None or c.dim() == 1):
-            return F.linear(a, b, c)
-        b = b.t() if n.get("transB", 0) else b
-        return a @ b if c is None else torch.addmm(c, a, b)
-    out = (a @ (b.t() if n.get("transB", 0) else b)) * alpha
-    return out if c is None else out + c * beta
-
-
-def _window_pads(n, in_sizes, kernel, strides, dilations) -> tuple[list[int], list[int]]:
-    k = len(kernel)
-    auto = n.get("auto_pad", "NOTSET")
-    if auto == "VALID":
-        return [0] * k, [0] * k
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        total = [max((-(-i // s) - 1) * s + (kk - 1) * d + 1 - i, 0)
-                 for i, kk, s, d in zip(in_sizes, kernel, strides, dilations)]
-        small, big = [t // 2 for t in total], [t - t // 2 for t in total]
-        return (small, big) if auto == "SAME_UPPER" else (big, small)
-    pads = n.get("pads", [0] * 2 * k)
-    return list(pads[:k]), list(pads[k:])
-
-
-@op("Conv")
-def _conv(n, x, w, b=None):
-    k = w.dim() - 2
-    strides, dilations = n.get("strides", [1] * k), n.get("dilations", [1] * k)
-    begin, end = _window_pads(n, x.shape[2:], n.get("kernel_shape", w.shape[2:]), strides, dilations)
-    if begin != end:  # torch convs only pad symmetrically
-        x, begin = F.pad(x, _torch_pads(begin, end)), [0] * k
-    conv = (F.conv1d, F.conv2d, F.conv3d)[k - 1]
-    return conv(x, w, b, strides, begin, dilations, n.get("group", 1))
-
-
-def _pool(kind: str) -> Callable:
-    def impl(n, x):
-        kernel = n.get("kernel_shape")
-        k = len(kernel)
-        strides, dilations = n.get("strides", [1] * k), n.get("dilations", [1] * k)
-        begin, end = _window_pads(n, x.shape[2:], kernel, strides, dilations)
-        if begin != end or n.wants(1):
-            raise NotImplementedError(f"{n.op_type} with asymmetric pads or an Indices output")
-        ceil = bool(n.get("ceil_mode", 0))
-        if kind == "max":
-            pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[k - 1]
-            return pool(x, kernel, strides, begin, dilations, ceil)
-        if any(d != 1 for d in dilations):
-            raise NotImplementedError("AveragePool with dilations")
-        return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[k - 1](
-            x, kernel, strides, begin, ceil, bool(n.get("count_include_pad", 0)))
-    return impl
-
-
-OPS["MaxPool"], OPS["AveragePool"] = OpSpec(_pool("max")), OpSpec(_pool("avg"))
