@@ -49,7 +49,7 @@ import torch
 from tfcompile import corpus
 from tfcompile.backends import ort as ort_backend
 from tfcompile.backends.timing import ORT_BLOCK, measure_interleaved
-from tfcompile.cost_models import estimate, load_device
+from tfcompile.cost_models.model import CostModel, cost_model_for
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph
 from tfcompile.passes import apply_pass
@@ -112,7 +112,8 @@ def variants(args) -> list[tuple[str, str, dict]]:
     for window in [int(w) for w in args.windows.split(",") if w]:
         for full in args.full_layers.split(";"):
             layers = [int(i) for i in full.split(",") if i.strip()]
-            label = f"local w={window}" + (f" b={args.block}" if args.block else "") + (f" full={layers}" if layers else "")
+            label = (f"local w={window}" + (f" b={args.block}" if args.block else "")
+                     + (f" full={layers}" if layers else ""))
             out.append((label, "local_attention", {"window": window, "full_layers": layers, "block": args.block}))
     for k in [int(k) for k in args.topk.split(",") if k]:
         out.append((f"top-k k={k}", "hard_attention_topk", {"k": k}))
@@ -166,17 +167,17 @@ def greedy_variants(graph: ModelGraph, seq: int, args) -> list[tuple[str, str, d
     return out
 
 
-def bench(name: str, seq: int, args, device) -> list[dict]:
+def bench(name: str, seq: int, args, cost_model: CostModel) -> list[dict]:
     # Long-sequence exports are hundreds of MB each: nothing stays behind.
     with tempfile.TemporaryDirectory(prefix="attn_sparsity_") as work:
-        return _bench(name, seq, args, device, Path(work))
+        return _bench(name, seq, args, cost_model, Path(work))
 
 
-def _bench(name: str, seq: int, args, device, work: Path) -> list[dict]:
+def _bench(name: str, seq: int, args, cost_model: CostModel, work: Path) -> list[dict]:
     t0 = time.time()
     graph = load(name, seq, args.minilm_tiled)
     extra = greedy_variants(graph, seq, args) if args.greedy else []
-    base_cost = estimate(graph, device)
+    base_cost = cost_model.predict(graph)
     path = ort_backend.export_onnx(graph, work / "dense.onnx")
     dense = ort_backend.OrtModel(path, threads=args.threads)
     docs = quality_inputs(graph, seq, args.docs)
@@ -189,7 +190,7 @@ def _bench(name: str, seq: int, args, device, work: Path) -> list[dict]:
         if not outcome.applied:
             print(f"  {label}: not applied: {outcome.reason}")
             continue
-        cost = estimate(variant, device)
+        cost = cost_model.predict(variant)
         path = ort_backend.export_onnx(variant, work / f"{pass_name}_{len(rows)}.onnx")
         del variant
         row = {"model": name, "seq": seq, "variant": label, "summary": outcome.reason,
@@ -241,7 +242,8 @@ def main() -> None:
     parser.add_argument("--windows", default="128,256")
     parser.add_argument("--full-layers", default=";0", help="';'-separated sets of layers kept dense")
     parser.add_argument("--topk", default="64")
-    parser.add_argument("--block", type=int, default=None, help="local attention: queries per tile (default: the window)")
+    parser.add_argument("--block", type=int, default=None,
+                        help="local attention: queries per tile (default: the window)")
     parser.add_argument("--variants", default="", help="explicit list instead of the grid: "
                         "'local:W[:FULL,LAYERS[:BLOCK]];topk:K;...'")
     parser.add_argument("--minilm-tiled", action="store_true", help="allow minilm above 512 tokens (tiled positions)")
@@ -250,8 +252,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--greedy", default="", help="e.g. 'local=128;local=512:128;topk=32': add a variant whose layers "
-                        "are chosen greedily on a held-out document within --budget")
+    parser.add_argument("--greedy", default="", help="e.g. 'local=128;local=512:128;topk=32': add a variant "
+                        "whose layers are chosen greedily on a held-out document within --budget")
     parser.add_argument("--budget", type=float, default=0.95)
     parser.add_argument("--heldout-offset", type=int, default=None, help="held-out document: corpus offset "
                         "(chars; default half-way between the first two quality documents)")
@@ -260,12 +262,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = load_device("cpu")
+    cpu = cost_model_for("cpu", calibrated=False)
     all_rows = []
     for item in args.models.split(","):
         name, seq = item.split(":")
         print(f"{name} seq {seq}", flush=True)
-        all_rows += bench(name, int(seq), args, device)
+        all_rows += bench(name, int(seq), args, cpu)
         if args.json:
             args.json.write_text(json.dumps(all_rows, indent=1))
     print()

@@ -5,8 +5,9 @@ launch chains, synthetic transformer blocks of widths no zoo model has);
 every zoo variant below is held out. The variants of one config are measured
 round-robin (median of repeated runs), in ``--passes`` passes over all
 configs (the lowest median counts: the shared host's load only adds time),
-and predicted three ways: calibrated, uncalibrated roofline, FLOPs-only. Prints MAPE, share within ±10 % and Kendall τ per
-predictor; writes JSON and a scatter PNG under benchmarks/results/.
+and predicted three ways: calibrated, uncalibrated roofline, FLOPs-only.
+Prints MAPE, share within ±10 % and Kendall τ per predictor; writes JSON and
+a scatter PNG under benchmarks/results/.
 
     .venv/bin/python benchmarks/cost_model_accuracy.py --backend ort
 """
@@ -22,10 +23,9 @@ from pathlib import Path
 from rich.console import Console
 
 from tfcompile.compare import ComparisonRow, lowest_of_passes, measure_and_predict, score, write_outputs
-from tfcompile.cost_models import load_device
 from tfcompile.cost_models.calibration import fit, save_profile
 from tfcompile.cost_models.device import detect_host
-from tfcompile.cost_models.model import CalibratedCostModel
+from tfcompile.cost_models.model import cost_model_for
 from tfcompile.calibrate import default_suite, run_suite
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.variants import BUILTIN_VARIANTS, build_variant
@@ -71,9 +71,10 @@ def main() -> None:
                             progress=lambda m: status.update(f"calibrating {m}"))
     host = detect_host()
     profile = fit(samples, "cpu", args.backend, host=f"{host.model}, {host.cores} cores")
-    save_profile(profile, args.out / f"profile-cpu-{args.backend}.json")
+    profile_file = save_profile(profile, args.out / f"profile-cpu-{args.backend}.json")
     console.print(f"calibration: {len(samples)} micro-benchmarks, fit MAPE {profile.fit_mape:.1%}")
-    cost_model = CalibratedCostModel(load_device("cpu"), args.backend, profile)
+    # The profile just fitted, read back from its file: what a later run with this profile predicts.
+    cost_model = cost_model_for("cpu", args.backend, profile_path=profile_file)
 
     measured_by_pass: list[list[ComparisonRow]] = []
     with console.status("measuring") as status:

@@ -33,10 +33,8 @@ import torch.nn.functional as F
 from tfcompile.backends.ort import default_threads
 from tfcompile.backends.runner import lower
 from tfcompile.backends.timing import ORT_BLOCK, measure_interleaved
-from tfcompile.cost_models import estimate, load_device
-from tfcompile.cost_models.calibration import load_profile
 from tfcompile.cost_models.ffn import choose_ffn_form
-from tfcompile.cost_models.model import CalibratedCostModel, RooflineCostModel
+from tfcompile.cost_models.model import CostModel, cost_model_for
 from tfcompile.graph import export_module
 from tfcompile.passes import apply_pass
 from tfcompile.verify import compare_outputs
@@ -64,7 +62,8 @@ def _measured_crossover(rows) -> int | None:
     return cross
 
 
-def bench_shape(d: int, hidden: int, ratio: float, tokens: list[int], budget_s: float, workdir: Path, cpu, profile):
+def bench_shape(d: int, hidden: int, ratio: float, tokens: list[int], budget_s: float, workdir: Path,
+                roofline: CostModel, calibrated: CostModel | None):
     torch.manual_seed(0)
     module = DenseFFN(d, hidden).eval()
     rank = int(ratio * d)
@@ -93,16 +92,16 @@ def bench_shape(d: int, hidden: int, ratio: float, tokens: list[int], budget_s: 
         measured = measure_interleaved(runs, backend="ort", warmup=2, repeat=repeat, block=ORT_BLOCK)
         row = {"tokens": t, "repeat": repeat,
                "dense_ms": measured["dense"].median_ms, "lowrank_ms": measured["lowrank"].median_ms,
-               "roof_dense_ms": estimate(dense, cpu).latency_ms, "roof_lowrank_ms": estimate(lowrank, cpu).latency_ms}
-        if profile is not None:
-            row["cal_dense_ms"] = profile.predict_s(dense) * 1e3
-            row["cal_lowrank_ms"] = profile.predict_s(lowrank) * 1e3
+               "roof_dense_ms": roofline.predict(dense).latency_s * 1e3,
+               "roof_lowrank_ms": roofline.predict(lowrank).latency_s * 1e3}
+        if calibrated is not None:
+            row["cal_dense_ms"] = calibrated.predict(dense).latency_s * 1e3
+            row["cal_lowrank_ms"] = calibrated.predict(lowrank).latency_s * 1e3
         rows.append(row)
         for path in workdir.glob("*.onnx"):
             path.unlink()  # 16 MB+ each at the larger widths
-    predicted = {"roofline": choose_ffn_form(d, hidden, rank, 1, RooflineCostModel(cpu)).crossover_tokens}
-    if profile is not None:
-        calibrated = CalibratedCostModel(cpu, "ort", profile)
+    predicted = {"roofline": choose_ffn_form(d, hidden, rank, 1, roofline).crossover_tokens}
+    if calibrated is not None:
         predicted["calibrated"] = choose_ffn_form(d, hidden, rank, 1, calibrated).crossover_tokens
     return rank, rows, predicted
 
@@ -113,12 +112,17 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 256, 1024, 4096])
     parser.add_argument("--rank-ratio", type=float, default=0.25, help="r = ratio · d (both projections)")
     parser.add_argument("--budget-s", type=float, default=1.5, help="timing budget per (shape, T) for both forms")
-    parser.add_argument("--profile", type=Path, help="calibration profile JSON (default: load_profile('cpu', 'ort'))")
+    parser.add_argument("--profile", type=Path, help="calibration profile JSON "
+                        "(default: the cpu/ort profile in the profile directory, if any)")
     args = parser.parse_args()
 
-    cpu = load_device("cpu")
-    profile = load_profile("cpu", "ort", args.profile) if args.profile else load_profile("cpu", "ort")
-    print(f"ORT CPU, {default_threads()} threads; cpu spec: {cpu.description}; "
+    roofline = cost_model_for("cpu", calibrated=False)
+    # The cpu/ort profile (--profile, else the default one); None, and no calibrated column, when there is none.
+    calibrated = cost_model_for("cpu", "ort", profile_path=args.profile)
+    if calibrated.kind != "calibrated":
+        calibrated = None
+    profile = calibrated.profile if calibrated is not None else None
+    print(f"ORT CPU, {default_threads()} threads; cpu spec: {roofline.device.description}; "
           f"load average {os.getloadavg()[0]:.2f} at start")
     print(f"calibrated profile: {'none' if profile is None else f'{profile.host}, {profile.created}'}")
     matches = {"roofline": [], "calibrated": []}
@@ -126,7 +130,7 @@ def main() -> None:
         for shape in args.shapes:
             d, hidden = (int(v) for v in shape.split("x"))
             rank, rows, predicted = bench_shape(d, hidden, args.rank_ratio, args.tokens, args.budget_s, Path(tmp),
-                                                cpu, profile)
+                                                roofline, calibrated)
             print(f"\n=== FFN d={d}, hidden={hidden}, GELU; low-rank r={rank} (both projections; "
                   f"{rank * (d + hidden) / (d * hidden):.4f} of the dense FLOPs)")
             header = f"{'T':>5} {'dense ms':>10} {'lowrank ms':>10} {'speedup':>8} {'roof d/l ms':>17} "

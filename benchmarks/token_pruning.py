@@ -37,7 +37,7 @@ from tfcompile.corpus import (
     english_sentences,
     running_text,
 )
-from tfcompile.cost_models import estimate, load_device
+from tfcompile.cost_models.model import cost_model_for
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.knob_search.token_schedule import batched, mean_cosine, outputs_on
 from tfcompile.passes import apply_pass
@@ -107,7 +107,7 @@ def main() -> None:
                         "no timing")
     args = parser.parse_args()
     names = [s for s in args.schedules.split(",") if s]
-    device = load_device("cpu")
+    cpu = cost_model_for("cpu", calibrated=False)
     rows_out = []
     curves = {}
     for kind in args.kinds.split(","):
@@ -118,7 +118,7 @@ def main() -> None:
         base = load_model("minilm", LoadOptions(batch=args.batch, seq=args.seq))
         base = dataclasses.replace(base, example_inputs=batches[0], name=f"minilm-{kind}")
         reference = outputs_on(base, batches)
-        base_flops = estimate(base, device).flops
+        base_flops = cpu.predict(base).flops
         layers = sum(1 for n in base.call_nodes() if "scaled_dot_product_attention" in str(n.target))
         print(f"\n{kind}: {len(batches) * args.batch} rows, batch {args.batch} x seq {args.seq}, "
               f"{padding:.0%} padding")
@@ -130,7 +130,7 @@ def main() -> None:
             if not outcome.applied:
                 print(f"  {name}: not applied: {outcome.reason}")
                 continue
-            cut = 1 - estimate(pruned, device).flops / base_flops
+            cut = 1 - cpu.predict(pruned).flops / base_flops
             quality = mean_cosine(reference, outputs_on(pruned, batches))
             graphs[name] = dataclasses.replace(pruned, name=f"minilm-{kind}-{name.replace(' ', '_')}")
             stats[name] = (cut, quality, outcome.reason.split(": ")[1].split(" (")[0],
