@@ -39,23 +39,10 @@ import torch.fx
 
 from tfcompile import structure
 from tfcompile.graph import ModelGraph
-from tfcompile.passes.base import (
-    Exactness,
-    PassRefused,
-    PassResult,
-    Stage,
-    register_pass,
-)
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
 from tfcompile.passes.context import PassContext
-from tfcompile.passes.tokens.cut import (
-    CutPlan,
-    CutSite,
-    MergeOptions,
-    TokenCounts,
-    attention_inputs,
-    plan_cuts,
-    refuse_ambiguous_token_axis,
-)
+from tfcompile.passes.tokens.cut import (CutPlan, CutSite, MergeOptions, TokenCounts, attention_inputs, plan_cuts,
+                                         refuse_ambiguous_token_axis)
 from tfcompile.passes.tokens.cut_rewrite import apply_cuts
 
 aten = torch.ops.aten
