@@ -74,8 +74,11 @@ def main() -> None:
         if args.tune_trials:
             from tfcompile.backends.tvm.tuning import tune_graph
 
-            tuning = tune_graph(graph, root=database, max_trials=args.tune_trials,
-                                progress=lambda k, i, n: print(f"{name}: tuning {i + 1}/{n} {k}", flush=True) if k else None)
+            def report_tuning(kernel, i, n, name=name):
+                if kernel:
+                    print(f"{name}: tuning {i + 1}/{n} {kernel}", flush=True)
+
+            tuning = tune_graph(graph, root=database, max_trials=args.tune_trials, progress=report_tuning)
             print(f"{name}: tuned {len(tuning.tuned)} kernels with a budget of {tuning.trial_budget} trials in "
                   f"{tuning.wall_s / 60:.1f} min; not reached: {len(tuning.skipped)} {tuning.skipped[:6]}", flush=True)
         schedules = ["rules"] + (["none"] if args.with_none else []) + (["tuned"] if args.tune_trials else [])

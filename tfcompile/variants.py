@@ -10,7 +10,8 @@ import dataclasses
 from typing import Any
 
 from tfcompile.graph import ModelGraph, clone
-from tfcompile.passes import PassContext, PassOutcome, Stage, all_passes, apply_pass, check_pipeline, get_pass, pass_order
+from tfcompile.passes import (PassContext, PassOutcome, Stage, all_passes, apply_pass, check_pipeline, get_pass,
+                              pass_order)
 
 CLEANUP = tuple(pass_order([p.name for p in all_passes() if p.stage is Stage.CLEANUP]))
 

@@ -76,7 +76,8 @@ def estimate(graph: ModelGraph, device: DeviceSpec) -> CostEstimate:
         if score_bytes:
             # Separate elementwise kernels between the two matmuls: they add to the time, not overlap.
             kernels.append(KernelEstimate(f"{node.name}.scores", "memory", 0.0, score_bytes,
-                                          score_bytes / (device.mem_bandwidth_bytes_per_s * device.efficiency["memory"]),
+                                          score_bytes / (device.mem_bandwidth_bytes_per_s
+                                                         * device.efficiency["memory"]),
                                           "memory"))
     total = sum(k.latency_s for k in kernels)
     if device.overhead_per == "graph":

@@ -60,7 +60,8 @@ class _PatchifyConv(PyExprMutator):
         patches = relax.op.permute_dims(patches, [0, 2, 4, 1, 3, 5])
         patches = relax.op.reshape(patches, [batch * rows * cols, channels * kh * kw])
         flat_kernel = relax.const(kernel.reshape(out_channels, -1).T.copy())
-        product = relax.op.matmul(patches, flat_kernel, out_dtype=str(attrs.out_dtype) if str(attrs.out_dtype) not in ("", "void") else None)
+        out_dtype = str(attrs.out_dtype) if str(attrs.out_dtype) not in ("", "void") else None
+        product = relax.op.matmul(patches, flat_kernel, out_dtype=out_dtype)
         product = relax.op.reshape(product, [batch, rows, cols, out_channels])
         return relax.op.permute_dims(product, [0, 3, 1, 2])
 
