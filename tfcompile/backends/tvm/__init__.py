@@ -86,7 +86,7 @@ class TvmModule:
             from tfcompile.backends.tvm.lowering import one_line
 
             raise BackendError(f"tvm: {self.name}: run failed: {one_line(exc)}") from exc
-        outputs = _flatten(result)
+        outputs = flatten_outputs(result)
         return tuple(torch.from_numpy(o.numpy()) for o in outputs)
 
     def runner(self, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
@@ -99,12 +99,12 @@ class TvmModule:
         return call
 
 
-def _flatten(result) -> list:
+def flatten_outputs(result) -> list:
     if hasattr(result, "numpy"):
         return [result]
     flat = []
     for item in result:
-        flat.extend(_flatten(item))
+        flat.extend(flatten_outputs(item))
     return flat
 
 
@@ -115,7 +115,7 @@ def compile_graph(graph: ModelGraph, *, target=None, schedule: str = "auto",
 
     if schedule not in SCHEDULES:
         raise BackendError(f"tvm: unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
-    target = host_target() if target is None else _as_target(target)
+    target = host_target() if target is None else as_target(target)
     if schedule == "auto":
         from tfcompile.backends.tvm import tuning
 
@@ -141,7 +141,7 @@ def compile_graph(graph: ModelGraph, *, target=None, schedule: str = "auto",
                      dict(report.applied))
 
 
-def _as_target(target):
+def as_target(target):
     import tvm
 
     if isinstance(target, tvm.target.Target):

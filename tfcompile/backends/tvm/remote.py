@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from tfcompile.backends.tvm import _flatten
+from tfcompile.backends.tvm import flatten_outputs
 from tfcompile.backends.timing import Measurement
 from tfcompile.errors import BackendError, TfcompileError, first_line
 from tfcompile.graph import ModelGraph
@@ -195,7 +195,7 @@ def remote_target(target_name: str | None):
     library, e.g. ``"aarch64-linux-gnu-g++"``). Without it the remote is taken to
     be the same kind of CPU as this host: this host's target and compiler.
     """
-    from tfcompile.backends.tvm import _as_target, host_target
+    from tfcompile.backends.tvm import as_target, host_target
 
     table, kind = {}, "cpu"
     if target_name:
@@ -209,7 +209,7 @@ def remote_target(target_name: str | None):
             raise TfcompileError(f"target {target_name!r} is a {kind} and its device spec names no TVM target "
                                  "([tvm] target = ...): tfcompile can only measure CPUs like this host remotely")
         return host_target(), table.get("cc")
-    return _as_target(table["target"]), table.get("cc")
+    return as_target(table["target"]), table.get("cc")
 
 
 @contextlib.contextmanager
@@ -278,7 +278,7 @@ def _time_vm(vm, device, args, *, repeat: int, number: int) -> tuple[Measurement
     """Outputs of one run, then the median of ``repeat`` timed runs (each the mean of ``number`` calls)."""
     vm.set_input("main", *args)
     vm.invoke_stateful("main")
-    outputs = tuple(torch.from_numpy(o.numpy()) for o in _flatten(vm.get_outputs("main")))
+    outputs = tuple(torch.from_numpy(o.numpy()) for o in flatten_outputs(vm.get_outputs("main")))
     # The evaluator runs once untimed (warm-up), then ``repeat`` x ``number`` timed calls, timed where it runs.
     timer = vm.time_evaluator("invoke_stateful", device, number=number, repeat=repeat)
     samples = tuple(float(s) for s in timer("main").results)
@@ -367,13 +367,13 @@ def measure_many(graphs: Iterable[ModelGraph] | Mapping[str, ModelGraph], remote
     CPU); results are keyed by name (the mapping's keys, else the graphs'
     names), in the order given.
     """
-    from tfcompile.backends.tvm import _as_target, compile_graph, host_target
+    from tfcompile.backends.tvm import as_target, compile_graph, host_target
 
     named = list(graphs.items()) if isinstance(graphs, Mapping) else [(g.name, g) for g in graphs]
     if len({name for name, _ in named}) != len(named):
         raise TfcompileError("measure_many: variant names must be unique")
     servers_for(remote)  # before compiling anything: a wrong address or key fails in seconds
-    target = host_target() if target is None else _as_target(target)
+    target = host_target() if target is None else as_target(target)
     with tempfile.TemporaryDirectory(prefix="tfcompile-rpc-", dir=workdir) as tmp:
         artifacts = []
         for i, (name, graph) in enumerate(named, 1):
