@@ -97,3 +97,13 @@ def test_no_import_cycles():
 def test_no_module_over_500_lines():
     long = {m: len(p.read_text().splitlines()) for m, p in _modules().items()}
     assert not {m: n for m, n in long.items() if n > MAX_LINES}
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tfcompile"):
+                private += [f"{module}: from {node.module} import {a.name}" for a in node.names
+                            if a.name.startswith("_") and a.name != "__version__"]
+    assert not private, "private names used as API:\n" + "\n".join(private)
