@@ -96,7 +96,6 @@ OPERATOR_NAMESPACES = frozenset({"aten", "prims"})
 FILE_OPERATORS = frozenset({"aten::save", "aten::from_file"})
 
 
-
 def load_exported_program(path: Path, *, trust_pickle: bool) -> torch.export.ExportedProgram:
     with _open_zip(path) as archive:
         root, infos = _members(path, archive)
@@ -173,10 +172,9 @@ class _Plan:
     """What torch would do with each payload: read raw bytes, unpickle, or build an object."""
 
     def __init__(self) -> None:
-        self.models: set[str] = set()
         self.pickled: set[str] = set()   # relative member names torch unpickles
         self.objects: set[str] = set()   # relative member names torch turns into Python objects
-        self.raw: dict[str, int] = {}    # relative member name -> bytes the tensors it holds need
+        self.raw: dict[str, int] = {}    # relative member name -> elements of the largest tensor it holds
 
 
 def _read_plan(path: Path, archive: zipfile.ZipFile, root: str, infos: list[zipfile.ZipInfo]) -> _Plan:
@@ -189,7 +187,6 @@ def _read_plan(path: Path, archive: zipfile.ZipFile, root: str, infos: list[zipf
     for info in infos:
         name = _relative(root, info)
         if match := MODEL_JSON.fullmatch(name):
-            plan.models.add(match["model"])
             plan.pickled.add(f"data/sample_inputs/{match['model']}.pt")
             # Archives from before payload configs keep all weights (constants) in one pickle.
             plan.pickled.add(f"data/weights/{match['model']}.pt")
