@@ -93,13 +93,10 @@ def _load(model, **load_kwargs):
 
 def _file_output(_ctx, param, text: str | None) -> Path | None:
     """-o for a file: `out/dir/` or an existing directory would become a file named after it, or fail late."""
-    if text is None:
-        return None
     # Checked on the raw text: Path("out/dir/") forgets the slash.
-    if text.endswith(("/", os.sep)) or Path(text).is_dir():
-        raise click.BadParameter(f"{text!r} is a directory; give the name of a file to write inside it",
-                                 param=param)
-    return Path(text)
+    if text is not None and (text.endswith(("/", os.sep)) or Path(text).is_dir()):
+        raise click.BadParameter(f"{text!r} is a directory; give the name of a file to write inside it", param=param)
+    return None if text is None else Path(text)
 
 
 def remote_options(fn):
@@ -476,32 +473,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=args, prog_name="tfcompile", standalone_mode=False)
     except TfcompileError as exc:
-        _print_error(str(exc))
-        return EXIT_USER_ERROR
+        return _error(str(exc), EXIT_USER_ERROR)
     except click.ClickException as exc:
         # click would print the usage block, a blank line and the error: one line says it all.
-        _print_error(exc.format_message() + _help_hint(exc))
-        return EXIT_USER_ERROR
+        context = getattr(exc, "ctx", None)
+        return _error(exc.format_message() + (f" (see `{context.command_path} --help`)" if context else ""),
+                      EXIT_USER_ERROR)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _print_error("interrupted")
-        return EXIT_INTERRUPTED
+        return _error("interrupted", EXIT_INTERRUPTED)
     except Exception as exc:  # a bug, not the input: say so in one line, traceback on request
         if debug:
             raise
-        _print_error(f"internal error: {type(exc).__name__}: {first_line(exc)} (a bug in tfcompile, not in your "
-                     f"input; rerun as `tfcompile {DEBUG_FLAG} ...` for the traceback and report it)")
-        return EXIT_INTERNAL_ERROR
+        return _error(f"internal error: {type(exc).__name__}: {first_line(exc)} (a bug in tfcompile, not in your "
+                      f"input; rerun as `tfcompile {DEBUG_FLAG} ...` for the traceback and report it)",
+                      EXIT_INTERNAL_ERROR)
     return 0
 
 
-def _print_error(message: str) -> None:
+def _error(message: str, status: int) -> int:
     one_line = " ".join(message.split())  # messages quoting torch or a file may carry newlines
     err_console.print(f"error: {one_line}", markup=False, highlight=False, soft_wrap=True)
-
-
-def _help_hint(exc: click.ClickException) -> str:
-    context = getattr(exc, "ctx", None)
-    return f" (see `{context.command_path} --help`)" if context is not None else ""
+    return status
 
 
 if __name__ == "__main__":
