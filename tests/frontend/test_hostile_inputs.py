@@ -238,11 +238,12 @@ def test_target_is_a_name_not_a_path(target, tmp_path, capsys):
 
 def test_target_path_to_a_valid_device_file_is_refused(tmp_path, capsys):
     """A well-formed TOML outside the device folder is refused too: it is never read."""
-    from tfcompile.cost_models.device import _devices_dir
+    from tfcompile.cost_models.device import device_file
 
     crafted = tmp_path / "mine.toml"
     crafted.write_text(_device_toml())
-    relative = Path("../" * len(_devices_dir().resolve().parts)) / str(crafted.with_suffix("")).lstrip("/")
+    devices = device_file("cpu").resolve().parent
+    relative = Path("../" * len(devices.parts)) / str(crafted.with_suffix("")).lstrip("/")
     code, lines, _ = run_cli(capsys, "calibrate", "--target", str(relative), "-o", tmp_path / "p.json")
     assert code == EXIT_USER_ERROR and len(lines) == 1 and "unknown target" in lines[0]
     assert not (tmp_path / "p.json").exists()
