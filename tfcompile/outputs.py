@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from tfcompile.errors import InvalidOptionError
+
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
@@ -44,3 +46,15 @@ def atomic_write_text(final: Path, text: str) -> None:
 def atomic_write_bytes(final: Path, data: bytes) -> None:
     with atomic_path(final) as tmp:
         tmp.write_bytes(data)
+
+
+def check_output_dir(path: Path, option: str = "-o") -> None:
+    """Refuse, before any work, a directory that cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidOptionError(f"{option} {path}: is a file, not a directory; name a directory for the outputs")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InvalidOptionError(f"{option} {path}: {existing} is a file, so no directory can be made below it")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidOptionError(f"{option} {path}: {existing} is not writable")

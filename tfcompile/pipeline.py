@@ -20,10 +20,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from tfcompile.errors import TfcompileError
+from tfcompile.errors import InvalidOptionError, TfcompileError
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph
 from tfcompile.optimize import OptimizeResult, OptimizeSettings, optimize
+from tfcompile.outputs import check_output_dir
 from tfcompile.passes import Workload, check_pipeline, get_pass
 from tfcompile.report import write_report
 
@@ -76,7 +77,7 @@ def optimize_model(model: str, output_dir: Path | str, *, target: str = "cpu", b
                                 backend=backend, repeat=repeat,
                                 workload=Workload(lengths=tuple(int(n) for n in lengths) if lengths else None),
                                 remote=remote)
-    _check_settings(settings, quantize, load)
+    _check_settings(settings, quantize, load, output_dir)
     progress("loading model")
     graph = load_model(model, load)
     if settings.workload.lengths:
@@ -103,9 +104,16 @@ def optimize_model(model: str, output_dir: Path | str, *, target: str = "cpu", b
     return OptimizeOutcome(result, graph, export, output_dir / "report.json", output_dir / "model.onnx")
 
 
-def _check_settings(settings: OptimizeSettings, quantize: str, load: LoadOptions) -> None:
+def _check_settings(settings: OptimizeSettings, quantize: str, load: LoadOptions, output_dir: Path) -> None:
     """Every option that cannot work fails here, before the model is loaded."""
     settings.context()  # an unknown target or an unreadable profile
+    if not 0.0 <= settings.budget <= 1.0:  # NaN fails this too
+        raise InvalidOptionError(f"--budget {settings.budget}: a quality figure between 0 and 1 (e.g. 0.99)")
+    if settings.repeat < 1:
+        raise InvalidOptionError(f"--repeat {settings.repeat}: at least one timed run")
+    if settings.measure_top < 0:
+        raise InvalidOptionError(f"--measure-top {settings.measure_top}: zero or more variants")
+    check_output_dir(output_dir)
     if quantize not in QUANTIZE_MODES:
         raise TfcompileError(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
     if settings.remote is not None and not settings.measure:

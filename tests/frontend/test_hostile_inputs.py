@@ -306,6 +306,30 @@ def test_options_out_of_range(args, match, tmp_path, capsys):
                    output=out)
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--budget", "2.0"], "--budget"),
+    (["--budget", "-1"], "--budget"),
+    (["--budget", "nan"], "--budget"),
+    (["--repeat", "0"], "--repeat"),
+    (["--measure-top", "-1"], "--measure-top"),
+])
+def test_optimize_values_out_of_range(args, match, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert_refused(run_cli(capsys, "optimize", "tests.tiny:bert", *args, "-o", out), match=match,
+                   marker=tmp_path / MARKER, output=out)
+
+
+def test_optimize_output_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    existing = tmp_path / "report-here"
+    existing.write_text("earlier output")
+    code, lines, everything = run_cli(capsys, "optimize", "tests.tiny:bert", "-o", existing)
+    assert code == EXIT_USER_ERROR and len(lines) == 1 and "is a file" in lines[0], everything
+    assert existing.read_text() == "earlier output"
+    below = existing / "out"
+    code, lines, everything = run_cli(capsys, "optimize", "tests.tiny:bert", "-o", below)
+    assert code == EXIT_USER_ERROR and len(lines) == 1 and "no directory can be made" in lines[0], everything
+
+
 def test_absurd_input_shape_is_refused_before_allocating(clean_pt2, tmp_path, capsys):
     out = tmp_path / "out"
     result = run_cli(capsys, "optimize", clean_pt2, "--input-shape", "x=1000000x1000000000:float32", "-o", out)
