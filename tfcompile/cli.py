@@ -257,7 +257,8 @@ def _int_list(text: str, option: str) -> list[int]:
 @cli.command()
 @click.option("--target", "-t", default="cpu", show_default=True, help="Only this host (cpu) can be measured here.")
 @click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
-@click.option("--repeat", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs per micro-benchmark.")
+@click.option("--repeat", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per micro-benchmark.")
 @click.option("--output", "-o", "output_path", type=click.Path(), default=None, callback=_file_output,
               help="Profile file (default: the profile directory, $TFCOMPILE_PROFILE_DIR or ~/.cache/tfcompile).")
 @remote_options
@@ -316,10 +317,8 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
 def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_count, output_dir, seed, remote,
             device_key):
     """Predicted against measured latency for every variant of MODEL."""
-    from tfcompile.compare import lowest_of_passes, measure_and_predict, score, write_outputs
+    from tfcompile.compare import builtin_variant_graphs, lowest_of_passes, measure_and_predict, score, write_outputs
     from tfcompile.cost_models.model import cost_model_for
-    from tfcompile.frontend import LoadOptions, load_model
-    from tfcompile.variants import BUILTIN_VARIANTS, build_variant
 
     cost_model_for(target)  # an unknown target fails before anything else
     remote_spec, backend = _remote_spec(remote, device_key, backend)
@@ -330,21 +329,12 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
     if cost_model.kind != "calibrated":
         console.print(f"[yellow]no calibration profile for {target}/{backend}: run `tfcompile calibrate --target "
                       f"{target} --backend {backend}`; showing uncalibrated predictions only[/yellow]")
-    graphs = []
-    shape_of = {}  # variants of one shape are timed round-robin
     with console.status("building variants") as status:
-        for batch in _int_list(batches, "--batches"):
-            for seq in _int_list(seqs, "--seqs"):
-                original = load_model(model, LoadOptions(batch=batch, seq=seq, seed=seed))
-                for spec in BUILTIN_VARIANTS:
-                    variant = build_variant(original, spec)
-                    variant.graph.name = f"{original.name} b{batch} s{seq} {spec.name}"
-                    graphs.append(variant.graph)
-                    shape_of[id(variant.graph)] = (batch, seq)
+        graphs = builtin_variant_graphs(model, _int_list(batches, "--batches"), _int_list(seqs, "--seqs"), seed)
         rows = lowest_of_passes([
             measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
                                 progress=lambda m, i=i: status.update(f"pass {i + 1}/{pass_count}: {m}"),
-                                remote=remote_spec, group_key=lambda graph: shape_of[id(graph)])
+                                remote=remote_spec, group_key=lambda graph: graph.name.rsplit(" ", 1)[0])
             for i in range(pass_count)])
     scores = score(rows)
     table = Table(title=f"{model}: predicted vs measured on {target}/{remote_spec.label if remote_spec else backend}")

@@ -62,6 +62,24 @@ def measure_and_predict(graphs: list[ModelGraph], *, cost_model: CostModel, repe
     return rows
 
 
+def builtin_variant_graphs(model: str, batches: list[int], seqs: list[int], seed: int = 0) -> list[ModelGraph]:
+    """The built-in variants of ``model`` at every batch x sequence shape, one shape after another.
+
+    Named "MODEL bB sS VARIANT", so that the name less its last word identifies the shape."""
+    from tfcompile.frontend import LoadOptions, load_model
+    from tfcompile.variants import BUILTIN_VARIANTS, build_variant
+
+    graphs = []
+    for batch in batches:
+        for seq in seqs:
+            original = load_model(model, LoadOptions(batch=batch, seq=seq, seed=seed))
+            for spec in BUILTIN_VARIANTS:
+                variant = build_variant(original, spec)
+                variant.graph.name = f"{original.name} b{batch} s{seq} {spec.name}"
+                graphs.append(variant.graph)
+    return graphs
+
+
 def lowest_of_passes(passes: list[list[ComparisonRow]]) -> list[ComparisonRow]:
     """Per variant (by name, in the first pass's order), the row with the lowest measured median.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 import random
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import torch
 
 from tfcompile.cli import main
 from tfcompile.frontend import LoadOptions, load_model
-from tests.frontend.hostile import (CONSTANTS_CONFIG, WEIGHTS_CONFIG, Pt2Edit, TinyNet, pickle_payload,
+from tests.frontend.hostile import (WEIGHTS_CONFIG, Pt2Edit, pickle_payload,
                                     pt2_cases, replace_members, save_clean_pt2, torch_save_payload)
 
 EXIT_USER_ERROR = 2

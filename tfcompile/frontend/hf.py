@@ -9,7 +9,6 @@ Nothing here touches the network: directories are read with
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import pickle
 from pathlib import Path

@@ -461,8 +461,8 @@ def _check_callable(path: Path, target: Any, allowed_functions: frozenset) -> No
         namespace = schema_name.split("::", 1)[0]
         if namespace in OPERATOR_NAMESPACES and schema_name not in FILE_OPERATORS:
             return
-        raise ModelLoadError(f"{path}: the graph calls {schema_name}, which tfcompile does not run "
-                             f"({'it reads or writes files' if schema_name in FILE_OPERATORS else 'not an aten or prims operator'})")
+        why = "it reads or writes files" if schema_name in FILE_OPERATORS else "not an aten or prims operator"
+        raise ModelLoadError(f"{path}: the graph calls {schema_name}, which tfcompile does not run ({why})")
     try:
         if target in allowed_functions:
             return

@@ -72,7 +72,8 @@ ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in [
         ZooEntry("gpt2-small", "GPT-2 small (124M), seeded random weights, logits", _gpt2, "decoder"),
-        ZooEntry("bert-base", "BERT-base uncased (110M, Post-LN), seeded random weights, hidden states", _bert, "encoder"),
+        ZooEntry("bert-base", "BERT-base uncased (110M, Post-LN), seeded random weights, hidden states", _bert,
+                 "encoder"),
         ZooEntry("vit-base", "ViT-B/16 224px classifier (86M), seeded random weights, logits", _vit, "vision"),
         ZooEntry("llama-tiny", "Llama (RMSNorm, RoPE, GQA, SwiGLU; 4 layers, d=256), seeded weights, logits",
                  _llama, "decoder"),
