@@ -73,10 +73,23 @@ def test_pickle_without_flag(tmp_path):
     assert_clean_failure(result, "--trust-pickle", out)
 
 
+@pytest.mark.slow  # builds full-size gpt2-small first; twin: test_shape_that_does_not_fit_a_tiny_model
 def test_shape_that_does_not_fit(tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(tfcompile("optimize", "gpt2-small", "--seq", "5000", "-o", str(out)),
                          "exceeds the model's 1024 positions", out)
+
+
+def test_shape_that_does_not_fit_a_tiny_model(tmp_path, capsys):
+    """Fast twin of test_shape_that_does_not_fit: a 2-layer GPT-2 directory (128 positions), in this process."""
+    from tfcompile.cli import main
+
+    tiny_module("gpt2-small").model.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "out"
+    assert main(["optimize", str(tmp_path / "gpt2"), "--seq", "5000", "-o", str(out)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "exceeds the model's 128 positions" in lines[0]
+    assert not out.exists()
 
 
 def test_existing_output_survives_a_failed_run(tmp_path):
@@ -142,6 +155,7 @@ def test_unknown_pass_is_a_clean_error(tmp_path):
                          "unknown pass 'warp_drive'", out)
 
 
+@pytest.mark.slow  # the whole micro-benchmark suite, two CLI subprocesses; twin: ..._in_process
 def test_calibrate_then_compare(tmp_path):
     env_dir = tmp_path / "profiles"
     profile = env_dir / "cpu-torch.json"
@@ -155,6 +169,27 @@ def test_calibrate_then_compare(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "compare.json").read_text())
     assert len(report["variants"]) == 6
+    assert {"calibrated", "roofline", "flops_only"} <= set(report["scores"])
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_then_compare_in_process(tmp_path, monkeypatch):
+    """Fast twin of test_calibrate_then_compare: the same commands in this process, on every 4th micro-benchmark."""
+    from tfcompile.cli import main
+    from tfcompile import calibrate as microbench
+
+    suite = microbench.default_suite()[::4]
+    monkeypatch.setattr(microbench, "default_suite", lambda: suite)
+    profile = tmp_path / "profiles" / "cpu-torch.json"
+    assert main(["calibrate", "--backend", "torch", "--repeat", "3", "-o", str(profile)]) == 0
+    data = json.loads(profile.read_text())
+    assert data["version"] == 1 and data["backend"] == "torch"
+    assert [s["name"] for s in data["samples"]] == [b.name for b in suite]
+    out = tmp_path / "cmp"
+    assert main(["compare", "tests.tiny:bert", "--backend", "torch", "--profile", str(profile), "--seqs", "16",
+                 "--repeat", "3", "--passes", "2", "-o", str(out)]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert len(report["variants"]) == 3
     assert {"calibrated", "roofline", "flops_only"} <= set(report["scores"])
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -205,10 +240,24 @@ def test_quantization_below_budget_writes_nothing(tmp_path):
     assert_clean_failure(result, "below --budget", out)
 
 
+@pytest.mark.slow  # a search of full-size minilm; twin: test_lengths_make_padding_removal_win_on_a_tiny_encoder
 def test_lengths_make_padding_removal_win(tmp_path):
     out = tmp_path / "out"
     result = tfcompile("optimize", "minilm", "--batch", "3", "--seq", "32", "--lengths", "32,7,19", "-o", str(out))
     assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    best = next(v for v in report["variants"] if v["name"] == report["best"])
+    assert "remove_padding" in best["passes"] and best["max_rel_err"] <= 1e-5
+    assert report["settings"]["lengths"] == [32, 7, 19]
+
+
+def test_lengths_make_padding_removal_win_on_a_tiny_encoder(tmp_path):
+    """Fast twin of the minilm run above: a 2-layer, hidden-64 mean-pooled BERT, the CLI in this process."""
+    from tfcompile.cli import main
+
+    out = tmp_path / "out"
+    assert main(["optimize", "tests.tiny:mean_pooled_bert", "--batch", "3", "--seq", "32", "--lengths", "32,7,19",
+                 "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     best = next(v for v in report["variants"] if v["name"] == report["best"])
     assert "remove_padding" in best["passes"] and best["max_rel_err"] <= 1e-5

@@ -63,3 +63,23 @@ def lowrank_ffn():
     """Factory for `tfcompile optimize tests.tiny:lowrank_ffn --input-shape x=BxTxD:float32`."""
     torch.manual_seed(0)
     return LowRankFfnBlock()
+
+
+class MeanPooledBert(torch.nn.Module):
+    """Tiny BERT with masked mean pooling: a sentence encoder shaped like minilm, at test size."""
+
+    input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_module("bert-base").model  # `model.config` gives the loader the vocabulary size
+
+    def forward(self, input_ids, attention_mask):
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).float()
+        return ((states * weights).sum(1) / weights.sum(1),)
+
+
+def mean_pooled_bert():
+    """Factory for `tfcompile optimize tests.tiny:mean_pooled_bert --batch B --seq T` (inputs from the options)."""
+    return MeanPooledBert()

@@ -54,6 +54,7 @@ def _all_gone(pids: set[int], timeout_s: float = 10.0) -> list[int]:
     return alive
 
 
+@pytest.mark.slow  # four TVM builds and a tracker with two servers; twin: test_one_variant_through_..._one_server
 def test_four_variants_through_tracker_and_two_servers_match_local(tmp_path):
     # One layer of tiny BERT: compiling four variants is most of this test's time.
     graph = load_model("bert-base", LoadOptions(batch=1, seq=64, config_overrides={
@@ -102,6 +103,32 @@ def test_four_variants_through_tracker_and_two_servers_match_local(tmp_path):
     print("remote vs local median ms:", summary)
     for name, (remote_ms, local_ms) in summary.items():
         assert 1 / NOISE_FACTOR <= remote_ms / local_ms <= NOISE_FACTOR, (name, summary)
+
+
+def test_one_variant_through_tracker_and_one_server_matches_torch(tmp_path):
+    """Fast twin of the test above: one small linear+GELU graph, timed by a tracker's only server."""
+    import torch
+
+    from tfcompile.graph import export_module as trace_module
+
+    torch.manual_seed(0)
+    graph = trace_module(torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU()), (torch.randn(1, 16, 64),),
+                         name="linear-gelu")
+    with local_rpc(servers=1, key="tfcompile-twin", threads=1, wait=False) as rpc:
+        library = export_module(compile_graph(graph), tmp_path / "baseline.so")  # while the servers start
+        rpc.wait_ready()
+        started = rpc.group_pids()
+        assert len(started) >= 2  # tracker and server
+        assert len(servers_for(rpc.remote)) == 1
+        results = measure_artifacts([RemoteArtifact("baseline", library, graph.example_inputs)], rpc.remote,
+                                    repeat=3)
+        started |= rpc.group_pids()
+    assert _all_gone(started) == [], "processes left running after local_rpc"
+    assert list(results) == ["baseline"]
+    result = results["baseline"]
+    assert compare_outputs(graph.run(), result.outputs, graph.output_names).max_rel_err < 1e-4
+    assert result.measurement.backend == "tvm@tfcompile-twin" and len(result.measurement.samples_s) == 3
+    assert result.measurement.median_s > 0
 
 
 def test_unreachable_tracker_fails_fast_with_one_line():

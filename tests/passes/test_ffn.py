@@ -225,6 +225,7 @@ def test_block_dense_form_and_its_premerge():
     assert_rewrite_preserves(structured, "premerge_ffn", rel_tol=FP32_TOL)
 
 
+@pytest.mark.slow  # SVDs of full-size minilm at three ranks; the tiny-model tests above cover structure_ffn
 def test_minilm_quality_with_real_weights():
     graph = _minilm()
     reference = graph.run()

@@ -87,6 +87,7 @@ def test_flops_follow_the_kept_tokens(minilm):
     assert pruned.run(minilm.example_inputs)[0].shape == minilm.run()[0].shape
 
 
+@pytest.mark.slow  # full-size minilm on 32 sentences; twin: test_quality_figure_on_a_tiny_encoder
 def test_quality_on_real_sentences_falls_with_the_keep_ratio(minilm, sentences):
     batches = batched(sentences, 8)
     assert len(batches) == 4
@@ -162,6 +163,7 @@ def test_refuses_bad_knobs(minilm):
     assert not outcome.applied and "cannot be pruned" in outcome.reason
 
 
+@pytest.mark.slow  # exports full-size minilm; twin: test_pruned_tiny_bert_runs_in_ort
 def test_onnx_export_runs_in_ort_and_matches_torch(minilm, tmp_path):
     from tfcompile.backends.runner import lower
 
@@ -247,6 +249,7 @@ def test_merge_keeps_the_pooled_mass_on_identical_tokens():
     assert not torch.allclose(dropped.run()[0], reference, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow  # full-size minilm on 32 sentences; twin: test_quality_figure_on_a_tiny_encoder
 def test_merge_raises_quality_on_real_sentences(minilm, sentences):
     batches = batched(sentences, 8)
     reference = outputs_on(minilm, batches)
@@ -258,6 +261,7 @@ def test_merge_raises_quality_on_real_sentences(minilm, sentences):
     assert quality[True] >= quality[False] + 0.05
 
 
+@pytest.mark.slow  # exports full-size minilm; twin: test_merged_tiny_encoder_runs_in_ort
 def test_merge_onnx_export_runs_in_ort_and_matches_torch(minilm, sentences, tmp_path):
     from tfcompile.backends import ort  # what lower(graph, "ort", ...) runs, on one thread here
     from tfcompile.verify import compare_outputs
@@ -279,3 +283,57 @@ def test_merge_without_mean_pooling_applies_to_tiny_vit():
     exact = clone(graph)
     prune_graph(exact, {0: 17}, **KNOBS, **MERGE)
     assert (exact.run(graph.example_inputs)[0] - graph.run()[0]).abs().max().item() <= 1e-5
+
+
+# -- fast twins of the minilm tests marked slow -----------------------------------------------------
+
+
+def _cls_bert():
+    ids = torch.randint(5, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    return export_module(_ClsBert(), (ids, torch.ones_like(ids)), name="bert-cls",
+                         input_names=["input_ids", "attention_mask"])
+
+
+def test_pruned_tiny_bert_runs_in_ort(tmp_path):
+    """Fast twin of test_onnx_export_runs_in_ort_and_matches_torch: 2-layer, hidden-64 BERT."""
+    from tfcompile.backends.runner import lower
+
+    pruned, _ = _prune(_cls_bert(), keep_ratio=0.6, layers=[0])
+    lowered = lower(pruned, "ort", tmp_path)
+    reference = pruned.run()[0]
+    assert (torch.as_tensor(lowered.outputs[0]) - reference).abs().max().item() <= 1e-4
+
+
+def _sum_pooled(batch=4):
+    ids = torch.randint(0, 20, (batch, 12), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(12) < torch.tensor([12, 9, 5, 3] * (batch // 4)).unsqueeze(1)).long()
+    return export_module(_SumPooled(), (ids, mask), name="sum-pooled", input_names=["input_ids", "attention_mask"])
+
+
+def test_merged_tiny_encoder_runs_in_ort(tmp_path):
+    """Fast twin of test_merge_onnx_export_runs_in_ort_and_matches_torch, on the 3-layer toy encoder."""
+    from tfcompile.backends import ort
+    from tfcompile.verify import compare_outputs
+
+    graph = _sum_pooled()
+    pruned, _ = _prune(graph, keep_ratio=[0.7, 0.7], layers=[0, 1], **MERGE)
+    model = ort.OrtModel(ort.export_onnx(pruned, tmp_path / "merged.onnx"), threads=1, spinning=False)
+    ids = torch.randint(0, 20, (4, 12), generator=torch.Generator().manual_seed(2))
+    other = (ids, (torch.arange(12) < torch.tensor([4, 12, 7, 10]).unsqueeze(1)).long())
+    for inputs in (pruned.example_inputs, other):
+        got = tuple(torch.as_tensor(o) for o in model.run(inputs))
+        assert compare_outputs(pruned.run(inputs), got).max_abs_err <= 1e-4
+
+
+def test_quality_figure_on_a_tiny_encoder():
+    """Fast twin of the two quality tests on real sentences: the same figure, on the 3-layer toy encoder."""
+    graph = _sum_pooled()
+    ids = torch.randint(0, 20, (8, 12), generator=torch.Generator().manual_seed(3))
+    batches = batched((ids, (torch.arange(12) < torch.tensor([12, 9, 5, 3] * 2).unsqueeze(1)).long()), 4)
+    assert len(batches) == 2
+    reference = outputs_on(graph, batches)
+    assert mean_cosine(reference, reference) == pytest.approx(1.0)
+    for merge in (False, True):
+        pruned, _ = _prune(graph, keep_ratio=[0.6, 0.6], layers=[0, 1], merge=merge)
+        quality = mean_cosine(reference, outputs_on(pruned, batches))
+        assert -1 <= quality < 1

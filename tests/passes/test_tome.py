@@ -81,6 +81,7 @@ def test_merging_exact_twins_is_exact():
     assert not torch.allclose(unweighted.run()[0], graph.run()[0], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow  # full-size minilm on 32 sentences; twin: test_merging_every_layer_of_a_tiny_encoder
 def test_flops_fall_and_quality_stays_high_on_real_sentences(minilm):
     sentences = encode_sentences(english_sentences(32, offset=100), 32)
     batches = batched(sentences, 8)
@@ -107,6 +108,7 @@ def test_refusals_name_the_reason(minilm):
     assert not outcome.applied and "nothing to merge" in outcome.reason
 
 
+@pytest.mark.slow  # exports full-size minilm merged at six layers; twin: test_merging_every_layer_of_a_tiny_encoder
 def test_onnx_export_runs_in_ort_and_matches_torch(minilm, tmp_path):
     from tfcompile.backends import ort
 
@@ -118,3 +120,26 @@ def test_onnx_export_runs_in_ort_and_matches_torch(minilm, tmp_path):
         got = torch.as_tensor(model.run(inputs)[0])
         assert (got - merged.run(inputs)[0]).abs().max().item() <= 1e-4
     assert clone(merged).run(other)[0].shape == minilm.run(other)[0].shape
+
+
+def test_merging_every_layer_of_a_tiny_encoder(tmp_path):
+    """Fast twin of the two minilm tests above: FLOPs, the quality figure and ONNX Runtime, on the 3-layer toy."""
+    from tfcompile.backends import ort
+
+    graph = _duplicates_graph()
+    merged, outcome = apply_pass(graph, "merge_tokens", r=2)
+    assert outcome.applied, outcome.reason
+    assert list(outcome.record.tokens) == [16, 14, 12, 10]
+    device = load_device("cpu")
+    assert estimate(merged, device).flops < estimate(graph, device).flops
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 40, (4, 16), generator=gen)
+    ids[:, 0] = 1
+    other = (ids, torch.ones_like(ids))
+    batches = batched((torch.cat([graph.example_inputs[0], ids[:2]]), torch.ones(4, 16, dtype=torch.int64)), 2)
+    quality = mean_cosine(outputs_on(graph, batches), outputs_on(merged, batches))
+    assert 0 < quality <= 1
+    model = ort.OrtModel(ort.export_onnx(merged, tmp_path / "merged.onnx"), threads=1, spinning=False)
+    for inputs in (merged.example_inputs, tuple(t[:2] for t in other)):
+        got = torch.as_tensor(model.run(inputs)[0])
+        assert (got - merged.run(inputs)[0]).abs().max().item() <= 1e-4
