@@ -74,24 +74,18 @@ def clone(graph: ModelGraph, name: str | None = None) -> ModelGraph:
     return dataclasses.replace(graph, name=name or graph.name, gm=new_gm, info=dict(graph.info))
 
 
-def export_module(
-    module: torch.nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
-    *,
-    name: str,
-    input_names: list[str] | None = None,
-    output_names: list[str] | None = None,
-    info: dict[str, Any] | None = None,
-) -> ModelGraph:
-    """Trace ``module`` with torch.export and keep the unlifted GraphModule."""
+def export_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *, name: str,
+                  **names_and_info: Any) -> ModelGraph:
+    """Trace ``module`` with torch.export and keep the unlifted GraphModule.
+
+    ``names_and_info``: ``input_names``, ``output_names``, ``info``, as ``from_exported_program`` takes them."""
     module = module.eval()
     try:
         with torch.no_grad():
             program = torch.export.export(module, tuple(example_inputs), strict=False)
     except Exception as exc:  # torch raises many unrelated types while tracing
         raise TraceError(f"torch.export could not trace {name}: {type(exc).__name__}: {first_line(exc)}") from exc
-    return from_exported_program(program, example_inputs, name=name, input_names=input_names,
-                                 output_names=output_names, info=info)
+    return from_exported_program(program, example_inputs, name=name, **names_and_info)
 
 
 def from_exported_program(

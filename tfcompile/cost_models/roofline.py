@@ -43,10 +43,6 @@ class CostEstimate:
     bytes_moved: float
     kernels: tuple[KernelEstimate, ...]
 
-    @property
-    def latency_ms(self) -> float:
-        return self.latency_s * 1e3
-
 
 def score_traffic_bytes(node, device: DeviceSpec) -> float:
     """DRAM traffic of an unfused attention's score tensor, when it does not fit in cache."""

@@ -50,6 +50,13 @@ class PassRefused(Exception):
         return str(self)
 
 
+def found_or_refuse(found, reason: str):
+    """``found`` when it is not empty; otherwise the pass refuses with ``reason``."""
+    if not found:
+        raise PassRefused(reason)
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class PassResult:
     graph: ModelGraph

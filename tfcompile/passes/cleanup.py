@@ -19,7 +19,7 @@ import torch.fx
 
 from tfcompile import structure
 from tfcompile.graph import ModelGraph
-from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, found_or_refuse, register_pass
 from tfcompile.passes.context import PassContext
 
 aten = torch.ops.aten
@@ -47,10 +47,8 @@ def _is_identity(node: torch.fx.Node) -> bool:
 
 
 def _plan_identity(graph: ModelGraph, context: PassContext) -> list[torch.fx.Node]:
-    found = [n for n in graph.call_nodes() if _is_identity(n) or n.target in IMPURE_NOOPS]
-    if not found:
-        raise PassRefused("no identity ops (eval dropout, alias, no-op casts) in the graph")
-    return found
+    return found_or_refuse([n for n in graph.call_nodes() if _is_identity(n) or n.target in IMPURE_NOOPS],
+                           "no identity ops (eval dropout, alias, no-op casts) in the graph")
 
 
 @register_pass("remove_identity_ops", Exactness.EXACT, "drop eval-mode dropout, aliases and no-op casts",
@@ -95,9 +93,7 @@ def _plan_fold(graph: ModelGraph, context: PassContext) -> list[torch.fx.Node]:
             if value is None or value.numel() == 0:
                 continue
             roots.append(node)
-    if not roots:
-        raise PassRefused("no subgraph independent of input values")
-    return roots
+    return found_or_refuse(roots, "no subgraph independent of input values")
 
 
 def _read_bytes(node: torch.fx.Node, graph: ModelGraph) -> int:

@@ -38,7 +38,7 @@ import torch.fx
 
 from tfcompile.graph import ModelGraph, fetch_attr
 from tfcompile import structure
-from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, found_or_refuse, register_pass
 from tfcompile.passes.context import PassContext
 
 aten = torch.ops.aten
@@ -72,10 +72,8 @@ def _problem(problems: list[str]) -> str:
 # --------------------------------------------------------------------------- fuse_norm
 
 def _plan_fuse(graph: ModelGraph, context: PassContext) -> list[structure.DecomposedNorm]:
-    found = structure.decomposed_norms(graph)
-    if not found:
-        raise PassRefused("no RMSNorm/LayerNorm written out as arithmetic (mean/pow/rsqrt) over the last axis")
-    return found
+    return found_or_refuse(structure.decomposed_norms(graph),
+                           "no RMSNorm/LayerNorm written out as arithmetic (mean/pow/rsqrt) over the last axis")
 
 
 @register_pass("fuse_norm", Exactness.EXACT,

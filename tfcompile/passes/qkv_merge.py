@@ -20,7 +20,7 @@ import torch
 
 from tfcompile import structure
 from tfcompile.graph import ModelGraph
-from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.base import Exactness, PassResult, Stage, found_or_refuse, register_pass
 from tfcompile.passes.context import PassContext
 
 aten = torch.ops.aten
@@ -41,9 +41,8 @@ def _plan(graph: ModelGraph, context: PassContext) -> list[list[structure.Linear
         if len({s.weight(graph).shape[1] for s in sites}) != 1:
             continue
         groups.append(sites)
-    if not groups:
-        raise PassRefused("no two linear layers read the same tensor (projections are already fused or absent)")
-    return groups
+    return found_or_refuse(groups,
+                           "no two linear layers read the same tensor (projections are already fused or absent)")
 
 
 @register_pass("merge_qkv_projections", Exactness.EXACT,

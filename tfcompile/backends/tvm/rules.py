@@ -124,14 +124,19 @@ class Rule:
         raise NotImplementedError
 
 
+def _schedule_of(func: tirx.PrimFunc):
+    """A fresh schedule of ``func`` and its normalised blocks (None when TVM cannot normalise them)."""
+    sch = s_tir.Schedule(func)
+    return sch, normalize_prim_func(sch)
+
+
 class Injective(Rule):
     """Every block spatial: one flattened, vectorised, parallel loop per remaining block."""
 
     name = "injective"
 
     def apply(self, func, target):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = _schedule_of(func)
         if not infos or not all(info.is_injective() for info in infos):
             return None
         last = infos[-1].block_rv
@@ -147,8 +152,7 @@ class RowReduction(Rule):
     name = "row-reduction"
 
     def apply(self, func, target):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = _schedule_of(func)
         if not infos or all(info.is_injective() for info in infos):
             return None
         kinds = [info.dom_kind() for info in infos]
@@ -280,8 +284,7 @@ class Matmul(Rule):
     name = "matmul"
 
     def apply(self, func, target):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = _schedule_of(func)
         if not infos:
             return None
         reductions = [info for info in infos if not info.is_injective()]

@@ -20,23 +20,13 @@ from torch.fx.node import map_arg
 
 from tfcompile import structure
 from tfcompile.graph import ModelGraph
-from tfcompile.passes.padding.batch import PaddedBatch
 from tfcompile.passes.padding.geometry import Geometry
 from tfcompile.passes.padding.layout import (
     REDUCTIONS, Layout, broadcast_shape, packed_shape, padded_token_sizes, token_dims,
 )
-from tfcompile.passes.padding.token_rules import Rule, Step, TokenPlan, input_layout
+from tfcompile.passes.padding.token_rules import PackingPlan, Rule, Step, TokenPlan, input_layout
 
 aten = torch.ops.aten
-
-
-@dataclasses.dataclass(frozen=True)
-class PackingPlan:
-    """What remove_padding and prepack rewrite: the batch, where its tokens go, and each op's rule."""
-
-    batch: PaddedBatch
-    geometry: Geometry
-    tokens: TokenPlan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,6 +98,15 @@ def input_layout(node: torch.fx.Node) -> Layout:
     return Layout(structure.shape_of(node), (0, 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class PackingPlan:
+    """What remove_padding and prepack rewrite: the batch, where its tokens go, and each op's rule."""
+
+    batch: PaddedBatch
+    geometry: Geometry
+    tokens: TokenPlan
+
+
 def plan_tokens(graph: ModelGraph, geometry: Geometry, batch: PaddedBatch) -> TokenPlan:
     """The rule of every node for ``geometry``; refuses (naming the node) when an op mixes tokens."""
     return _Planner(geometry, batch).plan(graph)
