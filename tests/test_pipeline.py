@@ -29,6 +29,6 @@ def test_optimize_model_reproduces_the_cli(tmp_path):
     cli_report = json.loads((cli_dir / "report.json").read_text())
     library_report = json.loads(outcome.report_path.read_text())
     assert _without_timings(library_report) == _without_timings(cli_report)
-    assert [v["measured_ms"] > 0 for v in library_report["variants"] if v["measured_ms"] is not None] == [True]
+    assert [v["measured_ms"] > 0 for v in library_report["variants"] if "measured_ms" in v] == [True]  # the baseline
     cli_model, library_model = onnx.load(cli_dir / "model.onnx"), onnx.load(outcome.onnx_path)
     assert library_model.graph.SerializeToString() == cli_model.graph.SerializeToString()
