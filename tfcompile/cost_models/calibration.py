@@ -21,6 +21,7 @@ import datetime
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +104,91 @@ class Profile:
         return json.dumps({"version": PROFILE_VERSION, **dataclasses.asdict(self)}, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str = "profile") -> "Profile":
+    def from_json(cls, text: str | bytes, source: str = "profile") -> "Profile":
+        """Parse and validate a saved profile: each missing, unknown or mistyped field is one clear error."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise TfcompileError(f"{source}: not a calibration profile (invalid JSON: {exc.msg})") from exc
-        if data.pop("version", None) != PROFILE_VERSION:
-            raise TfcompileError(f"{source}: calibration profile version is not {PROFILE_VERSION}; recalibrate")
-        return cls(**data)
+        except UnicodeDecodeError as exc:
+            raise TfcompileError(f"{source}: not a calibration profile (not UTF-8 text)") from exc
+        except RecursionError as exc:
+            raise TfcompileError(f"{source}: not a calibration profile (JSON nested too deeply)") from exc
+        if not isinstance(data, dict):
+            kind = {list: "an array", str: "a string", type(None): "null"}.get(type(data), "a number")
+            raise TfcompileError(f"{source}: not a calibration profile (JSON {kind}, not an object)")
+        version = data.get("version", "missing")
+        if type(version) is not int or version != PROFILE_VERSION:  # a JSON true equals 1 in Python
+            raise TfcompileError(f"{source}: calibration profile version is {_short(version)}, not "
+                                 f"{PROFILE_VERSION}; recalibrate")
+        return cls(**_ProfileFields(source, data).read())
+
+
+_MISSING = object()
+
+
+class _ProfileFields:
+    """Typed access to a profile's fields, naming the field and what it holds when it is wrong."""
+
+    def __init__(self, source: str, data: dict):
+        self.source, self.data = source, data
+
+    def _fail(self, key: str, expected: str, value: object = _MISSING) -> TfcompileError:
+        found = "missing" if value is _MISSING else f"{type(value).__name__} {_short(value)}"
+        return TfcompileError(f"{self.source}: calibration profile field {key} must be {expected}; found {found} "
+                              "(recalibrate with `tfcompile calibrate`)")
+
+    def number(self, key: str, value: object = _MISSING, *, required: bool = True) -> float:
+        value = self.data.get(key, _MISSING if required else 0.0) if value is _MISSING else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= sys.float_info.max:
+            raise self._fail(key, "a finite number >= 0", value)
+        return float(value)
+
+    def text(self, key: str, *, required: bool = True) -> str:
+        value = self.data.get(key, _MISSING if required else "")
+        if not isinstance(value, str) or (required and not value):
+            raise self._fail(key, "a non-empty string" if required else "a string", value)
+        return value
+
+    def per_class(self, key: str) -> dict[str, float]:
+        value = self.data.get(key, _MISSING)
+        if not isinstance(value, dict):
+            raise self._fail(key, f"an object of numbers per kernel class ({', '.join(CLASSES)})", value)
+        unknown = sorted(set(value) - set(CLASSES))
+        if unknown:
+            raise TfcompileError(f"{self.source}: calibration profile field {key} has unknown kernel class "
+                                 f"{_short(unknown[0])} (classes: {', '.join(CLASSES)})")
+        return {c: self.number(f"{key}.{c}", v) for c, v in value.items()}
+
+    def samples(self) -> list[dict]:
+        value = self.data.get("samples", [])
+        if not isinstance(value, list):
+            raise self._fail("samples", "a list", value)
+        for i, record in enumerate(value):
+            if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+                raise self._fail(f"samples[{i}]", "an object with name, measured_s and predicted_s", record)
+            for key in ("measured_s", "predicted_s"):
+                self.number(f"samples[{i}].{key}", record.get(key, _MISSING))
+        return value
+
+    def read(self) -> dict:
+        unknown = sorted(set(self.data) - {"version"} - {f.name for f in dataclasses.fields(Profile)})
+        if unknown:
+            raise TfcompileError(f"{self.source}: calibration profile has unknown field {unknown[0]!r} "
+                                 "(recalibrate with `tfcompile calibrate`)")
+        return {"target": self.text("target"), "backend": self.text("backend"),
+                "s_per_flop": self.per_class("s_per_flop"), "s_per_byte": self.per_class("s_per_byte"),
+                "kernel_overhead_s": self.number("kernel_overhead_s"),
+                "graph_overhead_s": self.number("graph_overhead_s"),
+                "created": self.text("created", required=False), "host": self.text("host", required=False),
+                "fit_mape": self.number("fit_mape", required=False),
+                "flops_only_s_per_flop": self.number("flops_only_s_per_flop", required=False),
+                "samples": self.samples()}
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def features(graph: ModelGraph, backend: str, target: str = "") -> np.ndarray:
@@ -167,7 +245,23 @@ def save_profile(profile: Profile, path: Path | None = None) -> Path:
 
 
 def load_profile(target: str, backend: str, path: Path | None = None) -> Profile | None:
-    path = path or profile_path(target, backend)
+    """The profile for (target, backend): at ``path`` if given, else the saved one (None if none was saved).
+
+    A profile fitted for another target or backend is refused: its coefficients describe another machine.
+    """
+    explicit, path = path is not None, Path(path or profile_path(target, backend))
     if not path.is_file():
+        if explicit or path.exists():
+            why = "not a file" if path.exists() else "no such file"
+            raise TfcompileError(f"{path}: no calibration profile there ({why})")
         return None
-    return Profile.from_json(path.read_text(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TfcompileError(f"{path}: cannot read the calibration profile: {exc.strerror or exc}") from exc
+    profile = Profile.from_json(data, str(path))
+    if (profile.target, profile.backend) != (target, backend):
+        raise TfcompileError(f"{path}: calibration profile for {profile.target}/{profile.backend}, not "
+                             f"{target}/{backend}; calibrate this pair with `tfcompile calibrate --target {target} "
+                             f"--backend {backend}`")
+    return profile
