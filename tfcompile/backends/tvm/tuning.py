@@ -94,21 +94,97 @@ def database_dir(target, root: str | os.PathLike | None = None) -> Path:
 
 
 def has_database(target, root: str | os.PathLike | None = None) -> bool:
-    """Whether ``tfcompile tune`` has written a database for ``target`` (under ``root``)."""
-    return _is_database(database_dir(target, root))
+    """Whether ``tfcompile tune`` has written a database for ``target`` (under ``root``).
+
+    A database that is there but damaged raises BackendError (``check_database``) rather than
+    answering False: compiling must not fall back to the rules without a word.
+    """
+    _check_root(root)
+    path = database_dir(target, root)
+    if not (path / WORKLOAD_FILE).exists():
+        return False
+    check_database(path)
+    return True
+
+
+def check_tuning_database(target, root: str | os.PathLike | None = None) -> None:
+    """BackendError, before any work, if the database for ``target`` under ``root`` is unusable."""
+    _check_root(root)
+    check_database(database_dir(target, root))
+
+
+def _check_root(root: str | os.PathLike | None) -> None:
+    root = Path(root or default_root())
+    if root.exists() and not root.is_dir():
+        raise BackendError(f"tvm: tuning database root {root} is a file; name a directory "
+                           f"(--database or ${DEFAULT_ROOT_ENV})")
 
 
 def _is_database(path: Path) -> bool:
-    return (path / "database_workload.json").is_file()
+    return (path / WORKLOAD_FILE).is_file()
+
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+
+
+def check_database(path: Path) -> None:
+    """Refuse a damaged or mistyped database before TVM reads it, naming the file, line and what is wrong.
+
+    The files are JSON lines in MetaSchedule's format: a workload is ``["<structural hash>", "<base64 IR>"]``;
+    a record is ``[<workload index>, [trace, run_secs, target, args_info]]``. ``rules.json`` maps a workload
+    hash to ``{"rules_s": seconds or null, "best_s": seconds or null}``. Missing files are an empty database.
+    """
+    if path.exists() and not path.is_dir():
+        raise _damaged(path, "is a file, not a directory")
+    workloads = 0
+    for number, line in _json_lines(path / WORKLOAD_FILE):
+        if not (isinstance(line, list) and len(line) == 2 and all(isinstance(x, str) for x in line)
+                and line[0].isdigit()):
+            raise _damaged(path / WORKLOAD_FILE, f"line {number} is not [\"<structural hash>\", \"<IR>\"]")
+        workloads += 1
+    for number, line in _json_lines(path / RECORD_FILE):
+        if not (isinstance(line, list) and len(line) == 2 and type(line[0]) is int
+                and isinstance(line[1], list) and len(line[1]) == 4):
+            raise _damaged(path / RECORD_FILE, f"line {number} is not [<workload index>, [trace, run_secs, "
+                                               "target, args_info]]")
+        if not 0 <= line[0] < workloads:
+            raise _damaged(path / RECORD_FILE, f"line {number} names workload {line[0]}; "
+                                               f"{WORKLOAD_FILE} has {workloads}")
+    _rules_timings(path)
+
+
+def _damaged(file: Path, what: str) -> BackendError:
+    return BackendError(f"tvm: tuning database {file}: {what}; delete it or tune again with `tfcompile tune`")
+
+
+def _json_lines(file: Path):
+    """(line number, value) for each non-empty line of a JSON-lines file (none if it does not exist)."""
+    if not file.exists():
+        return
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise _damaged(file, f"cannot be read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise _damaged(file, "is not UTF-8 text") from exc
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise _damaged(file, f"line {number} is not JSON") from exc
 
 
 def _open(path: Path):
     from tvm.s_tir import meta_schedule as ms
 
-    path.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(path_workload=str(path / "database_workload.json"),
-                                    path_tuning_record=str(path / "database_tuning_record.json"),
-                                    allow_missing=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return ms.database.JSONDatabase(path_workload=str(path / WORKLOAD_FILE),
+                                        path_tuning_record=str(path / RECORD_FILE), allow_missing=True)
+    except Exception as exc:
+        raise _damaged(path, f"TVM cannot read it ({one_line(exc)})") from exc
 
 
 def _workload(func: tirx.PrimFunc) -> tvm.IRModule:
@@ -125,11 +201,26 @@ def _workload_key(func: tirx.PrimFunc) -> str:
 
 
 def _rules_timings(path: Path) -> dict[str, dict]:
-    """Workload key -> {"rules_s", "best_s"} as the tuner measured them."""
-    try:
-        return json.loads((path / RULES_FILE).read_text())
-    except (OSError, ValueError):
+    """Workload key -> {"rules_s", "best_s"} as the tuner measured them ({} before the first tuning)."""
+    file = path / RULES_FILE
+    if not file.exists():
         return {}
+    try:
+        timings = json.loads(file.read_bytes())
+    except OSError as exc:
+        raise _damaged(file, f"cannot be read ({exc.strerror or exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise _damaged(file, "is not JSON") from exc
+    if not isinstance(timings, dict):
+        raise _damaged(file, "is not a JSON object of workload timings")
+    for key, timing in timings.items():
+        fields_ok = isinstance(timing, dict) and all(
+            timing.get(f) is None or (type(timing[f]) in (int, float) and 0 <= timing[f] < float("inf"))
+            for f in ("rules_s", "best_s"))
+        if not fields_ok:
+            raise _damaged(file, f"workload {key}: expected {{\"rules_s\": seconds or null, \"best_s\": seconds or "
+                                 f"null}}, found {json.dumps(timing)[:60]}")
+    return timings
 
 
 def _tuned_pays(timing: dict | None) -> bool:
@@ -146,13 +237,16 @@ class ApplyTuned:
         self.target = target
         self.path = database_dir(target, root)
         self.report = rules.ScheduleReport()
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        database = None
+        # Read here, in Python: an error inside tvm.compile would come out wrapped in TVM's own.
+        check_database(self.path)
+        self.database = None
         if _is_database(self.path):
             require_json_serialization()
-            database = _open(self.path)
-        timings = _rules_timings(self.path)
+            self.database = _open(self.path)
+        self.timings = _rules_timings(self.path)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        database, timings = self.database, self.timings
         mod = mod.clone()
         for gvar, func in list(mod.functions_items()):
             if not isinstance(func, tirx.PrimFunc):
@@ -289,6 +383,7 @@ def tune_graph(graph, *, target=None, root: str | os.PathLike | None = None, max
 
     started = time.perf_counter()
     target = target or host_target()
+    check_tuning_database(target, root)  # before minutes of tuning, not after
     path = database_dir(target, root)
     funcs = kernels_of(graph, target)
     chosen = {name: f for name, f in funcs.items() if kernels is None or name in kernels}
