@@ -168,13 +168,14 @@ def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10,
 def run_suite_remote(suite: list[MicroBenchmark], remote, *, repeat: int = 10, target_name: str | None = "cpu",
                      progress: Callable[[str], None] = lambda _: None) -> list[Sample]:
     """``run_suite`` with TVM on a remote device (a ``tvm.remote.RemoteSpec``): samples measured there."""
-    from tfcompile.backends.tvm.remote import measure_many, remote_target
+    from tfcompile.backends.tvm.remote import measure_many, remote_target, servers_for
 
+    target, cross_compiler = remote_target(target_name)
+    servers_for(remote)  # a wrong address, a tracker answering junk or an unknown key fail before any work
     graphs = {}
     for bench in suite:
         module, inputs = bench.build()
         graphs[bench.name] = export_module(module, inputs, name=bench.name)
-    target, cross_compiler = remote_target(target_name)
     results = measure_many(graphs, remote, repeat=repeat, target=target, cross_compiler=cross_compiler,
                            progress=progress)
     return [Sample(name, graph, results[name].measurement.median_s) for name, graph in graphs.items()]

@@ -70,11 +70,9 @@ class RemoteSpec:
         """``address`` is "HOST:PORT" of the tracker (IPv6 hosts in brackets: "[::1]:9190")."""
         host, sep, port_text = (address or "").strip().rpartition(":")
         host = host.strip("[]")
-        try:
-            port = int(port_text)
-        except ValueError:
-            port = -1
-        if not sep or not host or not 0 < port < 65536:
+        # ASCII digits only: int() would also take "+9190", "9_190" and other scripts' digits.
+        port = int(port_text) if port_text.isascii() and port_text.isdigit() else -1
+        if not sep or not host or any(c.isspace() for c in host) or not 0 < port < 65536:
             raise TfcompileError(f"--remote {address!r}: expected HOST:PORT of a TVM RPC tracker, "
                                  "e.g. 192.168.1.20:9190")
         if not key or not key.strip():
@@ -129,9 +127,30 @@ def tracker_summary(remote: RemoteSpec, *, timeout: float = CONNECT_TIMEOUT_S) -
         raise RemoteError(f"TVM RPC tracker at {remote.address}: summary failed: {first_line(exc)}") from exc
     finally:
         sock.close()
-    if not isinstance(value, list) or value[0] != base.TrackerCode.SUCCESS:
-        raise RemoteError(f"TVM RPC tracker at {remote.address}: unexpected summary {value!r}")
+    servers = value[1].get("server_info", []) if _is_reply(value, dict) else None
+    if not isinstance(servers, list) or not all(_is_server_info(info) for info in servers):
+        raise RemoteError(f"{remote.address} does not answer as a TVM RPC tracker: unexpected summary "
+                          f"{_clip(value)}")
     return value[1]
+
+
+def _is_reply(value, payload_type) -> bool:
+    """A tracker's answer: [TrackerCode.SUCCESS, payload]."""
+    from tvm.rpc import base
+
+    return (isinstance(value, list) and len(value) == 2 and type(value[0]) is int
+            and value[0] == base.TrackerCode.SUCCESS and isinstance(value[1], payload_type))
+
+
+def _is_server_info(info) -> bool:
+    addr = info.get("addr") if isinstance(info, dict) else None
+    return (isinstance(info, dict) and isinstance(info.get("key", ""), str)
+            and (addr is None or (isinstance(addr, list) and len(addr) == 2)))
+
+
+def _clip(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def servers_for(remote: RemoteSpec, *, timeout: float = CONNECT_TIMEOUT_S) -> list[str]:
@@ -139,7 +158,7 @@ def servers_for(remote: RemoteSpec, *, timeout: float = CONNECT_TIMEOUT_S) -> li
     summary = tracker_summary(remote, timeout=timeout)
     servers, keys = [], set()
     for info in summary.get("server_info", []):
-        key = str(info.get("key", "")).removeprefix("server:")
+        key = info.get("key", "").removeprefix("server:")
         keys.add(key)
         if key == remote.key:
             addr = info.get("addr") or ["?", "?"]
@@ -173,8 +192,10 @@ def _request_session(remote: RemoteSpec, *, queue_timeout: float, session_timeou
         raise RemoteError(f"TVM RPC tracker at {remote.address}: request failed: {first_line(exc)}") from exc
     finally:
         sock.close()  # the tracker drops our request, if still queued, when this connection closes
-    if not isinstance(value, list) or value[0] != base.TrackerCode.SUCCESS:
-        raise RemoteError(f"TVM RPC tracker at {remote.address}: request for {remote.key!r} refused: {value!r}")
+    if not _is_reply(value, list) or len(value[1]) != 3 or not isinstance(value[1][0], str) \
+            or type(value[1][1]) is not int or not isinstance(value[1][2], str):
+        raise RemoteError(f"TVM RPC tracker at {remote.address}: request for {remote.key!r} refused: "
+                          f"{_clip(value)}")
     url, port, matchkey = value[1]
     try:
         session = rpc.connect(url, port, matchkey, session_timeout=int(session_timeout))
