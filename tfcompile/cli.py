@@ -92,11 +92,10 @@ def _load(model, **load_kwargs):
 
 
 def _file_output(_ctx, param, text: str | None) -> Path | None:
-    """-o for a file: `out/dir/` or an existing directory would become a file named after it, or fail late."""
-    # Checked on the raw text: Path("out/dir/") forgets the slash.
-    if text is not None and (text.endswith(("/", os.sep)) or Path(text).is_dir()):
-        raise click.BadParameter(f"{text!r} is a directory; give the name of a file to write inside it", param=param)
-    return None if text is None else Path(text)
+    """-o for a file, checked before any work: `out/dir/` would become a file named `dir`, or fail late."""
+    from tfcompile.outputs import check_output_file
+
+    return None if text is None else check_output_file(text)
 
 
 def remote_options(fn):
@@ -160,7 +159,7 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
     from tfcompile.report import render_table
 
     remote_spec, backend = _remote_spec(remote, device_key, backend)
-    pipeline = tuple(p.strip() for p in passes.split(",") if p.strip()) if passes else None
+    pipeline = tuple(p.strip() for p in passes.split(",") if p.strip()) if passes is not None else None
 
     def show(graph, result) -> None:
         render_table(result.reports, target, console, title=f"{graph.name} on {target}")
@@ -172,8 +171,8 @@ def optimize(model, target, passes, allow_approx, budget, lengths, measure, meas
 
     with console.status("loading model") as status:
         outcome = optimize_model(model, output_dir, target=target, backend=backend, passes=pipeline,
-                                 allow_approx=allow_approx, budget=budget,
-                                 lengths=_int_list(lengths, "--lengths") if lengths else None, measure=measure,
+                                 allow_approx=allow_approx, budget=budget, measure=measure,
+                                 lengths=_int_list(lengths, "--lengths") if lengths is not None else None,
                                  measure_top=measure_top, repeat=repeat, quantize=quantize, remote=remote_spec,
                                  load=_load_options(**load_kwargs), on_ranked=show,
                                  progress=lambda msg: status.update(msg))
@@ -265,15 +264,17 @@ def _int_list(text: str, option: str) -> list[int]:
 def calibrate(target, backend, repeat, output_path, remote, device_key):
     """Measure micro-benchmarks on this host and fit a calibration profile."""
     from tfcompile.cost_models import load_device
-    from tfcompile.cost_models.calibration import fit, save_profile
+    from tfcompile.cost_models.calibration import fit, profile_path, save_profile
     from tfcompile.cost_models.device import detect_host
     from tfcompile.calibrate import default_suite, run_suite
+    from tfcompile.outputs import check_output_file
 
     load_device(target)
     remote_spec, backend = _remote_spec(remote, device_key, backend)
     if target != "cpu" and remote_spec is None:
         raise TfcompileError(f"calibrating {target} needs that device; only 'cpu' (this host) is measured here, "
                              "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
+    check_output_file(output_path or profile_path(target, backend))  # the default file too, before measuring
     suite = default_suite()
     with console.status("calibrating") as status:
         if remote_spec is not None:
@@ -317,10 +318,11 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
 def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_count, output_dir, seed, remote,
             device_key):
     """Predicted against measured latency for every variant of MODEL."""
-    from tfcompile.compare import builtin_variant_graphs, lowest_of_passes, measure_and_predict, score, write_outputs
+    from tfcompile.compare import (builtin_variant_graphs, check_compare_options, lowest_of_passes,
+                                   measure_and_predict, score, write_outputs)
     from tfcompile.cost_models.model import cost_model_for
 
-    cost_model_for(target)  # an unknown target fails before anything else
+    check_compare_options(target, output_dir)  # an unknown target or an unwritable -o fails before any work
     remote_spec, backend = _remote_spec(remote, device_key, backend)
     if target != "cpu" and remote_spec is None:
         raise TfcompileError(f"measuring on {target} needs that device; only 'cpu' (this host) is measured here, "
@@ -406,7 +408,7 @@ def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tfcompile.backends.tvm import compile_graph, host_target
-    from tfcompile.backends.tvm.tuning import tune_graph
+    from tfcompile.backends.tvm.tuning import check_tuning_database, tune_graph
     from tfcompile.cost_models import load_device
     from tfcompile.variants import build_variant, custom_variant
     from tfcompile.verify import compare_outputs
@@ -416,6 +418,7 @@ def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
         raise TfcompileError(f"tuning {target} needs that device; only 'cpu' (this host) is tuned here")
     if trials < 1:
         raise click.BadParameter("must be at least 1", param_hint="--trials")
+    check_tuning_database(host_target(), database_root)  # a damaged database fails before loading
     with console.status("loading model"):
         graph = _load(model, **load_kwargs)
         names = [p.strip() for p in passes.split(",") if p.strip()]

@@ -16,10 +16,11 @@ from typing import Callable
 
 from scipy.stats import kendalltau
 
+from tfcompile.cost_models import load_device
 from tfcompile.cost_models.model import CalibratedCostModel, CostModel, RooflineCostModel
 from tfcompile.graph import ModelGraph
 from tfcompile.measure import measure_here, measure_remote
-from tfcompile.outputs import atomic_path, atomic_write_text
+from tfcompile.outputs import atomic_path, atomic_paths, check_output_dir
 
 PREDICTORS = ("calibrated", "roofline", "flops_only")
 
@@ -120,10 +121,18 @@ def score(rows: list[ComparisonRow]) -> dict[str, dict[str, float]]:
     return scores
 
 
+def check_compare_options(target: str, output_dir: Path) -> None:
+    """What can fail before anything is measured: an unknown target, an -o that cannot be written."""
+    load_device(target)
+    check_output_dir(output_dir)
+
+
 def write_outputs(rows: list[ComparisonRow], scores: dict, out_dir: Path, *, title: str) -> None:
+    """compare.json and compare.png, replaced together once both are complete."""
     payload = {"title": title, "scores": scores, "variants": [dataclasses.asdict(r) for r in rows]}
-    atomic_write_text(out_dir / "compare.json", json.dumps(payload, indent=2) + "\n")
-    plot(rows, out_dir / "compare.png", title=title)
+    with atomic_paths(out_dir / "compare.json", out_dir / "compare.png") as (json_tmp, png_tmp):
+        json_tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        plot(rows, png_tmp, title=title)
 
 
 def plot(rows: list[ComparisonRow], path: Path, *, title: str) -> None:

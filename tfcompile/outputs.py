@@ -1,14 +1,18 @@
-"""Atomic output files: a reader sees the old file or the complete new one.
+"""Atomic output files: a reader sees the old files or the complete new ones.
 
 Everything is written to a temporary name in the destination directory and
-renamed into place only after it is complete; on failure the temporary file
-is removed and any existing output stays untouched.
+renamed into place only after it is complete; on failure (Ctrl-C included)
+the temporary files are removed, the directories made for them are removed
+again, and any existing output stays untouched. Files that belong together
+(``model.onnx`` and ``report.json``) are renamed together, after all of them
+are complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -17,19 +21,48 @@ from tfcompile.errors import InvalidOptionError
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    # mkstemp makes the file private (0600); an output file gets the mode any new file would.
-    os.fchmod(fd, 0o666 & ~_umask())
-    os.close(fd)
-    tmp = Path(tmp_name)
+def atomic_paths(*finals: Path) -> Iterator[tuple[Path, ...]]:
+    """Temporary names beside ``finals``, each renamed onto its final name once the block completes."""
+    finals = tuple(Path(f) for f in finals)
+    made: list[Path] = []
+    tmps: list[Path] = []
     try:
-        yield tmp
-        os.replace(tmp, final)
+        for final in finals:
+            made += _make_dirs(final.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            # mkstemp makes the file private (0600); an output file gets the mode any new file would.
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.close(fd)
+            tmps.append(Path(tmp_name))
+        yield tuple(tmps)
+        for tmp, final in zip(tmps, finals):
+            os.replace(tmp, final)
+        made = []  # complete: the directories hold the outputs now
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    with atomic_paths(final) as (tmp,):
+        yield tmp
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """Make ``path`` and its missing parents; the ones made, outermost first."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    made = []
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        made.append(directory)
+    return made
 
 
 def _umask() -> int:
@@ -53,8 +86,38 @@ def check_output_dir(path: Path, option: str = "-o") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InvalidOptionError(f"{option} {path}: is a file, not a directory; name a directory for the outputs")
+    _check_writable_below(path, option)
+
+
+def check_output_file(text: str | os.PathLike, option: str = "-o") -> Path:
+    """Refuse, before any work, a file name that would be written as something else or not at all.
+
+    Checked on the text: ``Path("out/dir/")`` and ``Path("out/dir/.")`` both forget that a
+    directory was meant, and the file would be named ``dir``.
+    """
+    text = os.fspath(text)
+    path = Path(text)
+    if (not text or text.endswith(("/", os.sep)) or path.is_dir()
+            or os.path.basename(text.rstrip("/" + os.sep)) in (".", "..")):
+        raise InvalidOptionError(f"{option} {text!r} is a directory; give the name of a file to write inside it")
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise InvalidOptionError(f"{option} {text!r} exists and is not a regular file; name a file to write")
+    _check_writable_below(path.parent, option, shown=path)
+    return path
+
+
+def _check_writable_below(path: Path, option: str, shown: Path | None = None) -> None:
+    """The nearest existing directory at or above ``path`` must take a new file (tried, not guessed:
+    root passes every permission check and a read-only file system fails none)."""
+    shown = shown or path
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise InvalidOptionError(f"{option} {path}: {existing} is a file, so no directory can be made below it")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise InvalidOptionError(f"{option} {path}: {existing} is not writable")
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise InvalidOptionError(f"{option} {shown}: {existing} is a file, so no directory can be made below it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tfcompile-probe-", suffix=".tmp", dir=existing)
+    except OSError as exc:
+        raise InvalidOptionError(f"{option} {shown}: {existing} is not writable ({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.unlink(probe)

@@ -11,20 +11,26 @@ library user gets the same files from the same code::
     print(outcome.result.best)
 
 Nothing is written unless every step succeeds: the export is checked before
-it replaces ``model.onnx``, and both files are written atomically.
+it replaces ``model.onnx``, and ``model.onnx`` and ``report.json`` replace the
+earlier pair together, after both are complete (a failure or Ctrl-C leaves the
+earlier pair as it was). Every argument is checked by type and range before
+the model is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 from pathlib import Path
 from typing import Any, Callable
 
+from tfcompile.backends.runner import BACKENDS
 from tfcompile.errors import InvalidOptionError, TfcompileError
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph
 from tfcompile.optimize import OptimizeResult, OptimizeSettings, optimize
-from tfcompile.outputs import check_output_dir
+from tfcompile.outputs import atomic_paths, check_output_dir
 from tfcompile.passes import Workload, check_pipeline, get_pass
 from tfcompile.report import write_report
 
@@ -59,7 +65,7 @@ class OptimizeOutcome:
     onnx_path: Path
 
 
-def optimize_model(model: str, output_dir: Path | str, *, target: str = "cpu", backend: str = "ort",
+def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: str = "cpu", backend: str = "ort",
                    passes: tuple[str, ...] | None = None, allow_approx: bool = False, budget: float = 0.99,
                    lengths: tuple[int, ...] | None = None, measure: bool = False, measure_top: int = 1,
                    repeat: int = 10, quantize: str = "none", remote=None, load: LoadOptions = LoadOptions(),
@@ -71,15 +77,17 @@ def optimize_model(model: str, output_dir: Path | str, *, target: str = "cpu", b
     before anything is exported (the CLI prints its table there, so it shows
     even when no variant is eligible).
     """
+    _check_arguments(model, output_dir, target=target, backend=backend, passes=passes, allow_approx=allow_approx,
+                     budget=budget, lengths=lengths, measure=measure, measure_top=measure_top, repeat=repeat,
+                     quantize=quantize, remote=remote, load=load)
     output_dir = Path(output_dir)
+    workload = Workload(lengths=tuple(int(n) for n in lengths) if lengths is not None else None)
     settings = OptimizeSettings(target=target, pipeline=tuple(passes) if passes is not None else None,
                                 allow_approx=allow_approx, budget=budget, measure=measure, measure_top=measure_top,
-                                backend=backend, repeat=repeat,
-                                workload=Workload(lengths=tuple(int(n) for n in lengths) if lengths else None),
-                                remote=remote)
-    _check_settings(settings, quantize, load, output_dir)
+                                backend=backend, repeat=repeat, workload=workload, remote=remote)
+    _check_settings(settings, load, output_dir)
     progress("loading model")
-    graph = load_model(model, load)
+    graph = load_model(os.fspath(model), load)
     if settings.workload.lengths:
         from tfcompile.passes.padding import with_lengths
 
@@ -91,20 +99,76 @@ def optimize_model(model: str, output_dir: Path | str, *, target: str = "cpu", b
         if result.best is None:
             raise TfcompileError("no variant is eligible; nothing written")
         progress(f"writing {output_dir}")
-        export = _export_best(result, graph, quantize, budget, output_dir / "model.onnx")
-        report_settings = {"batch": load.batch, "seq": load.seq, "backend": backend if measure else None,
-                           **({"remote": str(remote)} if remote is not None else {}),
-                           "allow_approx": allow_approx, "budget": budget,
-                           "lengths": list(settings.workload.lengths) if settings.workload.lengths else None}
-        write_report(output_dir / "report.json", model=model, target=target, variants=result.reports,
-                     best=result.best, settings=report_settings, refusals=result.refusals,
-                     export=export.as_dict())
+        # Both files or neither: a failure (or Ctrl-C) before the end leaves the earlier pair as it was.
+        with atomic_paths(output_dir / "model.onnx", output_dir / "report.json") as (onnx_tmp, report_tmp):
+            export = _export_best(result, graph, quantize, budget, onnx_tmp)
+            report_settings = {"batch": load.batch, "seq": load.seq, "backend": backend if measure else None,
+                               **({"remote": str(remote)} if remote is not None else {}),
+                               "allow_approx": allow_approx, "budget": budget,
+                               "lengths": list(settings.workload.lengths) if settings.workload.lengths else None}
+            write_report(report_tmp, model=os.fspath(model), target=target, variants=result.reports,
+                         best=result.best, settings=report_settings, refusals=result.refusals,
+                         export=export.as_dict())
     finally:
         result.cleanup()
     return OptimizeOutcome(result, graph, export, output_dir / "report.json", output_dir / "model.onnx")
 
 
-def _check_settings(settings: OptimizeSettings, quantize: str, load: LoadOptions, output_dir: Path) -> None:
+def _check_arguments(model, output_dir, *, target, backend, passes, allow_approx, budget, lengths, measure,
+                     measure_top, repeat, quantize, remote, load) -> None:
+    """The library entry's arguments, by type and range: a wrong one is an InvalidOptionError naming it,
+    never a TypeError from deep inside (the CLI's options arrive here too)."""
+    if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
+        raise InvalidOptionError(f"model {model!r}: a zoo name, a model file or directory, or module:factory")
+    if not isinstance(output_dir, (str, os.PathLike)) or not os.fspath(output_dir):
+        raise InvalidOptionError(f"-o {output_dir!r}: a directory path for report.json and model.onnx")
+    if not isinstance(target, str):
+        raise InvalidOptionError(f"--target {target!r}: a target name (see `tfcompile targets`)")
+    if backend not in BACKENDS:
+        raise InvalidOptionError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if quantize not in QUANTIZE_MODES:
+        raise InvalidOptionError(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
+    for name, flag in (("--allow-approx", allow_approx), ("--measure", measure)):
+        if not isinstance(flag, bool):
+            raise InvalidOptionError(f"{name} {flag!r}: True or False")
+    if not _is_number(budget):
+        raise InvalidOptionError(f"--budget {budget!r}: a quality figure between 0 and 1 (e.g. 0.99)")
+    for name, value in (("--repeat", repeat), ("--measure-top", measure_top)):
+        if not _is_int(value):
+            raise InvalidOptionError(f"{name} {value!r}: a whole number")
+    if passes is not None:
+        if isinstance(passes, str) or not isinstance(passes, (list, tuple)) \
+                or not all(isinstance(p, str) for p in passes):
+            raise InvalidOptionError(f"--passes {passes!r}: a list of pass names, e.g. ['fold_constants']")
+        if not passes:
+            raise InvalidOptionError("--passes names no pass; leave it out to search every pipeline")
+        twice = next((p for i, p in enumerate(passes) if p in passes[:i]), None)
+        if twice is not None:
+            raise InvalidOptionError(f"--passes names {twice} twice; a pass runs once in a pipeline")
+    if lengths is not None:
+        if isinstance(lengths, str) or not isinstance(lengths, (list, tuple)) \
+                or not lengths or not all(_is_int(n) and n > 0 for n in lengths):
+            raise InvalidOptionError(f"--lengths {lengths!r}: one positive whole number per sequence of the "
+                                     "batch, e.g. [37, 128, 5]")
+    if not isinstance(load, LoadOptions):
+        raise InvalidOptionError(f"load {load!r}: a tfcompile.frontend.LoadOptions")
+    if remote is not None:
+        from tfcompile.backends.tvm.remote import RemoteSpec
+
+        if not isinstance(remote, RemoteSpec):
+            raise InvalidOptionError(f"--remote {remote!r}: a RemoteSpec, e.g. RemoteSpec.parse('HOST:PORT', "
+                                     "device_key)")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_settings(settings: OptimizeSettings, load: LoadOptions, output_dir: Path) -> None:
     """Every option that cannot work fails here, before the model is loaded."""
     settings.context()  # an unknown target or an unreadable profile
     if not 0.0 <= settings.budget <= 1.0:  # NaN fails this too
@@ -114,8 +178,6 @@ def _check_settings(settings: OptimizeSettings, quantize: str, load: LoadOptions
     if settings.measure_top < 0:
         raise InvalidOptionError(f"--measure-top {settings.measure_top}: zero or more variants")
     check_output_dir(output_dir)
-    if quantize not in QUANTIZE_MODES:
-        raise TfcompileError(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
     if settings.remote is not None and not settings.measure:
         raise TfcompileError("--remote is where --measure measures: add --measure")
     if settings.pipeline is not None:
