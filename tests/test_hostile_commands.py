@@ -1,0 +1,667 @@
+"""A second corpus of hostile and broken inputs (issue 22), for the commands past plain model loading.
+
+``export``, ``compare``, ``calibrate``, ``tune``, ``optimize`` with ``--remote``, ``--profile``,
+``--lengths``, ``--passes`` and ``--quantize``, and the library entry ``tfcompile.optimize_model``.
+Written apart from ``tests/frontend/test_hostile_inputs.py`` (different cases of the same classes).
+Every case checks the README's promises: exit status 2 (or a ``TfcompileError`` from the library),
+exactly one line on stderr, no traceback, nothing written and earlier output untouched (the whole
+output area is compared byte for byte), no temporary file or folder left (``tempfile.gettempdir()``
+is a private folder per test, snapshotted before and after, and so is the output area), and no
+code run from a file (payloads would create a marker file).
+
+Hostile files are generated here; the CLI runs in-process (``tfcompile.cli.main``); the models are
+the tiny ones (``tests.tiny``) or ``tiny_mlp`` below, so the whole file runs in about a minute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+import struct
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.frontend.hostile import pickle_payload
+from tfcompile.cli import main
+from tfcompile.errors import TfcompileError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+MARKER = "code-ran"
+# Caches libraries make once per process in the temporary folder, whatever tfcompile does.
+LIBRARY_CACHES = (".ses", "torchinductor_")
+
+
+def _permissions_enforced() -> bool:
+    """Whether a folder without write permission refuses new files here: not for root (os.geteuid() == 0)
+    with its usual capabilities, which bypass the check; yes for root without CAP_DAC_OVERRIDE."""
+    with tempfile.TemporaryDirectory() as folder:
+        locked = Path(folder) / "locked"
+        locked.mkdir(mode=0o500)
+        try:
+            (locked / "probe").touch()
+        except PermissionError:
+            return True
+        finally:
+            locked.chmod(0o700)
+        return False
+
+
+PERMISSIONS_ENFORCED = _permissions_enforced()
+HAS_PROC = Path("/proc/self").exists()
+
+
+def tiny_mlp():
+    """Factory for `tests.test_hostile_commands:tiny_mlp`: compiles with TVM in a second or two."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    return model, (torch.randn(2, 16),)
+
+
+MLP = "tests.test_hostile_commands:tiny_mlp"
+
+
+# --- the checks -------------------------------------------------------------------------------------------------
+
+class Sandbox:
+    """Per test: ``work`` is where outputs go (snapshotted whole), ``tmp`` is tempfile.gettempdir()."""
+
+    def __init__(self, root: Path):
+        self.work, self.tmp, self.inputs = root / "work", root / "systmp", root / "inputs"
+        for path in (self.work, self.tmp, self.inputs):
+            path.mkdir()
+        self.marker = root / MARKER
+
+    def leftovers(self) -> list[str]:
+        return sorted(p.name for p in self.tmp.iterdir() if not p.name.startswith(LIBRARY_CACHES))
+
+
+@pytest.fixture
+def box(tmp_path, monkeypatch) -> Sandbox:
+    sandbox = Sandbox(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(sandbox.tmp))
+    monkeypatch.setenv("TMPDIR", str(sandbox.tmp))  # child processes (TVM's probes and workers)
+    return sandbox
+
+
+def _tree(root: Path) -> dict[str, object]:
+    """Every entry below ``root``: files by content, folders and others by kind."""
+    entries = {}
+    for path in sorted(root.rglob("*")):
+        mode = path.lstat().st_mode
+        entries[str(path.relative_to(root))] = path.read_bytes() if stat.S_ISREG(mode) else stat.S_IFMT(mode)
+    return entries
+
+
+@contextlib.contextmanager
+def untouched(box: Sandbox):
+    """Nothing below the output area changes, and nothing is left in the temporary folder."""
+    before = _tree(box.work)
+    yield
+    assert _tree(box.work) == before, "a failed run wrote, changed or left something in the output area"
+    assert box.leftovers() == [], "a failed run left temporary files behind"
+    assert not box.marker.exists(), "code from an input file ran"
+
+
+def run_cli(capsys, *args) -> tuple[int, list[str], str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    return code, lines, captured.err + captured.out
+
+
+def assert_refused(capsys, box: Sandbox, *args, match: str, status: int = EXIT_USER_ERROR) -> str:
+    """Run the CLI; it must refuse in one line containing ``match`` and leave everything as it was."""
+    with untouched(box):
+        code, lines, everything = run_cli(capsys, *args)
+        assert "Traceback" not in everything
+        assert code == status, everything
+        assert len(lines) == 1, everything
+        assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_library_refuses(box: Sandbox, match: str, **kwargs) -> None:
+    import tfcompile
+
+    arguments = {"model": "tests.tiny:bert", "output_dir": box.work / "out", **kwargs}
+    with untouched(box), pytest.raises(TfcompileError) as caught:
+        tfcompile.optimize_model(arguments.pop("model"), arguments.pop("output_dir"), **arguments)
+    assert match in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def earlier_output(box: Sandbox, *names: str) -> Path:
+    """An output folder from an earlier, successful run: it must survive a failed one byte for byte."""
+    out = box.work / "out"
+    out.mkdir()
+    for name in names:
+        (out / name).write_text(f"earlier {name}\n")
+    return out
+
+
+# --- calibration profiles: --profile for compare, $TFCOMPILE_PROFILE_DIR for optimize ---------------------------
+
+def _profile(**changes) -> dict:
+    classes = ("gemm", "gemm_skinny", "attention", "norm", "softmax", "memory")
+    profile = {"version": 1, "target": "cpu", "backend": "ort", "s_per_flop": {c: 1e-11 for c in classes},
+               "s_per_byte": {c: 1e-10 for c in classes}, "kernel_overhead_s": 1e-6, "graph_overhead_s": 1e-5,
+               "created": "2026-01-01T00:00:00+00:00", "host": "test", "fit_mape": 0.1,
+               "flops_only_s_per_flop": 1e-11, "samples": [{"name": "a", "measured_s": 1e-4, "predicted_s": 1e-4}]}
+    for key, value in changes.items():
+        if value is None:
+            del profile[key]
+        else:
+            profile[key] = value
+    return profile
+
+
+def _profile_bytes(case: str, marker: Path) -> bytes:
+    broken = {
+        "pickle-payload": lambda: pickle_payload(marker),
+        "not-utf8": lambda: b"\x80\x81\xfe{\"version\": 1}",
+        "truncated": lambda: json.dumps(_profile()).encode()[:57],
+        "version-2": lambda: json.dumps(_profile(version=2)).encode(),
+        "version-true": lambda: json.dumps(_profile(version=True)).encode(),
+        "array": lambda: json.dumps([_profile()]).encode(),
+        "unknown-field": lambda: json.dumps(_profile(exec="rm -rf /")).encode(),
+        "missing-field": lambda: json.dumps(_profile(graph_overhead_s=None)).encode(),
+        "coefficients-string": lambda: json.dumps(_profile(s_per_flop="fast")).encode(),
+        "coefficient-string": lambda: json.dumps(_profile(s_per_byte={"memory": "1e-10"})).encode(),
+        "overhead-nan": lambda: json.dumps(_profile(kernel_overhead_s=float("nan"))).encode(),
+        "overhead-negative": lambda: json.dumps(_profile(graph_overhead_s=-1e-5)).encode(),
+        "unknown-class": lambda: json.dumps(_profile(s_per_flop={"tensor_core": 1e-12})).encode(),
+        "samples-mistyped": lambda: json.dumps(_profile(samples=[{"name": "a", "measured_s": "fast"}])).encode(),
+        "other-target": lambda: json.dumps(_profile(target="a100")).encode(),
+        "other-backend": lambda: json.dumps(_profile(backend="tvm")).encode(),
+        "nested-too-deep": lambda: b"[" * 200_000,
+    }
+    return broken[case]()
+
+
+PROFILE_CASES = {
+    "pickle-payload": "not a calibration profile",
+    "not-utf8": "not a calibration profile",
+    "truncated": "invalid JSON",
+    "version-2": "version is 2, not 1",
+    "version-true": "version is True, not 1",
+    "array": "JSON an array, not an object",
+    "unknown-field": "unknown field 'exec'",
+    "missing-field": "field graph_overhead_s must be a finite number >= 0; found missing",
+    "coefficients-string": "field s_per_flop must be an object",
+    "coefficient-string": "field s_per_byte.memory must be a finite number >= 0; found str",
+    "overhead-nan": "field kernel_overhead_s must be a finite number >= 0; found float nan",
+    "overhead-negative": "field graph_overhead_s must be a finite number >= 0",
+    "unknown-class": "unknown kernel class 'tensor_core'",
+    "samples-mistyped": "field samples[0].measured_s",
+    "other-target": "calibration profile for a100/ort, not cpu/ort",
+    "other-backend": "calibration profile for cpu/tvm, not cpu/ort",
+    "nested-too-deep": "not a calibration profile",
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROFILE_CASES))
+def test_compare_with_a_broken_profile(case, box, capsys):
+    profile = box.inputs / "profile.json"
+    profile.write_bytes(_profile_bytes(case, box.marker))
+    out = earlier_output(box, "compare.json", "compare.png")
+    line = assert_refused(capsys, box, "compare", "tests.tiny:bert", "--profile", profile, "-o", out,
+                          match=PROFILE_CASES[case])
+    assert str(profile) in line  # the message names the file
+
+
+@pytest.mark.parametrize("case", ["truncated", "coefficient-string", "other-backend", "pickle-payload"])
+def test_optimize_with_a_broken_saved_profile(case, box, capsys):
+    saved = Path(os.environ["TFCOMPILE_PROFILE_DIR"]) / "cpu-ort.json"
+    saved.write_bytes(_profile_bytes(case, box.marker))
+    out = earlier_output(box, "report.json", "model.onnx")
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "-o", out, match=PROFILE_CASES[case])
+    assert saved.read_bytes() == _profile_bytes(case, box.marker)  # the user's file is left as it is
+
+
+def test_saved_profile_that_is_a_directory(box, capsys):
+    (Path(os.environ["TFCOMPILE_PROFILE_DIR"]) / "cpu-ort.json").mkdir()
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "-o", box.work / "out", match="not a file")
+
+
+def test_a_valid_profile_is_still_read(tmp_path):
+    from tfcompile.cost_models.model import cost_model_for
+
+    path = tmp_path / "cpu-ort.json"
+    path.write_text(json.dumps(_profile()))
+    assert cost_model_for("cpu", "ort", profile_path=path).kind == "calibrated"
+    checked_in = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "profile-cpu-ort.json"
+    if checked_in.exists():
+        assert cost_model_for("cpu", "ort", profile_path=checked_in).kind == "calibrated"
+
+
+# --- TVM tuning databases: tune --database, and $TFCOMPILE_TVM_TUNING_DIR for export --backend tvm -------------
+
+def _database(root: Path) -> Path:
+    from tfcompile.backends.tvm import host_target
+    from tfcompile.backends.tvm.tuning import target_key
+
+    path = root / target_key(host_target())
+    path.mkdir(parents=True)
+    return path
+
+
+def _damage_database(path: Path, case: str, marker: Path) -> str:
+    """Write one kind of damage into the database at ``path``; the part of the message that names it."""
+    workload, records, rules = (path / "database_workload.json", path / "database_tuning_record.json",
+                                path / "rules.json")
+    if case == "workload-not-utf8":
+        workload.write_bytes(b"\xff\xfe\x00[\"1\", \"x\"]\n")
+        return "database_workload.json: is not UTF-8 text"
+    if case == "workload-wrong-shape":
+        workload.write_text('{"workload": 1}\n')
+        return "database_workload.json: line 1 is not"
+    workload.write_text('["123", "aGVsbG8="]\n')
+    if case == "record-not-json":
+        records.write_text("[0, [[], [1e-7], {}, []]]\n{oops\n")
+        return "database_tuning_record.json: line 2 is not JSON"
+    if case == "record-names-no-workload":
+        records.write_text("[7, [[], [1e-7], {}, []]]\n")
+        return "line 1 names workload 7"
+    if case == "rules-mistyped":
+        rules.write_text(json.dumps({"123": {"rules_s": "fast", "best_s": None}}))
+        return "rules.json: workload 123"
+    if case == "rules-pickle-payload":
+        rules.write_bytes(pickle_payload(marker))
+        return "rules.json: is not JSON"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["workload-not-utf8", "record-not-json", "record-names-no-workload",
+                                  "rules-mistyped", "rules-pickle-payload"])
+def test_tune_with_a_damaged_database(case, box, capsys):
+    root = box.work / "db"
+    match = _damage_database(_database(root), case, box.marker)
+    assert_refused(capsys, box, "tune", MLP, "--trials", "4", "--database", root, match=match)
+
+
+def test_tune_database_that_is_a_file(box, capsys):
+    root = box.work / "db"
+    root.write_text("earlier notes\n")
+    assert_refused(capsys, box, "tune", MLP, "--database", root, match="is a file; name a directory")
+
+
+@pytest.mark.parametrize("case", ["workload-wrong-shape", "rules-pickle-payload"])
+def test_export_tvm_with_a_damaged_database(case, box, capsys, monkeypatch):
+    root = box.work / "db"
+    monkeypatch.setenv("TFCOMPILE_TVM_TUNING_DIR", str(root))
+    match = _damage_database(_database(root), case, box.marker)
+    (box.work / "model.so").write_bytes(b"earlier library")
+    assert_refused(capsys, box, "export", MLP, "--backend", "tvm", "-o", box.work / "model.so", match=match)
+
+
+def test_export_tvm_with_a_tuning_root_that_is_a_file(box, capsys, monkeypatch):
+    root = box.work / "tuning"
+    root.write_text("not a folder")
+    monkeypatch.setenv("TFCOMPILE_TVM_TUNING_DIR", str(root))
+    assert_refused(capsys, box, "export", MLP, "--backend", "tvm", "-o", box.work / "model.so",
+                   match="is a file; name a directory")
+
+
+# --- an RPC tracker that answers junk ---------------------------------------------------------------------------
+
+TRACKER_MAGIC = struct.pack("<i", 0x2f271)
+
+
+def _framed(value) -> bytes:
+    data = json.dumps(value).encode()
+    return struct.pack("<i", len(data)) + data
+
+
+def _read_framed(conn: socket.socket):
+    size = struct.unpack("<i", conn.recv(4))[0]
+    data = b""
+    while len(data) < size:
+        data += conn.recv(size - len(data))
+    return json.loads(data)
+
+
+@contextlib.contextmanager
+def junk_tracker(answer):
+    """A TCP server on 127.0.0.1 that answers each connection with ``answer(conn)`` and closes it.
+
+    Bounded: every socket has a 5 s timeout and the server stops when the test ends.
+    """
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError, ValueError, struct.error):
+                    answer(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+
+
+def _after_handshake(payload: bytes):
+    def answer(conn):
+        conn.recv(4)
+        conn.sendall(TRACKER_MAGIC)
+        _read_framed(conn)
+        conn.sendall(payload)
+    return answer
+
+
+TRACKER_JUNK = {
+    "http-reply": (lambda conn: (conn.recv(4), conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")),
+                   "is not a TVM RPC tracker"),
+    "two-bytes-and-close": (lambda conn: (conn.recv(4), conn.sendall(b"\x71\xf2")), "does not answer as a TVM RPC"),
+    "frame-cut-short": (_after_handshake(struct.pack("<i", 4096) + b"[0, {"), "summary failed"),
+    "summary-not-an-object": (_after_handshake(_framed([0, "junk"])), "unexpected summary [0, 'junk']"),
+    "empty-answer": (_after_handshake(_framed([])), "unexpected summary []"),
+    "servers-not-objects": (_after_handshake(_framed([0, {"server_info": [1, 2]}])), "unexpected summary"),
+    "server-address-mistyped": (_after_handshake(_framed([0, {"server_info": [{"key": "server:k", "addr": 9}]}])),
+                                "unexpected summary"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRACKER_JUNK))
+def test_optimize_remote_tracker_answers_junk(case, box, capsys):
+    answer, match = TRACKER_JUNK[case]
+    out = earlier_output(box, "report.json")
+    with junk_tracker(answer) as address:
+        assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--measure", "--remote", address,
+                       "--device-key", "k", "-o", out, match=match)
+
+
+def test_session_request_answered_with_junk(box, capsys):
+    """The summary is right, the request for a server is not: after compiling, still one line."""
+    from tvm.rpc.base import TrackerCode
+
+    def answer(conn):
+        conn.recv(4)
+        conn.sendall(TRACKER_MAGIC)
+        request = _read_framed(conn)
+        if request[0] == TrackerCode.SUMMARY:
+            conn.sendall(_framed([0, {"server_info": [{"key": "server:k", "addr": ["127.0.0.1", 9]}]}]))
+        else:
+            conn.sendall(_framed([0, "no server for you"]))
+
+    with junk_tracker(answer) as address:
+        assert_refused(capsys, box, "optimize", MLP, "--passes", "fold_constants", "--measure", "--measure-top", "0",
+                       "--remote", address, "--device-key", "k", "-o", box.work / "out", match="refused")
+
+
+@pytest.mark.parametrize("command", ["calibrate", "compare"])
+def test_calibrate_and_compare_remote_tracker_answers_junk(command, box, capsys):
+    answer, match = TRACKER_JUNK["summary-not-an-object"]
+    out = box.work / ("profile.json" if command == "calibrate" else "out")
+    model = [] if command == "calibrate" else ["tests.tiny:bert"]
+    with junk_tracker(answer) as address:
+        assert_refused(capsys, box, command, *model, "--remote", address, "--device-key", "k", "-o", out,
+                       match=match)
+
+
+@pytest.mark.parametrize("address", ["tracker", "host:+9190", "host:9_190", "host:\u0663\u0660", "a host:9190",
+                                     "[::1]9190", "host:65536"])
+def test_remote_address_with_bad_syntax(address, box, capsys):
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--measure", "--remote", address, "--device-key", "k",
+                   "-o", box.work / "out", match="expected HOST:PORT")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["optimize", "tests.tiny:bert", "--measure", "--remote", "127.0.0.1:9190", "--device-key", "   ", "-o", "{w}/o"],
+     "--remote needs --device-key"),
+    (["calibrate", "--device-key", "k", "-o", "{w}/p.json"], "--device-key needs --remote"),
+    (["compare", "tests.tiny:bert", "--remote", "127.0.0.1:9190", "--device-key", "k", "--backend", "torch",
+      "-o", "{w}/o"], "cannot be combined with --backend torch"),
+])
+def test_remote_key_and_backend_errors(args, match, box, capsys):
+    assert_refused(capsys, box, *[a.format(w=box.work) for a in args], match=match)
+
+
+# --- output paths -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", ["/", "/.", "/.."])
+def test_export_output_naming_a_directory_writes_no_file(suffix, box, capsys):
+    out = str(box.work / "out" / "dir") + suffix
+    assert_refused(capsys, box, "export", "tests.tiny:bert", "-o", out, match="is a directory")
+
+
+def test_export_output_below_a_file(box, capsys):
+    (box.work / "notes").write_text("earlier")
+    assert_refused(capsys, box, "export", "tests.tiny:bert", "-o", box.work / "notes" / "model.onnx",
+                   match="is a file, so no directory can be made below it")
+
+
+def test_export_output_that_is_a_fifo(box, capsys):
+    os.mkfifo(box.work / "pipe")
+    assert_refused(capsys, box, "export", "tests.tiny:bert", "-o", box.work / "pipe", match="not a regular file")
+
+
+@pytest.mark.skipif(not PERMISSIONS_ENFORCED, reason="running as root (os.geteuid() == 0), which ignores "
+                    "permissions: chmod 0o500 does not make a folder unwritable")
+@pytest.mark.parametrize("command", ["export", "optimize", "compare", "calibrate"])
+def test_output_in_an_unwritable_directory(command, box, capsys):
+    locked = box.work / "locked"
+    locked.mkdir()
+    (locked / "earlier.txt").write_text("earlier")
+    locked.chmod(0o500)
+    try:
+        out = locked / ("model.onnx" if command == "export" else "p.json" if command == "calibrate" else "out")
+        model = [] if command == "calibrate" else ["tests.tiny:bert"]
+        assert_refused(capsys, box, command, *model, "-o", out, match="is not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="needs /proc, a folder nobody (root included) can create files in")
+@pytest.mark.parametrize("command", ["export", "optimize", "compare", "calibrate"])
+def test_output_where_even_root_cannot_write(command, box, capsys):
+    out = {"export": "/proc/model.onnx", "calibrate": "/proc/tfcompile/p.json"}.get(command, "/proc/tfcompile-out")
+    model = [] if command == "calibrate" else ["tests.tiny:bert"]
+    assert_refused(capsys, box, command, *model, "-o", out, match="/proc is not writable")
+
+
+def test_calibrate_default_profile_folder_that_is_a_file(box, capsys, monkeypatch):
+    """Without -o the profile goes to $TFCOMPILE_PROFILE_DIR: checked before minutes of measuring, too."""
+    folder = box.work / "profiles"
+    folder.write_text("not a folder")
+    monkeypatch.setenv("TFCOMPILE_PROFILE_DIR", str(folder))
+    assert_refused(capsys, box, "calibrate", match="is a file, so no directory can be made below it")
+
+
+def test_compare_output_that_is_a_file(box, capsys):
+    (box.work / "results").write_text("earlier")
+    assert_refused(capsys, box, "compare", "tests.tiny:bert", "-o", box.work / "results",
+                   match="is a file, not a directory")
+
+
+# --- --lengths, --passes, --quantize ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lengths,match", [
+    ("", "expected positive integers"),
+    ("0", "expected positive integers"),
+    ("4,-2", "expected positive integers"),
+    ("1.5", "expected positive integers"),
+    ("8,x", "expected positive integers"),
+    ("8,8", "gives 2 lengths for --batch 1"),
+    (str(10**30), "longer than --seq"),
+    ("17", "more than the padded length 16"),  # tiny bert's example input has 16 tokens
+])
+def test_optimize_bad_lengths(lengths, match, box, capsys):
+    out = earlier_output(box, "report.json", "model.onnx")
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--lengths", lengths, "-o", out, match=match)
+
+
+@pytest.mark.parametrize("command,passes,match", [
+    ("optimize", "fold_constant", "unknown pass 'fold_constant'"),
+    ("optimize", "", "names no pass"),
+    ("optimize", " , ", "names no pass"),
+    ("optimize", "fold_norm_affine,fuse_norm", "fold_norm_affine must run after fuse_norm"),
+    ("optimize", "fold_constants,fold_constants", "names fold_constants twice"),
+    ("optimize", "fold_constants;eliminate_dead_code", "unknown pass"),
+    ("export", "fold_norm_affine,fuse_norm", "fold_norm_affine must run after fuse_norm"),
+    ("export", "Fold_Constants", "unknown pass 'Fold_Constants'"),
+    ("tune", "no_such_pass", "unknown pass 'no_such_pass'"),
+])
+def test_bad_pass_pipelines(command, passes, match, box, capsys):
+    model = MLP if command == "tune" else "tests.tiny:bert"
+    out = {"optimize": ["-o", box.work / "out"], "export": ["-o", box.work / "model.onnx"],
+           "tune": ["--database", box.work / "db"]}[command]
+    assert_refused(capsys, box, command, model, "--passes", passes, *out, match=match)
+
+
+@pytest.mark.parametrize("mode", ["int4", "INT8", ""])
+def test_optimize_unknown_quantize_mode(mode, box, capsys):
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--quantize", mode, "-o", box.work / "out",
+                   match="--quantize")
+
+
+def test_quantize_below_budget_after_the_search_writes_nothing(box, capsys):
+    """A failure at the very end (the quantized export misses --budget): earlier outputs stay as they were."""
+    out = earlier_output(box, "report.json", "model.onnx")
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--passes", "fold_constants", "--quantize", "int8",
+                   "--budget", "1.0", "-o", out, match="below --budget 1.0; nothing written")
+
+
+# --- the library entry: tfcompile.optimize_model ----------------------------------------------------------------
+
+LIBRARY_CASES = {
+    "budget-string": ({"budget": "high"}, "--budget 'high'"),
+    "budget-bool": ({"budget": True}, "--budget True"),
+    "repeat-float": ({"repeat": 2.5}, "--repeat 2.5"),
+    "measure-top-none": ({"measure_top": None}, "--measure-top None"),
+    "backend-unknown": ({"backend": "cuda"}, "--backend 'cuda'"),
+    "passes-a-string": ({"passes": "fold_constants"}, "a list of pass names"),
+    "passes-empty": ({"passes": ()}, "names no pass"),
+    "lengths-zero": ({"lengths": [0]}, "--lengths [0]"),
+    "lengths-not-a-list": ({"lengths": 16}, "--lengths 16"),
+    "lengths-float": ({"lengths": [7.5]}, "--lengths [7.5]"),
+    "remote-a-string": ({"remote": "127.0.0.1:9190", "measure": True}, "a RemoteSpec"),
+    "target-none": ({"target": None}, "--target None"),
+    "output-none": ({"output_dir": None}, "-o None"),
+    "model-not-a-name": ({"model": 42}, "model 42"),
+    "load-not-options": ({"load": {"batch": 2}}, "a tfcompile.frontend.LoadOptions"),
+    "quantize-unknown": ({"quantize": "int4"}, "--quantize 'int4'"),
+    "allow-approx-string": ({"allow_approx": "no"}, "--allow-approx 'no'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIBRARY_CASES))
+def test_library_refuses_bad_arguments(case, box):
+    kwargs, match = LIBRARY_CASES[case]
+    earlier_output(box, "report.json", "model.onnx")
+    assert_library_refuses(box, match, **kwargs)
+
+
+# --- interrupted and failed runs leave nothing behind -----------------------------------------------------------
+
+@contextlib.contextmanager
+def rewrite_raises(pass_name: str, exc: BaseException):
+    """The registered pass's rewrite raises ``exc`` (Pass is frozen: swapped in and out by hand)."""
+    from tfcompile.passes import get_pass
+
+    registered = get_pass(pass_name)
+    original = registered.rewrite
+
+    def interrupted(graph, plan):
+        raise exc
+
+    object.__setattr__(registered, "rewrite", interrupted)
+    try:
+        yield
+    finally:
+        object.__setattr__(registered, "rewrite", original)
+
+
+def test_interrupt_mid_search_through_the_library(box):
+    import tfcompile
+
+    out = earlier_output(box, "report.json", "model.onnx")
+    with untouched(box), rewrite_raises("merge_qkv_projections", KeyboardInterrupt()), \
+            pytest.raises(KeyboardInterrupt):
+        tfcompile.optimize_model("tests.tiny:bert", out, target="cpu", measure=True, repeat=1)
+
+
+def test_interrupt_mid_search_through_the_cli(box, capsys):
+    out = earlier_output(box, "report.json", "model.onnx")
+    with rewrite_raises("merge_qkv_projections", KeyboardInterrupt()):
+        assert_refused(capsys, box, "optimize", "tests.tiny:bert", "-o", out, match="interrupted",
+                       status=EXIT_INTERRUPTED)
+
+
+def test_interrupt_while_measuring_removes_the_work_folder(box, monkeypatch):
+    """The measurement has written its ONNX files into the tfcompile-* work folder when Ctrl-C comes."""
+    import tfcompile
+    from tfcompile import optimize as optimize_module
+
+    real = optimize_module.measure_here
+    seen = []
+
+    def measure_then_interrupt(graphs, backend, workdir, **kwargs):
+        real(graphs, backend, workdir, **kwargs)
+        seen.append(sorted(p.name for p in Path(workdir).iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optimize_module, "measure_here", measure_then_interrupt)
+    out = earlier_output(box, "report.json", "model.onnx")
+    with untouched(box), pytest.raises(KeyboardInterrupt):
+        tfcompile.optimize_model("tests.tiny:bert", out, passes=("fold_constants",), measure=True, repeat=1)
+    assert seen and seen[0], "the interruption came before anything was written: the test shows nothing"
+
+
+def test_interrupt_between_model_and_report_keeps_the_earlier_pair(box, monkeypatch):
+    """model.onnx and report.json belong together: never a new model beside an old report."""
+    import tfcompile
+    from tfcompile import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_report", interrupted)
+    out = earlier_output(box, "report.json", "model.onnx")
+    with untouched(box), pytest.raises(KeyboardInterrupt):
+        tfcompile.optimize_model("tests.tiny:bert", out, passes=("fold_constants",))
+
+
+def test_first_run_interrupted_leaves_no_empty_output_folder(box, monkeypatch):
+    import tfcompile
+    from tfcompile import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_report", interrupted)
+    with untouched(box), pytest.raises(KeyboardInterrupt):
+        tfcompile.optimize_model("tests.tiny:bert", box.work / "new" / "out", passes=("fold_constants",))
+
+
+def test_compare_outputs_are_replaced_together(box, monkeypatch):
+    """compare.json and compare.png: a failure drawing the plot leaves the earlier pair as it was."""
+    from tfcompile import compare
+
+    def broken_plot(rows, path, *, title):
+        path.write_bytes(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "plot", broken_plot)
+    out = earlier_output(box, "compare.json", "compare.png")
+    rows = [compare.ComparisonRow("a", 1.0, {"roofline": 1.1})]
+    with untouched(box), pytest.raises(KeyboardInterrupt):
+        compare.write_outputs(rows, compare.score(rows), out, title="t")
