@@ -22,7 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check tfcompile tests benchmarks
-	$(PY) -m pytest -q --durations=10
+	# Two workers, one test module each at a time (module fixtures are built once): the suite is
+	# mostly single-threaded tracing and export, so a 2-core host runs two modules at once.
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
