@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tfcompile optimize gpt2-small --target cpu --measure -o out/demo
 
+# Two workers, one test module each at a time (module fixtures are built once): the suite is
+# mostly single-threaded tracing and export, so a 2-core host runs two modules at once.
 test: $(STAMP)
 	$(VENV)/bin/ruff check tfcompile tests benchmarks
-	# Two workers, one test module each at a time (module fixtures are built once): the suite is
-	# mostly single-threaded tracing and export, so a 2-core host runs two modules at once.
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10
 
 test-slow: $(STAMP)
