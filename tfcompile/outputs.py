@@ -52,6 +52,19 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
 
 
+@contextlib.contextmanager
+def directories_for(path: Path) -> Iterator[Path]:
+    """Make ``path`` and its missing parents; remove the ones made again if the block fails."""
+    made = _make_dirs(Path(path))
+    try:
+        yield Path(path)
+    except BaseException:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
 def _make_dirs(path: Path) -> list[Path]:
     """Make ``path`` and its missing parents; the ones made, outermost first."""
     missing = [p for p in (path, *path.parents) if not p.exists()]

@@ -81,5 +81,5 @@ def test_failed_external_data_export_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ort.torch.onnx, "export", broken)
     with pytest.raises(BackendError, match="exporter exploded"):
-        ort.export_onnx(graph, tmp_path / "model.onnx", external_data=True)
-    assert list(tmp_path.iterdir()) == []
+        ort.export_onnx(graph, tmp_path / "new" / "dirs" / "model.onnx", external_data=True)
+    assert list(tmp_path.iterdir()) == []  # the directories made for it are gone too

@@ -28,7 +28,7 @@ from tfcompile.backends.timing import Measurement, measure
 from tfcompile.errors import BackendError, first_line
 from tfcompile.graph import ModelGraph, clone, fetch_attr, to_exported_program
 from tfcompile.structure import unique_attr_name
-from tfcompile.outputs import atomic_path
+from tfcompile.outputs import atomic_path, directories_for
 
 PROTOBUF_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
 
@@ -74,8 +74,8 @@ def _atomic_onnx(path: Path, external_data: bool):
         with atomic_path(path) as tmp:
             yield tmp
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
+    with directories_for(path.parent), \
+            tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
         tmp = Path(tmpdir) / path.name
         yield tmp
         os.replace(tmp.with_name(path.name + ".data"), path.with_name(path.name + ".data"))
