@@ -518,6 +518,8 @@ def test_optimize_bad_lengths(lengths, match, box, capsys):
     ("optimize", "fold_constants;eliminate_dead_code", "unknown pass"),
     ("export", "fold_norm_affine,fuse_norm", "fold_norm_affine must run after fuse_norm"),
     ("export", "Fold_Constants", "unknown pass 'Fold_Constants'"),
+    ("export", "fold_constants,eliminate_dead_code,fold_constants", "names fold_constants twice"),
+    ("tune", "fold_constants,fold_constants", "names fold_constants twice"),
     ("tune", "no_such_pass", "unknown pass 'no_such_pass'"),
 ])
 def test_bad_pass_pipelines(command, passes, match, box, capsys):

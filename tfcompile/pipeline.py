@@ -142,9 +142,6 @@ def _check_arguments(model, output_dir, *, target, backend, passes, allow_approx
             raise InvalidOptionError(f"--passes {passes!r}: a list of pass names, e.g. ['fold_constants']")
         if not passes:
             raise InvalidOptionError("--passes names no pass; leave it out to search every pipeline")
-        twice = next((p for i, p in enumerate(passes) if p in passes[:i]), None)
-        if twice is not None:
-            raise InvalidOptionError(f"--passes names {twice} twice; a pass runs once in a pipeline")
     if lengths is not None:
         if isinstance(lengths, str) or not isinstance(lengths, (list, tuple)) \
                 or not lengths or not all(_is_int(n) and n > 0 for n in lengths):

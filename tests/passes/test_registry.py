@@ -40,6 +40,8 @@ def test_pass_order_follows_stages_and_declared_constraints():
 
 def test_a_pipeline_against_a_declared_constraint_is_refused():
     check_pipeline(["fold_norm_affine", "rmsnorm_to_crmsnorm"])
+    with pytest.raises(TfcompileError, match="names fold_constants twice"):
+        check_pipeline(["fold_constants", "cleanup", "fold_constants"])
     with pytest.raises(TfcompileError, match="layernorm_to_rmsnorm must run after fold_norm_affine"):
         check_pipeline(["layernorm_to_rmsnorm", "fold_norm_affine"])
 

@@ -138,7 +138,11 @@ def pass_order(names: list[str] | None = None) -> list[str]:
 
 
 def check_pipeline(names: list[str] | tuple[str, ...]) -> None:
-    """Refuse a pipeline that runs a pass before one it must follow."""
+    """Refuse a pipeline that names a pass twice or runs a pass before one it must follow."""
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        # A second run finds nothing its first run left to do, or rewrites its own rewrite.
+        raise TfcompileError(f"--passes names {twice} twice; a pass runs once in a pipeline")
     for i, name in enumerate(names):
         for later in names[i + 1:]:
             if later in get_pass(name).runs_after:
