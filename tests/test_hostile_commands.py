@@ -667,3 +667,68 @@ def test_compare_outputs_are_replaced_together(box, monkeypatch):
     rows = [compare.ComparisonRow("a", 1.0, {"roofline": 1.1})]
     with untouched(box), pytest.raises(KeyboardInterrupt):
         compare.write_outputs(rows, compare.score(rows), out, title="t")
+
+
+# --- --device-file: a user's own device, validated field by field -------------------------------------------------
+
+def _device_file(box: Sandbox, text: str) -> Path:
+    from tfcompile.cost_models.device import device_file
+
+    shipped = device_file("a100").read_text()
+    path = box.inputs / "mine.toml"
+    path.write_text(text.replace("$A100", shipped))
+    return path
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name = 'x'\n", "missing"),
+    ("not = [toml", "not valid TOML"),
+    ("$A100\n[extra]\n", "unknown field extra"),
+    ("name = 'x'\nmem_bandwith_gbps = 1\n", "unknown field mem_bandwith_gbps"),
+    ("\x00\xff" * 10, "not valid TOML"),
+])
+def test_bad_device_files(text, match, box, capsys):
+    path = _device_file(box, text)
+    out = earlier_output(box, "report.json", "model.onnx")
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--device-file", path, "-o", out, match=match)
+
+
+def test_device_file_with_a_mistyped_field(box, capsys):
+    from tfcompile.cost_models.device import device_file
+
+    text = device_file("a100").read_text().replace("mem_bandwidth_gbps = 2039", 'mem_bandwidth_gbps = "fast"')
+    path = box.inputs / "mine.toml"
+    path.write_text(text)
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--device-file", path, "-o", box.work / "out",
+                   match="mem_bandwidth_gbps")
+
+
+def test_device_file_too_large_is_not_read(box, capsys):
+    path = box.inputs / "huge.toml"
+    with path.open("wb") as f:
+        f.truncate(64 * 1024**2)  # sparse: 64 MiB of zeros
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--device-file", path, "-o", box.work / "out",
+                   match="too large for a device file")
+
+
+def test_device_file_and_target_together_are_refused(box, capsys):
+    from tfcompile.cost_models.device import device_file
+
+    assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--device-file", device_file("a100"), "--target",
+                   "h100", "-o", box.work / "out", match="leave out --target")
+
+
+def test_a_device_file_is_ranked_under_its_own_name(box, capsys):
+    from tfcompile.cost_models.device import device_file
+
+    text = device_file("a100").read_text().replace('name = "a100"', 'name = "my-gpu"')
+    path = box.inputs / "mine.toml"
+    path.write_text(text)
+    code, lines, everything = run_cli(capsys, "optimize", "tests.tiny:bert", "--device-file", path, "--passes",
+                                      "fold_constants", "-o", box.work / "out")
+    assert code == 0, everything
+    report = json.loads((box.work / "out" / "report.json").read_text())
+    assert report["target"] == "my-gpu"
+    assert all(v["predicted_ms"]["my-gpu"] > 0 for v in report["variants"])
+    # The same spec under the shipped name predicts the same: the file is the device, not its name.
+    assert all(v["predicted_ms"]["my-gpu"] == pytest.approx(v["predicted_ms"]["a100"]) for v in report["variants"])

@@ -132,6 +132,9 @@ def cli(debug: bool) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("--target", "-t", default="cpu", show_default=True, help="Device to rank for (see `tfcompile targets`).")
+@click.option("--device-file", "device_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="Your own device as a TOML file shaped like the shipped ones (`tfcompile targets "
+                                 "--show cpu`), ranked instead of --target.")
 @click.option("--passes", default=None,
               help="Comma-separated pass pipeline to evaluate next to the baseline, instead of searching.")
 @click.option("--allow-approx", is_flag=True, help="Search and rank approximate variants that meet --budget.")
@@ -152,17 +155,25 @@ def cli(debug: bool) -> None:
               show_default=True, help="Directory for report.json and model.onnx.")
 @remote_options
 @model_options
-def optimize(model, target, passes, allow_approx, budget, lengths, measure, measure_top, backend, repeat, explain,
-             quantize, output_dir, remote, device_key, **load_kwargs):
+def optimize(model, target, device_file, passes, allow_approx, budget, lengths, measure, measure_top, backend, repeat,
+             explain, quantize, output_dir, remote, device_key, **load_kwargs):
     """Search variants of MODEL, verify and predict them, measure the best, rank them."""
     from tfcompile.pipeline import optimize_model
     from tfcompile.report import render_table
 
     remote_spec, backend = _remote_spec(remote, device_key, backend)
     pipeline = tuple(p.strip() for p in passes.split(",") if p.strip()) if passes is not None else None
+    if device_file is not None:
+        if click.get_current_context().get_parameter_source("target") != click.core.ParameterSource.DEFAULT:
+            raise TfcompileError("--device-file names the device to rank; leave out --target")
+        from tfcompile.cost_models import device_from_toml
+
+        target = device_from_toml(device_file)
+
+    target_name = target if isinstance(target, str) else target.name
 
     def show(graph, result) -> None:
-        render_table(result.reports, target, console, title=f"{graph.name} on {target}")
+        render_table(result.reports, target_name, console, title=f"{graph.name} on {target_name}")
         for report in result.reports:
             for note in report.backend_notes:
                 console.print(f"[dim]{report.name}: {note}[/dim]")
@@ -377,9 +388,18 @@ def list_passes():
 
 
 @cli.command()
-def targets():
+@click.option("--show", "show_name", default=None, metavar="NAME",
+              help="Print NAME's device file: a template for your own --device-file.")
+def targets(show_name):
     """List the device targets the cost model knows."""
     from tfcompile.cost_models import available_targets, load_device
+
+    if show_name is not None:
+        from tfcompile.cost_models.device import device_file
+
+        load_device(show_name)  # a known name, never a path
+        click.echo(device_file(show_name).read_text(), nl=False)
+        return
 
     table = Table(title="targets")
     for column in ("name", "kind", "device", "fp32 TFLOP/s", "fp16 TFLOP/s", "GB/s"):

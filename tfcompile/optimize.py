@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tfcompile.cost_models import available_targets, load_device
+from tfcompile.cost_models.device import DeviceSpec
 from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.graph import ModelGraph
 from tfcompile.measure import measure_here, measure_remote
@@ -44,9 +45,11 @@ class OptimizeSettings:
     workload: Workload = Workload()
     # --remote/--device-key: a tvm.remote.RemoteSpec; measure with TVM on that device through its RPC tracker.
     remote: Any = None
+    # --device-file: the user's own device, ranked under its name (``target``) instead of a shipped one.
+    device: DeviceSpec | None = None
 
     def context(self) -> PassContext:
-        return PassContext.build(self.target, self.backend, workload=self.workload)
+        return PassContext.build(self.device or self.target, self.backend, workload=self.workload)
 
 
 @dataclasses.dataclass

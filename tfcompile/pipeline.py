@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tfcompile.backends.runner import BACKENDS
+from tfcompile.cost_models.device import DeviceSpec
 from tfcompile.errors import InvalidOptionError, TfcompileError
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph
@@ -65,7 +66,8 @@ class OptimizeOutcome:
     onnx_path: Path
 
 
-def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: str = "cpu", backend: str = "ort",
+def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: str | DeviceSpec = "cpu",
+                   backend: str = "ort",
                    passes: tuple[str, ...] | None = None, allow_approx: bool = False, budget: float = 0.99,
                    lengths: tuple[int, ...] | None = None, measure: bool = False, measure_top: int = 1,
                    repeat: int = 10, quantize: str = "none", remote=None, load: LoadOptions = LoadOptions(),
@@ -76,13 +78,18 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
     ``on_ranked(graph, result)`` sees the loaded model and the ranked result
     before anything is exported (the CLI prints its table there, so it shows
     even when no variant is eligible).
+
+    ``target`` is a shipped target's name or a ``DeviceSpec`` (a user's own
+    device file, read with ``tfcompile.cost_models.device_from_toml``).
     """
     _check_arguments(model, output_dir, target=target, backend=backend, passes=passes, allow_approx=allow_approx,
                      budget=budget, lengths=lengths, measure=measure, measure_top=measure_top, repeat=repeat,
                      quantize=quantize, remote=remote, load=load)
     output_dir = Path(output_dir)
     workload = Workload(lengths=tuple(int(n) for n in lengths) if lengths is not None else None)
-    settings = OptimizeSettings(target=target, pipeline=tuple(passes) if passes is not None else None,
+    device = target if isinstance(target, DeviceSpec) else None
+    target = device.name if device else target
+    settings = OptimizeSettings(target=target, device=device, pipeline=tuple(passes) if passes is not None else None,
                                 allow_approx=allow_approx, budget=budget, measure=measure, measure_top=measure_top,
                                 backend=backend, repeat=repeat, workload=workload, remote=remote)
     _check_settings(settings, load, output_dir)
@@ -122,8 +129,8 @@ def _check_arguments(model, output_dir, *, target, backend, passes, allow_approx
         raise InvalidOptionError(f"model {model!r}: a zoo name, a model file or directory, or module:factory")
     if not isinstance(output_dir, (str, os.PathLike)) or not os.fspath(output_dir):
         raise InvalidOptionError(f"-o {output_dir!r}: a directory path for report.json and model.onnx")
-    if not isinstance(target, str):
-        raise InvalidOptionError(f"--target {target!r}: a target name (see `tfcompile targets`)")
+    if not isinstance(target, (str, DeviceSpec)):
+        raise InvalidOptionError(f"--target {target!r}: a target name (see `tfcompile targets`) or a DeviceSpec")
     if backend not in BACKENDS:
         raise InvalidOptionError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if quantize not in QUANTIZE_MODES:

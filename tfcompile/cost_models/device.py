@@ -65,9 +65,20 @@ def load_device(name: str) -> DeviceSpec:
     return spec
 
 
+# A device file is a few dozen lines; a larger one is not a device file and is not read into memory.
+MAX_DEVICE_FILE_BYTES = 1 << 20
+
+
 def device_from_toml(path: Path) -> DeviceSpec:
     """Read and validate one device file; each missing or mistyped field is one clear error."""
+    path = Path(path)
     try:
+        if not path.is_file():
+            raise DeviceSpecError(f"{path}: not a file; a device file is a TOML file like those `tfcompile "
+                                  "targets` lists")
+        if path.stat().st_size > MAX_DEVICE_FILE_BYTES:
+            raise DeviceSpecError(f"{path}: {path.stat().st_size} bytes is too large for a device file "
+                                  f"(at most {MAX_DEVICE_FILE_BYTES})")
         with path.open("rb") as f:
             data = tomllib.load(f)
     except OSError as exc:
@@ -75,8 +86,12 @@ def device_from_toml(path: Path) -> DeviceSpec:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DeviceSpecError(f"{path}: not valid TOML: {exc}") from exc
     field = _FieldReader(path, data)
+    field.only(DEVICE_FIELDS)
+    field.number("memory_gb", positive=True, default=1.0)  # documentation only, but a number
     efficiency = field.table("efficiency")
+    _FieldReader(path, efficiency, "efficiency").only(OP_CLASSES)
     attention = field.table("attention", required=False)
+    _FieldReader(path, attention, "attention").only(ATTENTION_FIELDS)
     return DeviceSpec(
         name=field.text("name"),
         description=field.text("description"),
@@ -94,6 +109,9 @@ def device_from_toml(path: Path) -> DeviceSpec:
 
 
 DEVICE_KINDS = ("cpu", "gpu", "npu", "edge")
+DEVICE_FIELDS = ("name", "description", "kind", "memory_gb", "mem_bandwidth_gbps", "kernel_overhead_us",
+                 "overhead_per", "peak_tflops", "efficiency", "attention", "sources")
+ATTENTION_FIELDS = ("score_passes", "cache_mb")
 OVERHEAD_UNITS = ("kernel", "graph")
 _MISSING = object()
 
@@ -138,6 +156,13 @@ class _FieldReader:
         if not ok:
             raise self._fail(key, expected, value)
         return float(value)
+
+    def only(self, known: tuple[str, ...]) -> None:
+        """A field nobody reads is most often a misspelt one: say so instead of using a default."""
+        for key in self.data:
+            if key not in known:
+                raise DeviceSpecError(f"{self.path}: unknown field {self.prefix}{key}; known fields: "
+                                      f"{', '.join(self.prefix + k for k in known)}")
 
     def table(self, key: str, *, required: bool = True) -> dict:
         value = self._get(key, "a table", _MISSING if required else {})
