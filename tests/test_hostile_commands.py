@@ -732,3 +732,9 @@ def test_a_device_file_is_ranked_under_its_own_name(box, capsys):
     assert all(v["predicted_ms"]["my-gpu"] > 0 for v in report["variants"])
     # The same spec under the shipped name predicts the same: the file is the device, not its name.
     assert all(v["predicted_ms"]["my-gpu"] == pytest.approx(v["predicted_ms"]["a100"]) for v in report["variants"])
+
+
+def test_targets_show_takes_names_not_paths(box, capsys):
+    assert_refused(capsys, box, "targets", "--show", "../cost_models/devices/a100", match="unknown target")
+    code, _, everything = run_cli(capsys, "targets", "--show", "h100")
+    assert code == 0 and 'name = "h100"' in everything
