@@ -348,6 +348,20 @@ def test_seed_out_of_range_through_the_library():
         load_model("gpt2-small", LoadOptions(seed=2**64))
 
 
+@pytest.mark.parametrize("source,options,match", [
+    (None, LoadOptions(), "model None"),
+    (b"gpt2-small", LoadOptions(), "model b'gpt2-small'"),
+    ("", LoadOptions(), "model ''"),
+    ("gpt2-small", None, "load options None"),
+    ("gpt2-small", {"batch": 1}, "load options"),
+])
+def test_library_callers_get_a_clear_error_for_wrong_types(source, options, match):
+    from tfcompile.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match=match):
+        load_model(source, options)
+
+
 # --- factories: the user's own code, whatever it does, ends in one line ------------------------------------
 
 FACTORIES = '''

@@ -54,7 +54,10 @@ class LoadOptions:
     timeout_s: float | None = None
 
 
-def load_model(source: str, options: LoadOptions = LoadOptions()) -> ModelGraph:
+def load_model(source: str | os.PathLike, options: LoadOptions = LoadOptions()) -> ModelGraph:
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+        raise InvalidOptionError(f"model {source!r}: a zoo name, a model file or directory, or module:factory")
+    source = os.fspath(source)
     check_options(options)
     try:
         with quiet_library_logs(), deadline(options.timeout_s, f"loading and tracing {source}"):
@@ -86,6 +89,8 @@ def _load(source: str, options: LoadOptions) -> ModelGraph:
 
 def check_options(options: LoadOptions) -> None:
     """The library's entry checks what the CLI's option types check, for callers that skip the CLI."""
+    if not isinstance(options, LoadOptions):
+        raise InvalidOptionError(f"load options {options!r}: a tfcompile.frontend.LoadOptions")
     for flag, value in (("--batch", options.batch), ("--seq", options.seq)):
         if not _is_int(value) or value <= 0:
             raise ShapeError(f"{flag} must be a positive integer (got {value!r})")
