@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from tfcompile.errors import MAX_SEED, InvalidOptionError, ModelLoadError, ShapeError, TraceError, first_line
-from tfcompile.frontend import detect, hf, torch_files, zoo
+from tfcompile.frontend import detect, hf, hf_inputs, torch_files, zoo
 from tfcompile.frontend.inputs import make_input, seeded_generator
 from tfcompile.frontend.limits import check_fits_in_memory, deadline, quiet_library_logs, tensor_bytes
 from tfcompile.graph import ModelGraph, export_module, from_exported_program
@@ -317,7 +317,8 @@ def _trace_module(module: torch.nn.Module, name: str, options: LoadOptions, *,
         names = input_names or getattr(module, "input_names", None) or list(options.input_shapes or [])
         if not names:
             raise ShapeError(f"{name}: tfcompile cannot guess this module's inputs; give --input-shape NAME=DIMS")
-        inputs = _inputs_for(names, _default_shapes(module, names, options), options.input_dtypes or {}, options,
+        inputs = _inputs_for(names, _default_shapes(module, names, options),
+                             {**_default_dtypes(module, names), **(options.input_dtypes or {})}, options,
                              int_high=_vocab_size(module))
         input_names = names
     _check_positions(module, name, inputs, input_names or [])
@@ -354,17 +355,18 @@ def check_activation_memory(graph: ModelGraph) -> None:
 
 
 def _default_shapes(module: torch.nn.Module, names: list[str], options: LoadOptions) -> dict[str, tuple[int, ...]]:
+    """Shapes the model's config and forward give (``hf_inputs``); (batch, seq) where they say nothing."""
     shapes = dict(options.input_shapes or {})
-    config = getattr(getattr(module, "model", None), "config", None)
+    inner = getattr(module, "model", None)
     for name in names:
-        if name in shapes:
-            continue
-        if name == "pixel_values":
-            size = getattr(config, "image_size", 224)
-            shapes[name] = (options.batch, getattr(config, "num_channels", 3), size, size)
-        else:
-            shapes[name] = (options.batch, options.seq)
+        if name not in shapes:
+            shapes[name] = hf_inputs.input_shape(inner, name, options.batch, options.seq) \
+                or (options.batch, options.seq)
     return shapes
+
+
+def _default_dtypes(module: torch.nn.Module, names: list[str]) -> dict[str, torch.dtype]:
+    return {name: hf_inputs.input_dtype(getattr(module, "model", None), name) for name in names}
 
 
 def _inputs_for(names, shapes, dtypes, options: LoadOptions, int_high: int = 2) -> tuple[torch.Tensor, ...]:

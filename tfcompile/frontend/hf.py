@@ -8,14 +8,16 @@ Nothing here touches the network: directories are read with
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import os
+import re
 import pickle
 from pathlib import Path
 
 import torch
 
 from tfcompile.errors import ModelLoadError, first_line
+from tfcompile.frontend import hf_inputs
 
 # Transformers must never try the hub from inside tfcompile.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +34,11 @@ def quiet_transformers() -> None:
 
 
 class TensorIO(torch.nn.Module):
-    """Adapts a Hugging Face model to ``forward(*tensors) -> tuple[tensors]``."""
+    """Adapts a Hugging Face model to ``forward(*tensors) -> tuple[tensors]``.
+
+    ``output_fields`` names the ModelOutput fields returned, in order; empty
+    returns every tensor the model returns (unnamed).
+    """
 
     def __init__(self, model: torch.nn.Module, input_names: list[str], output_fields: list[str],
                  pooling: str | None = None):
@@ -44,9 +50,7 @@ class TensorIO(torch.nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs = dict(zip(self.input_names, tensors))
-        if "use_cache" in inspect.signature(self.model.forward).parameters:
-            kwargs["use_cache"] = False  # a KV cache in the outputs is not a pytree torch.export can trace
-        out = self.model(**kwargs)
+        out = self.model_output(*tensors)
         if self.pooling == "mean":
             # sentence-transformers: masked mean over tokens, then L2 normalisation.
             hidden = out.last_hidden_state
@@ -54,33 +58,73 @@ class TensorIO(torch.nn.Module):
             summed = (hidden * mask).sum(dim=1)
             pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
             return (torch.nn.functional.normalize(pooled, p=2.0, dim=1),)
-        return tuple(getattr(out, field) for field in self.output_fields)
+        if self.output_fields:
+            return tuple(getattr(out, field) for field in self.output_fields)
+        if isinstance(out, torch.Tensor):
+            return (out,)
+        return tuple(out[field] for field in hf_inputs.tensor_fields(out))
+
+    def model_output(self, *tensors: torch.Tensor):
+        """What the wrapped model returns for these inputs (a ModelOutput for transformers models)."""
+        kwargs = dict(zip(self.input_names, tensors))
+        if "use_cache" in hf_inputs.forward_parameters(self.model):
+            kwargs["use_cache"] = False  # a KV cache in the outputs is not a pytree torch.export can trace
+        return self.model(**kwargs)
 
 
 def io_spec(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Input names and output fields for a transformers model class."""
-    name = type(model).__name__
-    if "ImageClassification" in name:
-        return ["pixel_values"], ["logits"]
-    if name.startswith("ViT"):
-        return ["pixel_values"], ["last_hidden_state"]
-    if "CausalLM" in name or "LMHead" in name:
-        return ["input_ids"], ["logits"]
-    if "SequenceClassification" in name:
-        return ["input_ids", "attention_mask"], ["logits"]
-    return ["input_ids", "attention_mask"], ["last_hidden_state"]
+    """Input names and output fields of a transformers model, from its forward, config and outputs.
+
+    See ``hf_inputs`` for the inputs. The output fields are the tensors one
+    small forward returns (``last_hidden_state``, ``pooler_output``,
+    ``logits``, ...), so they are named as the model names them.
+    """
+    names = hf_inputs.input_names(model)
+    return names, output_fields(model, names)
+
+
+def output_fields(model: torch.nn.Module, input_names: list[str]) -> list[str]:
+    """The tensor fields ``model`` returns, from one forward at batch 1 and a few tokens.
+
+    Empty when that forward cannot be run from the model's own description
+    (an input it does not size, or a forward that needs more): the wrapper then
+    returns every tensor unnamed, and tracing at the user's ``--input-shape``
+    still works.
+    """
+    seq = hf_inputs.probe_seq(model)
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for name in input_names:
+        shape = hf_inputs.input_shape(model, name, 1, seq)
+        if shape is None:
+            return []
+        dtype = hf_inputs.input_dtype(model, name)
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(dtype))
+        else:
+            inputs.append(torch.ones(shape, dtype=dtype))  # id 1 and a mask of ones fit every vocabulary
+    try:
+        with torch.no_grad():
+            out = TensorIO(model, input_names, []).model_output(*inputs)
+    except Exception:  # whatever the model raises here, tracing raises again with the user's shapes, or not
+        return []
+    return hf_inputs.tensor_fields(out)
 
 
 def model_class_for(config, source: Path | None = None) -> type:
     """The transformers model class the config's ``architectures`` names (AutoModel if none).
 
     Only model classes: a config is input, and ``getattr(transformers, name)`` reaches
-    any public function or class of the library.
+    any public function or class of the library. Classes the library does not
+    export at its top level (``WhisperEncoder``) are looked up in the modeling
+    module of the config's ``model_type``.
     """
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        cls = None
+        if isinstance(arch, str):
+            cls = getattr(transformers, arch, None) or _modeling_class(config, arch)
         if cls is None:
             continue
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -88,6 +132,22 @@ def model_class_for(config, source: Path | None = None) -> type:
                                  "model class (e.g. GPT2LMHeadModel, BertModel)")
         return cls
     return transformers.AutoModel
+
+
+MODEL_TYPE_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def _modeling_class(config, name: str) -> type | None:
+    """``name`` from ``transformers.models.<model_type>.modeling_<model_type>``, or None."""
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model_type, str) or not MODEL_TYPE_PATTERN.fullmatch(model_type) or not name.isidentifier():
+        return None
+    module_name = model_type.replace("-", "_")
+    try:
+        module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    except ImportError:
+        return None
+    return getattr(module, name, None)
 
 
 def load_directory(path: Path) -> torch.nn.Module:
