@@ -23,6 +23,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -387,6 +388,29 @@ def test_optimize_remote_tracker_answers_junk(case, box, capsys):
     with junk_tracker(answer) as address:
         assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--measure", "--remote", address,
                        "--device-key", "k", "-o", out, match=match)
+
+
+def _silent(after_handshake: bool):
+    def answer(conn):
+        conn.recv(4)
+        if after_handshake:
+            conn.sendall(TRACKER_MAGIC)
+        time.sleep(4)  # and then nothing: the client (1 s timeout below) must give up on its own
+    return answer
+
+
+@pytest.mark.parametrize("after_handshake", [False, True], ids=["silent", "silent-after-handshake"])
+def test_tracker_that_never_answers_times_out(after_handshake, box, capsys, monkeypatch):
+    from tfcompile.backends.tvm import remote
+
+    monkeypatch.setattr(remote, "CONNECT_TIMEOUT_S", 1.0)
+    out = earlier_output(box, "report.json")
+    with junk_tracker(_silent(after_handshake)) as address:
+        started = time.monotonic()
+        line = assert_refused(capsys, box, "optimize", "tests.tiny:bert", "--measure", "--remote", address,
+                              "--device-key", "k", "-o", out, match=address)
+        assert time.monotonic() - started < 30
+    assert "timed out" in line
 
 
 def test_session_request_answered_with_junk(box, capsys):

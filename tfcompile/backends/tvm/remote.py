@@ -115,11 +115,14 @@ def _tracker_socket(remote: RemoteSpec, timeout: float) -> socket.socket:
     return sock
 
 
-def tracker_summary(remote: RemoteSpec, *, timeout: float = CONNECT_TIMEOUT_S) -> dict:
-    """The tracker's own summary: ``{"server_info": [...], "queue_info": {...}}``."""
+def tracker_summary(remote: RemoteSpec, *, timeout: float | None = None) -> dict:
+    """The tracker's own summary: ``{"server_info": [...], "queue_info": {...}}``.
+
+    A tracker that accepts and never answers fails after ``timeout`` (default ``CONNECT_TIMEOUT_S``).
+    """
     from tvm.rpc import base
 
-    sock = _tracker_socket(remote, timeout)
+    sock = _tracker_socket(remote, CONNECT_TIMEOUT_S if timeout is None else timeout)
     try:
         base.sendjson(sock, [base.TrackerCode.SUMMARY])
         value = base.recvjson(sock)
@@ -153,7 +156,7 @@ def _clip(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def servers_for(remote: RemoteSpec, *, timeout: float = CONNECT_TIMEOUT_S) -> list[str]:
+def servers_for(remote: RemoteSpec, *, timeout: float | None = None) -> list[str]:
     """Addresses of the servers registered with the remote's key; RemoteError if there are none."""
     summary = tracker_summary(remote, timeout=timeout)
     servers, keys = [], set()
