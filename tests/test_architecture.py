@@ -1,7 +1,7 @@
 """The package's shape: layers import only downwards, no import cycles, small modules.
 
 Layers, lowest first (a module may import its own layer and those below):
-core (errors, outputs, graph, corpus) -> structure, frontend, verify, report ->
+core (errors, outputs, graph, corpus, workload) -> structure, frontend, verify, report ->
 cost_models -> passes -> backends -> the pipeline (variants, search,
 knob_search, measure, optimize, compare, calibrate, pipeline) -> cli.
 """
@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tfcompile"
 MAX_LINES = 500
 
 LAYERS = [
-    ("tfcompile.errors", "tfcompile.outputs", "tfcompile.graph", "tfcompile.corpus"),
+    ("tfcompile.errors", "tfcompile.outputs", "tfcompile.graph", "tfcompile.corpus", "tfcompile.workload"),
     ("tfcompile.structure", "tfcompile.frontend", "tfcompile.verify", "tfcompile.report"),
     ("tfcompile.cost_models",),
     ("tfcompile.passes",),

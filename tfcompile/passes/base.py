@@ -75,6 +75,10 @@ class Pass:
     rewrite: Callable[[ModelGraph, Any], PassResult]
     stage: Stage
     runs_after: tuple[str, ...] = ()
+    # The rewrite bakes the example batch's valid lengths into the graph: the variant is right for
+    # batches with exactly those lengths and silently wrong for others, so it serves no workload
+    # whose batches differ (and is never exported as a general model).
+    lengths_specific: bool = False
 
     @property
     def exact(self) -> bool:
@@ -93,13 +97,14 @@ _REGISTRY: dict[str, Pass] = {}
 
 
 def register_pass(name: str, exactness: Exactness, description: str, *, plan: Callable[..., Any],
-                  stage: Stage, runs_after: tuple[str, ...] = ()):
+                  stage: Stage, runs_after: tuple[str, ...] = (), lengths_specific: bool = False):
     """Decorator for a pass's rewrite function; ``plan`` decides whether and what to rewrite."""
 
     def wrap(rewrite: Callable[[ModelGraph, Any], PassResult]) -> Callable[[ModelGraph, Any], PassResult]:
         if name in _REGISTRY:
             raise ValueError(f"pass {name!r} registered twice")
-        _REGISTRY[name] = Pass(name, exactness, description, plan, rewrite, stage, tuple(runs_after))
+        _REGISTRY[name] = Pass(name, exactness, description, plan, rewrite, stage, tuple(runs_after),
+                               lengths_specific)
         return rewrite
 
     return wrap

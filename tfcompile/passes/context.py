@@ -14,17 +14,9 @@ from pathlib import Path
 
 from tfcompile.cost_models.device import DeviceSpec
 from tfcompile.cost_models.model import CostModel, cost_model_for
+from tfcompile.workload import Workload
 
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """The inputs the deployed model will see.
-
-    ``lengths``: valid lengths of a right-padded batch (padding removal and
-    prepacking specialise to them); None when the batch is dense.
-    """
-
-    lengths: tuple[int, ...] | None = None
+__all__ = ["PassContext", "Workload", "default_context"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,7 +55,7 @@ def _plan(graph: ModelGraph, context: PassContext, capacity: int | None = None) 
 @register_pass("prepack", Exactness.EXACT,
                "bin-pack the sequences of a right-padded batch into dense rows with block-diagonal "
                "attention masks and per-sequence positions (prefill)", plan=_plan, stage=Stage.PADDING,
-               runs_after=("remove_padding",))
+               runs_after=("remove_padding",), lengths_specific=True)
 def prepack(graph: ModelGraph, plan: PackingPlan) -> PassResult:
     pack(graph, plan)
     rows, capacity = plan.geometry.tok_dims

@@ -57,7 +57,8 @@ def _plan(graph: ModelGraph, context: PassContext) -> PackingPlan:
 
 @register_pass("remove_padding", Exactness.EXACT,
                "compute only the valid tokens of a right-padded batch: packed token-wise ops, "
-               "per-sequence attention, scatter back at the output", plan=_plan, stage=Stage.PADDING)
+               "per-sequence attention, scatter back at the output", plan=_plan, stage=Stage.PADDING,
+               lengths_specific=True)
 def remove_padding(graph: ModelGraph, plan: PackingPlan) -> PassResult:
     pack(graph, plan)
     return PassResult(graph, True, f"packed {plan.batch.describe()}; {plan.tokens.attention_calls} "
