@@ -8,6 +8,11 @@ stay single nodes) together with the seeded example inputs it was traced with.
 Variants share parameter tensors with their original: ``clone`` copies the
 graph, never the weights, and a pass that changes a weight registers a new
 attribute instead of writing into the old tensor.
+
+The graph is static: every node's meta shape is concrete, which the passes and
+cost models rely on. What a deployable export with symbolic batch and sequence
+dimensions needs to trace the model again rides along as ``retrace`` (a
+``RetraceSource``; see ``frontend.dynamic`` and ``backends.dynamic_export``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,28 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from tfcompile.errors import TraceError, first_line
 
 
+@dataclasses.dataclass(frozen=True)
+class DimRange:
+    """A symbolic input dimension: its name in the exported model and its allowed range."""
+
+    name: str
+    min: int
+    max: int | None  # None: no upper bound
+
+
+@dataclasses.dataclass(frozen=True)
+class RetraceSource:
+    """The loaded module a static graph was traced from, and which input dimensions may vary.
+
+    ``dims[i]`` maps input ``i``'s dimension index to its range; ``static_reason``
+    says why the model can only be exported at its traced shape (then ``module`` is None).
+    """
+
+    module: torch.nn.Module | None
+    dims: tuple[dict[int, DimRange], ...] = ()
+    static_reason: str | None = None
+
+
 @dataclasses.dataclass
 class ModelGraph:
     name: str
@@ -33,6 +60,8 @@ class ModelGraph:
     output_names: list[str]
     # Free-form facts from the frontend (architecture family, config values).
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # How to trace the source again with symbolic shapes; None: the frontend kept nothing.
+    retrace: RetraceSource | None = None
 
     def nodes(self, op: str | None = None):
         return [n for n in self.gm.graph.nodes if op is None or n.op == op]
@@ -96,6 +125,7 @@ def from_exported_program(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     info: dict[str, Any] | None = None,
+    retrace: RetraceSource | None = None,
 ) -> ModelGraph:
     gm = program.module()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -108,7 +138,7 @@ def from_exported_program(
         output_names = [f"output_{i}" for i in range(count)]
     return ModelGraph(name=name, gm=gm, example_inputs=tuple(example_inputs),
                       input_names=list(input_names), output_names=list(output_names),
-                      info=dict(info or {}))
+                      info=dict(info or {}), retrace=retrace)
 
 
 def refresh_shapes(graph: ModelGraph) -> None:
@@ -121,10 +151,13 @@ def refresh_shapes(graph: ModelGraph) -> None:
         FakeTensorProp(graph.gm, mode).propagate_dont_convert_inputs(*fake_inputs)
 
 
-def to_exported_program(graph: ModelGraph) -> torch.export.ExportedProgram:
-    """Re-export a (rewritten) graph so backends get a fresh ExportedProgram."""
+def to_exported_program(graph: ModelGraph, dynamic_shapes: tuple | None = None) -> torch.export.ExportedProgram:
+    """Re-export a (rewritten) graph so backends get a fresh ExportedProgram.
+
+    ``dynamic_shapes``: one ``{dim: torch.export.Dim}`` per input (the GraphModule takes flat inputs)."""
     try:
         with torch.no_grad():
-            return torch.export.export(graph.gm, tuple(graph.example_inputs), strict=False)
+            return torch.export.export(graph.gm, tuple(graph.example_inputs), dynamic_shapes=dynamic_shapes,
+                                       strict=False)
     except Exception as exc:
         raise TraceError(f"could not re-export variant {graph.name}: {type(exc).__name__}: {first_line(exc)}") from exc

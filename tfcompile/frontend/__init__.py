@@ -8,6 +8,11 @@ Sources, in the order they are tried:
   ONNX, or a full pickle (only with ``--trust-pickle``);
 - ``package.module:factory``, a callable returning an ``nn.Module`` or
   ``(nn.Module, example_inputs)``.
+
+Every graph keeps what a deployable export needs to trace it again with
+symbolic batch and sequence dimensions (``ModelGraph.retrace``, see
+``frontend.dynamic``): the module for modules, the archive's own dimensions
+for ``.pt2`` and TorchScript, and for ONNX input the reason it stays static.
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ import torch
 
 from tfcompile.errors import MAX_SEED, InvalidOptionError, ModelLoadError, ShapeError, TraceError, first_line
 from tfcompile.frontend import detect, hf, hf_inputs, torch_files, zoo
+from tfcompile.frontend.dynamic import module_source, program_source
 from tfcompile.frontend.inputs import make_input, seeded_generator
 from tfcompile.frontend.limits import check_fits_in_memory, deadline, quiet_library_logs, tensor_bytes
-from tfcompile.graph import ModelGraph, export_module, from_exported_program
+from tfcompile.graph import ModelGraph, RetraceSource, export_module, from_exported_program
 
 
 FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 TRACE_HINT = ("give the input shapes the model expects (--input-shape NAME=DIMS[:DTYPE]), or a module:factory "
               "returning (module, example_inputs) that fixes them; data-dependent Python control flow cannot be "
               "traced (use torch.cond or take the branch out)")
+ONNX_STATIC = "an ONNX input is imported at fixed shapes (--batch, --seq, --input-shape)"
 # Token inputs are int64 ids plus a mask of the same shape.
 TOKEN_INPUT_BYTES = 2 * 8
 
@@ -152,12 +159,14 @@ def _from_program(program: torch.export.ExportedProgram, name: str, options: Loa
         inputs = _inputs_for(names, shapes, {k: (options.input_dtypes or {}).get(k) or fakes[k].dtype for k in names},
                              options, int_high=_embedding_rows(program))
     traced_at = [tuple(fakes[k].shape) for k in names]
+    retrace = program_source(_retraceable(program), program, names, "the .pt2 archive")
     if any(_is_symbolic(fakes[k]) for k in names) or traced_at != [tuple(t.shape) for t in inputs]:
         # Symbolic dimensions reach the cost model and the report as SymInts/SymFloats, and a static
         # export only runs at its traced shapes: re-trace at the concrete inputs either way.
         return _trace_module(_retraceable(program), name, options, inputs=inputs, input_names=names,
-                             info={"source": "pt2"})
-    return from_exported_program(program, inputs, name=name, input_names=names, info={"source": "pt2"})
+                             info={"source": "pt2"}, retrace=retrace)
+    return from_exported_program(program, inputs, name=name, input_names=names, info={"source": "pt2"},
+                                 retrace=retrace)
 
 
 def _retraceable(program: torch.export.ExportedProgram) -> torch.nn.Module:
@@ -219,12 +228,15 @@ def _from_torchscript(path: Path, options: LoadOptions) -> ModelGraph:
     except Exception as exc:  # the converter raises whatever the TorchScript op it met raises
         raise ModelLoadError(f"{path}: TorchScript could not be converted to torch.export: "
                              f"{type(exc).__name__}: {first_line(exc)}") from exc
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    retrace = program_source(_retraceable(program), program, user_inputs, "the TorchScript module")
     if any(_is_symbolic(n.meta["val"]) for n in program.graph.nodes
            if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)):
         # The converter leaves the batch dimension symbolic; the cost model and the report need numbers.
         return _trace_module(_retraceable(program), path.stem, options, inputs=inputs,
-                             info={"source": "torchscript"})
-    return from_exported_program(program, inputs, name=path.stem, info={"source": "torchscript"})
+                             info={"source": "torchscript"}, retrace=retrace)
+    return from_exported_program(program, inputs, name=path.stem, info={"source": "torchscript"},
+                                 retrace=retrace)
 
 
 def _from_onnx(path: Path, options: LoadOptions) -> ModelGraph:
@@ -240,7 +252,7 @@ def _from_onnx(path: Path, options: LoadOptions) -> ModelGraph:
                            seed=options.seed)
     return export_module(imported.module, imported.example_inputs, name=path.stem,
                          input_names=imported.input_names, output_names=imported.output_names,
-                         info={"source": "onnx"})
+                         info={"source": "onnx"}, retrace=RetraceSource(None, static_reason=ONNX_STATIC))
 
 
 def _load_factory(source: str, options: LoadOptions) -> ModelGraph:
@@ -312,7 +324,7 @@ def _wrap_if_hf(module: torch.nn.Module) -> torch.nn.Module:
 
 def _trace_module(module: torch.nn.Module, name: str, options: LoadOptions, *,
                   inputs: tuple[torch.Tensor, ...] | None = None, input_names: list[str] | None = None,
-                  info: dict[str, Any] | None = None) -> ModelGraph:
+                  info: dict[str, Any] | None = None, retrace: RetraceSource | None = None) -> ModelGraph:
     if inputs is None:
         names = input_names or getattr(module, "input_names", None) or list(options.input_shapes or [])
         if not names:
@@ -325,7 +337,9 @@ def _trace_module(module: torch.nn.Module, name: str, options: LoadOptions, *,
     output_names = getattr(module, "output_fields", None) or None
     if getattr(module, "pooling", None):
         output_names = ["sentence_embedding"]
-    return export_module(module, inputs, name=name, input_names=input_names, output_names=output_names, info=info)
+    graph = export_module(module, inputs, name=name, input_names=input_names, output_names=output_names, info=info)
+    graph.retrace = retrace or module_source(module, graph.input_names, inputs)
+    return graph
 
 
 def check_tensor_outputs(graph: ModelGraph) -> None:
