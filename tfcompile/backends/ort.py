@@ -33,8 +33,13 @@ from tfcompile.outputs import atomic_path, directories_for
 PROTOBUF_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
 
 
-def export_onnx(graph: ModelGraph, path: Path, *, opset: int | None = None, external_data: bool = False) -> Path:
+def export_onnx(graph: ModelGraph, path: Path, *, opset: int | None = None, external_data: bool = False,
+                dynamic_shapes: tuple[dict[int, torch.export.Dim], ...] | None = None) -> Path:
     """Write ``graph`` as ONNX to ``path`` atomically and check it.
+
+    ``dynamic_shapes``: one ``{dim: torch.export.Dim}`` per input of a graph traced
+    with symbolic shapes (``backends.dynamic_export``); the ONNX file's dimensions
+    then carry the Dims' names (``batch``, ``seq``) instead of fixed sizes.
 
     ``external_data``: weights go to ``<path>.data`` beside the graph. That is
     what tfcompile's own measurement copies use: writing raw tensors and
@@ -47,7 +52,7 @@ def export_onnx(graph: ModelGraph, path: Path, *, opset: int | None = None, exte
     if graph.parameter_bytes() > PROTOBUF_LIMIT_BYTES and not external_data:
         raise BackendError(f"{graph.name}: {graph.parameter_bytes() / 1e9:.1f} GB of weights exceed what one "
                            ".onnx file can hold")
-    program = to_exported_program(_without_exporter_names(graph))
+    program = to_exported_program(_without_exporter_names(graph), dynamic_shapes)
     path = Path(path)
     with _atomic_onnx(path, external_data) as tmp:
         try:
@@ -58,12 +63,38 @@ def export_onnx(graph: ModelGraph, path: Path, *, opset: int | None = None, exte
                 onnx_program.save(str(tmp), external_data=external_data)
         except Exception as exc:  # the exporter raises many types; one line for the user
             raise BackendError(f"ONNX export of {graph.name} failed: {type(exc).__name__}: {first_line(exc)}") from exc
+        if dynamic_shapes:
+            _name_dimensions(tmp, _symbol_names(program, dynamic_shapes))
         try:
             onnx.checker.check_model(str(tmp), full_check=False)
         except onnx.checker.ValidationError as exc:
             raise BackendError(f"exported ONNX for {graph.name} fails onnx.checker: {first_line(exc)}") \
                 from exc
     return path
+
+
+def _symbol_names(program: torch.export.ExportedProgram, dynamic_shapes: tuple) -> dict[str, str]:
+    """The exporter's symbol for each dynamic input dimension (``s13``) -> the Dim's name (``batch``)."""
+    user = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    fakes = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    names = {}
+    for input_name, spec in zip(user, dynamic_shapes):
+        for index, dim in (spec or {}).items():
+            names[str(fakes[input_name].shape[index])] = dim.__name__
+    return names
+
+
+def _name_dimensions(path: Path, names: dict[str, str]) -> None:
+    """Rename symbolic dimensions in the file's inputs, outputs and value infos (weights stay where they are)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+    onnx.save(model, str(path))
 
 
 @contextlib.contextmanager
