@@ -55,10 +55,12 @@ def _parse_input_shapes(specs: tuple[str, ...]):
 
 def model_options(fn):
     options = [
-        click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
-                     help="Batch size of the example inputs."),
-        click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1),
-                     help="Sequence length of token inputs."),
+        click.option("--batch", default="1", show_default=True, metavar="SIZES",
+                     help="Batch size of the example inputs; for optimize also a list or range of a workload "
+                          "(1,8 or 1..32)."),
+        click.option("--seq", default="128", show_default=True, metavar="LENGTHS",
+                     help="Sequence length of token inputs; for optimize also a list or range of a workload "
+                          "(16..512: powers of two between, both ends kept)."),
         click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DIMS[:DTYPE]",
                      help="Explicit input shape, e.g. input_ids=1x128:int64 (repeatable)."),
         click.option("--trust-pickle", is_flag=True,
@@ -77,11 +79,27 @@ def model_options(fn):
     return fn
 
 
+def _sizes(text: str, option: str) -> list[int]:
+    from tfcompile.workload import parse_sizes
+
+    return parse_sizes(text, option)
+
+
+def _one_size(text: str, option: str) -> int:
+    sizes = _sizes(text, option)
+    if len(sizes) > 1:
+        raise TfcompileError(f"{option} {text}: this command traces one shape; a list or range describes a "
+                             "workload for `optimize`")
+    return sizes[0]
+
+
 def _load_options(batch, seq, input_shape, trust_pickle, config_path, seed, load_timeout):
+    """Load options for one traced shape (``batch`` and ``seq`` still as typed)."""
     from tfcompile.frontend import LoadOptions
 
     shapes, dtypes = _parse_input_shapes(input_shape)
-    return LoadOptions(batch=batch, seq=seq, input_shapes=shapes, input_dtypes=dtypes,
+    return LoadOptions(batch=_one_size(batch, "--batch"), seq=_one_size(seq, "--seq"), input_shapes=shapes,
+                       input_dtypes=dtypes,
                        trust_pickle=trust_pickle, config=config_path, seed=seed, timeout_s=load_timeout)
 
 
@@ -142,6 +160,9 @@ def cli(debug: bool) -> None:
               help="Minimum quality (cosine or top-1 agreement) for approximate variants.")
 @click.option("--lengths", default=None,
               help="Valid lengths of the batch's sequences (padding removal), e.g. 37,128,5.")
+@click.option("--lengths-file", "lengths_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="Request lengths the deployment sees (one per line, or LENGTH COUNT lines): "
+                                 "batches of --batch requests padded to --seq are the workload.")
 @click.option("--measure", is_flag=True, help="Measure the baseline and the best predicted variants on --backend.")
 @click.option("--measure-top", default=1, show_default=True, type=int,
               help="How many variants to measure besides the baseline.")
@@ -155,8 +176,8 @@ def cli(debug: bool) -> None:
               show_default=True, help="Directory for report.json and model.onnx.")
 @remote_options
 @model_options
-def optimize(model, target, device_file, passes, allow_approx, budget, lengths, measure, measure_top, backend, repeat,
-             explain, quantize, output_dir, remote, device_key, **load_kwargs):
+def optimize(model, target, device_file, passes, allow_approx, budget, lengths, lengths_file, measure, measure_top,
+             backend, repeat, explain, quantize, output_dir, remote, device_key, **load_kwargs):
     """Search variants of MODEL, verify and predict them, measure the best, rank them."""
     from tfcompile.pipeline import optimize_model
     from tfcompile.report import render_table
@@ -180,12 +201,15 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
         if explain:
             _explain(result)
 
+    batch_sizes, seq_lens = _sizes(load_kwargs["batch"], "--batch"), _sizes(load_kwargs["seq"], "--seq")
+    load = _load_options(**{**load_kwargs, "batch": str(max(batch_sizes)), "seq": str(max(seq_lens))})
     with console.status("loading model") as status:
         outcome = optimize_model(model, output_dir, target=target, backend=backend, passes=pipeline,
+                                 batch_sizes=batch_sizes, seq_lens=seq_lens, lengths_file=lengths_file,
                                  allow_approx=allow_approx, budget=budget, measure=measure,
                                  lengths=_int_list(lengths, "--lengths") if lengths is not None else None,
                                  measure_top=measure_top, repeat=repeat, quantize=quantize, remote=remote_spec,
-                                 load=_load_options(**load_kwargs), on_ranked=show,
+                                 load=load, on_ranked=show,
                                  progress=lambda msg: status.update(msg))
     check = outcome.export
     console.print(f"model.onnx ({'fp32' if check.exact else check.quantize}) in ONNX Runtime vs torch: "
@@ -214,8 +238,9 @@ def _explain(result) -> None:
               help="ort: checked ONNX; tvm: a Relax VM library for this CPU (tuned kernels where a database exists).")
 @model_options
 def export(model, passes, output_path, backend, **load_kwargs):
-    """Apply passes to MODEL and export it as checked ONNX or as a compiled TVM library."""
-    from tfcompile.backends import ort
+    """Apply passes to MODEL and export it as checked ONNX (symbolic batch and sequence where the passes
+    allow, checked at several shapes) or as a compiled TVM library (traced shape)."""
+    from tfcompile.backends.dynamic_export import export_deployable_onnx, export_variant_onnx
     from tfcompile.variants import build_variant, custom_variant
     from tfcompile.verify import compare_outputs
 
@@ -223,19 +248,20 @@ def export(model, passes, output_path, backend, **load_kwargs):
         graph = _load(model, **load_kwargs)
         names = [p.strip() for p in passes.split(",") if p.strip()]
         variant = build_variant(graph, custom_variant(names)) if names else None
-        target_graph = variant.graph if variant else graph
-        if backend == "tvm":
-            status.update("compiling with TVM")
-            module = _export_tvm(target_graph, output_path)
-            outputs, runtime = module.run(graph.example_inputs), "TVM"
-        else:
+        if backend == "ort":
             status.update("exporting ONNX")
-            ort.export_onnx(target_graph, output_path)
-            outputs, runtime = ort.OrtModel(output_path).run(graph.example_inputs), "ONNX Runtime"
-        check = compare_outputs(graph.run(), outputs, graph.output_names)
-    if backend == "tvm":
-        console.print(module.schedule_summary())
-    console.print(f"wrote {output_path} ({runtime} vs torch: max relative error {check.max_rel_err:.1e})")
+            deployed = export_variant_onnx(variant, output_path, original=graph) if variant \
+                else export_deployable_onnx(graph, output_path)
+            for line in deployed.summary():
+                console.print(line)
+            return
+        status.update("compiling with TVM")
+        module = _export_tvm(variant.graph if variant else graph, output_path)
+        check = compare_outputs(graph.run(), module.run(graph.example_inputs), graph.output_names)
+    console.print(module.schedule_summary())
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in graph.example_inputs)
+    console.print(f"input shapes: static, {shapes} (a TVM library is compiled for the traced shape)")
+    console.print(f"wrote {output_path} (TVM vs torch: max relative error {check.max_rel_err:.1e})")
 
 
 def _export_tvm(graph, output_path: Path):
