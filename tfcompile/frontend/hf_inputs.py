@@ -9,7 +9,8 @@ the model declares instead, so any modality works without model-specific code:
   a default, an ``attention_mask`` for token encoders (not for generative LMs:
   one full unpadded forward needs no mask, and the zoo's decoders never had
   one) and ``decoder_input_ids`` for encoder-decoder models;
-- shapes: ``(batch, seq)`` for token ids; ``(batch, channels, H, W)`` for
+- shapes: ``(batch, seq)`` for token ids (decoder ids at most the decoder's
+  ``max_target_positions``); ``(batch, channels, H, W)`` for
   pixels from the config's ``num_channels`` and ``image_size`` (with
   ``num_frames`` for video); ``(batch, num_mel_bins, frames)`` for mel
   features, where an encoder with ``max_source_positions`` gets exactly the
