@@ -50,6 +50,11 @@ class Geometry:
         """Prepack's [rows, capacity] slots rather than remove_padding's one [T] axis."""
         return len(self.tok_dims) == 2
 
+    @property
+    def calls_per_attention(self) -> int:
+        """SDPA calls that replace one attention: one per length group, or one over the binned rows."""
+        return 1 if self.binned else len(self.groups)
+
     def _slot_owner(self) -> tuple[torch.Tensor, torch.Tensor]:
         # Unused slots (prepack's bin remainders) read token (0, 0): any finite value will do,
         # since the block mask keeps them out of every valid token's attention.

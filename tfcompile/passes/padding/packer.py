@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from typing import Callable
 
 import torch
 import torch.fx
@@ -37,13 +38,17 @@ class Packed:
 
 def pack(graph: ModelGraph, plan: PackingPlan) -> None:
     """Replace ``graph``'s FX graph by its packed form."""
-    new = _Packer(graph, plan.geometry, plan.tokens).build()
+    new = Packer(graph, plan.geometry, plan.tokens).build()
     graph.gm.graph = new
     # The mask construction that attention no longer reads goes away here, its metadata asserts with it.
     structure.remove_dead_code(graph.gm)
 
 
-class _Packer:
+class Packer:
+    """Emits the packed graph; a subclass (the run-time form) overrides rules and extends ``emit``."""
+
+    emit: dict[Rule, Callable[[Packer, torch.fx.Node, Step], None]] = {}  # filled below the class
+
     def __init__(self, graph: ModelGraph, geometry: Geometry, tokens: TokenPlan):
         self.gm = graph.gm
         self.src = graph.gm.graph
@@ -65,7 +70,7 @@ class _Packer:
             elif step.rule is Rule.OUTPUT:
                 self.new.node_copy(node, self._output_arg)
             elif step.rule is not Rule.SKIP:
-                _EMIT[step.rule](self, node, step)
+                self.emit[step.rule](self, node, step)
         return self.new
 
     # -- building blocks -------------------------------------------------------------------------
@@ -80,6 +85,10 @@ class _Packer:
             name = structure.add_constant(self.gm, f"packing_{key}", make())
             self.consts[key] = self.new.get_attr(name)
         return self.consts[key]
+
+    def index(self, key: str) -> torch.fx.Node:
+        """The geometry's token index ``key`` (gather_index, scatter_index, slot_batch, slot_position)."""
+        return self.const(key, getattr(self.geo, key))
 
     def reshape(self, node: torch.fx.Node, shape: list[int], current: list[int] | None = None) -> torch.fx.Node:
         if current is not None and list(current) == list(shape):
@@ -100,7 +109,7 @@ class _Packer:
             layout = input_layout(node)
             shape = layout.shape
             flat = self.reshape(self.plain[node], [shape[0] * shape[1]] + list(shape[2:]))
-            index = self.const("gather_index", self.geo.gather_index)
+            index = self.index("gather_index")
             picked = self.call(aten.index_select.default, (flat, 0, index))
             self.packed[node] = Packed(self.reshape(picked, self.packed_shape(layout),
                                                     [self.geo.slots] + list(shape[2:])), layout)
@@ -126,7 +135,7 @@ class _Packer:
         flat = self.reshape(packed.node, [self.geo.slots] + rest, self.packed_shape(layout))
         zero = self.call(aten.new_zeros.default, (flat, [1] + rest))
         extended = self.call(aten.cat.default, ([flat, zero], 0))
-        index = self.const("scatter_index", self.geo.scatter_index)
+        index = self.index("scatter_index")
         full = self.call(aten.index_select.default, (extended, 0, index))
         shaped = self.reshape(full, padded_token_sizes(self.geo, layout) + rest)
         order = list(layout.axes) + layout.rest_axes
@@ -153,18 +162,21 @@ class _Packer:
             value = self.call(aten.permute.default, (value, perm))
         value = self.reshape(value, [math.prod(shape[a] for a in keep)] + rest_shape)
         if len(out.axes) == 1 or len(keep) == 2:
-            index = self.const("gather_index", self.geo.gather_index)
+            index = self.index("gather_index")
         elif keep[0] == out.axes[0]:
-            index = self.const("slot_batch", self.geo.slot_batch)
+            index = self.index("slot_batch")
         else:
-            index = self.const("slot_position", self.geo.slot_position)
+            index = self.index("slot_position")
         picked = self.call(aten.index_select.default, (value, 0, index))
         return self.reshape(picked, self.tok(out) + rest_shape, [self.geo.slots] + rest_shape)
 
     def per_sequence(self, node: torch.fx.Node, x: Packed, pieces: list[torch.fx.Node], keepdim: bool) -> None:
         """Stack one [rest] piece per sequence into the original (non-token) result."""
+        self.place_per_sequence(node, x, self.call(aten.stack.default, (pieces, 0)), keepdim)
+
+    def place_per_sequence(self, node: torch.fx.Node, x: Packed, stacked: torch.fx.Node, keepdim: bool) -> None:
+        """``stacked``, one [rest] row per sequence ([B] + rest), laid out as the original (non-token) result."""
         b_axis, l_axis = x.layout.axes
-        stacked = self.call(aten.stack.default, (pieces, 0))  # [B] + rest
         kept = [i for i in range(len(x.layout.shape)) if i != l_axis]
         order = [b_axis] + x.layout.rest_axes  # original axis held by each stacked axis
         perm = [order.index(i) for i in kept]
@@ -313,24 +325,24 @@ class _Packer:
         self.set_packed(node, new, step)
 
 
-_EMIT = {
-    Rule.GETITEM: _Packer.getitem,
-    Rule.ATTENTION: _Packer.attention,
-    Rule.RESHAPE: _Packer.reshape_rule,
-    Rule.PERMUTE: _Packer.permute,
-    Rule.EXPAND: _Packer.expand,
-    Rule.MATMUL: _Packer.matmul,
-    Rule.EMBEDDING: _Packer.embedding,
-    Rule.NORM: _Packer.norm,
-    Rule.SOFTMAX: _Packer.with_packed_dim,
-    Rule.REDUCE: _Packer.reduce,
-    Rule.POOL: _Packer.pool,
-    Rule.SAME: _Packer.same,
-    Rule.SLICE: _Packer.with_packed_dim,
-    Rule.SELECT: _Packer.with_packed_dim,
-    Rule.SELECT_POSITION: _Packer.select_position,
-    Rule.SPLIT: _Packer.split,
-    Rule.CAT: _Packer.cat,
-    Rule.INDEX_SELECT: _Packer.with_packed_dim,
-    Rule.ELEMENTWISE: _Packer.elementwise,
+Packer.emit = {
+    Rule.GETITEM: Packer.getitem,
+    Rule.ATTENTION: Packer.attention,
+    Rule.RESHAPE: Packer.reshape_rule,
+    Rule.PERMUTE: Packer.permute,
+    Rule.EXPAND: Packer.expand,
+    Rule.MATMUL: Packer.matmul,
+    Rule.EMBEDDING: Packer.embedding,
+    Rule.NORM: Packer.norm,
+    Rule.SOFTMAX: Packer.with_packed_dim,
+    Rule.REDUCE: Packer.reduce,
+    Rule.POOL: Packer.pool,
+    Rule.SAME: Packer.same,
+    Rule.SLICE: Packer.with_packed_dim,
+    Rule.SELECT: Packer.with_packed_dim,
+    Rule.SELECT_POSITION: Packer.select_position,
+    Rule.SPLIT: Packer.split,
+    Rule.CAT: Packer.cat,
+    Rule.INDEX_SELECT: Packer.with_packed_dim,
+    Rule.ELEMENTWISE: Packer.elementwise,
 }

@@ -417,5 +417,5 @@ class _Planner:
             self.refuse("applies attention dropout")
         if node not in self.patterns:
             self.refuse("has an attention mask that was not analysed")
-        self.attention_calls += 1 if self.geo.binned else len(self.geo.groups)
+        self.attention_calls += self.geo.calls_per_attention
         return self._packed(node, Rule.ATTENTION, Layout(structure.shape_of(node), q.axes))
