@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own layer and those below):
 core (errors, outputs, graph, corpus, workload) -> structure, frontend, verify, report ->
 cost_models -> passes -> backends -> the pipeline (variants, search,
-knob_search, measure, optimize, compare, calibrate, pipeline) -> cli.
+knob_search, measure, optimize, compare, calibrate, pipeline, workload_cost) -> cli.
 """
 
 import ast
@@ -19,8 +19,8 @@ LAYERS = [
     ("tfcompile.passes",),
     ("tfcompile.backends",),
     ("tfcompile.variants", "tfcompile.search", "tfcompile.knob_search", "tfcompile.measure", "tfcompile.optimize",
-     "tfcompile.compare", "tfcompile.calibrate", "tfcompile.pipeline"),
-    ("tfcompile.cli",),
+     "tfcompile.compare", "tfcompile.calibrate", "tfcompile.pipeline", "tfcompile.workload_cost"),
+    ("tfcompile.cli", "tfcompile.cli_options"),
 ]
 
 

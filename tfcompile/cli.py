@@ -16,6 +16,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from tfcompile.cli_options import (file_output, int_list, load_graph, load_options, model_options, parse_remote,
+                                   parse_size_list, remote_options)
 from tfcompile.errors import MAX_SEED, TfcompileError, first_line
 
 EXIT_USER_ERROR = 2
@@ -26,119 +28,6 @@ DEBUG_FLAG = "--debug"
 # Piped output (CI logs, files) would otherwise wrap the table at 80 columns.
 console = Console(width=None if Console().is_terminal else 140)
 err_console = Console(stderr=True)
-
-DTYPES = {"int64": "int64", "int32": "int32", "float32": "float32", "float16": "float16", "bool": "bool"}
-
-
-def _parse_input_shapes(specs: tuple[str, ...]):
-    import torch
-
-    shapes, dtypes = {}, {}
-    for spec in specs:
-        name, eq, rest = spec.partition("=")
-        dims, _, dtype = rest.partition(":")
-        try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not eq or not name or not shape:
-            raise click.BadParameter(f"{spec!r}: expected NAME=DIMxDIM[:dtype], e.g. input_ids=1x128:int64",
-                                     param_hint="--input-shape")
-        shapes[name] = shape
-        if dtype:
-            if dtype not in DTYPES:
-                raise click.BadParameter(f"{spec!r}: dtype must be one of {', '.join(DTYPES)}",
-                                         param_hint="--input-shape")
-            dtypes[name] = getattr(torch, dtype)
-    return (shapes or None), (dtypes or None)
-
-
-def model_options(fn):
-    options = [
-        click.option("--batch", default="1", show_default=True, metavar="SIZES",
-                     help="Batch size of the example inputs; for optimize also a list or range of a workload "
-                          "(1,8 or 1..32)."),
-        click.option("--seq", default="128", show_default=True, metavar="LENGTHS",
-                     help="Sequence length of token inputs; for optimize also a list or range of a workload "
-                          "(16..512: powers of two between, both ends kept)."),
-        click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DIMS[:DTYPE]",
-                     help="Explicit input shape, e.g. input_ids=1x128:int64 (repeatable)."),
-        click.option("--trust-pickle", is_flag=True,
-                     help="Allow unpickling a full torch.save'd module or pickled archive members "
-                          "(runs code from the file: only for files you trust)."),
-        click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True),
-                     help="Hugging Face config.json for a bare state dict or safetensors file."),
-        click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED),
-                     help="Seed for weights and inputs."),
-        click.option("--timeout", "load_timeout", default=600.0, show_default=True,
-                     type=click.FloatRange(min=0, min_open=True),
-                     help="Seconds loading and tracing the model may take."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _sizes(text: str, option: str) -> list[int]:
-    from tfcompile.workload import parse_sizes
-
-    return parse_sizes(text, option)
-
-
-def _one_size(text: str, option: str) -> int:
-    sizes = _sizes(text, option)
-    if len(sizes) > 1:
-        raise TfcompileError(f"{option} {text}: this command traces one shape; a list or range describes a "
-                             "workload for `optimize`")
-    return sizes[0]
-
-
-def _load_options(batch, seq, input_shape, trust_pickle, config_path, seed, load_timeout):
-    """Load options for one traced shape (``batch`` and ``seq`` still as typed)."""
-    from tfcompile.frontend import LoadOptions
-
-    shapes, dtypes = _parse_input_shapes(input_shape)
-    return LoadOptions(batch=_one_size(batch, "--batch"), seq=_one_size(seq, "--seq"), input_shapes=shapes,
-                       input_dtypes=dtypes,
-                       trust_pickle=trust_pickle, config=config_path, seed=seed, timeout_s=load_timeout)
-
-
-def _load(model, **load_kwargs):
-    from tfcompile.frontend import load_model
-
-    return load_model(model, _load_options(**load_kwargs))
-
-
-def _file_output(_ctx, param, text: str | None) -> Path | None:
-    """-o for a file, checked before any work: `out/dir/` would become a file named `dir`, or fail late."""
-    from tfcompile.outputs import check_output_file
-
-    return None if text is None else check_output_file(text)
-
-
-def remote_options(fn):
-    """--remote/--device-key: measure on another machine through a TVM RPC tracker."""
-    fn = click.option("--device-key", "device_key", default=None, metavar="KEY",
-                      help="Key the device's TVM RPC servers registered with (with --remote).")(fn)
-    return click.option("--remote", default=None, metavar="HOST:PORT",
-                        help="Measure with TVM on the device behind this TVM RPC tracker (implies --backend tvm; "
-                             "variants are timed in parallel over the servers with --device-key).")(fn)
-
-
-def _remote_spec(remote, device_key, backend):
-    """(RemoteSpec or None, backend): --remote measures with TVM, whatever --backend defaults to."""
-    if remote is None:
-        if device_key:
-            raise TfcompileError("--device-key needs --remote HOST:PORT (the TVM RPC tracker)")
-        return None, backend
-    explicit = click.get_current_context().get_parameter_source("backend") != click.core.ParameterSource.DEFAULT
-    if explicit and backend != "tvm":
-        raise TfcompileError(f"--remote measures with TVM on the device; it cannot be combined with --backend "
-                             f"{backend}")
-    from tfcompile.backends.tvm.remote import RemoteSpec
-
-    return RemoteSpec.parse(remote, device_key), "tvm"
-
 
 @click.group()
 @click.version_option(package_name="tfcompile")
@@ -182,7 +71,7 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
     from tfcompile.pipeline import optimize_model
     from tfcompile.report import render_table
 
-    remote_spec, backend = _remote_spec(remote, device_key, backend)
+    remote_spec, backend = parse_remote(remote, device_key, backend)
     pipeline = tuple(p.strip() for p in passes.split(",") if p.strip()) if passes is not None else None
     if device_file is not None:
         if click.get_current_context().get_parameter_source("target") != click.core.ParameterSource.DEFAULT:
@@ -201,13 +90,14 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
         if explain:
             _explain(result)
 
-    batch_sizes, seq_lens = _sizes(load_kwargs["batch"], "--batch"), _sizes(load_kwargs["seq"], "--seq")
-    load = _load_options(**{**load_kwargs, "batch": str(max(batch_sizes)), "seq": str(max(seq_lens))})
+    batch_sizes = parse_size_list(load_kwargs["batch"], "--batch")
+    seq_lens = parse_size_list(load_kwargs["seq"], "--seq")
+    load = load_options(**{**load_kwargs, "batch": str(max(batch_sizes)), "seq": str(max(seq_lens))})
     with console.status("loading model") as status:
         outcome = optimize_model(model, output_dir, target=target, backend=backend, passes=pipeline,
                                  batch_sizes=batch_sizes, seq_lens=seq_lens, lengths_file=lengths_file,
                                  allow_approx=allow_approx, budget=budget, measure=measure,
-                                 lengths=_int_list(lengths, "--lengths") if lengths is not None else None,
+                                 lengths=int_list(lengths, "--lengths") if lengths is not None else None,
                                  measure_top=measure_top, repeat=repeat, quantize=quantize, remote=remote_spec,
                                  load=load, on_ranked=show,
                                  progress=lambda msg: status.update(msg))
@@ -232,7 +122,7 @@ def _explain(result) -> None:
 @click.argument("model")
 @click.option("--passes", default="remove_identity_ops,fold_constants,eliminate_dead_code", show_default=True,
               help="Comma-separated passes to apply before export ('' for none).")
-@click.option("--output", "-o", "output_path", type=click.Path(), required=True, callback=_file_output,
+@click.option("--output", "-o", "output_path", type=click.Path(), required=True, callback=file_output,
               help="File to write: .onnx for ort, a shared library (.so) for tvm.")
 @click.option("--backend", type=click.Choice(["ort", "tvm"]), default="ort", show_default=True,
               help="ort: checked ONNX; tvm: a Relax VM library for this CPU (tuned kernels where a database exists).")
@@ -245,7 +135,7 @@ def export(model, passes, output_path, backend, **load_kwargs):
     from tfcompile.verify import compare_outputs
 
     with console.status("loading model") as status:
-        graph = _load(model, **load_kwargs)
+        graph = load_graph(model, **load_kwargs)
         names = [p.strip() for p in passes.split(",") if p.strip()]
         variant = build_variant(graph, custom_variant(names)) if names else None
         if backend == "ort":
@@ -280,22 +170,12 @@ def _export_tvm(graph, output_path: Path):
     return module
 
 
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v <= 0 for v in values):
-        raise click.BadParameter(f"{text!r}: expected positive integers separated by commas", param_hint=option)
-    return values
-
-
 @cli.command()
 @click.option("--target", "-t", default="cpu", show_default=True, help="Only this host (cpu) can be measured here.")
 @click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
 @click.option("--repeat", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed runs per micro-benchmark.")
-@click.option("--output", "-o", "output_path", type=click.Path(), default=None, callback=_file_output,
+@click.option("--output", "-o", "output_path", type=click.Path(), default=None, callback=file_output,
               help="Profile file (default: the profile directory, $TFCOMPILE_PROFILE_DIR or ~/.cache/tfcompile).")
 @remote_options
 def calibrate(target, backend, repeat, output_path, remote, device_key):
@@ -307,7 +187,7 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
     from tfcompile.outputs import check_output_file
 
     load_device(target)
-    remote_spec, backend = _remote_spec(remote, device_key, backend)
+    remote_spec, backend = parse_remote(remote, device_key, backend)
     if target != "cpu" and remote_spec is None:
         raise TfcompileError(f"calibrating {target} needs that device; only 'cpu' (this host) is measured here, "
                              "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
@@ -360,7 +240,7 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
     from tfcompile.cost_models.model import cost_model_for
 
     check_compare_options(target, output_dir)  # an unknown target or an unwritable -o fails before any work
-    remote_spec, backend = _remote_spec(remote, device_key, backend)
+    remote_spec, backend = parse_remote(remote, device_key, backend)
     if target != "cpu" and remote_spec is None:
         raise TfcompileError(f"measuring on {target} needs that device; only 'cpu' (this host) is measured here, "
                              "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
@@ -369,7 +249,7 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
         console.print(f"[yellow]no calibration profile for {target}/{backend}: run `tfcompile calibrate --target "
                       f"{target} --backend {backend}`; showing uncalibrated predictions only[/yellow]")
     with console.status("building variants") as status:
-        graphs = builtin_variant_graphs(model, _int_list(batches, "--batches"), _int_list(seqs, "--seqs"), seed)
+        graphs = builtin_variant_graphs(model, int_list(batches, "--batches"), int_list(seqs, "--seqs"), seed)
         rows = lowest_of_passes([
             measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
                                 progress=lambda m, i=i: status.update(f"pass {i + 1}/{pass_count}: {m}"),
@@ -466,7 +346,7 @@ def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
         raise click.BadParameter("must be at least 1", param_hint="--trials")
     check_tuning_database(host_target(), database_root)  # a damaged database fails before loading
     with console.status("loading model"):
-        graph = _load(model, **load_kwargs)
+        graph = load_graph(model, **load_kwargs)
         names = [p.strip() for p in passes.split(",") if p.strip()]
         if names:
             graph = build_variant(graph, custom_variant(names)).graph

@@ -17,7 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from tfcompile.backends.runner import Lowered, interleave_block, lower
+from tfcompile.backends.runner import Lowered, interleave_block, lower_for_inputs
 from tfcompile.backends.timing import Measurement, measure, measure_interleaved
 from tfcompile.errors import BackendError
 from tfcompile.graph import ModelGraph
@@ -47,12 +47,20 @@ def check_outputs(name: str, graph: ModelGraph, outputs, what: str) -> None:
 
 def measure_here(graphs: dict[str, ModelGraph], backend: str, workdir: Path, *, repeat: int,
                  keep_files: bool = False, progress: Progress = lambda _: None) -> dict[str, Timed]:
-    """Lower every graph on ``backend``, check it, and time them round-robin (one alone: by itself)."""
+    """Lower every graph on ``backend``, check it, and time them round-robin (one alone: by itself).
+
+    Graphs that share a GraphModule (one variant fed several batches of a workload) are lowered once.
+    """
     lowered: dict[str, Lowered] = {}
+    sharing: dict[int, list[str]] = {}
     for name, graph in graphs.items():
-        progress(f"lowering {name} for {backend}")
-        lowered[name] = lower(graph, backend, workdir)
-        check_outputs(name, graph, lowered[name].outputs, f"{backend} output")
+        sharing.setdefault(id(graph.gm), []).append(name)
+    for names in sharing.values():
+        progress(f"lowering {names[0]} for {backend}")
+        runs = lower_for_inputs(graphs[names[0]], backend, workdir, [graphs[n].example_inputs for n in names])
+        for name, low in zip(names, runs):
+            check_outputs(name, graphs[name], low.outputs, f"{backend} output")
+            lowered[name] = low
     progress(f"measuring {len(lowered)} variant(s) on {backend} (median of {repeat})")
     if len(lowered) == 1:
         ((name, low),) = lowered.items()

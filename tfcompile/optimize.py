@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from tfcompile.cost_models import available_targets, load_device
 from tfcompile.cost_models.device import DeviceSpec
+from tfcompile.workload_cost import LoadAt, ScenarioGraphs, price_over_workload, scenario_graphs_for_measurement
 from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.graph import ModelGraph
 from tfcompile.measure import measure_here, measure_remote
@@ -68,7 +69,9 @@ class OptimizeResult:
 Progress = Callable[[str], None]
 
 
-def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progress = lambda _: None) -> OptimizeResult:
+def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progress = lambda _: None,
+             load_at: LoadAt | None = None) -> OptimizeResult:
+    """``load_at(batch, seq)``: the original traced at another shape, for workloads of several batch shapes."""
     context = settings.context()  # an unknown target fails here, before any work
     rooflines = {name: RooflineCostModel(context.device if name == context.target else load_device(name),
                                          context.backend) for name in available_targets()}
@@ -97,6 +100,10 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
         result = search(original, evaluate, search_settings, context, progress)
         candidates, refusals = result.candidates, result.refusals
     variants = {c.variant.name: c.variant for c in candidates if c.variant.graph is not None}
+    scenario_graphs = None
+    if not context.workload.is_single_shape:
+        scenario_graphs = ScenarioGraphs(original, load_at)
+        _price_over_workload(variants, reports, scenario_graphs, context, progress)
 
     workdir = Path(tempfile.mkdtemp(prefix="tfcompile-"))
     onnx_files: dict[str, Path] = {}
@@ -105,7 +112,8 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
             by_prediction = rank([r for name, r in reports.items() if name in variants and name != "baseline"],
                                  settings.target)
             chosen = ["baseline"] + [r.name for r in by_prediction if r.eligible][: settings.measure_top]
-            _measure({n: variants[n] for n in chosen}, reports, settings, workdir, onnx_files, progress)
+            _measure({n: variants[n] for n in chosen}, reports, settings, workdir, onnx_files, progress,
+                     scenario_graphs)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -146,7 +154,25 @@ def _report_for(original, variant, reference, context: PassContext, rooflines, s
     return report
 
 
-def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_files, progress) -> None:
+def _price_over_workload(variants, reports, scenario_graphs, context, progress) -> None:
+    for name, price in price_over_workload(variants, scenario_graphs, context, progress).items():
+        report = reports[name]
+        report.scenario_ms, report.expected_ms = price.scenario_ms, price.expected_ms
+        if price.ineligible and report.eligible:
+            report.eligible, report.note = False, price.ineligible
+        if price.worst_rel_err is not None and price.worst_rel_err > EXACT_TOLERANCE and report.eligible:
+            report.eligible = False
+            report.note = (f"exact at the traced batch but deviates by {price.worst_rel_err:.1e} relative on "
+                           "the workload's other batches: not ranked")
+        elif price.worst_rel_err is not None and report.max_rel_err is not None:
+            report.max_rel_err = max(report.max_rel_err, price.worst_rel_err)
+
+
+def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_files, progress,
+             scenario_graphs: ScenarioGraphs | None = None) -> None:
+    if scenario_graphs is not None:
+        _measure_over_workload(variants, reports, settings, workdir, progress, scenario_graphs)
+        return
     graphs = {name: v.graph for name, v in variants.items()}
     if settings.remote is not None:
         timed = measure_remote(graphs, settings.remote, settings.target, repeat=settings.repeat, progress=progress)
@@ -159,6 +185,24 @@ def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_file
         reports[name].backend_notes = result.notes
         if result.onnx_path is not None:
             onnx_files[name] = result.onnx_path
+
+
+def _measure_over_workload(variants, reports, settings, workdir, progress, scenario_graphs) -> None:
+    """Every chosen variant on every scenario's batch, all timed round-robin in one process."""
+    context = settings.context()
+    runs = {}
+    for name, variant in variants.items():
+        for i, graph in enumerate(scenario_graphs_for_measurement(variant, scenario_graphs, context)):
+            runs[(name, i)] = graph
+    timed = measure_here({f"{name}@{i}": g for (name, i), g in runs.items()}, settings.backend, workdir,
+                         repeat=settings.repeat, progress=progress)
+    for name in variants:
+        per_scenario = [timed[f"{name}@{i}"].measurement.median_ms for i in range(len(context.workload.scenarios))]
+        report = reports[name]
+        report.scenario_measured_ms = per_scenario
+        report.measured_ms = context.workload.expected(per_scenario)
+        report.backend = timed[f"{name}@0"].runtime
+        report.backend_notes = timed[f"{name}@0"].notes
 
 
 def explain(result: OptimizeResult) -> list[tuple[str, bool, str]]:

@@ -34,6 +34,10 @@ from tfcompile.optimize import OptimizeResult, OptimizeSettings, optimize
 from tfcompile.outputs import atomic_paths, check_output_dir
 from tfcompile.passes import Workload, check_pipeline, get_pass
 from tfcompile.report import write_report
+from tfcompile.workload import from_distribution as workload_from_distribution
+from tfcompile.workload import grid as workload_grid
+from tfcompile.workload import read_lengths_file
+from tfcompile.workload_cost import check_traced_shape
 
 QUANTIZE_MODES = ("none", "fp16", "int8")
 
@@ -71,6 +75,8 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
                    passes: tuple[str, ...] | None = None, allow_approx: bool = False, budget: float = 0.99,
                    lengths: tuple[int, ...] | None = None, measure: bool = False, measure_top: int = 1,
                    repeat: int = 10, quantize: str = "none", remote=None, load: LoadOptions = LoadOptions(),
+                   batch_sizes: list[int] | None = None, seq_lens: list[int] | None = None,
+                   lengths_file: str | os.PathLike | None = None,
                    on_ranked: Callable[[ModelGraph, OptimizeResult], None] = lambda graph, result: None,
                    progress: Callable[[str], None] = lambda _: None) -> OptimizeOutcome:
     """Everything ``tfcompile optimize MODEL -o OUTPUT_DIR`` does; see the module docstring.
@@ -81,12 +87,17 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
 
     ``target`` is a shipped target's name or a ``DeviceSpec`` (a user's own
     device file, read with ``tfcompile.cost_models.device_from_toml``).
+
+    A workload of several batch shapes: ``batch_sizes`` and ``seq_lens`` (every
+    combination; the model is traced at the largest), or ``lengths_file`` (a
+    request-length distribution, batched ``batch_sizes`` at a time and padded
+    to ``load.seq``); see ``tfcompile.workload``.
     """
     _check_arguments(model, output_dir, target=target, backend=backend, passes=passes, allow_approx=allow_approx,
                      budget=budget, lengths=lengths, measure=measure, measure_top=measure_top, repeat=repeat,
                      quantize=quantize, remote=remote, load=load)
     output_dir = Path(output_dir)
-    workload = Workload(lengths=tuple(int(n) for n in lengths) if lengths is not None else None)
+    workload, load = _workload(lengths, batch_sizes, seq_lens, lengths_file, load)
     device = target if isinstance(target, DeviceSpec) else None
     target = device.name if device else target
     settings = OptimizeSettings(target=target, device=device, pipeline=tuple(passes) if passes is not None else None,
@@ -95,12 +106,16 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
     _check_settings(settings, load, output_dir)
     progress("loading model")
     graph = load_model(os.fspath(model), load)
+    if settings.workload.scenarios:
+        check_traced_shape(graph, load.batch, load.seq)
     if settings.workload.lengths:
         from tfcompile.passes.padding import with_lengths
 
         # The baseline runs the padded batch those lengths describe; variants are checked at valid positions.
         graph = with_lengths(graph, list(settings.workload.lengths))
-    result = optimize(graph, settings, progress=progress)
+    result = optimize(graph, settings, progress=progress,
+                      load_at=lambda batch, seq: load_model(os.fspath(model), dataclasses.replace(load, batch=batch,
+                                                                                                  seq=seq)))
     try:
         on_ranked(graph, result)
         if result.best is None:
@@ -112,13 +127,49 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
             report_settings = {"batch": load.batch, "seq": load.seq, "backend": backend if measure else None,
                                **({"remote": str(remote)} if remote is not None else {}),
                                "allow_approx": allow_approx, "budget": budget,
-                               "lengths": list(settings.workload.lengths) if settings.workload.lengths else None}
+                               "lengths": list(settings.workload.lengths) if settings.workload.lengths else None,
+                               **({"workload": _workload_record(settings.workload)}
+                                  if settings.workload.scenarios else {})}
             write_report(report_tmp, model=os.fspath(model), target=target, variants=result.reports,
                          best=result.best, settings=report_settings, refusals=result.refusals,
                          export=export.as_dict())
     finally:
         result.cleanup()
     return OptimizeOutcome(result, graph, export, output_dir / "report.json", output_dir / "model.onnx")
+
+
+def _workload(lengths, batch_sizes, seq_lens, lengths_file, load: LoadOptions) -> tuple[Workload, LoadOptions]:
+    """The workload the options describe, and the load options of the shape to trace for it."""
+    for name, sizes in (("--batch", batch_sizes), ("--seq", seq_lens)):
+        if sizes is not None and (isinstance(sizes, str) or not isinstance(sizes, (list, tuple)) or not sizes
+                                  or not all(_is_int(n) and n > 0 for n in sizes)):
+            raise InvalidOptionError(f"{name} {sizes!r}: a list of positive whole numbers")
+    several = len(batch_sizes or ()) > 1 or len(seq_lens or ()) > 1 or lengths_file is not None
+    if several and lengths is not None:
+        raise InvalidOptionError("--lengths gives the one traced batch's lengths; a workload of several batches "
+                                 "comes from --lengths-file (or lists of --batch and --seq), not both")
+    if lengths_file is not None:
+        if not isinstance(lengths_file, (str, os.PathLike)) or not os.fspath(lengths_file):
+            raise InvalidOptionError(f"--lengths-file {lengths_file!r}: a file path")
+        if seq_lens is not None and len(seq_lens) > 1:
+            raise InvalidOptionError("with --lengths-file, --seq is the length batches are padded to: one value")
+        load = dataclasses.replace(load, **({"seq": seq_lens[0]} if seq_lens else {}))
+        batches = list(batch_sizes or [load.batch])
+        workload = workload_from_distribution(read_lengths_file(lengths_file), batches, load.seq, seed=load.seed)
+        return workload, dataclasses.replace(load, batch=batches[0])
+    if several:
+        batches, seqs = list(batch_sizes or [load.batch]), list(seq_lens or [load.seq])
+        # Traced at the largest shape: it dominates the expected latency, and the search prunes there.
+        return workload_grid(batches, seqs), dataclasses.replace(load, batch=max(batches), seq=max(seqs))
+    load = dataclasses.replace(load, **({"batch": batch_sizes[0]} if batch_sizes else {}),
+                               **({"seq": seq_lens[0]} if seq_lens else {}))
+    return Workload(lengths=tuple(int(n) for n in lengths) if lengths is not None else None), load
+
+
+def _workload_record(workload: Workload) -> dict:
+    return {"objective": "expected latency over the scenarios",
+            "scenarios": [{"batch": s.batch, "seq": s.seq, "lengths": list(s.lengths) if s.lengths else None,
+                           "weight": w} for s, w in zip(workload.scenarios, workload.weights())]}
 
 
 def _check_arguments(model, output_dir, *, target, backend, passes, allow_approx, budget, lengths, measure,
@@ -182,6 +233,8 @@ def _check_settings(settings: OptimizeSettings, load: LoadOptions, output_dir: P
     if settings.measure_top < 0:
         raise InvalidOptionError(f"--measure-top {settings.measure_top}: zero or more variants")
     check_output_dir(output_dir)
+    if settings.remote is not None and not settings.workload.is_single_shape:
+        raise TfcompileError("--remote measures one batch shape; give one --batch and --seq (no --lengths-file)")
     if settings.remote is not None and not settings.measure:
         raise TfcompileError("--remote is where --measure measures: add --measure")
     if settings.pipeline is not None:

@@ -34,6 +34,15 @@ class VariantReport:
     eligible: bool = True
     note: str = ""
     backend_notes: list[str] = dataclasses.field(default_factory=list)  # e.g. TVM kernels that ran untuned
+    # Over a workload of several batch shapes: the target's prediction (and measurement) per scenario and
+    # their expectation, which ranks; None for one traced shape.
+    scenario_ms: list[float] | None = None
+    expected_ms: float | None = None
+    scenario_measured_ms: list[float] | None = None
+
+    def objective_ms(self, target: str) -> float:
+        """What ranks the variant before measurement: the expected latency over the workload, if any."""
+        return self.expected_ms if self.expected_ms is not None else self.predicted_ms[target]
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -44,6 +53,9 @@ class VariantReport:
             data.pop("measured_ms")
             data.pop("backend")
             data.pop("backend_notes")
+        for key in ("scenario_ms", "expected_ms", "scenario_measured_ms"):
+            if data[key] is None:
+                data.pop(key)
         return data
 
 
@@ -52,7 +64,7 @@ def rank(variants: list[VariantReport], target: str) -> list[VariantReport]:
     def key(v: VariantReport):
         if v.measured_ms is not None:
             return (not v.eligible, 0, v.measured_ms)
-        return (not v.eligible, 1, v.predicted_ms[target])
+        return (not v.eligible, 1, v.objective_ms(target))
 
     return sorted(variants, key=key)
 
@@ -64,15 +76,17 @@ def render_table(variants: list[VariantReport], target: str, console: Console, t
     table.add_column("#", justify="right")
     table.add_column("variant")
     table.add_column("passes applied")
-    table.add_column(f"predicted ms ({target})", justify="right")
+    over_workload = any(v.expected_ms is not None for v in variants)
+    table.add_column(f"{'expected' if over_workload else 'predicted'} ms ({target})", justify="right")
     if measured:
-        table.add_column(f"measured ms ({variants[0].backend or ''})", justify="right")
+        table.add_column(f"{'expected ' if over_workload else ''}measured ms ({variants[0].backend or ''})",
+                         justify="right")
         table.add_column("vs baseline", justify="right")
     table.add_column("exact")
     table.add_column("error / quality", justify="right")
     for i, v in enumerate(variants, 1):
         row = [str(i) if v.eligible else "-", v.name, ", ".join(v.passes) or "(none)",
-               f"{v.predicted_ms[target]:.3f}"]
+               f"{v.objective_ms(target):.3f}"]
         if measured:
             row.append("" if v.measured_ms is None else f"{v.measured_ms:.2f}")
             ratio = (v.measured_ms / baseline.measured_ms

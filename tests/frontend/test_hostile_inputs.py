@@ -293,8 +293,10 @@ def test_device_file_efficiency_and_toml_errors(tmp_path):
     (["--seed", str(2**64)], "--seed"),
     (["--batch", "0"], "--batch"),
     (["--seq", "-5"], "--seq"),
-    (["--batch", "1000000000000"], "more than the"),
-    (["--batch", "4096", "--seq", str(10**9)], "more than the"),
+    (["--batch", "1000000000000"], "--batch '1000000000000': every size must be from 1 to"),
+    (["--batch", "4096", "--seq", str(10**6)], "more than the"),
+    (["--batch", "1..3,x"], "--batch"),
+    (["--seq", "64..16"], "--seq"),
     (["--config", "/nonexistent/config.json"], "--config"),
     (["--no-such-option"], "No such option"),
 ])

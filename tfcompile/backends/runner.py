@@ -49,27 +49,36 @@ class Lowered:
 
 
 def lower(graph: ModelGraph, backend: str, workdir: Path) -> Lowered:
+    return lower_for_inputs(graph, backend, workdir, [graph.example_inputs])[0]
+
+
+def lower_for_inputs(graph: ModelGraph, backend: str, workdir: Path,
+                     input_sets: list[tuple[torch.Tensor, ...]]) -> list[Lowered]:
+    """Lower ``graph`` once and run it on each of ``input_sets`` (same shapes, other values: the
+    batches of a workload that share a shape), one ``Lowered`` per set."""
     if backend == "ort":
         from tfcompile.backends import ort
 
         path = ort.export_onnx(graph, Path(workdir) / f"{_safe(graph.name)}.onnx", external_data=True)
         model = ort.OrtModel(path)
-        return Lowered("ort", model.runner(graph.example_inputs), model.run(graph.example_inputs), path)
+        return [Lowered("ort", model.runner(inputs), model.run(inputs), path) for inputs in input_sets]
     if backend == "tvm":
         from tfcompile.backends import tvm as tvm_backend
 
         module = tvm_backend.compile_graph(graph)
-        return Lowered("tvm", module.runner(graph.example_inputs), module.run(graph.example_inputs),
-                       notes=[module.schedule_summary()])
+        return [Lowered("tvm", module.runner(inputs), module.run(inputs), notes=[module.schedule_summary()])
+                for inputs in input_sets]
     if backend == "torch":
-        inputs = graph.example_inputs
-
-        def run():
-            with torch.no_grad():
-                return graph.gm(*inputs)
-
-        return Lowered("torch", run, graph.run())
+        return [_torch_lowered(graph, inputs) for inputs in input_sets]
     raise TfcompileError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+
+
+def _torch_lowered(graph: ModelGraph, inputs: tuple[torch.Tensor, ...]) -> Lowered:
+    def run():
+        with torch.no_grad():
+            return graph.gm(*inputs)
+
+    return Lowered("torch", run, graph.run(inputs))
 
 
 def _safe(name: str) -> str:

@@ -1,0 +1,136 @@
+"""Command-line options shared by the commands: model loading, sizes, outputs, remote measurement.
+
+Parsing only: each option becomes the value the library call takes, or a
+one-line error naming the option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tfcompile.errors import MAX_SEED, TfcompileError
+
+
+DTYPES = {"int64": "int64", "int32": "int32", "float32": "float32", "float16": "float16", "bool": "bool"}
+
+
+def parse_input_shapes(specs: tuple[str, ...]):
+    import torch
+
+    shapes, dtypes = {}, {}
+    for spec in specs:
+        name, eq, rest = spec.partition("=")
+        dims, _, dtype = rest.partition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not eq or not name or not shape:
+            raise click.BadParameter(f"{spec!r}: expected NAME=DIMxDIM[:dtype], e.g. input_ids=1x128:int64",
+                                     param_hint="--input-shape")
+        shapes[name] = shape
+        if dtype:
+            if dtype not in DTYPES:
+                raise click.BadParameter(f"{spec!r}: dtype must be one of {', '.join(DTYPES)}",
+                                         param_hint="--input-shape")
+            dtypes[name] = getattr(torch, dtype)
+    return (shapes or None), (dtypes or None)
+
+
+def model_options(fn):
+    options = [
+        click.option("--batch", default="1", show_default=True, metavar="SIZES",
+                     help="Batch size of the example inputs; for optimize also a list or range of a workload "
+                          "(1,8 or 1..32)."),
+        click.option("--seq", default="128", show_default=True, metavar="LENGTHS",
+                     help="Sequence length of token inputs; for optimize also a list or range of a workload "
+                          "(16..512: powers of two between, both ends kept)."),
+        click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=DIMS[:DTYPE]",
+                     help="Explicit input shape, e.g. input_ids=1x128:int64 (repeatable)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow unpickling a full torch.save'd module or pickled archive members "
+                          "(runs code from the file: only for files you trust)."),
+        click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True),
+                     help="Hugging Face config.json for a bare state dict or safetensors file."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED),
+                     help="Seed for weights and inputs."),
+        click.option("--timeout", "load_timeout", default=600.0, show_default=True,
+                     type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds loading and tracing the model may take."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def parse_size_list(text: str, option: str) -> list[int]:
+    from tfcompile.workload import parse_sizes
+
+    return parse_sizes(text, option)
+
+
+def parse_one_size(text: str, option: str) -> int:
+    values = parse_size_list(text, option)
+    if len(values) > 1:
+        raise TfcompileError(f"{option} {text}: this command traces one shape; a list or range describes a "
+                             "workload for `optimize`")
+    return values[0]
+
+
+def load_options(batch, seq, input_shape, trust_pickle, config_path, seed, load_timeout):
+    """Load options for one traced shape (``batch`` and ``seq`` still as typed)."""
+    from tfcompile.frontend import LoadOptions
+
+    shapes, dtypes = parse_input_shapes(input_shape)
+    return LoadOptions(batch=parse_one_size(batch, "--batch"), seq=parse_one_size(seq, "--seq"), input_shapes=shapes,
+                       input_dtypes=dtypes,
+                       trust_pickle=trust_pickle, config=config_path, seed=seed, timeout_s=load_timeout)
+
+
+def load_graph(model, **load_kwargs):
+    from tfcompile.frontend import load_model
+
+    return load_model(model, load_options(**load_kwargs))
+
+
+def file_output(_ctx, param, text: str | None) -> Path | None:
+    """-o for a file, checked before any work: `out/dir/` would become a file named `dir`, or fail late."""
+    from tfcompile.outputs import check_output_file
+
+    return None if text is None else check_output_file(text)
+
+
+def remote_options(fn):
+    """--remote/--device-key: measure on another machine through a TVM RPC tracker."""
+    fn = click.option("--device-key", "device_key", default=None, metavar="KEY",
+                      help="Key the device's TVM RPC servers registered with (with --remote).")(fn)
+    return click.option("--remote", default=None, metavar="HOST:PORT",
+                        help="Measure with TVM on the device behind this TVM RPC tracker (implies --backend tvm; "
+                             "variants are timed in parallel over the servers with --device-key).")(fn)
+
+
+def parse_remote(remote, device_key, backend):
+    """(RemoteSpec or None, backend): --remote measures with TVM, whatever --backend defaults to."""
+    if remote is None:
+        if device_key:
+            raise TfcompileError("--device-key needs --remote HOST:PORT (the TVM RPC tracker)")
+        return None, backend
+    explicit = click.get_current_context().get_parameter_source("backend") != click.core.ParameterSource.DEFAULT
+    if explicit and backend != "tvm":
+        raise TfcompileError(f"--remote measures with TVM on the device; it cannot be combined with --backend "
+                             f"{backend}")
+    from tfcompile.backends.tvm.remote import RemoteSpec
+
+    return RemoteSpec.parse(remote, device_key), "tvm"
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter(f"{text!r}: expected positive integers separated by commas", param_hint=option)
+    return values
