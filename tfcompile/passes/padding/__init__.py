@@ -1,10 +1,13 @@
 """Padding removal (ByteTransformer) and prepacking (Prepacking) for right-padded batches.
 
-Both passes specialise a model that runs a right-padded [B, L] batch to the
+Two passes specialise a model that runs a right-padded [B, L] batch to the
 batch's lengths (``context.workload.lengths``, else the example attention
 mask; ``with_lengths`` builds padded example inputs for given lengths):
 ``remove_padding`` computes only the valid tokens on one packed [T] axis,
 ``prepack`` bin-packs the sequences into dense [rows, capacity] rows.
+``remove_padding_runtime`` reads the valid tokens from the attention mask at
+run time instead, so one graph serves any right-padded [B, L] batch
+(``runtime``; the lengths only price it).
 
 - ``geometry``: where each valid token goes (the lengths are baked in: static
   shapes, valid only for inputs with exactly those lengths);
@@ -12,7 +15,7 @@ mask; ``with_lengths`` builds padded example inputs for given lengths):
 - ``layout``, ``token_rules``: the plan, one token-wise rule per op, or a
   refusal naming the op that would mix tokens;
 - ``packer``: the rewrite that follows the plan;
-- ``remove``, ``prepack``: the two passes (registered on import).
+- ``remove``, ``prepack``, ``runtime``: the three passes (registered on import).
 
 Shared preconditions (each refusal names the node and the reason): an integer
 [B, L] token input; masks, if any, of shape [B, L], 0/1, right padded (ones
@@ -27,5 +30,7 @@ attention.
 from tfcompile.passes.padding.geometry import Geometry, with_lengths
 from tfcompile.passes.padding.prepack import Prepacked, prepack
 from tfcompile.passes.padding.remove import RemovedPadding, remove_padding
+from tfcompile.passes.padding.runtime import RuntimePadding, remove_padding_runtime
 
-__all__ = ["Geometry", "Prepacked", "RemovedPadding", "prepack", "remove_padding", "with_lengths"]
+__all__ = ["Geometry", "Prepacked", "RemovedPadding", "RuntimePadding", "prepack", "remove_padding",
+           "remove_padding_runtime", "with_lengths"]
