@@ -143,7 +143,7 @@ def export(model, passes, output_path, backend, **load_kwargs):
             deployed = export_variant_onnx(variant, output_path, original=graph) if variant \
                 else export_deployable_onnx(graph, output_path)
             for line in deployed.summary():
-                console.print(line)
+                console.print(line, soft_wrap=True)
             return
         status.update("compiling with TVM")
         module = _export_tvm(variant.graph if variant else graph, output_path)

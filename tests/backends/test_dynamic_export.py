@@ -85,3 +85,14 @@ def test_shape_specialised_and_approximate_passes_keep_the_export_static(exporte
     assert static_reason(graph, list(EXPORT_PASSES)) is None
     assert "remove_padding specialises" in static_reason(graph, ["remove_padding"])
     assert "approximate pass prune_tokens" in static_reason(graph, ["prune_tokens"])
+
+
+def test_export_command_prints_the_symbolic_dims_and_every_checked_shape(tmp_path):
+    from tests.test_cli import tfcompile
+
+    result = tfcompile("export", "tests.tiny:gpt2", "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "input shapes: symbolic batch 1.., seq 1..128"
+    assert lines[1].startswith("ONNX Runtime vs torch at 1x16, 1x1, 3x77, 16x16, 2x128: max relative error ")
+    assert float(lines[1].rsplit(" ", 1)[1]) <= REL_TOLERANCE
