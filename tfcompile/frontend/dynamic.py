@@ -63,9 +63,8 @@ def program_source(module: torch.nn.Module, program: torch.export.ExportedProgra
         for index, size in enumerate(getattr(fakes.get(input_name), "shape", ())):
             if isinstance(size, torch.SymInt) and size.node.expr.is_symbol:
                 bounds = program.range_constraints.get(size.node.expr)
-                low = int(bounds.lower) if bounds is not None else 1
-                high = bounds.upper if bounds is not None else None
-                high = int(high) if high is not None and high.is_finite else None
+                low = _finite(bounds.lower if bounds is not None else None) or 1
+                high = _finite(bounds.upper if bounds is not None else None)
                 name = names_of.setdefault(str(size.node.expr), f"dim{len(names_of)}")
                 spec[index] = DimRange(name, max(low, 1), high)
         dims.append(spec)
@@ -73,6 +72,14 @@ def program_source(module: torch.nn.Module, program: torch.export.ExportedProgra
         return RetraceSource(None, static_reason=f"{what} has static input shapes (export it with "
                                                  "dynamic_shapes to deploy other shapes)")
     return RetraceSource(module, tuple(dims))
+
+
+def _finite(bound) -> int | None:
+    """A range bound as an int; None for an unbounded one (sympy and torch infinities)."""
+    try:
+        return int(bound) if bound is not None else None
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
 
 
 def export_dims(source: RetraceSource) -> tuple[dict[int, torch.export.Dim], ...]:
