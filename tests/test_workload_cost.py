@@ -69,3 +69,20 @@ def test_a_model_traced_at_one_shape_cannot_serve_a_grid(tmp_path):
                                              r"input shape \(asked for batch 2"):
         tfcompile.optimize_model("tests.tiny:bert", tmp_path / "out", passes=("fold_constants",),
                                  batch_sizes=[1, 2])
+
+
+def test_length_distributions_alone_change_the_chosen_variant(tmp_path):
+    """Same model, batch and padded length; only the requests' lengths differ."""
+    full, ragged = tmp_path / "full.txt", tmp_path / "ragged.txt"
+    full.write_text("32\n")
+    ragged.write_text("3 9\n32 1\n")  # most requests short, a few fill the row
+    best = {}
+    for name, lengths in (("full", full), ("ragged", ragged)):
+        outcome = tfcompile.optimize_model("bert-base", tmp_path / name, batch_sizes=[4], seq_lens=[32],
+                                           lengths_file=lengths, load=TINY_BERT)
+        best[name] = next(r for r in outcome.result.reports if r.name == outcome.result.best)
+        if name == "ragged":  # not searched: its variants would serve only the traced batch
+            assert "the workload's batches have other lengths" in outcome.result.refusals["remove_padding"]
+    assert "remove_padding_runtime" in best["ragged"].passes
+    assert "remove_padding_runtime" not in best["full"].passes
+    assert best["ragged"].expected_ms < best["full"].expected_ms

@@ -60,8 +60,13 @@ def searchable_passes(settings: SearchSettings) -> list[str]:
 
 def _workload_gap(name: str, context: PassContext) -> str | None:
     """Why the workload gives ``name`` nothing to work on (None if it does)."""
-    if get_pass(name).stage is Stage.PADDING and context.workload.lengths is None:
-        return "needs the batch's lengths (give --lengths)"
+    pass_ = get_pass(name)
+    if pass_.stage is Stage.PADDING and context.workload.lengths is None:
+        return "needs the batch's lengths (give --lengths or --lengths-file)"
+    workload = context.workload
+    if pass_.lengths_specific and any(s.lengths != workload.lengths for s in workload.scenarios):
+        # Its variants would hold beam places and then be refused by the workload pricing.
+        return "specialised to one batch's lengths; the workload's batches have other lengths"
     return None
 
 
