@@ -65,7 +65,10 @@ def program_source(module: torch.nn.Module, program: torch.export.ExportedProgra
                 bounds = program.range_constraints.get(size.node.expr)
                 low = _finite(bounds.lower if bounds is not None else None) or 1
                 high = _finite(bounds.upper if bounds is not None else None)
-                name = names_of.setdefault(str(size.node.expr), f"dim{len(names_of)}")
+                # Named like module_source's dims where the position says what they are, so checks find them.
+                guess = BATCH if index == 0 else SEQ if index == 1 and input_name in TOKEN_INPUTS else None
+                name = names_of.setdefault(str(size.node.expr), guess if guess and guess not in names_of.values()
+                                           else f"dim{len(names_of)}")
                 spec[index] = DimRange(name, max(low, 1), high)
         dims.append(spec)
     if not any(dims):
