@@ -102,8 +102,11 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
                                  load=load, on_ranked=show,
                                  progress=lambda msg: status.update(msg))
     check = outcome.export
-    console.print(f"model.onnx ({'fp32' if check.exact else check.quantize}) in ONNX Runtime vs torch: "
-                  f"max relative error {check.max_rel_err:.1e}, {check.quality_metric} {check.quality:.5f}")
+    shapes = (f"symbolic {', '.join(check.dims)}" if check.dims
+              else f"static at the traced shape ({check.static_reason})")
+    console.print(f"model.onnx ({'fp32' if check.exact else check.quantize}): input shapes {shapes}; in ONNX Runtime "
+                  f"vs torch at {', '.join(check.checked_at)}: max relative error {check.max_rel_err:.1e}, "
+                  f"{check.quality_metric} {check.quality:.5f}")
     console.print(f"best: [bold]{outcome.result.best}[/bold]; wrote {outcome.report_path} and {outcome.onnx_path}")
 
 

@@ -51,6 +51,10 @@ class ExportCheck:
     max_rel_err: float
     quality: float
     quality_metric: str
+    # Symbolic dimensions of the file's inputs in words (e.g. "batch 1..", "seq 1..512"); () when static.
+    dims: tuple[str, ...] = ()
+    static_reason: str | None = None  # why the file takes only the traced shape
+    checked_at: tuple[str, ...] = ()  # the input shapes ONNX Runtime was checked against torch at
 
     @property
     def exact(self) -> bool:
@@ -58,7 +62,9 @@ class ExportCheck:
 
     def as_dict(self) -> dict[str, Any]:
         return {"quantize": self.quantize, "exact": self.exact, "max_abs_err": self.max_abs_err,
-                "max_rel_err": self.max_rel_err, "quality": self.quality, "quality_metric": self.quality_metric}
+                "max_rel_err": self.max_rel_err, "quality": self.quality, "quality_metric": self.quality_metric,
+                "dynamic_dims": list(self.dims), "static_reason": self.static_reason,
+                "checked_at": list(self.checked_at)}
 
 
 @dataclasses.dataclass
@@ -123,7 +129,7 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
         progress(f"writing {output_dir}")
         # Both files or neither: a failure (or Ctrl-C) before the end leaves the earlier pair as it was.
         with atomic_paths(output_dir / "model.onnx", output_dir / "report.json") as (onnx_tmp, report_tmp):
-            export = _export_best(result, graph, quantize, budget, onnx_tmp)
+            export = _export_best(result, graph, quantize, budget, onnx_tmp, settings.context())
             report_settings = {"batch": load.batch, "seq": load.seq, "backend": backend if measure else None,
                                **({"remote": str(remote)} if remote is not None else {}),
                                "allow_approx": allow_approx, "budget": budget,
@@ -250,13 +256,23 @@ def _check_settings(settings: OptimizeSettings, load: LoadOptions, output_dir: P
 
 
 def _export_best(result: OptimizeResult, original: ModelGraph, quantize: str, budget: float,
-                 final_path: Path) -> ExportCheck:
+                 final_path: Path, context) -> ExportCheck:
     """Export the best variant (or reuse its measured export), quantize on request, check it, write it."""
     from tfcompile.backends import ort
     from tfcompile.backends.quantize import quantize as quantize_onnx
     from tfcompile.verify import compare_outputs
 
-    best_graph = result.variants[result.best].graph
+    best = result.variants[result.best]
+    best_graph = best.graph
+    if quantize == "none":
+        from tfcompile.backends.dynamic_export import export_variant_onnx
+
+        # Symbolic batch and sequence where the variant allows, checked at several shapes before it is written.
+        deployed = export_variant_onnx(best, final_path, original=original, context=context)
+        worst = max(deployed.checks, key=lambda c: c.max_rel_err)
+        return ExportCheck(quantize, worst.max_abs_err, worst.max_rel_err, min(c.quality for c in deployed.checks),
+                           worst.quality_metric, deployed.dims, deployed.static_reason,
+                           tuple(c.label() for c in deployed.checks))
     onnx_path = result.onnx_files.get(result.best) or ort.export_onnx(best_graph, result.workdir / "best.onnx")
     if quantize != "none":
         onnx_path = quantize_onnx(onnx_path, result.workdir / f"model-{quantize}.onnx", quantize)
@@ -266,4 +282,6 @@ def _export_best(result: OptimizeResult, original: ModelGraph, quantize: str, bu
         raise TfcompileError(f"{quantize} quantization gives {check.quality_metric} {check.quality:.4f}, below "
                              f"--budget {budget}; nothing written (raise the budget or use --quantize none)")
     ort.single_file(Path(onnx_path), final_path)
-    return ExportCheck(quantize, check.max_abs_err, check.max_rel_err, check.quality, check.quality_metric)
+    return ExportCheck(quantize, check.max_abs_err, check.max_rel_err, check.quality, check.quality_metric,
+                       static_reason=f"{quantize} quantization is checked at the traced shape only",
+                       checked_at=("x".join(map(str, best_graph.example_inputs[0].shape)),))

@@ -35,6 +35,14 @@ _STAND_INS = {op: _stand_in(op) for op in SHAPE_ONLY_OPS}
 _ORIGINALS = {stand_in: op for op, stand_in in _STAND_INS.items()}
 
 
+def _opaque(op: Callable) -> Callable:
+    """The stand-in for ``op``, made once per op."""
+    if op not in _STAND_INS:
+        _STAND_INS[op] = _stand_in(op)
+        _ORIGINALS[_STAND_INS[op]] = op
+    return _STAND_INS[op]
+
+
 def is_symbolic(value: Any) -> bool:
     """A SymInt without a fixed value, or a tensor with such a dimension."""
     if isinstance(value, torch.SymInt):
@@ -48,13 +56,34 @@ def replay(graph: ModelGraph, passes: Sequence[tuple[str, dict[str, Any]]],
            context: PassContext | None = None) -> tuple[ModelGraph, list[PassOutcome]]:
     """``graph`` (symbolic) with ``passes`` (name, knobs) applied in order, shape reads kept symbolic."""
     work = clone(graph)
-    _swap(work, lambda node: _STAND_INS.get(node.target) if is_symbolic(node.meta.get("val")) else None)
+    _swap(work, _symbolic_constant_stand_in(work))
     outcomes = []
     for name, knobs in passes:
         work, outcome = apply_pass(work, name, context, **knobs)
         outcomes.append(outcome)
     _swap(work, lambda node: _ORIGINALS.get(node.target))
     return work, outcomes
+
+
+def _symbolic_constant_stand_in(graph: ModelGraph) -> Callable[[torch.fx.Node], Callable | None]:
+    """Shape reads with a symbolic result, and any op computed only from weights and symbolic sizes
+    given as literals (``full([s0, s1])``, ``expand(weight, [s0, ...])``): what a constant folder would
+    otherwise try to evaluate, and fail on or bake the traced size into."""
+    from_constants: set[torch.fx.Node] = set()
+    for node in graph.gm.graph.nodes:
+        if node.op == "get_attr":
+            from_constants.add(node)
+        elif node.op == "call_function" and all(arg in from_constants for arg in node.all_input_nodes):
+            from_constants.add(node)
+
+    def stand_in(node: torch.fx.Node) -> Callable | None:
+        if not is_symbolic(node.meta.get("val")) or not callable(node.target):
+            return None
+        if node.target in SHAPE_ONLY_OPS or node in from_constants:
+            return _opaque(node.target)
+        return None
+
+    return stand_in
 
 
 def _swap(graph: ModelGraph, replacement: Callable[[torch.fx.Node], Callable | None]) -> None:

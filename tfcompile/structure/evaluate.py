@@ -16,6 +16,13 @@ aten = torch.ops.aten
 # Evaluating parts of a graph
 
 
+def _concrete(shape) -> list[int]:
+    """A shape with each symbolic size replaced by its traced example. Only shape reads get such a stand-in,
+    and a graph traced with symbolic sizes keeps reads whose result is symbolic out of constant folding,
+    so what is evaluated here does not depend on the sizes replaced."""
+    return [d if isinstance(d, int) else (d.node.hint if d.node.hint is not None else 1) for d in shape]
+
+
 def evaluate_nodes(graph: ModelGraph, nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, object]:
     """The values of ``nodes`` on the example inputs, running only the ops they depend on.
 
@@ -37,7 +44,7 @@ def evaluate_nodes(graph: ModelGraph, nodes: list[torch.fx.Node]) -> dict[torch.
 
     def shape_stand_in(arg: torch.fx.Node) -> object:
         fake = tensor_meta(arg)
-        return torch.empty(fake.shape, dtype=fake.dtype) if fake is not None else env[arg]
+        return torch.empty(_concrete(fake.shape), dtype=fake.dtype) if fake is not None else env[arg]
 
     with torch.no_grad():
         for node in graph.gm.graph.nodes:
