@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The trained MiniLM serving real sentences (token lengths of English prose, examples/) in batches of 8
+# padded to 128, as its shipped tokenizer pads: exact padding removal wins, measured on ONNX Runtime.
 demo: $(STAMP)
-	$(VENV)/bin/tfcompile optimize gpt2-small --target cpu --measure -o out/demo
+	$(VENV)/bin/tfcompile optimize minilm --batch 8 --seq 128 --lengths-file examples/sentence_lengths.txt \
+		--target cpu --measure --repeat 5 -o out/demo
 
 # Two workers, one test module each at a time (module fixtures are built once): the suite is
 # mostly single-threaded tracing and export, so a 2-core host runs two modules at once.

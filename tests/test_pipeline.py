@@ -30,6 +30,8 @@ def test_optimize_model_reproduces_the_cli(tmp_path):
     library_report = json.loads(outcome.report_path.read_text())
     assert _without_timings(library_report) == _without_timings(cli_report)
     assert [v["measured_ms"] > 0 for v in library_report["variants"] if "measured_ms" in v] == [True]  # the baseline
+    # A measured run plots predicted against measured latency next to the report.
+    assert (library_dir / "predicted_vs_measured.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cli_model, library_model = onnx.load(cli_dir / "model.onnx"), onnx.load(outcome.onnx_path)
     assert library_model.graph.SerializeToString() == cli_model.graph.SerializeToString()
 

@@ -127,8 +127,14 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
         if result.best is None:
             raise TfcompileError("no variant is eligible; nothing written")
         progress(f"writing {output_dir}")
-        # Both files or neither: a failure (or Ctrl-C) before the end leaves the earlier pair as it was.
-        with atomic_paths(output_dir / "model.onnx", output_dir / "report.json") as (onnx_tmp, report_tmp):
+        # All files or none: a failure (or Ctrl-C) before the end leaves the earlier set as it was.
+        plotted = _plot_rows(result, target) if measure else []
+        finals = [output_dir / "model.onnx", output_dir / "report.json"] + ([output_dir / PLOT_NAME] if plotted else [])
+        with atomic_paths(*finals) as (onnx_tmp, report_tmp, *plot_tmp):
+            if plot_tmp:
+                from tfcompile.compare import plot
+
+                plot(plotted, plot_tmp[0], title=f"{graph.name} on {target}: predicted vs measured ({backend})")
             export = _export_best(result, graph, quantize, budget, onnx_tmp, settings.context())
             report_settings = {"batch": load.batch, "seq": load.seq, "backend": backend if measure else None,
                                **({"remote": str(remote)} if remote is not None else {}),
@@ -142,6 +148,27 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
     finally:
         result.cleanup()
     return OptimizeOutcome(result, graph, export, output_dir / "report.json", output_dir / "model.onnx")
+
+
+PLOT_NAME = "predicted_vs_measured.png"
+
+
+def _plot_rows(result: OptimizeResult, target: str) -> list:
+    """One point per measured variant, per scenario of a workload: measured against the target's prediction."""
+    from tfcompile.compare import ComparisonRow
+
+    rows = []
+    for report in result.reports:
+        if report.measured_ms is None:
+            continue
+        predictor = "calibrated" if report.prediction.startswith("calibrated") else "roofline"
+        if report.scenario_measured_ms is not None:
+            rows += [ComparisonRow(f"{report.name}@{i}", measured, {predictor: predicted})
+                     for i, (measured, predicted) in enumerate(zip(report.scenario_measured_ms, report.scenario_ms))]
+        else:
+            rows.append(ComparisonRow(report.name, report.measured_ms,
+                                      {predictor: report.predicted_ms[target]}))
+    return rows
 
 
 def _workload(lengths, batch_sizes, seq_lens, lengths_file, load: LoadOptions) -> tuple[Workload, LoadOptions]:
