@@ -24,3 +24,22 @@ def test_written_files_get_the_mode_of_any_new_file(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+
+
+def test_a_run_keeps_its_temporary_files_in_one_folder_it_removes(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    import pytest
+
+    from tfcompile.outputs import private_tempdir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt), private_tempdir() as folder:
+        assert tempfile.gettempdir() == os.environ["TMPDIR"] == str(folder) and folder.parent == tmp_path
+        (folder / ".ses").write_text("a library's session file")
+        (folder / "torchinductor_root").mkdir()
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    assert tempfile.gettempdir() == os.environ["TMPDIR"] == str(tmp_path)

@@ -392,8 +392,11 @@ def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = DEBUG_FLAG in args or os.environ.get("TFCOMPILE_DEBUG") == "1"
+    from tfcompile.outputs import private_tempdir
+
     try:
-        cli.main(args=args, prog_name="tfcompile", standalone_mode=False)
+        with private_tempdir():
+            cli.main(args=args, prog_name="tfcompile", standalone_mode=False)
     except TfcompileError as exc:
         return _error(str(exc), EXIT_USER_ERROR)
     except click.ClickException as exc:

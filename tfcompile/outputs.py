@@ -11,7 +11,9 @@ are complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -50,6 +52,37 @@ def atomic_paths(*finals: Path) -> Iterator[tuple[Path, ...]]:
 def atomic_path(final: Path) -> Iterator[Path]:
     with atomic_paths(final) as (tmp,):
         yield tmp
+
+
+@contextlib.contextmanager
+def private_tempdir() -> Iterator[Path]:
+    """One temporary folder for everything a run and its libraries put in the temporary directory.
+
+    ONNX Runtime writes a session file and torch an Inductor cache folder there when first used;
+    tfcompile's own work folders go there too. The folder is removed when the block ends, whether it
+    completed, failed or was interrupted, so no run leaves anything behind in $TMPDIR.
+    """
+    previous_env, previous_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    folder = Path(tempfile.mkdtemp(prefix="tfcompile-run-"))
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = previous_tempdir
+        if previous_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_env
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def in_private_tempdir(function):
+    """``function`` run inside ``private_tempdir()``: for the library's entry points."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with private_tempdir():
+            return function(*args, **kwargs)
+    return run
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from tfcompile.errors import InvalidOptionError, TfcompileError
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph
 from tfcompile.optimize import OptimizeResult, OptimizeSettings, optimize
-from tfcompile.outputs import atomic_paths, check_output_dir
+from tfcompile.outputs import atomic_paths, check_output_dir, in_private_tempdir
 from tfcompile.passes import Workload, check_pipeline, get_pass
 from tfcompile.report import write_report
 from tfcompile.workload import from_distribution as workload_from_distribution
@@ -76,6 +76,7 @@ class OptimizeOutcome:
     onnx_path: Path
 
 
+@in_private_tempdir  # libraries' caches and tfcompile's work folders are removed whatever happens
 def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: str | DeviceSpec = "cpu",
                    backend: str = "ort",
                    passes: tuple[str, ...] | None = None, allow_approx: bool = False, budget: float = 0.99,
