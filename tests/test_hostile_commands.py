@@ -762,3 +762,20 @@ def test_targets_show_takes_names_not_paths(box, capsys):
     assert_refused(capsys, box, "targets", "--show", "../cost_models/devices/a100", match="unknown target")
     code, _, everything = run_cli(capsys, "targets", "--show", "h100")
     assert code == 0 and 'name = "h100"' in everything
+
+
+@pytest.mark.parametrize("args,match", [
+    (["export", MLP, "--backend", "tvm", "-o", "{work}/model.onnx"], "--backend tvm writes a .so"),
+    (["export", MLP, "-o", "{work}/model.so"], "--backend ort writes a .onnx file"),
+    (["compare", MLP, "--batches", "1,,2", "-o", "{work}/cmp"], "expected positive integers"),
+])
+def test_outputs_named_for_another_format_and_list_typos(args, match, box, capsys):
+    assert_refused(capsys, box, *[a.format(work=box.work) for a in args], match=match)
+
+
+def test_a_user_exception_whose_message_raises_is_still_one_line(box, capsys, monkeypatch):
+    module = box.inputs / "weird_factory.py"
+    module.write_text("class Weird(Exception):\n    def __str__(self):\n        raise RuntimeError('no message')\n\n"
+                      "def make():\n    raise Weird()\n")
+    monkeypatch.syspath_prepend(str(box.inputs))
+    assert_refused(capsys, box, "optimize", "weird_factory:make", "-o", box.work / "out", match="raised Weird")

@@ -133,6 +133,11 @@ def _explain(result) -> None:
 def export(model, passes, output_path, backend, **load_kwargs):
     """Apply passes to MODEL and export it as checked ONNX (symbolic batch and sequence where the passes
     allow, checked at several shapes) or as a compiled TVM library (traced shape)."""
+    suffixes = {"ort": (".onnx",), "tvm": (".so", ".dylib", ".dll", ".tar")}[backend]
+    if output_path.suffix.lower() not in suffixes:
+        # A TVM library named model.onnx (or an ONNX file named model.so) fails only in the tool that reads it.
+        raise TfcompileError(f"-o {output_path}: --backend {backend} writes a {' or '.join(suffixes)} file; "
+                             f"name it so")
     from tfcompile.backends.dynamic_export import export_deployable_onnx, export_variant_onnx
     from tfcompile.variants import build_variant, custom_variant
     from tfcompile.verify import compare_outputs

@@ -128,7 +128,7 @@ def parse_remote(remote, device_key, backend):
 
 def int_list(text: str, option: str) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",")]  # "1,,2" is a typo, not two values
     except ValueError:
         values = []
     if not values or any(v <= 0 for v in values):

@@ -55,6 +55,10 @@ class BackendError(TfcompileError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name if it has none)."""
-    text = str(exc).strip()
+    """The first line of an exception's message (its type name if it has none, or if its message
+    cannot be made: a user's exception class may raise from ``__str__``)."""
+    try:
+        text = str(exc).strip()
+    except Exception:  # noqa: BLE001 - whatever the user's __str__ raises, the error is still reported
+        return type(exc).__name__
     return text.splitlines()[0] if text else type(exc).__name__

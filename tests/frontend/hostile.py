@@ -159,4 +159,5 @@ def pt2_cases(marker: Path) -> dict[str, Pt2Edit]:
             [{"name": "item", "arg": {"as_tensor": {"name": "x"}}, "kind": 1},
              {"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1}], [])),
         "aotinductor-shared-library": Pt2Edit(add={"data/aotinductor/model/model.so": b"\x7fELF" + bytes(60)}),
+        "json-nested-past-the-recursion-limit": Pt2Edit(replace={MODEL_JSON: b"[" * 100_000 + b"]" * 100_000}),
     }

@@ -162,6 +162,9 @@ def _read(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
 def _read_json(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
     try:
         return json.loads(_read(path, archive, info))
+    except RecursionError as exc:  # [[[[...]]]] nested deeper than any real archive's JSON
+        raise ModelLoadError(f"{path}: archive member {info.filename} nests its JSON too deeply to be a "
+                             "torch.export archive") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: archive member {info.filename} is not valid JSON ({first_line(exc)})") from exc
 
