@@ -779,3 +779,9 @@ def test_a_user_exception_whose_message_raises_is_still_one_line(box, capsys, mo
                       "def make():\n    raise Weird()\n")
     monkeypatch.syspath_prepend(str(box.inputs))
     assert_refused(capsys, box, "optimize", "weird_factory:make", "-o", box.work / "out", match="raised Weird")
+
+
+@pytest.mark.parametrize("command", ["optimize", "compare"])
+def test_an_empty_output_directory_is_not_the_current_one(command, box, capsys, monkeypatch):
+    monkeypatch.chdir(box.work)
+    assert_refused(capsys, box, command, MLP, "-o", "", match="-o ''")

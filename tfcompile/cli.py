@@ -16,8 +16,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tfcompile.cli_options import (file_output, int_list, load_graph, load_options, model_options, parse_remote,
-                                   parse_size_list, remote_options)
+from tfcompile.cli_options import (directory_output, file_output, int_list, load_graph, load_options, model_options,
+                                   parse_remote, parse_size_list, remote_options)
 from tfcompile.errors import MAX_SEED, TfcompileError, first_line
 
 EXIT_USER_ERROR = 2
@@ -61,7 +61,7 @@ def cli(debug: bool) -> None:
 @click.option("--quantize", type=click.Choice(["none", "fp16", "int8"]), default="none", show_default=True,
               help="Lower the exported model's precision with ONNX Runtime's tools (approximate; checked "
                    "against --budget). Meant for edge and npu targets.")
-@click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-out"),
+@click.option("--output", "-o", "output_dir", type=click.Path(), default="tfcompile-out", callback=directory_output,
               show_default=True, help="Directory for report.json and model.onnx.")
 @remote_options
 @model_options
@@ -236,7 +236,8 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
 @click.option("--passes", "pass_count", default=1, show_default=True, type=click.IntRange(1, 10),
               help="Measure every variant this many times over, keeping each one's lowest median "
                    "(takes out spells of load on a shared host).")
-@click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=Path("tfcompile-compare"),
+@click.option("--output", "-o", "output_dir", type=click.Path(), default="tfcompile-compare",
+              callback=directory_output,
               show_default=True, help="Directory for compare.json and compare.png.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @remote_options

@@ -102,6 +102,13 @@ def file_output(_ctx, param, text: str | None) -> Path | None:
     return None if text is None else check_output_file(text)
 
 
+def directory_output(_ctx, param, text: str) -> Path:
+    """-o for a directory: '' would silently mean the current directory."""
+    if not text.strip():
+        raise TfcompileError("-o '': name the directory for the outputs (e.g. -o out)")
+    return Path(text)
+
+
 def remote_options(fn):
     """--remote/--device-key: measure on another machine through a TVM RPC tracker."""
     fn = click.option("--device-key", "device_key", default=None, metavar="KEY",
