@@ -52,7 +52,7 @@ def model_options(fn):
         click.option("--trust-pickle", is_flag=True,
                      help="Allow unpickling a full torch.save'd module or pickled archive members "
                           "(runs code from the file: only for files you trust)."),
-        click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True),
+        click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
                      help="Hugging Face config.json for a bare state dict or safetensors file."),
         click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED),
                      help="Seed for weights and inputs."),

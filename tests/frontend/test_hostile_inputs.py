@@ -298,6 +298,8 @@ def test_device_file_efficiency_and_toml_errors(tmp_path):
     (["--batch", "1..3,x"], "--batch"),
     (["--seq", "64..16"], "--seq"),
     (["--config", "/nonexistent/config.json"], "--config"),
+    (["--config", "/"], "is a directory"),
+    (["--input-shape", "nosuch=1x16:int64"], "--input-shape names nosuch, but the model's inputs are input_ids"),
     (["--no-such-option"], "No such option"),
 ])
 def test_options_out_of_range(args, match, tmp_path, capsys):
@@ -458,6 +460,9 @@ def _safetensors_file(model_dir: Path) -> Path:
     ("garbage-safetensors", "not a loadable Hugging Face model directory"),
     ("architectures-not-a-model", "not a transformers model class"),
     ("config-not-json", "not a usable Hugging Face config"),
+    ("negative-layer-count", "has weights that the config has no place for"),
+    ("fewer-layers-than-weights", "has weights that the config has no place for"),
+    ("more-layers-than-weights", "has no weights for"),
 ])
 def test_damaged_hf_directory(damage, match, tiny_gpt2_dir, tmp_path, capsys):
     weights = _safetensors_file(tiny_gpt2_dir)
@@ -469,6 +474,10 @@ def test_damaged_hf_directory(damage, match, tiny_gpt2_dir, tmp_path, capsys):
         weights.write_bytes(bytes(range(256)) * 16)
     elif damage == "architectures-not-a-model":
         _edit_config(tiny_gpt2_dir, architectures=["pipeline"])
+    elif damage.endswith("-layers-than-weights") or damage == "negative-layer-count":
+        # transformers would drop the extra weights, or draw the missing ones at random, with a warning.
+        _edit_config(tiny_gpt2_dir, n_layer={"negative-layer-count": -1, "fewer-layers-than-weights": 1,
+                                             "more-layers-than-weights": 3}[damage])
     else:
         (tiny_gpt2_dir / "config.json").write_text("{not json")
     out = tmp_path / "out"

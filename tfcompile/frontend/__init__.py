@@ -329,6 +329,7 @@ def _trace_module(module: torch.nn.Module, name: str, options: LoadOptions, *,
         names = input_names or getattr(module, "input_names", None) or list(options.input_shapes or [])
         if not names:
             raise ShapeError(f"{name}: tfcompile cannot guess this module's inputs; give --input-shape NAME=DIMS")
+        _check_input_names(name, names, options)
         inputs = _inputs_for(names, _default_shapes(module, names, options),
                              {**_default_dtypes(module, names), **(options.input_dtypes or {})}, options,
                              int_high=_vocab_size(module))

@@ -161,7 +161,8 @@ def load_directory(path: Path) -> torch.nn.Module:
         raise ModelLoadError(f"{path}/config.json: not a usable Hugging Face config: {first_line(exc)}") from exc
     cls = model_class_for(config, path / "config.json")
     try:
-        model = cls.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+        model, loading = cls.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
+                                             output_loading_info=True)
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(f"{path}: a checkpoint in it is a pickle that names more than tensors; tfcompile reads "
                              "Hugging Face checkpoints only with the weights-only unpickler (convert it to "
@@ -169,7 +170,19 @@ def load_directory(path: Path) -> torch.nn.Module:
     except Exception as exc:  # weights that do not fit, truncated safetensors, missing files: all input faults
         raise ModelLoadError(f"{path}: not a loadable Hugging Face model directory: {type(exc).__name__}: "
                              f"{first_line(exc)}") from exc
+    _check_weights_fit(path, cls, loading)
     return model.eval()
+
+
+def _check_weights_fit(path: Path, cls: type, loading: dict) -> None:
+    """transformers fills missing weights with random values and drops ones it has no place for, with a
+    warning: a model that computes something else than the files say. Both are the input's fault."""
+    for kind, what in (("missing_keys", "has no weights for"), ("mismatched_keys", "has weights of another shape "
+                       "for"), ("unexpected_keys", "has weights that the config has no place for, e.g.")):
+        keys = sorted(str(k) for k in loading.get(kind) or ())
+        if keys:
+            raise ModelLoadError(f"{path}: the weights do not fit {cls.__name__} as config.json describes it: it "
+                                 f"{what} {keys[0]} ({len(keys)} in all)")
 
 
 def build_from_config(config_path: Path, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
