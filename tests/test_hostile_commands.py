@@ -431,6 +431,33 @@ def test_session_request_answered_with_junk(box, capsys):
                        "--remote", address, "--device-key", "k", "-o", box.work / "out", match="refused")
 
 
+def test_assigned_server_that_never_answers_times_out(box, capsys, monkeypatch):
+    """The tracker hands out a server that accepts the connection and then says nothing."""
+    from tvm.rpc.base import TrackerCode
+
+    from tfcompile.backends.tvm import remote
+
+    monkeypatch.setattr(remote, "SERVER_HANDSHAKE_TIMEOUT_S", 2.0)
+    with junk_tracker(lambda conn: time.sleep(4)) as server:
+        port = int(server.rsplit(":", 1)[1])
+
+        def answer(conn):
+            conn.recv(4)
+            conn.sendall(TRACKER_MAGIC)
+            request = _read_framed(conn)
+            if request[0] == TrackerCode.SUMMARY:
+                conn.sendall(_framed([0, {"server_info": [{"key": "server:k", "addr": ["127.0.0.1", port]}]}]))
+            else:
+                conn.sendall(_framed([0, ["127.0.0.1", port, "k"]]))
+
+        with junk_tracker(answer) as address:
+            started = time.monotonic()
+            assert_refused(capsys, box, "optimize", MLP, "--passes", "fold_constants", "--measure", "--measure-top",
+                           "0", "--remote", address, "--device-key", "k", "-o", box.work / "out",
+                           match="did not answer within 2 s")
+            assert time.monotonic() - started < 60
+
+
 @pytest.mark.parametrize("command", ["calibrate", "compare"])
 def test_calibrate_and_compare_remote_tracker_answers_junk(command, box, capsys):
     answer, match = TRACKER_JUNK["summary-not-an-object"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -400,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = DEBUG_FLAG in args or os.environ.get("TFCOMPILE_DEBUG") == "1"
     from tfcompile.outputs import private_tempdir
 
+    # torch's own deprecation, raised when it copies a traced graph: not about the user's input, and a second
+    # stderr line next to a one-line error.
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     try:
         with private_tempdir():
             cli.main(args=args, prog_name="tfcompile", standalone_mode=False)

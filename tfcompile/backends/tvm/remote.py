@@ -31,6 +31,7 @@ import os
 import socket
 import statistics
 import struct
+import threading
 import tempfile
 import time
 import tomllib
@@ -45,7 +46,8 @@ from tfcompile.errors import BackendError, TfcompileError, first_line
 from tfcompile.graph import ModelGraph
 
 CONNECT_TIMEOUT_S = 10.0  # reaching the tracker or a server
-QUEUE_TIMEOUT_S = 900.0  # waiting in the tracker's queue for a free server
+QUEUE_TIMEOUT_S = 300.0  # waiting in the tracker's queue for a free server
+SERVER_HANDSHAKE_TIMEOUT_S = 30.0  # a server the tracker assigned must answer within this
 SESSION_TIMEOUT_S = 900.0  # the server ends a session that runs longer than this
 
 __all__ = ["RemoteError", "RemoteResult", "RemoteSpec", "RemoteArtifact", "export_module", "measure_artifacts",
@@ -200,12 +202,31 @@ def _request_session(remote: RemoteSpec, *, queue_timeout: float, session_timeou
         raise RemoteError(f"TVM RPC tracker at {remote.address}: request for {remote.key!r} refused: "
                           f"{_clip(value)}")
     url, port, matchkey = value[1]
-    try:
-        session = rpc.connect(url, port, matchkey, session_timeout=int(session_timeout))
-    except Exception as exc:
-        raise RemoteError(f"cannot open a session on the RPC server {url}:{port} ({remote.key!r}): "
-                          f"{first_line(exc)}") from exc
+    session = _connect_within(lambda: rpc.connect(url, port, matchkey, session_timeout=int(session_timeout)),
+                              SERVER_HANDSHAKE_TIMEOUT_S, f"the RPC server {url}:{port} ({remote.key!r})")
     return session, f"{url}:{port}"
+
+
+def _connect_within(connect, timeout_s: float, what: str):
+    """``connect()`` or a RemoteError after ``timeout_s``: TVM's own connect has no time limit, and a server
+    that accepts and never answers would hold the run forever. The waiting thread is a daemon, so an
+    abandoned connect does not keep the process alive."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["session"] = connect()
+        except Exception as exc:  # noqa: BLE001 - reported below, in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="tvm-rpc-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RemoteError(f"{what} did not answer within {timeout_s:.0f} s")
+    if "error" in outcome:
+        raise RemoteError(f"cannot open a session on {what}: {first_line(outcome['error'])}") from outcome["error"]
+    return outcome["session"]
 
 
 # --- compile and export for the remote ---------------------------------------------------------------------------
