@@ -16,6 +16,7 @@ the tiny ones (``tests.tiny``) or ``tiny_mlp`` below, so the whole file runs in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -812,3 +813,18 @@ def test_a_user_exception_whose_message_raises_is_still_one_line(box, capsys, mo
 def test_an_empty_output_directory_is_not_the_current_one(command, box, capsys, monkeypatch):
     monkeypatch.chdir(box.work)
     assert_refused(capsys, box, command, MLP, "-o", "", match="-o ''")
+
+
+def test_a_tvm_library_that_differs_from_torch_is_not_written(box, capsys, monkeypatch):
+    from tfcompile import verify
+
+    real = verify.compare_outputs
+
+    def off_by_a_lot(*args, **kwargs):
+        check = real(*args, **kwargs)
+        return dataclasses.replace(check, max_rel_err=0.5)
+
+    monkeypatch.setattr(verify, "compare_outputs", off_by_a_lot)
+    (box.work / "model.so").write_bytes(b"earlier library")
+    assert_refused(capsys, box, "export", MLP, "--backend", "tvm", "-o", box.work / "model.so",
+                   match="differs from torch by 5.0e-01", status=EXIT_USER_ERROR)

@@ -134,12 +134,14 @@ def _explain(result) -> None:
 def export(model, passes, output_path, backend, **load_kwargs):
     """Apply passes to MODEL and export it as checked ONNX (symbolic batch and sequence where the passes
     allow, checked at several shapes) or as a compiled TVM library (traced shape)."""
-    suffixes = {"ort": (".onnx",), "tvm": (".so", ".dylib", ".dll", ".tar")}[backend]
+    suffixes = {"ort": (".onnx",), "tvm": (".so",)}[backend]
     if output_path.suffix.lower() not in suffixes:
         # A TVM library named model.onnx (or an ONNX file named model.so) fails only in the tool that reads it.
         raise TfcompileError(f"-o {output_path}: --backend {backend} writes a {' or '.join(suffixes)} file; "
                              f"name it so")
     from tfcompile.backends.dynamic_export import export_deployable_onnx, export_variant_onnx
+    from tfcompile.errors import BackendError
+    from tfcompile.measure import OUTPUT_TOLERANCE
     from tfcompile.variants import build_variant, custom_variant
     from tfcompile.verify import compare_outputs
 
@@ -155,19 +157,23 @@ def export(model, passes, output_path, backend, **load_kwargs):
                 console.print(line, soft_wrap=True)
             return
         status.update("compiling with TVM")
-        module = _export_tvm(variant.graph if variant else graph, output_path)
+        from tfcompile.backends.tvm import compile_graph
+
+        module = compile_graph(variant.graph if variant else graph)
         check = compare_outputs(graph.run(), module.run(graph.example_inputs), graph.output_names)
+        if check.max_rel_err > OUTPUT_TOLERANCE:  # checked before anything is written
+            raise BackendError(f"the TVM library differs from torch by {check.max_rel_err:.1e} relative; "
+                               "nothing written")
+        _write_tvm_library(module, output_path)
     console.print(module.schedule_summary())
     shapes = ", ".join("x".join(map(str, t.shape)) for t in graph.example_inputs)
     console.print(f"input shapes: static, {shapes} (a TVM library is compiled for the traced shape)")
     console.print(f"wrote {output_path} (TVM vs torch: max relative error {check.max_rel_err:.1e})")
 
 
-def _export_tvm(graph, output_path: Path):
-    from tfcompile.backends.tvm import compile_graph
+def _write_tvm_library(module, output_path: Path) -> None:
     from tfcompile.outputs import atomic_path
 
-    module = compile_graph(graph)
     with atomic_path(output_path) as tmp:
         # export_library picks the format from the file name's suffix.
         library = tmp.with_suffix(".so")
@@ -176,7 +182,6 @@ def _export_tvm(graph, output_path: Path):
             library.replace(tmp)
         finally:
             library.unlink(missing_ok=True)
-    return module
 
 
 @cli.command()
