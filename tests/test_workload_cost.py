@@ -86,3 +86,14 @@ def test_length_distributions_alone_change_the_chosen_variant(tmp_path):
     assert "remove_padding_runtime" in best["ragged"].passes
     assert "remove_padding_runtime" not in best["full"].passes
     assert best["ragged"].expected_ms < best["full"].expected_ms
+
+
+def test_the_packed_variant_is_exported_and_checked_at_its_valid_positions(tmp_path):
+    """Per-token outputs of a packed variant are zeros at padding; model.onnx is checked where tokens are valid."""
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("3 6\n9 3\n")
+    outcome = tfcompile.optimize_model("bert-base", tmp_path / "out", passes=("remove_padding_runtime",),
+                                       batch_sizes=[4], seq_lens=[16], lengths_file=lengths, load=TINY_BERT)
+    assert outcome.result.best == "custom:remove_padding_runtime"
+    export = _report(outcome)["export"]
+    assert export["max_rel_err"] <= 1e-4 and "remove_padding_runtime" in export["static_reason"]
