@@ -798,7 +798,10 @@ def test_targets_show_takes_names_not_paths(box, capsys):
     (["compare", MLP, "--batches", "1,,2", "-o", "{work}/cmp"], "expected positive integers"),
 ])
 def test_outputs_named_for_another_format_and_list_typos(args, match, box, capsys):
-    assert_refused(capsys, box, *[a.format(work=box.work) for a in args], match=match)
+    with untouched(box):
+        code, lines, everything = run_cli(capsys, *[a.format(work=box.work) for a in args])
+    assert code == EXIT_USER_ERROR and len(lines) == 1 and match in lines[0], everything
+    assert everything.strip() == lines[0]  # nothing on stdout before the refusal either
 
 
 def test_a_user_exception_whose_message_raises_is_still_one_line(box, capsys, monkeypatch):

@@ -259,12 +259,13 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
     if target != "cpu" and remote_spec is None:
         raise TfcompileError(f"measuring on {target} needs that device; only 'cpu' (this host) is measured here, "
                              "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
+    batch_sizes, seq_lens = int_list(batches, "--batches"), int_list(seqs, "--seqs")  # before anything is printed
     cost_model = cost_model_for(target, backend, profile_path=profile_path)
     if cost_model.kind != "calibrated":
         console.print(f"[yellow]no calibration profile for {target}/{backend}: run `tfcompile calibrate --target "
                       f"{target} --backend {backend}`; showing uncalibrated predictions only[/yellow]")
     with console.status("building variants") as status:
-        graphs = builtin_variant_graphs(model, int_list(batches, "--batches"), int_list(seqs, "--seqs"), seed)
+        graphs = builtin_variant_graphs(model, batch_sizes, seq_lens, seed)
         rows = lowest_of_passes([
             measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
                                 progress=lambda m, i=i: status.update(f"pass {i + 1}/{pass_count}: {m}"),
