@@ -600,3 +600,14 @@ def test_other_commands_refuse_bad_values_in_one_line(args, match, tmp_path, cap
     code, lines, everything = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args])
     assert code == EXIT_USER_ERROR and len(lines) == 1 and match in lines[0], everything
     assert not (tmp_path / "out").exists() and not (tmp_path / "newdir").exists()
+
+
+def test_hf_config_naming_remote_code_runs_and_asks_nothing(tiny_gpt2_dir, tmp_path, capsys):
+    """auto_map names code in the directory: never imported, and no trust prompt on stdout."""
+    marker = tmp_path / MARKER
+    (tiny_gpt2_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    _edit_config(tiny_gpt2_dir, auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    out = tmp_path / "out"
+    result = run_cli(capsys, "optimize", tiny_gpt2_dir, "-o", out)
+    assert_refused(result, match="names custom model code (auto_map)", marker=marker, output=out)
+    assert result[2].strip() == result[1][0]  # stdout is empty: nothing asked, nothing printed

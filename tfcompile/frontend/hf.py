@@ -156,9 +156,13 @@ def load_directory(path: Path) -> torch.nn.Module:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: a model directory needs a config.json (Hugging Face layout)")
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        # Code named by the config (auto_map) is never run; False refuses at once instead of asking on stdout.
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, TypeError... on a bad config
         raise ModelLoadError(f"{path}/config.json: not a usable Hugging Face config: {first_line(exc)}") from exc
+    if getattr(config, "auto_map", None):
+        raise ModelLoadError(f"{path}/config.json names custom model code (auto_map); tfcompile never runs code "
+                             "from a model directory: if you trust it, import it in a module:factory of your own")
     cls = model_class_for(config, path / "config.json")
     try:
         model, loading = cls.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
@@ -191,7 +195,8 @@ def build_from_config(config_path: Path, state_dict: dict[str, torch.Tensor]) ->
 
     try:
         config = transformers.AutoConfig.from_pretrained(config_path.parent if config_path.name == "config.json"
-                                                         else config_path, local_files_only=True)
+                                                         else config_path, local_files_only=True,
+                                                         trust_remote_code=False)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, TypeError... on a bad config
         raise ModelLoadError(f"{config_path}: not a Hugging Face config: {first_line(exc)}") from exc
     cls = model_class_for(config, config_path)
