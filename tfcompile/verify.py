@@ -71,7 +71,12 @@ def _quality(ref: torch.Tensor, got: torch.Tensor, name: str) -> tuple[str, floa
         return "top1_agreement", agree
     flat_ref = ref64.reshape(-1, ref64.shape[-1]) if ref64.dim() else ref64.reshape(1, 1)
     flat_got = got64.reshape(-1, got64.shape[-1]) if got64.dim() else got64.reshape(1, 1)
-    cosine = torch.nn.functional.cosine_similarity(flat_ref, flat_got, dim=-1).mean().item()
+    # Rows zero in both are padded positions masked by valid_positions: no vectors to compare, so they are left
+    # out (their cosine would read 0 and pull the mean down to the share of valid tokens).
+    compared = (flat_ref != 0).any(-1) | (flat_got != 0).any(-1)
+    if not compared.any():
+        return "mean_cosine", 1.0
+    cosine = torch.nn.functional.cosine_similarity(flat_ref[compared], flat_got[compared], dim=-1).mean().item()
     return "mean_cosine", cosine
 
 
