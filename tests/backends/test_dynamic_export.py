@@ -83,7 +83,7 @@ def test_an_onnx_input_stays_static_and_says_why(exported, tmp_path):
 def test_shape_specialised_and_approximate_passes_keep_the_export_static(exported):
     _, graph, _, _ = exported
     assert static_reason(graph, list(EXPORT_PASSES)) is None
-    assert "remove_padding specialises" in static_reason(graph, ["remove_padding"])
+    assert "remove_padding is specialised to the traced batch" in static_reason(graph, ["remove_padding"])
     assert "approximate pass prune_tokens" in static_reason(graph, ["prune_tokens"])
 
 

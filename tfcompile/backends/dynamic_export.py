@@ -138,7 +138,11 @@ def static_reason(graph: ModelGraph, applied: list[str]) -> str | None:
         pass_ = get_pass(name)
         if not pass_.exact:
             return f"approximate pass {name} was judged at the traced shape only"
-        if getattr(pass_, "lengths_specific", False) or pass_.stage in SHAPE_SPECIALISED_STAGES:
+        if pass_.lengths_specific:
+            return f"pass {name} is specialised to the traced batch's shape and valid lengths"
+        if pass_.stage is Stage.PADDING:
+            return f"pass {name} is written for the traced [batch, seq]; it serves any valid lengths at that shape"
+        if pass_.stage in SHAPE_SPECIALISED_STAGES:
             return f"pass {name} specialises the graph to the traced shape ({pass_.stage.name.lower()})"
     return None
 
