@@ -60,18 +60,24 @@ def _random_lengths(rng, batch, seq):
     return [rng.randint(1, seq) for _ in range(batch)]
 
 
+def _batches_at_new_lengths(graph, trials, seed):
+    """``trials`` seeded (lengths, graph fed a batch padded to them) at the graph's traced shape."""
+    batch, seq = graph.example_inputs[0].shape[:2]
+    rng = random.Random(seed)
+    for _ in range(trials):
+        lengths = _random_lengths(rng, batch, seq)
+        yield lengths, with_lengths(graph, lengths)
+
+
 def _check_new_lengths(graph, trials, seed=0, context=None):
     """Apply the pass once, then feed batches of other lengths: valid outputs must match the padded model."""
     before = [(n.name, n.target) for n in graph.gm.graph.nodes]
     packed, outcome = apply_pass(graph, NAME, context=context)
     assert outcome.applied, outcome.reason
     assert [(n.name, n.target) for n in graph.gm.graph.nodes] == before
-    batch, seq = graph.example_inputs[0].shape[:2]
-    rng = random.Random(seed)
+    seq = graph.example_inputs[0].shape[1]
     worst = 0.0
-    for _ in range(trials):
-        lengths = _random_lengths(rng, batch, seq)
-        batch_graph = with_lengths(graph, lengths)
+    for lengths, batch_graph in _batches_at_new_lengths(graph, trials, seed):
         errors = _errors(batch_graph.run(), packed.run(batch_graph.example_inputs), lengths, seq)
         assert max(errors) <= TOL, f"lengths {lengths}: relative error {max(errors):.2e}"
         worst = max(worst, *errors)
@@ -257,12 +263,9 @@ def _onnx_matches_at_new_lengths(graph, tmp_path, trials, seed=0):
     packed, _ = apply_pass(graph, NAME)
     path = export_onnx(packed, tmp_path / "runtime.onnx")
     model = OrtModel(path, threads=1)
-    batch, seq = graph.example_inputs[0].shape[:2]
-    rng = random.Random(seed)
+    seq = graph.example_inputs[0].shape[1]
     worst = 0.0
-    for _ in range(trials):
-        lengths = _random_lengths(rng, batch, seq)
-        batch_graph = with_lengths(graph, lengths)
+    for lengths, batch_graph in _batches_at_new_lengths(graph, trials, seed):
         got = [torch.from_numpy(o) for o in model.session.run(None, model.feeds(batch_graph.example_inputs))]
         worst = max(worst, *_errors(batch_graph.run(), got, lengths, seq))
     assert worst <= TOL
