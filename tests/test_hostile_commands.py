@@ -831,3 +831,49 @@ def test_a_tvm_library_that_differs_from_torch_is_not_written(box, capsys, monke
     (box.work / "model.so").write_bytes(b"earlier library")
     assert_refused(capsys, box, "export", MLP, "--backend", "tvm", "-o", box.work / "model.so",
                    match="differs from torch by 5.0e-01", status=EXIT_USER_ERROR)
+
+
+# --- workloads: --lengths-file and size lists (issue 23) ------------------------------------------------------
+
+def _lengths_file(box: Sandbox, kind: str) -> Path:
+    path = box.inputs / "lengths.txt"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "huge":
+        with path.open("wb") as f:
+            f.truncate(64 << 20)  # sparse; refused by its size before anything is read
+    elif kind == "bad-line":
+        path.write_text("12\n12 3 9\n")
+    elif kind == "too-long":
+        path.write_text("12\n4096\n")
+    elif kind == "empty":
+        path.write_text("# nothing but a comment\n")
+    elif kind == "payload-path":
+        path.write_text("__import__('os').system('touch code-ran')\n")
+    return path
+
+
+@pytest.mark.parametrize("kind,extra,match", [
+    ("missing", [], "does not exist"),
+    ("directory", [], "is a directory"),
+    ("binary", [], "not a text file"),
+    ("huge", [], "a length file is at most"),
+    ("bad-line", [], "line 2"),
+    ("too-long", [], "4096 is longer than --seq 128"),
+    ("empty", [], "no lengths in it"),
+    ("payload-path", [], "line 1"),
+    ("bad-line", ["--lengths", "3"], "not both"),
+    ("too-long", ["--seq", "16,32"], "padded to: one value"),
+])
+def test_bad_length_files(kind, extra, match, box, capsys):
+    path = _lengths_file(box, kind)
+    out = earlier_output(box, "report.json", "model.onnx")
+    assert_refused(capsys, box, "optimize", MLP, "--lengths-file", path, *extra, "-o", out, match=match)
+
+
+@pytest.mark.parametrize("command", ["export", "tune"])
+def test_size_lists_are_for_optimize_only(command, box, capsys):
+    out = ["-o", box.work / "m.onnx"] if command == "export" else ["--database", box.work / "db"]
+    assert_refused(capsys, box, command, MLP, "--seq", "16..64", *out, match="this command traces one shape")
