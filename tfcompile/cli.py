@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tfcompile.cli_options import (directory_output, file_output, int_list, load_graph, load_options, model_options,
-                                   parse_remote, parse_size_list, remote_options)
+                                   parse_remote, remote_options)
 from tfcompile.errors import MAX_SEED, TfcompileError, first_line
+from tfcompile.workload import parse_sizes
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -91,8 +92,8 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
         if explain:
             _explain(result)
 
-    batch_sizes = parse_size_list(load_kwargs["batch"], "--batch")
-    seq_lens = parse_size_list(load_kwargs["seq"], "--seq")
+    batch_sizes = parse_sizes(load_kwargs["batch"], "--batch")
+    seq_lens = parse_sizes(load_kwargs["seq"], "--seq")
     load = load_options(**{**load_kwargs, "batch": str(max(batch_sizes)), "seq": str(max(seq_lens))})
     with console.status("loading model") as status:
         outcome = optimize_model(model, output_dir, target=target, backend=backend, passes=pipeline,

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from tfcompile.errors import MAX_SEED, TfcompileError
+from tfcompile.workload import parse_sizes
 
 
 DTYPES = {"int64": "int64", "int32": "int32", "float32": "float32", "float16": "float16", "bool": "bool"}
@@ -65,14 +66,8 @@ def model_options(fn):
     return fn
 
 
-def parse_size_list(text: str, option: str) -> list[int]:
-    from tfcompile.workload import parse_sizes
-
-    return parse_sizes(text, option)
-
-
 def parse_one_size(text: str, option: str) -> int:
-    values = parse_size_list(text, option)
+    values = parse_sizes(text, option)
     if len(values) > 1:
         raise TfcompileError(f"{option} {text}: this command traces one shape; a list or range describes a "
                              "workload for `optimize`")

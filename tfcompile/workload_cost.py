@@ -93,7 +93,7 @@ def price_over_workload(variants: dict[str, Variant], graphs: ScenarioGraphs, co
     for scenario in workload.scenarios:
         progress(f"pricing the variants at {scenario.label}")
         original = graphs(scenario)
-        at_scenario = dataclasses.replace(context, workload=dataclasses.replace(workload, lengths=scenario.lengths))
+        at_scenario = _context_at(context, scenario)
         reference = original.run() if graphs.same_shape(scenario) else None
         for name, variant in variants.items():
             rebuilt = build_variant(original, variant.spec, at_scenario)
@@ -103,6 +103,11 @@ def price_over_workload(variants: dict[str, Variant], graphs: ScenarioGraphs, co
                 worst[name] = max(worst.get(name, 0.0), check.max_rel_err)
     return {name: WorkloadPrice(ms, workload.expected(ms), ineligible[name], worst.get(name))
             for name, ms in scenario_ms.items()}
+
+
+def _context_at(context: PassContext, scenario: Scenario) -> PassContext:
+    """The run's context with the traced batch's lengths replaced by ``scenario``'s: what the passes plan on."""
+    return dataclasses.replace(context, workload=dataclasses.replace(context.workload, lengths=scenario.lengths))
 
 
 def _lengths_gap(variant: Variant, scenarios, context: PassContext) -> str:
@@ -124,8 +129,7 @@ def scenario_graphs_for_measurement(variant: Variant, graphs: ScenarioGraphs,
         if graphs.same_shape(scenario):
             graph = dataclasses.replace(variant.graph, example_inputs=original.example_inputs)
         else:
-            at_scenario = dataclasses.replace(context, workload=dataclasses.replace(context.workload,
-                                                                                    lengths=scenario.lengths))
+            at_scenario = _context_at(context, scenario)
             graph = build_variant(original, variant.spec, at_scenario).graph
         graph.name = f"{variant.name}@{i}"
         runs.append(graph)
