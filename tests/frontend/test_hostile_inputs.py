@@ -611,3 +611,101 @@ def test_hf_config_naming_remote_code_runs_and_asks_nothing(tiny_gpt2_dir, tmp_p
     result = run_cli(capsys, "optimize", tiny_gpt2_dir, "-o", out)
     assert_refused(result, match="names custom model code (auto_map)", marker=marker, output=out)
     assert result[2].strip() == result[1][0]  # stdout is empty: nothing asked, nothing printed
+
+
+# --- hub ids: names in the local Hugging Face cache, never paths; a cached snapshot is a model directory -------
+
+HUB_ID = "tiny-org/tiny-gpt2"
+
+
+@pytest.fixture
+def hub_snapshot(tiny_gpt2_dir, tmp_path, monkeypatch) -> Path:
+    """HF_HUB_CACHE holding the tiny GPT-2 as tiny-org/tiny-gpt2; returns its snapshot. The cwd holds nothing."""
+    from tests.frontend.test_hub_cache import write_hub_cache
+
+    cache = tmp_path / "hub"
+    snapshot = write_hub_cache(cache, HUB_ID, tiny_gpt2_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    return snapshot
+
+
+def _replace_cached_file(snapshot: Path, name: str, data: bytes | None) -> None:
+    """A cached file's content changed as a cache entry would hold it: the snapshot's link to a new blob."""
+    link = snapshot / name
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    if data is not None:
+        blob = snapshot.parent.parent / "blobs" / f"edited-{name}"
+        blob.write_bytes(data)
+        link.symlink_to(Path("..", "..", "blobs", blob.name))
+
+
+@pytest.mark.parametrize("source", ["../tiny-org/tiny-gpt2", "tiny-org/../tiny-org/tiny-gpt2", "tiny-org\\tiny-gpt2",
+                                    "/tiny-org/tiny-gpt2", "tiny-org//tiny-gpt2", "models--tiny-org--tiny-gpt2"])
+def test_hub_id_that_is_a_path_never_reaches_the_cache(source, hub_snapshot, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a path reached the hub cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    out = tmp_path / "out"
+    assert_refused(run_cli(capsys, "optimize", source, "-o", out), match="nor a Hugging Face hub id",
+                   marker=tmp_path / MARKER, output=out)
+
+
+def test_cached_snapshot_with_a_pickled_checkpoint_runs_nothing(hub_snapshot, tmp_path, capsys):
+    """No safetensors, a pytorch_model.bin whose pickle writes a file: refused as in a directory, nothing runs."""
+    marker = tmp_path / MARKER
+    _replace_cached_file(hub_snapshot, "model.safetensors", None)
+    _replace_cached_file(hub_snapshot, "pytorch_model.bin", torch_save_payload(marker))
+    out = tmp_path / "out"
+    assert_refused(run_cli(capsys, "optimize", HUB_ID, "-o", out), match="weights-only unpickler", marker=marker,
+                   output=out)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("auto_map", "names custom model code (auto_map)"),
+    ("weights-of-another-size", "not a loadable Hugging Face model directory"),
+    ("more-layers-than-weights", "has no weights for"),
+    ("no-config", "needs a config.json"),
+])
+def test_cached_snapshot_gets_the_directory_checks(damage, match, hub_snapshot, tmp_path, capsys):
+    marker = tmp_path / MARKER
+    config = json.loads((hub_snapshot / "config.json").read_text())
+    if damage == "auto_map":
+        _replace_cached_file(hub_snapshot, "evil.py", f"open({str(marker)!r}, 'w').close()\n".encode())
+        config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    else:
+        config.update({"weights-of-another-size": {"n_embd": 128}, "more-layers-than-weights": {"n_layer": 3}}
+                      .get(damage, {}))
+    _replace_cached_file(hub_snapshot, "config.json", None if damage == "no-config" else json.dumps(config).encode())
+    out = tmp_path / "out"
+    assert_refused(run_cli(capsys, "optimize", HUB_ID, "-o", out), match=match, marker=marker, output=out)
+
+
+@pytest.mark.parametrize("ref", ["../../models--other--repo/snapshots/" + "0" * 40, "../../../elsewhere",
+                                 "../../../../../../../../etc"])
+def test_cached_ref_pointing_out_of_the_snapshots_is_refused(ref, hub_snapshot, tiny_gpt2_dir, tmp_path, capsys):
+    """snapshot_download joins refs/main onto snapshots/ as it is: a ref may name any folder."""
+    from tests.frontend.test_hub_cache import write_hub_cache
+
+    write_hub_cache(hub_snapshot.parents[2], "other/repo", tiny_gpt2_dir, commit="0" * 40)
+    write_hub_cache(tmp_path / "elsewhere-cache", "x", tiny_gpt2_dir)
+    (tmp_path / "elsewhere").symlink_to(next((tmp_path / "elsewhere-cache").glob("*/snapshots/*")))
+    (hub_snapshot.parents[1] / "refs" / "main").write_text(ref)
+    out = tmp_path / "out"
+    assert_refused(run_cli(capsys, "optimize", HUB_ID, "-o", out), match="not a commit of snapshots/",
+                   marker=tmp_path / MARKER, output=out)
+
+
+def test_cached_file_linking_out_of_the_cache_is_refused(hub_snapshot, tiny_gpt2_dir, tmp_path, capsys):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(_safetensors_file(tiny_gpt2_dir).read_bytes())
+    (hub_snapshot / "model.safetensors").unlink()
+    (hub_snapshot / "model.safetensors").symlink_to(outside)
+    out = tmp_path / "out"
+    assert_refused(run_cli(capsys, "optimize", HUB_ID, "-o", out), match="outside the model's cache folder",
+                   marker=tmp_path / MARKER, output=out)

@@ -7,7 +7,9 @@ Sources, in the order they are tried:
   TorchScript archive, state dict (+ ``--config``), safetensors (+ ``--config``),
   ONNX, or a full pickle (only with ``--trust-pickle``);
 - ``package.module:factory``, a callable returning an ``nn.Module`` or
-  ``(nn.Module, example_inputs)``.
+  ``(nn.Module, example_inputs)``;
+- a Hugging Face hub id (``name`` or ``org/name``) already in the local hub
+  cache, loaded as a model directory is (``hub_cache``; never downloaded).
 
 Every graph keeps what a deployable export needs to trace it again with
 symbolic batch and sequence dimensions (``ModelGraph.retrace``, see
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from tfcompile.errors import MAX_SEED, InvalidOptionError, ModelLoadError, ShapeError, TraceError, first_line
-from tfcompile.frontend import detect, hf, hf_inputs, torch_files, zoo
+from tfcompile.frontend import detect, hf, hf_inputs, hub_cache, torch_files, zoo
 from tfcompile.frontend.dynamic import module_source, program_source
 from tfcompile.frontend.inputs import make_input, seeded_generator
 from tfcompile.frontend.limits import check_fits_in_memory, deadline, quiet_library_logs, tensor_bytes
@@ -90,8 +92,13 @@ def _load(source: str, options: LoadOptions) -> ModelGraph:
         return _load_file(path, options)
     if FACTORY_PATTERN.fullmatch(source):
         return _load_factory(source, options)
+    if hub_cache.is_hub_id(source):
+        cached = hub_cache.find(source)
+        return _trace_module(_wrap_hf(hub_cache.load(cached)), cached.name, options,
+                             info={"source": "hf-hub-cache", "hub_id": source, "commit": cached.commit})
     zoo_names = ", ".join(zoo.ZOO)
-    raise ModelLoadError(f"{source}: no such file, directory or zoo model (zoo: {zoo_names})")
+    raise ModelLoadError(f"{source}: no such file, directory or zoo model (zoo: {zoo_names}), nor a Hugging Face "
+                         "hub id (NAME or ORG/NAME)")
 
 
 def check_options(options: LoadOptions) -> None:
