@@ -171,3 +171,71 @@ def test_unknown_schedule_is_a_backend_error():
     graph = export_module(torch.nn.Linear(4, 4), (torch.randn(2, 4),), name="linear")
     with pytest.raises(BackendError, match="unknown schedule"):
         compile_graph(graph, schedule="fast")
+
+
+# TVM's C++ warnings go to fd 2, past Python's warnings and logging: tfcompile filters them (native_log).
+_NOISE = ("Scope Saving", "Fast mode segfaults")
+
+
+def test_native_noise_is_dropped_and_every_other_line_kept(capfd, monkeypatch):
+    import os
+
+    from tfcompile.backends.tvm.native_log import filtered_stderr
+
+    monkeypatch.delenv("TFCOMPILE_VERBOSE", raising=False)
+    lines = (b"[08:01:02] /project/src/runtime/vm/executable.cc:276: Warning: Scope Saving:\n"
+             b"[08:01:02] /project/include/tvm/topi/transform.h:1261: Warning: Fast mode segfaults when there are "
+             b"out-of-bounds indices. Make sure input indices are in bound\n"
+             b"[08:01:03] /project/src/x.cc:1: Warning: something else\n")
+    with pytest.raises(RuntimeError, match="inside"):
+        with filtered_stderr():
+            os.write(2, lines)
+            raise RuntimeError("inside")
+    err = capfd.readouterr().err
+    assert err == "[08:01:03] /project/src/x.cc:1: Warning: something else\n"
+    monkeypatch.setenv("TFCOMPILE_VERBOSE", "1")
+    with filtered_stderr():
+        os.write(2, lines)
+    assert capfd.readouterr().err == lines.decode()
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 16)
+        self.proj = torch.nn.Linear(16, 8)
+
+    def forward(self, ids):
+        return self.proj(self.embed(ids))
+
+
+def test_compile_and_export_print_no_tvm_noise(tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("TFCOMPILE_VERBOSE", raising=False)
+    graph = export_module(_Embed().eval(), (torch.randint(0, 32, (1, 8)),), name="embed")
+    capfd.readouterr()
+    module = compile_graph(graph, schedule="rules")  # legalising the lookup logs "Fast mode"
+    module.executable.export_library(str(tmp_path / "m.so"))  # one "Scope Saving" per memory scope
+    quiet = capfd.readouterr()
+    assert not [word for word in _NOISE if word in quiet.err + quiet.out]
+    monkeypatch.setenv("TFCOMPILE_VERBOSE", "1")  # what `tfcompile --verbose` sets
+    module.executable.export_library(str(tmp_path / "m2.so"))
+    assert "Scope Saving" in capfd.readouterr().err  # the filter is what hid it
+    _assert_close(module.run(graph.example_inputs), graph.run())
+
+
+@pytest.mark.slow  # ~35 s on 2 cores: a tiny BERT traced, lowered, compiled, checked and exported
+def test_export_command_prints_no_tvm_noise(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {key: value for key, value in os.environ.items() if key != "TFCOMPILE_VERBOSE"}
+    result = subprocess.run([sys.executable, "-m", "tfcompile.cli", "export", "tests.tiny:bert", "--backend", "tvm",
+                             "-o", str(tmp_path / "m.so")], cwd=repo, capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m.so").stat().st_size > 0
+    assert result.stderr == ""
+    assert not [word for word in _NOISE if word in result.stdout]

@@ -24,6 +24,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tfcompile.backends.tvm.native_log import filtered_stderr
 from tfcompile.errors import BackendError, TraceError
 from tfcompile.graph import ModelGraph, to_exported_program
 
@@ -146,8 +147,17 @@ def legalize_and_fuse(mod: tvm.IRModule, target, *, pad_multiple: int | None = N
     from tfcompile.backends.tvm.patchify import patchify_conv
 
     prepare = [patchify_conv] + ([pad_matmul_n(pad_multiple)] if pad_multiple else [])
-    with target:
+    with target, filtered_stderr():  # legalising an embedding lookup logs TVM's "Fast mode" warning
         return tvm.transform.Sequential(prepare + fuse_passes())(mod)
+
+
+class Executable(tvm.runtime.Executable):
+    """TVM's Relax executable, whose ``export_library`` keeps TVM's per-scope "Scope Saving" log lines
+    out of the terminal (see ``native_log``)."""
+
+    def export_library(self, file_name, **kwargs):
+        with filtered_stderr():
+            return super().export_library(file_name, **kwargs)
 
 
 def build(mod: tvm.IRModule, target, schedule_pass: tvm.transform.Pass | None, *, name: str):
@@ -155,7 +165,7 @@ def build(mod: tvm.IRModule, target, schedule_pass: tvm.transform.Pass | None, *
     passes = ([schedule_pass] if schedule_pass is not None else []) + vm_passes()
     pipeline = tvm.transform.Sequential(passes)
     try:
-        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        return Executable(tvm.compile(mod, target=target, relax_pipeline=pipeline).mod)
     except Exception as exc:
         raise BackendError(f"tvm: {name}: compile failed: {one_line(exc)}") from exc
 

@@ -36,7 +36,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -257,23 +257,6 @@ def remote_target(target_name: str | None):
     return as_target(table["target"]), table.get("cc")
 
 
-@contextlib.contextmanager
-def _stderr_to(path: Path) -> Iterator[None]:
-    """Send this process's stderr (fd 2, where TVM's C++ logs go) to ``path`` for a while."""
-    import sys
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(path, "wb") as sink:
-            os.dup2(sink.fileno(), 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def export_module(module, path: str | os.PathLike, *, cross_compiler: str | None = None) -> Path:
     """Export a compiled ``TvmModule``'s Relax executable as a shared library at ``path``."""
     path = Path(path)
@@ -282,15 +265,11 @@ def export_module(module, path: str | os.PathLike, *, cross_compiler: str | None
         from tvm.contrib import cc
 
         kwargs["fcompile"] = cc.cross_compiler(cross_compiler)
-    log = path.with_suffix(".log")
     try:
-        # TVM 0.27 logs a "Scope Saving" warning per function here; keep it out of the terminal.
-        with _stderr_to(log):
-            module.executable.export_library(str(path), **kwargs)
+        # The executable's export_library keeps TVM's "Scope Saving" lines out of the terminal (native_log).
+        module.executable.export_library(str(path), **kwargs)
     except Exception as exc:
         raise BackendError(f"tvm: {module.name}: export for the remote failed: {first_line(exc)}") from exc
-    finally:
-        log.unlink(missing_ok=True)
     return path
 
 
