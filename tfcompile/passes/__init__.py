@@ -1,8 +1,10 @@
 """Rewrite passes. Importing this package registers every pass family.
 
 Every module and sub-package here is a pass family (or the contract itself:
-``base``, ``context``) and is imported below, so adding a pass is writing one
-module: no list to extend.
+``base``, ``context``; or ``catalog``, the registry's metadata as a data file)
+and is imported below, so adding a pass is writing one module: no list to
+extend. `tfcompile passes` lists the catalog, which is generated: regenerate it
+with ``python -m tfcompile.passes.catalog --write`` (a test fails until then).
 """
 
 import importlib
