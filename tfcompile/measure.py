@@ -46,10 +46,12 @@ def check_outputs(name: str, graph: ModelGraph, outputs, what: str) -> None:
 
 
 def measure_here(graphs: dict[str, ModelGraph], backend: str, workdir: Path, *, repeat: int,
-                 keep_files: bool = False, progress: Progress = lambda _: None) -> dict[str, Timed]:
+                 keep_files: bool = False, progress: Progress = lambda _: None,
+                 max_total_s: float | None = None) -> dict[str, Timed]:
     """Lower every graph on ``backend``, check it, and time them round-robin (one alone: by itself).
 
     Graphs that share a GraphModule (one variant fed several batches of a workload) are lowered once.
+    ``max_total_s``: stop timing once this much is spent (after at least 3 runs each).
     """
     lowered: dict[str, Lowered] = {}
     sharing: dict[int, list[str]] = {}
@@ -64,10 +66,11 @@ def measure_here(graphs: dict[str, ModelGraph], backend: str, workdir: Path, *, 
     progress(f"measuring {len(lowered)} variant(s) on {backend} (median of {repeat})")
     if len(lowered) == 1:
         ((name, low),) = lowered.items()
-        results = {name: measure(low.run, backend=backend, warmup=2, repeat=repeat, max_total_s=30.0)}
+        results = {name: measure(low.run, backend=backend, warmup=2, repeat=repeat,
+                                 max_total_s=30.0 if max_total_s is None else max_total_s)}
     else:
         results = measure_interleaved({n: low.run for n, low in lowered.items()}, backend=backend,
-                                      repeat=repeat, block=interleave_block(backend))
+                                      repeat=repeat, block=interleave_block(backend), max_total_s=max_total_s)
     timed = {}
     for name, low in lowered.items():
         if not keep_files:
