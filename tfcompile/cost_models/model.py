@@ -42,6 +42,9 @@ class CostModel(Protocol):
     @property
     def label(self) -> str: ...
 
+    @property
+    def provenance(self) -> dict: ...
+
     def predict(self, graph) -> Prediction: ...
 
 
@@ -57,6 +60,14 @@ class RooflineCostModel:
     @property
     def label(self) -> str:
         return "roofline"
+
+    @property
+    def provenance(self) -> dict:
+        """Where the prediction comes from, for the report and the table's caption."""
+        source = ("this host's detected peaks" if self.device.name == "cpu"
+                  else f"the {self.device.name} datasheet")
+        return {"kind": "roofline", "device": self.device.name, "backend": self.backend,
+                "text": f"roofline from {source}, uncalibrated"}
 
     def predict(self, graph) -> Prediction:
         result = estimate(graph, self.device)
@@ -76,6 +87,16 @@ class CalibratedCostModel:
     @property
     def label(self) -> str:
         return f"calibrated {self.device.name}/{self.backend}"
+
+    @property
+    def provenance(self) -> dict:
+        p = self.profile
+        day = p.created[:10] or "undated"
+        host = f", {p.host}" if p.host else ""
+        return {"kind": "calibrated", "device": self.device.name, "backend": self.backend, "created": p.created,
+                "host": p.host, "fit_mape": p.fit_mape,
+                "text": f"calibrated profile {self.device.name}/{self.backend} ({day}{host}; fit MAPE "
+                        f"{p.fit_mape:.0%})"}
 
     def predict(self, graph) -> Prediction:
         roofline = estimate(graph, self.device)
