@@ -81,23 +81,28 @@ def _shapes(shapes) -> str:
 
 
 def export_variant_onnx(variant: Any, path: Path, *, original: ModelGraph | None = None,
-                        context: PassContext | None = None) -> DeployedOnnx:
+                        context: PassContext | None = None, opset: int | None = None,
+                        atol: float | None = None) -> DeployedOnnx:
     """``export_deployable_onnx`` for a ``variants.Variant`` (its graph, its pipeline with knobs, what applied)."""
     spec = variant.spec
     passes = [(name, dict(spec.knobs.get(name, {}))) for name in spec.passes]
     return export_deployable_onnx(variant.graph, path, passes=passes, applied=variant.applied_passes,
-                                  original=original, context=context)
+                                  original=original, context=context, opset=opset, atol=atol)
 
 
 def export_deployable_onnx(graph: ModelGraph, path: Path, *, passes: Sequence[tuple[str, dict[str, Any]]] = (),
                            applied: Sequence[str] | None = None, original: ModelGraph | None = None,
-                           context: PassContext | None = None) -> DeployedOnnx:
+                           context: PassContext | None = None, opset: int | None = None,
+                           atol: float | None = None) -> DeployedOnnx:
     """Write ``graph`` (the result of ``passes`` on ``original``) to ``path`` as checked ONNX.
 
     ``passes``: (name, knobs) in order, as the variant ran them; ``applied``: the
     ones that applied (default: all). ``original``: the reference at the traced
     shape (default ``graph``; an approximate variant is checked against itself).
     Raises ``BackendError`` when even the static file does not match torch.
+    ``opset``: the ONNX opset (default: the exporter's). ``atol``: the largest
+    absolute difference from torch allowed at every checked shape, instead of
+    ``REL_TOLERANCE`` relative to the largest output magnitude.
     """
     path = Path(path)
     applied = list(applied if applied is not None else [name for name, _ in passes])
@@ -106,12 +111,12 @@ def export_deployable_onnx(graph: ModelGraph, path: Path, *, passes: Sequence[tu
         if reason is None:
             try:
                 dims, checks = _dynamic_file(graph, passes, applied, original or graph, context,
-                                             Path(workdir) / "dynamic.onnx")
+                                             Path(workdir) / "dynamic.onnx", opset=opset, atol=atol)
                 ort.single_file(Path(workdir) / "dynamic.onnx", path)
                 return DeployedOnnx(path, dims, None, checks)
             except TfcompileError as exc:
                 reason = str(exc)
-        static = ort.export_onnx(graph, Path(workdir) / "static.onnx", external_data=True)
+        static = ort.export_onnx(graph, Path(workdir) / "static.onnx", external_data=True, opset=opset)
         # An approximate variant differs from the original by design: the file must reproduce the variant.
         reference = (original or graph) if all(get_pass(name).exact for name in applied) else graph
         # Padding passes leave zeros at padded positions, where the padded original computed meaningless
@@ -120,7 +125,7 @@ def export_deployable_onnx(graph: ModelGraph, path: Path, *, passes: Sequence[tu
         lengths = context.workload.lengths if padded and context is not None else None
         checks = (_check(static, graph.example_inputs, reference.run(graph.example_inputs), graph.output_names,
                          lengths=lengths),)
-        _require_close(graph.name, checks[0])
+        _require_close(graph.name, checks[0], atol)
         ort.single_file(static, path)
         return DeployedOnnx(path, (), reason, checks)
 
@@ -148,7 +153,8 @@ def static_reason(graph: ModelGraph, applied: list[str]) -> str | None:
 
 
 def _dynamic_file(graph: ModelGraph, passes, applied: list[str], original: ModelGraph,
-                  context: PassContext | None, path: Path) -> tuple[tuple[str, ...], tuple[ShapeCheck, ...]]:
+                  context: PassContext | None, path: Path, *, opset: int | None = None,
+                  atol: float | None = None) -> tuple[tuple[str, ...], tuple[ShapeCheck, ...]]:
     """Trace, replay, export and check the symbolic file; any failure is a TfcompileError naming the step."""
     source = graph.retrace
     dynamic = trace_dynamic(graph)
@@ -163,7 +169,7 @@ def _dynamic_file(graph: ModelGraph, passes, applied: list[str], original: Model
         differ = next(o for o in outcomes if (o.name in applied) != o.applied)
         raise BackendError(f"pass {differ.name} {'applies only' if differ.applied else 'does not apply'} with "
                            f"symbolic shapes ({differ.reason})")
-    ort.export_onnx(dynamic, path, external_data=True, dynamic_shapes=export_dims(source))
+    ort.export_onnx(dynamic, path, external_data=True, dynamic_shapes=export_dims(source), opset=opset)
     model = ort.OrtModel(path)
     checks = [_check(model, graph.example_inputs, original.run(graph.example_inputs), graph.output_names)]
     seen = {tuple(tuple(t.shape) for t in graph.example_inputs)}
@@ -180,8 +186,8 @@ def _dynamic_file(graph: ModelGraph, passes, applied: list[str], original: Model
                                f"{type(exc).__name__}: {first_line(exc)}") from exc
         reference = reference if isinstance(reference, (tuple, list)) else (reference,)
         checks.append(_check(model, inputs, reference, graph.output_names))
-        _require_close(graph.name, checks[-1])
-    _require_close(graph.name, checks[0])
+        _require_close(graph.name, checks[-1], atol)
+    _require_close(graph.name, checks[0], atol)
     return tuple(describe(source)), tuple(checks)
 
 
@@ -201,7 +207,12 @@ def _check(model: ort.OrtModel | Path, inputs: tuple[torch.Tensor, ...], referen
                       result.quality, result.quality_metric)
 
 
-def _require_close(name: str, check: ShapeCheck) -> None:
+def _require_close(name: str, check: ShapeCheck, atol: float | None = None) -> None:
+    if atol is not None:
+        if not check.max_abs_err <= atol:
+            raise BackendError(f"ONNX Runtime differs from torch for {name} at input shape {check.label()}: max "
+                               f"absolute error {check.max_abs_err:.1e} > --atol {atol:.0e}")
+        return
     if not check.max_rel_err <= REL_TOLERANCE:
         raise BackendError(f"ONNX Runtime differs from torch for {name} at input shape {check.label()}: max "
                            f"relative error {check.max_rel_err:.1e} > {REL_TOLERANCE:.0e}")
