@@ -19,7 +19,8 @@ LAYERS = [
     ("tfcompile.passes",),
     ("tfcompile.backends",),
     ("tfcompile.variants", "tfcompile.search", "tfcompile.knob_search", "tfcompile.measure", "tfcompile.optimize",
-     "tfcompile.compare", "tfcompile.calibrate", "tfcompile.pipeline", "tfcompile.workload_cost"),
+     "tfcompile.compare", "tfcompile.calibrate", "tfcompile.pipeline", "tfcompile.workload_cost",
+     "tfcompile.generation"),
     ("tfcompile.cli", "tfcompile.cli_options"),
 ]
 

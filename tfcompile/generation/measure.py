@@ -1,0 +1,204 @@
+"""Time to first token (TTFT) and time per output token (TPOT) on ONNX Runtime CPU, cache as I/O.
+
+The prefill and decode-step ONNX files of ``generation.trace`` are run as a
+real greedy generation with ORT IO binding: every input and output is bound
+once to a pre-allocated numpy buffer, so no step allocates or copies its
+inputs. The static cache has two buffer sets; the decode step reads one and
+writes the other, and the next step swaps them (ping-pong), so the cache
+never moves between steps. The loop only writes the new token, its position,
+the slot index and one mask element into the bound input buffers.
+
+TTFT = the prefill run plus the argmax of its logits (the first token), timed
+per generation. TPOT = one decode step plus its argmax; with a static cache
+every step attends over the same ``max_len`` slots, so all steps cost alike and
+the spread is over every decode step of every timed generation. The tokens of
+the last generation come back too, so a caller can check the bound path
+generates what ``greedy.greedy_generate`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tfcompile.backends.ort import OrtModel, default_threads
+from tfcompile.backends.timing import Spread
+from tfcompile.generation.trace import CacheSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationTiming:
+    ttft_ms: Spread
+    tpot_ms: Spread
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    threads: int
+    tokens: np.ndarray  # [B, new_tokens] of the last timed generation
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput over the batch at the median step time."""
+        return self.batch * 1e3 / self.tpot_ms.median
+
+    @property
+    def generation_ms(self) -> float:
+        """Median end-to-end time of one generation: TTFT + (new_tokens - 1) TPOT."""
+        return self.ttft_ms.median + (self.new_tokens - 1) * self.tpot_ms.median
+
+    def as_dict(self) -> dict:
+        return {"ttft_ms": self.ttft_ms.as_dict(), "tpot_ms": self.tpot_ms.as_dict(), "batch": self.batch,
+                "prompt_len": self.prompt_len, "new_tokens": self.new_tokens, "threads": self.threads,
+                "tokens_per_s": self.tokens_per_s}
+
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.float32}
+
+
+class _Bound:
+    """A session with its inputs and outputs bound to numpy buffers (CPU memory, no copies)."""
+
+    def __init__(self, model: OrtModel, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):
+        self.session = model.session
+        self.binding = model.session.io_binding()
+        for name, array in inputs.items():
+            self._check(array)
+            self.binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        for name, array in outputs.items():
+            self._check(array)
+            self.binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+    @staticmethod
+    def _check(array: np.ndarray) -> None:
+        if not array.flags["C_CONTIGUOUS"]:
+            raise ValueError("bound buffers must be contiguous")
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+
+class BoundGeneration:
+    """Prefill and decode sessions bound to one set of buffers for prompts of a fixed shape."""
+
+    def __init__(self, prefill: OrtModel, decode: OrtModel, spec: CacheSpec, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor):
+        batch, prompt_len = input_ids.shape
+        if batch != spec.batch:
+            raise ValueError(f"the graphs were traced for batch {spec.batch}, not {batch}")
+        self.spec, self.prompt_len = spec, prompt_len
+        dtype = _NUMPY.get(spec.dtype, np.float32)
+        vocab = prefill.session.get_outputs()[0].shape[-1]
+        self.prompt_ids = np.ascontiguousarray(input_ids.numpy().astype(np.int64))
+        self.prompt_mask = np.ascontiguousarray(attention_mask.numpy().astype(np.int64))
+        self.logits = np.zeros((batch, vocab), dtype=dtype)
+        cache_names = [f"{kind}_{i}" for i in range(spec.layers) for kind in ("key", "value")]
+        self.caches = [[np.zeros(spec.shape, dtype=dtype) for _ in cache_names] for _ in range(2)]
+        self.token = np.zeros((batch, 1), dtype=np.int64)
+        self.position = np.zeros((batch, 1), dtype=np.int64)
+        self.slot = np.zeros((1,), dtype=np.int64)
+        self.mask = np.zeros((batch, spec.max_len), dtype=np.int64)
+        self.prefill = _Bound(prefill, {"input_ids": self.prompt_ids, "attention_mask": self.prompt_mask},
+                              {"logits": self.logits, **{f"present_{n}": a for n, a in zip(cache_names,
+                                                                                           self.caches[0])}})
+        step_inputs = {"input_ids": self.token, "position_ids": self.position, "write_index": self.slot,
+                       "attention_mask": self.mask}
+        self.steps = [_Bound(decode, {**step_inputs, **{f"past_{n}": a for n, a in zip(cache_names, self.caches[src])}},
+                             {"logits": self.logits, **{f"present_{n}": a for n, a in zip(cache_names,
+                                                                                          self.caches[1 - src])}})
+                      for src in (0, 1)]
+
+    def generate(self, new_tokens: int) -> tuple[np.ndarray, float, list[float]]:
+        """Greedy tokens ``[B, new_tokens]``, the prefill's seconds and each decode step's seconds."""
+        if self.prompt_len + new_tokens - 1 > self.spec.max_len:
+            raise ValueError(f"prompt {self.prompt_len} + {new_tokens} new tokens exceed the cache's "
+                             f"{self.spec.max_len} positions")
+        tokens = np.zeros((self.spec.batch, new_tokens), dtype=np.int64)
+        start = time.perf_counter()
+        self.prefill.run()
+        tokens[:, 0] = self.logits.argmax(-1)
+        ttft = time.perf_counter() - start
+        self.mask[:] = 0
+        self.mask[:, : self.prompt_len] = self.prompt_mask
+        self.position[:, 0] = self.prompt_mask.sum(-1)
+        steps = []
+        for i in range(1, new_tokens):
+            start = time.perf_counter()
+            slot = self.prompt_len + i - 1
+            self.token[:, 0] = tokens[:, i - 1]
+            self.slot[0] = slot
+            self.mask[:, slot] = 1
+            self.steps[(i - 1) % 2].run()  # even steps read cache set 0 and write set 1, odd the reverse
+            tokens[:, i] = self.logits.argmax(-1)
+            steps.append(time.perf_counter() - start)
+            self.position += 1
+        return tokens, ttft, steps
+
+
+def measure_generation(prefill_path: Path, decode_path: Path, spec: CacheSpec, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, *, new_tokens: int, repeat: int = 5,
+                       warmup: int = 1, threads: int | None = None) -> GenerationTiming:
+    """TTFT and TPOT of ``repeat`` timed greedy generations after ``warmup`` untimed ones."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if new_tokens < 2:
+        raise ValueError("TPOT needs at least 2 new tokens (one decode step)")
+    prefill, decode = OrtModel(prefill_path, threads=threads), OrtModel(decode_path, threads=threads)
+    bound = BoundGeneration(prefill, decode, spec, input_ids, attention_mask)
+    for _ in range(warmup):
+        bound.generate(new_tokens)
+    ttfts, steps = [], []
+    tokens = None
+    for _ in range(max(repeat, 1)):
+        tokens, ttft, step_s = bound.generate(new_tokens)
+        ttfts.append(ttft * 1e3)
+        steps += [s * 1e3 for s in step_s]
+    used = prefill.session.get_session_options().intra_op_num_threads
+    return GenerationTiming(Spread.of(ttfts), Spread.of(steps), spec.batch, input_ids.shape[1], new_tokens, used,
+                            tokens)
+
+
+def profile_decode_step(decode_path: Path, spec: CacheSpec, prompt_len: int, *, steps: int = 10,
+                        threads: int | None = None) -> dict[str, float]:
+    """Milliseconds per decode step spent in each ONNX op type (ORT's profiler, kernel times), largest first.
+
+    Where a step's time goes when it is far from the weight-streaming bound: the
+    GEMVs that stream weights, the cache's Transpose/ScatterND copies, or the
+    rest. Runs the step ``steps`` times at slot ``prompt_len`` on a zero cache
+    (the values do not change the kernels' time)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "decode")
+        session = ort.InferenceSession(str(decode_path), options, providers=["CPUExecutionProvider"])
+        mask = np.zeros((spec.batch, spec.max_len), dtype=np.int64)
+        mask[:, : prompt_len + 1] = 1
+        feeds = {"input_ids": np.zeros((spec.batch, 1), dtype=np.int64),
+                 "position_ids": np.full((spec.batch, 1), prompt_len, dtype=np.int64),
+                 "write_index": np.array([prompt_len], dtype=np.int64), "attention_mask": mask}
+        dtype = _NUMPY.get(spec.dtype, np.float32)
+        for name in [i.name for i in session.get_inputs()]:
+            feeds.setdefault(name, np.zeros(spec.shape, dtype=dtype))
+        session.run(None, feeds)  # warm-up (profiled too, dropped below by counting runs)
+        for _ in range(steps):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_timed = sorted(runs, key=lambda e: e["ts"])[1]["ts"] if len(runs) > 1 else 0
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and \
+                event["ts"] >= first_timed:
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3 / steps
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
