@@ -13,9 +13,13 @@ every machine with the same Python minor version.
 from __future__ import annotations
 
 import functools
+import os
 import re
+from pathlib import Path
 
 import torch
+
+from tfcompile.errors import InvalidOptionError
 
 _ALLOWED = re.compile(r"[A-Za-z0-9 ,;:'\"()\-.?!]+")
 
@@ -93,3 +97,77 @@ def encode_document(seq: int, offset_chars: int = 0) -> tuple[torch.Tensor, torc
         raise ValueError(f"only {len(tokens)} tokens of text after offset {offset_chars}")
     ids = torch.tensor(tokens[: seq - 1] + [tokenizer.token_to_id("[SEP]")]).unsqueeze(0)
     return ids, torch.ones_like(ids)
+
+
+def passage_offsets(seq: int, calibration: int, heldout: int) -> tuple[list[int], list[int]]:
+    """Character offsets of ``calibration`` and ``heldout`` passages of ``seq`` tokens, disjoint and interleaved.
+
+    The running text is cut into windows of ``8·seq`` characters (``encode_document`` reads at most that
+    much from its offset), so two passages at different windows never share a character, hence never
+    share a sentence. The windows taken are spread evenly over the whole text (every topic of the
+    reference), and the two splits alternate along it, so neither is drawn from one region.
+    """
+    if calibration < 1 or heldout < 1:
+        raise ValueError(f"need at least one passage per split, got {calibration} and {heldout}")
+    width = 8 * seq
+    slots = len(running_text()) // width - 1  # the last window may run short of text
+    need = calibration + heldout
+    if slots < need:
+        raise ValueError(f"the text holds {slots} disjoint passages of {seq} tokens, {need} asked for")
+    windows = [int(i * slots / need) * width for i in range(need)]
+    calib, held = [], []
+    for i, offset in enumerate(windows):
+        # Window i goes to calibration when the running share of calibration passages steps up.
+        ((calib if (i + 1) * calibration // need > i * calibration // need else held)).append(offset)
+    return calib, held
+
+
+def encode_passages(seq: int, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``len(offsets)`` passages of exactly ``seq`` tokens (no padding), [rows, seq] ids and mask."""
+    docs = [encode_document(seq, offset) for offset in offsets]
+    return torch.cat([ids for ids, _ in docs]), torch.cat([mask for _, mask in docs])
+
+
+MAX_CALIBRATION_BYTES = 4 * 1024 * 1024  # ~40,000 sentences: far more than a calibration needs
+MAX_CALIBRATION_LINE = 4000  # characters; a sentence, not a document
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def read_calibration_file(path: str | os.PathLike, option: str = "--calibration-data") -> list[str]:
+    """The sentences of a plain-text file, one per line (blank lines skipped), for calibration and held-out rows.
+
+    Checked before anything is read: it exists, is a regular file and is at most ``MAX_CALIBRATION_BYTES``;
+    then it must decode as UTF-8 with no control characters (binary files fail here) and every line must be
+    at most ``MAX_CALIBRATION_LINE`` characters. Every failure is an ``InvalidOptionError`` of one line.
+    """
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise InvalidOptionError(f"{option} {path}: {exc.strerror or exc}") from exc
+    if not path.is_file():
+        raise InvalidOptionError(f"{option} {path}: not a file")
+    if info.st_size > MAX_CALIBRATION_BYTES:
+        raise InvalidOptionError(f"{option} {path}: {info.st_size} bytes; a calibration file is at most "
+                                 f"{MAX_CALIBRATION_BYTES} bytes (a few hundred sentences are enough)")
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CALIBRATION_BYTES + 1)  # the file may have grown since stat
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidOptionError(f"{option} {path}: not a UTF-8 text file ({type(exc).__name__})") from exc
+    if len(raw) > MAX_CALIBRATION_BYTES:
+        raise InvalidOptionError(f"{option} {path}: more than {MAX_CALIBRATION_BYTES} bytes")
+    sentences = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if _CONTROL.search(line):
+            raise InvalidOptionError(f"{option} {path}, line {number}: control characters; plain text only "
+                                     "(one sentence per line)")
+        if len(line) > MAX_CALIBRATION_LINE:
+            raise InvalidOptionError(f"{option} {path}, line {number}: {len(line)} characters; one sentence per "
+                                     f"line, at most {MAX_CALIBRATION_LINE}")
+        if line.strip():
+            sentences.append(" ".join(line.split()))
+    if not sentences:
+        raise InvalidOptionError(f"{option} {path}: no sentences in it")
+    return sentences

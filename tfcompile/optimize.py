@@ -6,6 +6,14 @@ baseline. One ``PassContext`` is built here, once, from the target, the
 backend and the workload, and handed to the search and every pass.
 ``pipeline.optimize_model`` wraps this with loading, export and the report;
 progress goes through a callback so the library stays free of terminal code.
+
+Approximate variants of a model with calibration text (``QualitySplits``:
+corpus passages for the zoo's sentence encoders, or the user's sentences in
+``calibration_text``) are judged on two disjoint splits: the token passes'
+schedules are searched on the calibration split (``search.budget_knob_grid``),
+and every approximate variant is eligible only when its calibration figure's
+lower confidence bound and its held-out figure both meet the budget. The
+reported ``quality`` is the held-out figure; ``note`` gives both.
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ from tfcompile.cost_models.device import DeviceSpec
 from tfcompile.workload_cost import LoadAt, ScenarioGraphs, price_over_workload, scenario_graphs_for_measurement
 from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.graph import ModelGraph
+from tfcompile.knob_search.quality_data import QualitySplits
+from tfcompile.knob_search.token_budget import within_budget
 from tfcompile.measure import measure_here, measure_remote
 from tfcompile.passes import PassContext, Workload, all_passes, check_pipeline
 from tfcompile.report import VariantReport, rank
-from tfcompile.search import Candidate, SearchSettings, default_knob_grid, search
+from tfcompile.search import Candidate, SearchSettings, budget_knob_grid, default_knob_grid, search
 from tfcompile.variants import Variant, VariantSpec, build_variant
 from tfcompile.verify import verify
 
@@ -48,6 +58,8 @@ class OptimizeSettings:
     remote: Any = None
     # --device-file: the user's own device, ranked under its name (``target``) instead of a shipped one.
     device: DeviceSpec | None = None
+    # --calibration-data: the user's sentences (alternate ones calibrate and are held out); None: the corpus.
+    calibration_text: tuple[str, ...] | None = None
 
     def context(self) -> PassContext:
         return PassContext.build(self.device or self.target, self.backend, workload=self.workload)
@@ -61,6 +73,8 @@ class OptimizeResult:
     refusals: dict[str, str]
     onnx_files: dict[str, Path]  # variants already exported while measuring
     workdir: Path
+    schedules: dict[str, Any] = dataclasses.field(default_factory=dict)  # token_budget.Schedule per token pass
+    quality_data: str | None = None  # where the calibration and held-out inputs came from (None: example inputs)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -84,10 +98,12 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
         servers_for(settings.remote)  # so do a wrong tracker address and a key no server has
     progress("running the original model")
     reference = original.run()
+    splits = _quality_splits(original, settings) if settings.allow_approx else None
     reports: dict[str, VariantReport] = {}
+    schedules: dict[str, Any] = {}
 
     def evaluate(variant: Variant) -> Candidate:
-        report = _report_for(original, variant, reference, context, rooflines, settings)
+        report = _report_for(original, variant, reference, context, rooflines, settings, splits)
         reports[variant.name] = report
         return Candidate(variant, report.predicted_ms[settings.target] / 1e3, report.eligible)
 
@@ -97,6 +113,9 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
         refusals = {o.name: o.reason for o in candidates[1].variant.outcomes if not o.applied}
     else:
         search_settings = SearchSettings(allow_approx=settings.allow_approx, knob_grid=default_knob_grid())
+        if splits is not None:
+            search_settings, schedules = budget_knob_grid(original, splits, settings.budget, context,
+                                                          search_settings, progress)
         result = search(original, evaluate, search_settings, context, progress)
         candidates, refusals = result.candidates, result.refusals
     variants = {c.variant.name: c.variant for c in candidates if c.variant.graph is not None}
@@ -119,10 +138,18 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
         raise
     ranked = rank(list(reports.values()), settings.target)
     best = next((r.name for r in ranked if r.eligible and r.name in variants), None)
-    return OptimizeResult(ranked, variants, best, refusals, onnx_files, workdir)
+    return OptimizeResult(ranked, variants, best, refusals, onnx_files, workdir, schedules,
+                          splits.source if splits is not None else None)
 
 
-def _report_for(original, variant, reference, context: PassContext, rooflines, settings) -> VariantReport:
+def _quality_splits(original: ModelGraph, settings: OptimizeSettings) -> QualitySplits | None:
+    if settings.calibration_text is not None:
+        return QualitySplits.from_lines(original, list(settings.calibration_text), "--calibration-data")
+    return QualitySplits.for_graph(original)
+
+
+def _report_for(original, variant, reference, context: PassContext, rooflines, settings,
+                splits: QualitySplits | None = None) -> VariantReport:
     estimates = {name: model.predict(variant.graph) for name, model in rooflines.items()}
     predicted_ms = {name: e.latency_s * 1e3 for name, e in estimates.items()}
     # The context's model (calibrated for the target and backend when a profile exists) ranks the target.
@@ -144,6 +171,8 @@ def _report_for(original, variant, reference, context: PassContext, rooflines, s
         if check.max_rel_err > EXACT_TOLERANCE:
             report.eligible = False
             report.note = f"exact variant deviates by {check.max_rel_err:.1e} relative: not ranked"
+    elif splits is not None:
+        _judge_on_splits(report, variant.graph, splits, settings.budget)
     else:
         report.quality, report.quality_metric = check.quality, check.quality_metric
         if not settings.allow_approx:
@@ -152,6 +181,23 @@ def _report_for(original, variant, reference, context: PassContext, rooflines, s
             report.eligible = False
             report.note = f"{check.quality_metric} {check.quality:.4f} below budget {settings.budget}"
     return report
+
+
+def _judge_on_splits(report: VariantReport, graph: ModelGraph, splits: QualitySplits, budget: float) -> None:
+    """Quality = the held-out figure; eligible when calibration (lower bound) and held-out both meet the budget."""
+    calibration, heldout = splits.figure(graph, "calibration"), splits.figure(graph, "heldout")
+    report.quality, report.quality_metric = heldout.quality, heldout.metric
+    figures = (f"held-out {heldout.metric} {heldout.quality:.4f} on {heldout.rows} rows; calibration "
+               f"{calibration.quality:.4f} ± {calibration.stderr:.4f} on {calibration.rows} rows")
+    report.note = figures
+    if not within_budget(calibration, budget):
+        report.eligible = False
+        report.note = (f"calibration {calibration.metric} {calibration.quality:.4f} ± {calibration.stderr:.4f}: "
+                       f"lower bound below budget {budget} ({figures})")
+    elif heldout.quality < budget:
+        report.eligible = False
+        report.note = (f"within budget {budget} on the calibration text but not on held-out text: not eligible "
+                       f"({figures})")
 
 
 def _price_over_workload(variants, reports, scenario_graphs, context, progress) -> None:

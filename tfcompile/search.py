@@ -10,6 +10,13 @@ setting (when it applies). Each new variant is verified against the original
 are always allowed; approximate ones only with ``allow_approx``, and a variant
 whose quality falls below the budget is reported but never extended.
 
+With ``allow_approx`` and calibration text for the model (``QualitySplits``:
+real-text passages for the zoo's sentence encoders), the token passes' knob
+settings are not a fixed grid: ``budget_knob_grid`` searches a per-layer
+schedule for each (``knob_search.token_budget``) on the calibration split,
+driven by the quality budget, and the search tries what that found. The
+chosen variant's quality is then reported on the held-out split (``optimize``).
+
 The target decides: the same search on another device spec or batch size can
 pick another pipeline, because the objective is that target's cost model. The
 search and every pass read one ``PassContext`` (target, backend, cost model,
@@ -21,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from tfcompile.knob_search.token_budget import SEARCHES, budget_schedules
 from tfcompile.passes import PassContext, Stage, all_passes, get_pass, pass_order
 from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant, extend_variant
 
@@ -44,12 +52,31 @@ def default_knob_grid() -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def budget_knob_grid(original, splits, budget: float, context: PassContext, settings: SearchSettings,
+                     progress: Callable[[str], None] = lambda _: None,
+                     max_trials: int | None = None) -> tuple[SearchSettings, dict[str, Any]]:
+    """``settings`` with the default grid, each token pass's settings replaced by the schedule the budget
+    drove (``knob_search.token_budget`` on ``splits``' calibration rows); and those searches' records.
+
+    A token pass with no schedule within budget is left out of the search (its refusal says why).
+    """
+    grid, unsearched = default_knob_grid(), {}
+    wanted = [n for n in searchable_passes(settings) if n in SEARCHES]
+    schedules = budget_schedules(original, splits, budget, context, wanted, progress, max_trials)
+    for name, schedule in schedules.items():
+        grid[name] = [schedule.knobs] if schedule.knobs is not None else []
+        if schedule.knobs is None:
+            unsearched[name] = schedule.why_none(budget)
+    return dataclasses.replace(settings, knob_grid=grid, unsearched=unsearched), schedules
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
     allow_approx: bool = False
     beam_width: int = 6
     knob_grid: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     exclude: tuple[str, ...] = ()
+    unsearched: dict[str, str] = dataclasses.field(default_factory=dict)  # pass -> why it gets no knob setting
 
 
 def searchable_passes(settings: SearchSettings) -> list[str]:
@@ -127,9 +154,13 @@ def search(original, evaluate: Evaluate, settings: SearchSettings, context: Pass
         if gap is not None:
             refusals[name] = gap
             continue
+        settings_for = settings.knob_grid.get(name, [{}])
+        if name in settings.unsearched or not settings_for:
+            refusals[name] = settings.unsearched.get(name, "no knob setting to try")
+            continue
         children = []
         for parent in frontier:
-            for knobs in settings.knob_grid.get(name) or [{}]:
+            for knobs in settings_for:
                 passes = parent.variant.spec.passes + (name,)
                 all_knobs = {**parent.variant.spec.knobs, name: knobs}
                 child = visit(VariantSpec(_spec_name(passes, all_knobs), passes, all_knobs), parent.variant)

@@ -50,11 +50,38 @@ def _banded_reference(graph, window: int, sinks: int = 0):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
-def test_window_covering_the_sequence_is_dense(name, request):
+def test_window_covering_the_sequence_is_refused_and_leaves_the_graph_alone(name, request):
+    """A band as wide as the sequence drops nothing: the plan refuses (graph untouched), so the search has no row."""
+    graph = request.getfixturevalue(name)  # 32 tokens
+    before = graph.gm.code
+    for knobs in ({"window": 31}, {"window": 32}, {"window": 1000}, {"window": 128, "full_layers": [0]},
+                  {"window": 512, "block": 128, "full_layers": [0]}):
+        variant, outcome = apply_pass(graph, "local_attention", **knobs)
+        assert not outcome.applied and variant is graph, (knobs, outcome.reason)
+        assert "covers all 32 tokens" in outcome.reason and "change nothing" in outcome.reason
+        assert "covers all 32 tokens" in get_pass("local_attention").check(graph)
+    assert graph.gm.code == before
+    # One token short of covering: applies (query 0 no longer sees key 31 in a bidirectional layer; a causal
+    # layer's sink keeps key 0 in view, so it needs one more).
+    variant, outcome = apply_pass(graph, "local_attention", window=29)
+    assert outcome.applied, outcome.reason
+
+
+def test_search_does_not_propose_a_window_covering_the_sequence():
+    from tfcompile.optimize import OptimizeSettings, optimize
+
+    graph = load_tiny("bert-base", batch=1, seq=32)
+    result = optimize(graph, OptimizeSettings(target="cpu", allow_approx=True, budget=0.0))
+    result.cleanup()
+    assert all("local_attention" not in r.passes for r in result.reports)
+    assert "covers all 32 tokens" in result.refusals["local_attention"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_top_k_covering_the_sequence_is_dense(name, request):
     graph = request.getfixturevalue(name)
     reference = graph.run()
-    for pass_name, knobs in (("local_attention", {"window": 32}), ("local_attention", {"window": 1000}),
-                             ("hard_attention_topk", {"k": 32}), ("hard_attention_topk", {"k": 4096})):
+    for pass_name, knobs in (("hard_attention_topk", {"k": 32}), ("hard_attention_topk", {"k": 4096})):
         variant, outcome = apply_pass(graph, pass_name, **knobs)
         assert outcome.applied, outcome.reason
         check = compare_outputs(reference, variant.run(graph.example_inputs), graph.output_names)

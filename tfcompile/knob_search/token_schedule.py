@@ -8,6 +8,11 @@ schedules by the FLOPs they save (cost model) and returns the cheapest one
 whose quality meets the budget, so only as many candidates are pruned and run
 as it takes to find it. FLOPs come from the context's cost model
 (``context.cost_model.predict``), the host CPU's roofline when no context is given.
+
+This grid search scores and reports on the same inputs; ``optimize`` uses
+``token_budget`` instead (a per-layer search on calibration text, reported on
+held-out text). The helpers below (``batched``, ``outputs_on``,
+``mean_cosine``) serve the benchmarks and tests.
 """
 
 from __future__ import annotations

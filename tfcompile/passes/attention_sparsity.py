@@ -38,7 +38,9 @@ shapes are static. Layers listed in ``full_layers`` stay dense (MASFormer keeps 
 attention in a few layers).
 
 Preconditions (the plan detects them from the graph and names the node): at
-least one SDPA node; 4-D q/k/v of the same batch and heads (no GQA
+least one SDPA node; for ``local_attention``, a window shorter than the
+sequence (w ≥ S − 1 shows every key to every query: the rewrite would only
+recompute the dense attention in tiles, so it refuses); 4-D q/k/v of the same batch and heads (no GQA
 broadcasting) and no dropout; self-attention (as many keys as queries); and
 the node's attention pattern, evaluated on the example inputs, must be "full"
 (no mask, or a mask that allows everything) or "causal"
@@ -216,6 +218,15 @@ def band_mask(seq: int, window: int, causal: bool, sinks: int = 0) -> torch.Tens
     return allowed & (j <= i) if causal else allowed
 
 
+def covers_sequence(seq: int, window: int, sinks: int = 0, causal: bool = False) -> bool:
+    """Whether the band plus sinks shows every key the layer's full or causal pattern shows (nothing to drop).
+
+    The farthest pair a full attention needs is (0, S−1), at distance S−1, which no sink covers unless
+    g ≥ S; a causal one needs (S−1, j) for every j ≤ S−1, and the sinks cover j < g, so (S−1, g) decides.
+    """
+    return window >= seq - 1 - (min(sinks, seq) if causal else 0) or sinks >= seq
+
+
 def block_geometry(seq: int, window: int, causal: bool, sinks: int = 0,
                    block: int | None = None) -> tuple[int, int, list[int], torch.Tensor]:
     """(block, blocks, neighbour offsets, [1, nb, b, len(offsets)·b + sinks] boolean tile mask)."""
@@ -308,6 +319,10 @@ def _plan_local(graph: ModelGraph, context: PassContext, *, window: int = 128, f
     if not chosen:
         raise PassRefused("no layer selected (every attention layer is in full_layers)")
     seq = int(structure.tensor_meta(qualified[0].site.node.args[0]).shape[2])
+    if all(covers_sequence(seq, window, sinks, qualified[i].causal) for i in chosen):
+        raise PassRefused(f"window {window} covers all {seq} tokens (every query already sees every key it "
+                          "sees now): local attention would change nothing")
+    chosen = [i for i in chosen if not covers_sequence(seq, window, sinks, qualified[i].causal)]
     record = LocalAttentionRecord(window, sinks, min(block or window, window, seq), tuple(chosen), len(qualified))
     return _LocalPlan(tuple(qualified[i] for i in chosen), record, block, seq)
 
