@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -136,29 +137,19 @@ def write_outputs(rows: list[ComparisonRow], scores: dict, out_dir: Path, *, tit
 
 
 def plot(rows: list[ComparisonRow], path: Path, *, title: str) -> None:
-    import matplotlib
+    """Predicted against measured latency, a panel per predictor, each point labelled "v1 8x128"."""
+    from tfcompile import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6))
-    measured = [r.measured_ms for r in rows]
-    markers = {"calibrated": "o", "roofline": "x", "flops_only": "^"}
-    for predictor, marker in markers.items():
-        points = [(r.measured_ms, r.predicted_ms[predictor]) for r in rows if predictor in r.predicted_ms]
-        if points:
-            ax.scatter(*zip(*points), marker=marker, label=predictor, alpha=0.8)
-    low, high = min(measured) * 0.5, max(measured) * 2
-    ax.plot([low, high], [low, high], color="grey", linewidth=1)
-    ax.fill_between([low, high], [low * 0.9, high * 0.9], [low * 1.1, high * 1.1], color="grey", alpha=0.15,
-                    label="±10 %")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("measured latency (ms)")
-    ax.set_ylabel("predicted latency (ms)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
+    shapes = [_variant_and_shape(row.name) for row in rows]
+    ids = plots.variant_ids([variant for variant, _ in shapes])
+    labels = [f"{ids[variant]} {shape}".strip() for variant, shape in shapes]
+    figure = plots.predicted_vs_measured(rows, score(rows), title=title, labels=labels,
+                                         key={short: variant for variant, short in ids.items()})
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+        plots.save(figure, tmp)
+
+
+def _variant_and_shape(name: str) -> tuple[str, str]:
+    """("cleanup", "8x128") from "minilm b8 s128 cleanup" (builtin_variant_graphs' names); (name, "") otherwise."""
+    match = re.search(r"(?:^| )b(\d+) s(\d+) (\S+)$", name)
+    return (match[3], f"{match[1]}x{match[2]}") if match else (name, "")
