@@ -1,7 +1,7 @@
 """The package's shape: layers import only downwards, no import cycles, small modules.
 
 Layers, lowest first (a module may import its own layer and those below):
-core (errors, outputs, graph, corpus, workload) -> structure, frontend, verify, report ->
+core (errors, outputs, graph, corpus, workload) -> structure, frontend, verify, report, plots ->
 cost_models -> passes -> backends -> the pipeline (variants, search,
 knob_search, measure, optimize, compare, calibrate, pipeline, workload_cost) -> cli.
 """
@@ -14,14 +14,15 @@ MAX_LINES = 500
 
 LAYERS = [
     ("tfcompile.errors", "tfcompile.outputs", "tfcompile.graph", "tfcompile.corpus", "tfcompile.workload"),
-    ("tfcompile.structure", "tfcompile.frontend", "tfcompile.verify", "tfcompile.report"),
+    ("tfcompile.structure", "tfcompile.frontend", "tfcompile.verify", "tfcompile.report", "tfcompile.report_table",
+     "tfcompile.plots"),
     ("tfcompile.cost_models",),
     ("tfcompile.passes",),
     ("tfcompile.backends",),
     ("tfcompile.variants", "tfcompile.search", "tfcompile.knob_search", "tfcompile.measure", "tfcompile.optimize",
      "tfcompile.compare", "tfcompile.calibrate", "tfcompile.pipeline", "tfcompile.workload_cost",
-     "tfcompile.generation"),
-    ("tfcompile.cli", "tfcompile.cli_options"),
+     "tfcompile.provenance", "tfcompile.generation"),
+    ("tfcompile.cli", "tfcompile.cli_options", "tfcompile.cli_reference", "tfcompile.cli_output"),
 ]
 
 

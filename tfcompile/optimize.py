@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -31,9 +32,10 @@ from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.graph import ModelGraph
 from tfcompile.knob_search.quality_data import QualitySplits
 from tfcompile.knob_search.token_budget import within_budget
+from tfcompile.backends.timing import Measurement, ratio_spread
 from tfcompile.measure import measure_here, measure_remote
 from tfcompile.passes import PassContext, Workload, all_passes, check_pipeline
-from tfcompile.report import VariantReport, rank
+from tfcompile.report import VariantReport, assign_ids, rank
 from tfcompile.search import Candidate, SearchSettings, budget_knob_grid, default_knob_grid, search
 from tfcompile.variants import Variant, VariantSpec, build_variant
 from tfcompile.verify import verify
@@ -53,6 +55,7 @@ class OptimizeSettings:
     measure_top: int = 1  # eligible variants measured besides the baseline (best predicted first)
     backend: str = "ort"
     repeat: int = 10
+    measure_budget_s: float | None = None  # --time-budget: stop timing a set of variants once this is spent
     workload: Workload = Workload()
     # --remote/--device-key: a tvm.remote.RemoteSpec; measure with TVM on that device through its RPC tracker.
     remote: Any = None
@@ -73,6 +76,7 @@ class OptimizeResult:
     refusals: dict[str, str]
     onnx_files: dict[str, Path]  # variants already exported while measuring
     workdir: Path
+    prediction: dict[str, Any] = dataclasses.field(default_factory=dict)  # the target's cost model: which, whence
     schedules: dict[str, Any] = dataclasses.field(default_factory=dict)  # token_budget.Schedule per token pass
     quality_data: str | None = None  # where the calibration and held-out inputs came from (None: example inputs)
 
@@ -137,9 +141,10 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     ranked = rank(list(reports.values()), settings.target)
+    assign_ids(ranked, settings.target)
     best = next((r.name for r in ranked if r.eligible and r.name in variants), None)
-    return OptimizeResult(ranked, variants, best, refusals, onnx_files, workdir, schedules,
-                          splits.source if splits is not None else None)
+    return OptimizeResult(ranked, variants, best, refusals, onnx_files, workdir, context.cost_model.provenance,
+                          schedules, splits.source if splits is not None else None)
 
 
 def _quality_splits(original: ModelGraph, settings: OptimizeSettings) -> QualitySplits | None:
@@ -169,17 +174,15 @@ def _report_for(original, variant, reference, context: PassContext, rooflines, s
     if variant.exact:
         report.max_abs_err, report.max_rel_err = check.max_abs_err, check.max_rel_err
         if check.max_rel_err > EXACT_TOLERANCE:
-            report.eligible = False
-            report.note = f"exact variant deviates by {check.max_rel_err:.1e} relative: not ranked"
+            report.reject("deviates", f"exact variant deviates by {check.max_rel_err:.1e} relative: not ranked")
     elif splits is not None:
         _judge_on_splits(report, variant.graph, splits, settings.budget)
     else:
         report.quality, report.quality_metric = check.quality, check.quality_metric
         if not settings.allow_approx:
-            report.eligible, report.note = False, "approximate: needs --allow-approx"
+            report.reject("approximate", "approximate: needs --allow-approx")
         elif check.quality < settings.budget:
-            report.eligible = False
-            report.note = f"{check.quality_metric} {check.quality:.4f} below budget {settings.budget}"
+            report.reject("below budget", f"{check.quality_metric} {check.quality:.4f} below budget {settings.budget}")
     return report
 
 
@@ -191,13 +194,11 @@ def _judge_on_splits(report: VariantReport, graph: ModelGraph, splits: QualitySp
                f"{calibration.quality:.4f} ± {calibration.stderr:.4f} on {calibration.rows} rows")
     report.note = figures
     if not within_budget(calibration, budget):
-        report.eligible = False
-        report.note = (f"calibration {calibration.metric} {calibration.quality:.4f} ± {calibration.stderr:.4f}: "
-                       f"lower bound below budget {budget} ({figures})")
+        report.reject("below budget", f"calibration {calibration.metric} {calibration.quality:.4f} ± "
+                                      f"{calibration.stderr:.4f}: lower bound below budget {budget} ({figures})")
     elif heldout.quality < budget:
-        report.eligible = False
-        report.note = (f"within budget {budget} on the calibration text but not on held-out text: not eligible "
-                       f"({figures})")
+        report.reject("held-out below budget", f"within budget {budget} on the calibration text but not on held-out "
+                                               f"text: not eligible ({figures})")
 
 
 def _price_over_workload(variants, reports, scenario_graphs, context, progress) -> None:
@@ -205,11 +206,10 @@ def _price_over_workload(variants, reports, scenario_graphs, context, progress) 
         report = reports[name]
         report.scenario_ms, report.expected_ms = price.scenario_ms, price.expected_ms
         if price.ineligible and report.eligible:
-            report.eligible, report.note = False, price.ineligible
+            report.reject("fixed lengths", price.ineligible)
         if price.worst_rel_err is not None and price.worst_rel_err > EXACT_TOLERANCE and report.eligible:
-            report.eligible = False
-            report.note = (f"exact at the traced batch but deviates by {price.worst_rel_err:.1e} relative on "
-                           "the workload's other batches: not ranked")
+            report.reject("deviates", f"exact at the traced batch but deviates by {price.worst_rel_err:.1e} "
+                                      "relative on the workload's other batches: not ranked")
         elif price.worst_rel_err is not None and report.max_rel_err is not None:
             report.max_rel_err = max(report.max_rel_err, price.worst_rel_err)
 
@@ -220,17 +220,26 @@ def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_file
         _measure_over_workload(variants, reports, settings, workdir, progress, scenario_graphs)
         return
     graphs = {name: v.graph for name, v in variants.items()}
+    batch = _batch_of(variants["baseline"].graph)
     if settings.remote is not None:
         timed = measure_remote(graphs, settings.remote, settings.target, repeat=settings.repeat, progress=progress)
     else:
         timed = measure_here(graphs, settings.backend, workdir, repeat=settings.repeat, keep_files=True,
-                             progress=progress)
+                             progress=progress, max_total_s=settings.measure_budget_s)
     for name, result in timed.items():
-        reports[name].measured_ms = result.measurement.median_ms
+        _record_timing(reports[name], result.measurement, timed["baseline"].measurement, batch)
         reports[name].backend = result.runtime
         reports[name].backend_notes = result.notes
         if result.onnx_path is not None:
             onnx_files[name] = result.onnx_path
+
+
+def _record_timing(report: VariantReport, measurement: Measurement, baseline: Measurement, batch: float) -> None:
+    """The median and its spread, the ratio to the baseline run by run, and sequences per second."""
+    report.measured_ms = measurement.median_ms
+    report.measured_spread = measurement.spread.as_dict()
+    report.vs_baseline = ratio_spread(measurement, baseline).as_dict()
+    report.throughput_per_s = batch / measurement.median_s if measurement.median_s > 0 else None
 
 
 def _measure_over_workload(variants, reports, settings, workdir, progress, scenario_graphs) -> None:
@@ -241,14 +250,31 @@ def _measure_over_workload(variants, reports, settings, workdir, progress, scena
         for i, graph in enumerate(scenario_graphs_for_measurement(variant, scenario_graphs, context)):
             runs[(name, i)] = graph
     timed = measure_here({f"{name}@{i}": g for (name, i), g in runs.items()}, settings.backend, workdir,
-                         repeat=settings.repeat, progress=progress)
+                         repeat=settings.repeat, progress=progress, max_total_s=settings.measure_budget_s)
+    scenarios = context.workload.scenarios
+    expected = {}
     for name in variants:
-        per_scenario = [timed[f"{name}@{i}"].measurement.median_ms for i in range(len(context.workload.scenarios))]
-        report = reports[name]
-        report.scenario_measured_ms = per_scenario
-        report.measured_ms = context.workload.expected(per_scenario)
-        report.backend = timed[f"{name}@0"].runtime
-        report.backend_notes = timed[f"{name}@0"].notes
+        per_scenario = [timed[f"{name}@{i}"].measurement for i in range(len(scenarios))]
+        reports[name].scenario_measured_ms = [m.median_ms for m in per_scenario]
+        # All scenarios ran round-robin with as many runs each: run k of every scenario saw one machine state,
+        # so their expectation, run by run, is a sample of the workload's latency.
+        runs_per_scenario = min(len(m.samples_s) for m in per_scenario)
+        samples = tuple(context.workload.expected([m.samples_s[k] for m in per_scenario])
+                        for k in range(runs_per_scenario))
+        expected[name] = Measurement(settings.backend, statistics.median(samples), samples)
+    mean_batch = context.workload.expected([float(s.batch) for s in scenarios])
+    for name in variants:
+        _record_timing(reports[name], expected[name], expected["baseline"], mean_batch)
+        # The workload's latency is the expectation of the scenarios' medians, as predicted; the run-by-run
+        # samples above give its spread.
+        reports[name].measured_ms = context.workload.expected(reports[name].scenario_measured_ms)
+        reports[name].backend = timed[f"{name}@0"].runtime
+        reports[name].backend_notes = timed[f"{name}@0"].notes
+
+
+def _batch_of(graph: ModelGraph) -> int:
+    shapes = [t.shape for t in graph.example_inputs if getattr(t, "dim", lambda: 0)() >= 1]
+    return int(shapes[0][0]) if shapes else 1
 
 
 def explain(result: OptimizeResult) -> list[tuple[str, bool, str]]:

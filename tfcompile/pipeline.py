@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from tfcompile import plots
 from tfcompile.backends.runner import BACKENDS
 from tfcompile.cost_models.device import DeviceSpec
 from tfcompile.errors import InvalidOptionError, TfcompileError
@@ -33,6 +34,7 @@ from tfcompile.graph import ModelGraph
 from tfcompile.optimize import OptimizeResult, OptimizeSettings, optimize
 from tfcompile.outputs import atomic_paths, check_output_dir, in_private_tempdir
 from tfcompile.passes import Workload, check_pipeline, get_pass
+from tfcompile.provenance import host_record, versions
 from tfcompile.report import write_report
 from tfcompile.workload import from_distribution as workload_from_distribution
 from tfcompile.workload import grid as workload_grid
@@ -83,7 +85,7 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
                    lengths: tuple[int, ...] | None = None, measure: bool = False, measure_top: int = 1,
                    repeat: int = 10, quantize: str = "none", remote=None, load: LoadOptions = LoadOptions(),
                    batch_sizes: list[int] | None = None, seq_lens: list[int] | None = None,
-                   lengths_file: str | os.PathLike | None = None,
+                   lengths_file: str | os.PathLike | None = None, measure_budget_s: float | None = None,
                    on_ranked: Callable[[ModelGraph, OptimizeResult], None] = lambda graph, result: None,
                    progress: Callable[[str], None] = lambda _: None) -> OptimizeOutcome:
     """Everything ``tfcompile optimize MODEL -o OUTPUT_DIR`` does; see the module docstring.
@@ -109,7 +111,8 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
     target = device.name if device else target
     settings = OptimizeSettings(target=target, device=device, pipeline=tuple(passes) if passes is not None else None,
                                 allow_approx=allow_approx, budget=budget, measure=measure, measure_top=measure_top,
-                                backend=backend, repeat=repeat, workload=workload, remote=remote)
+                                backend=backend, repeat=repeat, workload=workload, remote=remote,
+                                measure_budget_s=measure_budget_s)
     _check_settings(settings, load, output_dir)
     progress("loading model")
     graph = load_model(os.fspath(model), load)
@@ -129,47 +132,81 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
             raise TfcompileError("no variant is eligible; nothing written")
         progress(f"writing {output_dir}")
         # All files or none: a failure (or Ctrl-C) before the end leaves the earlier set as it was.
-        plotted = _plot_rows(result, target) if measure else []
-        finals = [output_dir / "model.onnx", output_dir / "report.json"] + ([output_dir / PLOT_NAME] if plotted else [])
-        with atomic_paths(*finals) as (onnx_tmp, report_tmp, *plot_tmp):
-            if plot_tmp:
-                from tfcompile.compare import plot
-
-                plot(plotted, plot_tmp[0], title=f"{graph.name} on {target}: predicted vs measured ({backend})")
+        figures = _figures(result, graph.name, target=target, backend=backend, budget=budget,
+                           shapes=_shapes(settings.workload, load), measure=measure, allow_approx=allow_approx)
+        finals = [output_dir / "model.onnx", output_dir / "report.json"] + [output_dir / name for name in figures]
+        with atomic_paths(*finals) as (onnx_tmp, report_tmp, *figure_tmps):
+            for build, figure_tmp in zip(figures.values(), figure_tmps):
+                plots.save(build(), figure_tmp)
             export = _export_best(result, graph, quantize, budget, onnx_tmp, settings.context())
             report_settings = {"batch": load.batch, "seq": load.seq, "backend": backend if measure else None,
                                **({"remote": str(remote)} if remote is not None else {}),
-                               "allow_approx": allow_approx, "budget": budget,
+                               "allow_approx": allow_approx, "budget": budget, "repeat": repeat,
                                "lengths": list(settings.workload.lengths) if settings.workload.lengths else None,
                                **({"workload": _workload_record(settings.workload)}
                                   if settings.workload.scenarios else {})}
             write_report(report_tmp, model=os.fspath(model), target=target, variants=result.reports,
                          best=result.best, settings=report_settings, refusals=result.refusals,
-                         export=export.as_dict())
+                         export=export.as_dict(), inputs=input_records(graph),
+                         prediction=result.prediction, host=host_record(),
+                         versions=versions())
     finally:
         result.cleanup()
     return OptimizeOutcome(result, graph, export, output_dir / "report.json", output_dir / "model.onnx")
 
 
 PLOT_NAME = "predicted_vs_measured.png"
+PARETO_NAME = "pareto.png"
 
 
-def _plot_rows(result: OptimizeResult, target: str) -> list:
-    """One point per measured variant, per scenario of a workload: measured against the target's prediction."""
+def _figures(result: OptimizeResult, model_name: str, *, target: str, backend: str, budget: float,
+             shapes: list[str], measure: bool, allow_approx: bool) -> dict[str, Callable[[], Any]]:
+    """The figures written beside report.json, by file name, each built when called: predicted against
+    measured latency when variants were measured; latency against quality when approximate ones were judged."""
+    from tfcompile.compare import score
+
+    name = plots.short_name(model_name)
+    figures: dict[str, Callable[[], Any]] = {}
+    rows, labels, key = _plot_rows(result, target, shapes)
+    if measure and rows:
+        measured_on = next(r.backend for r in result.reports if r.measured_ms is not None) or backend
+        figures[PLOT_NAME] = lambda: plots.predicted_vs_measured(
+            rows, score(rows), title=f"{name} on {target} ({measured_on}): predicted vs measured latency",
+            labels=labels, key=key)
+    if allow_approx and any(not r.exact for r in result.reports):
+        figures[PARETO_NAME] = lambda: plots.pareto_of_reports(
+            result.reports, target=target, budget=budget, best=result.best,
+            title=f"{name} on {target} ({backend}): latency against quality, {len(result.reports)} variants")
+    return figures
+
+
+def _shapes(workload: Workload, load: LoadOptions) -> list[str]:
+    """Batch x sequence of each scenario of the workload, or of the one traced shape."""
+    if workload.scenarios:
+        return [f"{s.batch}x{s.seq}" for s in workload.scenarios]
+    return [f"{load.batch}x{load.seq}"]
+
+
+def _plot_rows(result: OptimizeResult, target: str, shapes: list[str]) -> tuple[list, list[str], dict[str, str]]:
+    """One point per measured variant, per scenario of a workload: measured against the target's prediction;
+    with each point's label ("v3 8x128") and the key to the ids."""
     from tfcompile.compare import ComparisonRow
 
-    rows = []
+    ids = plots.report_ids(result.reports)
+    rows, labels, key = [], [], {}
     for report in result.reports:
         if report.measured_ms is None:
             continue
+        key[ids[report.name]] = report.name
         predictor = "calibrated" if report.prediction.startswith("calibrated") else "roofline"
         if report.scenario_measured_ms is not None:
-            rows += [ComparisonRow(f"{report.name}@{i}", measured, {predictor: predicted})
-                     for i, (measured, predicted) in enumerate(zip(report.scenario_measured_ms, report.scenario_ms))]
+            for shape, measured, predicted in zip(shapes, report.scenario_measured_ms, report.scenario_ms):
+                rows.append(ComparisonRow(f"{report.name} {shape}", measured, {predictor: predicted}))
+                labels.append(f"{ids[report.name]} {shape}")
         else:
-            rows.append(ComparisonRow(report.name, report.measured_ms,
-                                      {predictor: report.predicted_ms[target]}))
-    return rows
+            rows.append(ComparisonRow(report.name, report.measured_ms, {predictor: report.predicted_ms[target]}))
+            labels.append(f"{ids[report.name]} {shapes[0]}")
+    return rows, labels, key
 
 
 def _workload(lengths, batch_sizes, seq_lens, lengths_file, load: LoadOptions) -> tuple[Workload, LoadOptions]:
@@ -262,6 +299,9 @@ def _check_settings(settings: OptimizeSettings, load: LoadOptions, output_dir: P
     settings.context()  # an unknown target or an unreadable profile
     if not 0.0 <= settings.budget <= 1.0:  # NaN fails this too
         raise InvalidOptionError(f"--budget {settings.budget}: a quality figure between 0 and 1 (e.g. 0.99)")
+    if settings.measure_budget_s is not None and not (_is_number(settings.measure_budget_s)
+                                                       and settings.measure_budget_s > 0):
+        raise InvalidOptionError(f"--time-budget {settings.measure_budget_s}: a positive number of seconds")
     if settings.repeat < 1:
         raise InvalidOptionError(f"--repeat {settings.repeat}: at least one timed run")
     if settings.measure_top < 0:
@@ -313,3 +353,9 @@ def _export_best(result: OptimizeResult, original: ModelGraph, quantize: str, bu
     return ExportCheck(quantize, check.max_abs_err, check.max_rel_err, check.quality, check.quality_metric,
                        static_reason=f"{quantize} quantization is checked at the traced shape only",
                        checked_at=("x".join(map(str, best_graph.example_inputs[0].shape)),))
+
+
+def input_records(graph: ModelGraph) -> list[dict[str, Any]]:
+    """The traced inputs as report.json lists them."""
+    return [{"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for name, t in zip(graph.input_names, graph.example_inputs)]

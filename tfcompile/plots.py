@@ -193,7 +193,7 @@ def pareto_of_reports(reports: Sequence[VariantReport], *, target: str, budget: 
 
 def report_ids(reports: Sequence[VariantReport]) -> dict[str, str]:
     """Variant name -> the short id the report gives it, or, before ids are assigned, one in rank order."""
-    given = {r.name: getattr(r, "id", "") for r in reports}  # ids come with report.assign_ids
+    given = {r.name: r.id for r in reports}  # ids come with report.assign_ids
     if all(given.values()):
         return given
     return variant_ids([r.name for r in reports])
@@ -205,7 +205,7 @@ def save(fig, path: Path) -> None:
 
 
 def _rejection(report: VariantReport) -> str:
-    return getattr(report, "rejected", None) or report.note or "not eligible"
+    return report.rejected or report.note or "not eligible"
 
 
 def _figure(size: tuple[float, float]):

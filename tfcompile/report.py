@@ -1,4 +1,4 @@
-"""Reports: per-variant records, ranking, the rich table and report.json."""
+"""Reports: per-variant records, ranking, short ids and report.json (the table: ``report_table``)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from tfcompile.outputs import atomic_write_text
 
-REPORT_VERSION = 1
+# 2: short ids, rejection reasons, folded variants, timing spread, host, versions, input shapes, provenance.
+REPORT_VERSION = 2
+SCHEMA_NAME = "report.schema.json"
 
 
 @dataclasses.dataclass
@@ -39,6 +38,17 @@ class VariantReport:
     scenario_ms: list[float] | None = None
     expected_ms: float | None = None
     scenario_measured_ms: list[float] | None = None
+    # Why the variant is not ranked, in a word or two ("below budget", "deviates", ...); ``note`` says it in full.
+    rejected: str | None = None
+    # The timed runs (ms): median, p10, p90, low, high, runs; and the variant/baseline ratio run by run.
+    measured_spread: dict[str, float] | None = None
+    vs_baseline: dict[str, float] | None = None
+    throughput_per_s: float | None = None  # sequences (or images) per second at the measured batch
+    id: str = ""  # short id in the table and the plots: "base", "v1", "v2", ... in rank order
+    folded_into: str | None = None  # the simpler variant with the same cost and quality (this one changed nothing)
+
+    def reject(self, rejected: str, note: str) -> None:
+        self.eligible, self.rejected, self.note = False, rejected, note
 
     def objective_ms(self, target: str) -> float:
         """What ranks the variant before measurement: the expected latency over the workload, if any."""
@@ -53,63 +63,87 @@ class VariantReport:
             data.pop("measured_ms")
             data.pop("backend")
             data.pop("backend_notes")
-        for key in ("scenario_ms", "expected_ms", "scenario_measured_ms"):
+        for key in ("scenario_ms", "expected_ms", "scenario_measured_ms", "rejected", "measured_spread",
+                    "vs_baseline", "throughput_per_s", "folded_into"):
             if data[key] is None:
                 data.pop(key)
         return data
+
+    def fingerprint(self, target: str) -> tuple:
+        """What a user compares variants by: equal fingerprints mean the passes made no difference that counts."""
+        quality = round(self.quality, 4) if self.quality is not None else None
+        return (self.exact, round(self.flops), round(self.bytes), round(self.objective_ms(target), 6), quality,
+                self.eligible)
 
 
 def rank(variants: list[VariantReport], target: str) -> list[VariantReport]:
     """Eligible before ineligible; measured (by measured latency) before predicted-only."""
     def key(v: VariantReport):
+        # Among equals, the variant with fewer passes first: it does the same with less.
         if v.measured_ms is not None:
-            return (not v.eligible, 0, v.measured_ms)
-        return (not v.eligible, 1, v.objective_ms(target))
+            return (not v.eligible, 0, v.measured_ms, len(v.passes))
+        return (not v.eligible, 1, v.objective_ms(target), len(v.passes))
 
     return sorted(variants, key=key)
 
 
-def render_table(variants: list[VariantReport], target: str, console: Console, title: str) -> None:
-    measured = any(v.measured_ms is not None for v in variants)
-    baseline = next((v for v in variants if v.name == "baseline"), None)
-    table = Table(title=title)
-    table.add_column("#", justify="right")
-    table.add_column("variant")
-    table.add_column("passes applied")
-    over_workload = any(v.expected_ms is not None for v in variants)
-    table.add_column(f"{'expected' if over_workload else 'predicted'} ms ({target})", justify="right")
-    if measured:
-        table.add_column(f"{'expected ' if over_workload else ''}measured ms ({variants[0].backend or ''})",
-                         justify="right")
-        table.add_column("vs baseline", justify="right")
-    table.add_column("exact")
-    table.add_column("error / quality", justify="right")
-    for i, v in enumerate(variants, 1):
-        row = [str(i) if v.eligible else "-", v.name, ", ".join(v.passes) or "(none)",
-               f"{v.objective_ms(target):.3f}"]
-        if measured:
-            row.append("" if v.measured_ms is None else f"{v.measured_ms:.2f}")
-            ratio = (v.measured_ms / baseline.measured_ms
-                     if baseline and v.measured_ms and baseline.measured_ms else None)
-            row.append("" if ratio is None else f"{ratio:.3f}x")
-        row.append("yes" if v.exact else "no")
-        row.append(f"rel {v.max_rel_err:.1e}" if v.exact and v.max_rel_err is not None
-                   else f"{v.quality_metric} {v.quality:.4f}" if v.quality is not None else "")
-        table.add_row(*row, style=None if v.eligible else "dim")
-    console.print(table)
+def assign_ids(ranked: list[VariantReport], target: str) -> None:
+    """Short ids in rank order ("base" for the baseline); a variant that matches a simpler one in cost and
+    quality, and was not measured, changed nothing that counts and is folded into it."""
+    number = 0
+    for report in ranked:
+        if report.name == "baseline":
+            report.id = "base"
+        else:
+            number += 1
+            report.id = f"v{number}"
+    simplest: dict[tuple, VariantReport] = {}
+    for report in ranked:
+        kept = simplest.get(report.fingerprint(target))
+        if kept is None or len(report.passes) < len(kept.passes):
+            simplest[report.fingerprint(target)] = report
+    for report in ranked:
+        kept = simplest[report.fingerprint(target)]
+        if kept is not report and report.measured_ms is None and report.name != "baseline":
+            report.folded_into = kept.id
 
 
 def write_report(path: Path, *, model: str, target: str, variants: list[VariantReport],
                  best: str | None, settings: dict[str, Any], refusals: dict[str, str] | None = None,
-                 export: dict[str, Any] | None = None) -> None:
-    payload = {
+                 export: dict[str, Any] | None = None, inputs: list[dict[str, Any]] | None = None,
+                 prediction: dict[str, Any] | None = None, host: dict[str, Any] | None = None,
+                 versions: dict[str, str | None] | None = None) -> None:
+    """report.json, shaped as ``report.schema.json`` (shipped in the package) says."""
+    atomic_write_text(path, json.dumps(report_payload(
+        model=model, target=target, variants=variants, best=best, settings=settings, refusals=refusals,
+        export=export, inputs=inputs, prediction=prediction, host=host, versions=versions), indent=2) + "\n")
+
+
+def report_payload(*, model: str, target: str, variants: list[VariantReport], best: str | None,
+                   settings: dict[str, Any], refusals: dict[str, str] | None = None,
+                   export: dict[str, Any] | None = None, inputs: list[dict[str, Any]] | None = None,
+                   prediction: dict[str, Any] | None = None, host: dict[str, Any] | None = None,
+                   versions: dict[str, str | None] | None = None) -> dict[str, Any]:
+    return {
         "version": REPORT_VERSION,
+        "schema": SCHEMA_NAME,
         "model": model,
         "target": target,
         "best": best,
+        "best_id": next((v.id for v in variants if v.name == best), None),
+        "inputs": inputs or [],  # the traced inputs: name, shape, dtype
         "settings": settings,
+        "prediction": prediction or {},  # roofline or calibrated, and from which profile
+        "host": host or {},  # the machine that ran (and measured) this
+        "versions": versions or {},
         "refusals": refusals or {},
         "export": export or {},  # how model.onnx was lowered and how it compares with torch
         "variants": [v.as_dict() for v in variants],
     }
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def schema() -> dict[str, Any]:
+    """The published JSON Schema of report.json."""
+    from importlib import resources
+
+    return json.loads((resources.files("tfcompile") / "schemas" / SCHEMA_NAME).read_text())
