@@ -1,6 +1,7 @@
 """The command line as a user runs it: a real subprocess per call."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -13,9 +14,12 @@ from tests.tiny import load_tiny, tiny_module
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tfcompile(*args, cwd=REPO):
+def tfcompile(*args, cwd=REPO, columns=None):
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     return subprocess.run([sys.executable, "-m", "tfcompile.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 def assert_clean_failure(result, match, out_dir):
@@ -106,8 +110,23 @@ def test_optimize_measures_ranks_and_writes_report(tmp_path):
     result = tfcompile("optimize", "tests.tiny:bert", "--target", "cpu", "--measure", "--measure-top", "2",
                        "--repeat", "3", "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert "measured ms (ort)" in result.stdout
+    assert "meas ms" in result.stdout and "p10-p90" in result.stdout
+    # Piped output is laid out for 80 columns, and says what the figures rest on.
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
+    assert "predicted: roofline" in result.stdout and "measured: ort on " in result.stdout
     report = json.loads((out / "report.json").read_text())
+    import jsonschema
+
+    from tfcompile.report import schema
+
+    jsonschema.validate(report, schema())
+    assert report["host"]["cores"] >= 1 and report["versions"]["onnxruntime"]
+    assert report["inputs"][0]["shape"] == [1, 16]
+    for v in report["variants"]:
+        if "measured_ms" in v:
+            spread = v["measured_spread"]
+            assert spread["runs"] == 3 and spread["low"] <= spread["p10"] <= spread["median"] <= spread["p90"]
+            assert v["vs_baseline"]["median"] > 0
     names = [v["name"] for v in report["variants"]]
     assert {"baseline", "cleanup", "cleanup+merge_qkv_projections"} <= set(names)
     assert report["best"] == names[0]
@@ -127,7 +146,8 @@ def test_optimize_measures_ranks_and_writes_report(tmp_path):
 
 
 def test_explain_says_why(tmp_path):
-    result = tfcompile("optimize", "tests.tiny:gpt2", "--explain", "-o", str(tmp_path / "out"))
+    # Wide enough that no reason wraps inside its cell.
+    result = tfcompile("optimize", "tests.tiny:gpt2", "--explain", "-o", str(tmp_path / "out"), columns=200)
     assert result.returncode == 0, result.stderr
     assert "projections are already fused" in result.stdout
     assert "give --lengths" in result.stdout
@@ -147,6 +167,21 @@ def test_export_writes_checked_onnx(tmp_path):
     result = tfcompile("export", "tests.tiny:gpt2", "-o", str(path))
     assert result.returncode == 0, result.stderr
     assert path.stat().st_size > 0 and "max relative error" in result.stdout
+
+
+def test_export_opset_and_atol(tmp_path):
+    import onnx
+
+    path = tmp_path / "m.onnx"
+    result = tfcompile("export", "-m", "tests.tiny:gpt2", "-o", str(path), "--opset", "18", "--atol", "1e-3")
+    assert result.returncode == 0, result.stderr
+    model = onnx.load(str(path))
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
+    # float32 rounding is far above 1e-12 absolute: the check refuses, and nothing is written.
+    strict = tmp_path / "strict.onnx"
+    result = tfcompile("export", "tests.tiny:gpt2", "-o", str(strict), "--atol", "1e-12")
+    assert_clean_failure(result, "--atol", tmp_path / "none")
+    assert not strict.exists()
 
 
 def test_unknown_pass_is_a_clean_error(tmp_path):
@@ -268,3 +303,21 @@ def test_lengths_that_do_not_fit(tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(tfcompile("optimize", "minilm", "--batch", "2", "--seq", "32", "--lengths", "40,3",
                                    "-o", str(out)), "longer than --seq", out)
+
+
+def test_json_prints_the_report_and_quiet_prints_nothing(tmp_path, capsys):
+    import jsonschema
+
+    from tfcompile.cli import main
+    from tfcompile.report import schema
+
+    out = tmp_path / "out"
+    assert main(["optimize", "tests.tiny:gpt2", "--json", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(printed)  # stdout is the report and nothing else
+    assert report == json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, schema())
+    assert main(["optimize", "tests.tiny:gpt2", "--quiet", "-o", str(tmp_path / "quiet")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert (tmp_path / "quiet" / "report.json").is_file()

@@ -17,8 +17,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tfcompile.cli_options import (directory_output, file_output, int_list, load_graph, load_options, model_options,
-                                   parse_remote, remote_options)
+from tfcompile import cli_output
+from tfcompile.cli_options import (directory_output, file_output, int_list, load_graph, load_options, model_argument,
+                                   model_options, parse_remote, remote_options, run_config_defaults)
 from tfcompile.errors import MAX_SEED, TfcompileError, first_line
 from tfcompile.workload import parse_sizes
 
@@ -27,19 +28,35 @@ EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
 DEBUG_FLAG = "--debug"
 
-# Piped output (CI logs, files) would otherwise wrap the table at 80 columns.
-console = Console(width=None if Console().is_terminal else 140)
+# The terminal's width; piped, $COLUMNS or 80 (rich's defaults): tables are laid out to fit 80 columns.
+console = Console()
 err_console = Console(stderr=True)
 
-@click.group()
+EXIT_CODES = ("Exit status: 0 done; 2 the input or an option is wrong (one line on stderr, nothing written, "
+              "earlier output untouched); 1 a bug in tfcompile (one line; --debug shows the traceback); "
+              "130 interrupted.")
+
+
+@click.group(epilog=EXIT_CODES)
 @click.version_option(package_name="tfcompile")
 @click.option(DEBUG_FLAG, is_flag=True, help="Show the traceback of an internal error (for bug reports).")
-def cli(debug: bool) -> None:
+@click.option("--verbose", is_flag=True, envvar="TFCOMPILE_VERBOSE", help="Also show torch and TVM warnings and logs.")
+@click.option("--run-config", "run_config", type=click.Path(path_type=Path), default=None, metavar="FILE.toml",
+              help="Options for a whole run from a TOML file: a table per command ([optimize] target = \"cpu\", "
+                   "batch = [1, 8], allow-approx = true, model = \"minilm\"); the command line wins.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool, run_config: Path | None) -> None:
     """Graph rewrites and hardware cost models for transformer inference."""
+    if run_config is not None:
+        ctx.default_map = run_config_defaults(run_config, cli.commands)
+    if verbose:
+        os.environ["TFCOMPILE_VERBOSE"] = "1"  # read by the TVM backend's log filter (backends/tvm/native_log.py)
+    else:  # torch's own deprecation when it copies a traced graph: a second stderr line, nothing to act on
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
 
 
 @cli.command()
-@click.argument("model")
+@model_argument
 @click.option("--target", "-t", default="cpu", show_default=True, help="Device to rank for (see `tfcompile targets`).")
 @click.option("--device-file", "device_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=None, help="Your own device as a TOML file shaped like the shipped ones (`tfcompile targets "
@@ -57,9 +74,17 @@ def cli(debug: bool) -> None:
 @click.option("--measure", is_flag=True, help="Measure the baseline and the best predicted variants on --backend.")
 @click.option("--measure-top", default=1, show_default=True, type=int,
               help="How many variants to measure besides the baseline.")
-@click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True,
+              help="Runtime that measures (--measure) and whose fusion the cost model assumes: ONNX Runtime, TVM "
+                   "Relax (this CPU), or torch eager.")
 @click.option("--repeat", default=10, show_default=True, type=int, help="Timed runs per variant.")
+@click.option("--time-budget", "time_budget_s", default=None, type=float, metavar="SECONDS",
+              help="Stop timing once this many seconds are spent (at least 3 runs per variant).")
 @click.option("--explain", is_flag=True, help="Say for every pass why it applied or not.")
+@click.option("--wide", is_flag=True, help="Put every variant's passes and knobs in the table, and show variants "
+                                           "that changed nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout instead of the table.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (for scripts; read report.json).")
 @click.option("--quantize", type=click.Choice(["none", "fp16", "int8"]), default="none", show_default=True,
               help="Lower the exported model's precision with ONNX Runtime's tools (approximate; checked "
                    "against --budget). Meant for edge and npu targets.")
@@ -68,10 +93,20 @@ def cli(debug: bool) -> None:
 @remote_options
 @model_options
 def optimize(model, target, device_file, passes, allow_approx, budget, lengths, lengths_file, measure, measure_top,
-             backend, repeat, explain, quantize, output_dir, remote, device_key, **load_kwargs):
-    """Search variants of MODEL, verify and predict them, measure the best, rank them."""
+             backend, repeat, time_budget_s, explain, wide, as_json, quiet, quantize, output_dir, remote, device_key,
+             **load_kwargs):
+    """Search variants of MODEL, verify and predict them, measure the best, rank them.
+
+    MODEL: a zoo name (gpt2-small, bert-base, vit-base, llama-tiny, minilm), a Hugging Face model directory
+    (config.json and safetensors weights) or hub id already in the local Hugging Face cache (NAME or ORG/NAME;
+    nothing is downloaded), an ONNX file, a torch.export archive (.pt2), or module:factory. Writes
+    report.json (schema: report.schema.json in the package) and model.onnx to --output.
+    """
+    from tfcompile.cost_models import load_device
+    if device_file is None:
+        load_device(target)  # an unknown --target fails at once, before the imports below load torch
+
     from tfcompile.pipeline import optimize_model
-    from tfcompile.report import render_table
 
     remote_spec, backend = parse_remote(remote, device_key, backend)
     pipeline = tuple(p.strip() for p in passes.split(",") if p.strip()) if passes is not None else None
@@ -84,57 +119,50 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
 
     target_name = target if isinstance(target, str) else target.name
 
+    out = cli_output.silent_console() if quiet or as_json else console
+
     def show(graph, result) -> None:
-        render_table(result.reports, target_name, console, title=f"{graph.name} on {target_name}")
-        for report in result.reports:
-            for note in report.backend_notes:
-                console.print(f"[dim]{report.name}: {note}[/dim]")
+        cli_output.show_ranked(graph, result, target_name, out, wide=wide, remote=remote_spec)
         if explain:
-            _explain(result)
+            cli_output.show_explanation(result, out)
 
     batch_sizes = parse_sizes(load_kwargs["batch"], "--batch")
     seq_lens = parse_sizes(load_kwargs["seq"], "--seq")
     load = load_options(**{**load_kwargs, "batch": str(max(batch_sizes)), "seq": str(max(seq_lens))})
-    with console.status("loading model") as status:
+    with out.status("loading model") as status:
         outcome = optimize_model(model, output_dir, target=target, backend=backend, passes=pipeline,
                                  batch_sizes=batch_sizes, seq_lens=seq_lens, lengths_file=lengths_file,
                                  allow_approx=allow_approx, budget=budget, measure=measure,
                                  lengths=int_list(lengths, "--lengths") if lengths is not None else None,
-                                 measure_top=measure_top, repeat=repeat, quantize=quantize, remote=remote_spec,
-                                 load=load, on_ranked=show,
+                                 measure_top=measure_top, repeat=repeat, measure_budget_s=time_budget_s,
+                                 quantize=quantize, remote=remote_spec, load=load, on_ranked=show,
                                  progress=lambda msg: status.update(msg))
-    check = outcome.export
-    shapes = (f"symbolic {', '.join(check.dims)}" if check.dims
-              else f"static at the traced shape ({check.static_reason})")
-    console.print(f"model.onnx ({'fp32' if check.exact else check.quantize}): input shapes {shapes}; in ONNX Runtime "
-                  f"vs torch at {', '.join(check.checked_at)}: max relative error {check.max_rel_err:.1e}, "
-                  f"{check.quality_metric} {check.quality:.5f}")
-    console.print(f"best: [bold]{outcome.result.best}[/bold]; wrote {outcome.report_path} and {outcome.onnx_path}")
-
-
-def _explain(result) -> None:
-    from tfcompile.optimize import explain
-
-    table = Table(title="why each pass applied or not")
-    for column in ("pass", "in best variant", "reason"):
-        table.add_column(column)
-    for name, used, reason in explain(result):
-        table.add_row(name, "yes" if used else "no", reason)
-    console.print(table)
+    if as_json:
+        click.echo(outcome.report_path.read_text(), nl=False)
+        return
+    cli_output.show_outcome(outcome, out)
 
 
 @cli.command()
-@click.argument("model")
+@model_argument
 @click.option("--passes", default="remove_identity_ops,fold_constants,eliminate_dead_code", show_default=True,
               help="Comma-separated passes to apply before export ('' for none).")
 @click.option("--output", "-o", "output_path", type=click.Path(), required=True, callback=file_output,
               help="File to write: .onnx for ort, a shared library (.so) for tvm.")
 @click.option("--backend", type=click.Choice(["ort", "tvm"]), default="ort", show_default=True,
               help="ort: checked ONNX; tvm: a Relax VM library for this CPU (tuned kernels where a database exists).")
+@click.option("--opset", type=click.IntRange(14, 23), default=None,
+              help="ONNX opset to export to (default: the exporter's own).")
+@click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Largest absolute difference from torch allowed at every checked shape (default: 1e-4 of the "
+                   "largest output magnitude).")
 @model_options
-def export(model, passes, output_path, backend, **load_kwargs):
+def export(model, passes, output_path, backend, opset, atol, **load_kwargs):
     """Apply passes to MODEL and export it as checked ONNX (symbolic batch and sequence where the passes
     allow, checked at several shapes) or as a compiled TVM library (traced shape)."""
+    if backend == "tvm" and (opset is not None or atol is not None):
+        raise TfcompileError("--opset and --atol are for --backend ort (ONNX); a TVM library is checked against "
+                             "torch at 1e-4 relative")
     suffixes = {"ort": (".onnx",), "tvm": (".so",)}[backend]
     if output_path.suffix.lower() not in suffixes:
         # A TVM library named model.onnx (or an ONNX file named model.so) fails only in the tool that reads it.
@@ -152,8 +180,8 @@ def export(model, passes, output_path, backend, **load_kwargs):
         variant = build_variant(graph, custom_variant(names)) if names else None
         if backend == "ort":
             status.update("exporting ONNX")
-            deployed = export_variant_onnx(variant, output_path, original=graph) if variant \
-                else export_deployable_onnx(graph, output_path)
+            deployed = export_variant_onnx(variant, output_path, original=graph, opset=opset, atol=atol) \
+                if variant else export_deployable_onnx(graph, output_path, opset=opset, atol=atol)
             for line in deployed.summary():
                 console.print(line, soft_wrap=True)
             return
@@ -187,7 +215,8 @@ def _write_tvm_library(module, output_path: Path) -> None:
 
 @cli.command()
 @click.option("--target", "-t", default="cpu", show_default=True, help="Only this host (cpu) can be measured here.")
-@click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True,
+              help="Runtime the profile is fitted for.")
 @click.option("--repeat", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed runs per micro-benchmark.")
 @click.option("--output", "-o", "output_path", type=click.Path(), default=None, callback=file_output,
@@ -196,12 +225,13 @@ def _write_tvm_library(module, output_path: Path) -> None:
 def calibrate(target, backend, repeat, output_path, remote, device_key):
     """Measure micro-benchmarks on this host and fit a calibration profile."""
     from tfcompile.cost_models import load_device
+    load_device(target)  # an unknown --target fails at once, before the imports below load torch
+
     from tfcompile.cost_models.calibration import fit, profile_path, save_profile
     from tfcompile.cost_models.device import detect_host
     from tfcompile.calibrate import default_suite, run_suite
     from tfcompile.outputs import check_output_file
 
-    load_device(target)
     remote_spec, backend = parse_remote(remote, device_key, backend)
     if target != "cpu" and remote_spec is None:
         raise TfcompileError(f"calibrating {target} needs that device; only 'cpu' (this host) is measured here, "
@@ -221,27 +251,23 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
             host_label = f"{host.model}, {host.cores} cores"
     profile = fit(samples, target, backend, host=host_label)
     path = save_profile(profile, output_path)
-    table = Table(title=f"calibration {target}/{backend}: fit MAPE {profile.fit_mape:.1%}")
-    for column in ("micro-benchmark", "measured ms", "fitted ms", "error"):
-        table.add_column(column, justify="right" if column != "micro-benchmark" else "left")
-    for record in profile.samples:
-        m, p = record["measured_s"] * 1e3, record["predicted_s"] * 1e3
-        table.add_row(record["name"], f"{m:.4f}", f"{p:.4f}", f"{(p - m) / m:+.0%}")
-    console.print(table)
+    cli_output.show_profile(profile, console)
     console.print(f"wrote {path}")
 
 
 @cli.command()
-@click.argument("model")
-@click.option("--target", "-t", default="cpu", show_default=True)
-@click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True)
+@model_argument
+@click.option("--target", "-t", default="cpu", show_default=True, help="Device whose predictions are compared "
+              "(only this host, cpu, is measured here unless --remote).")
+@click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True,
+              help="Runtime that measures.")
 @click.option("--batches", default="1", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--seqs", default="128", show_default=True, help="Comma-separated sequence lengths.")
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Calibration profile (default: the saved one for TARGET/BACKEND).")
 @click.option("--repeat", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--passes", "pass_count", default=1, show_default=True, type=click.IntRange(1, 10),
-              help="Measure every variant this many times over, keeping each one's lowest median "
+@click.option("--rounds", "pass_count", default=1, show_default=True, type=click.IntRange(1, 10),
+              help="Measure every variant this many rounds over, keeping each one's lowest median "
                    "(takes out spells of load on a shared host).")
 @click.option("--output", "-o", "output_dir", type=click.Path(), default="tfcompile-compare",
               callback=directory_output,
@@ -251,6 +277,9 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
 def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_count, output_dir, seed, remote,
             device_key):
     """Predicted against measured latency for every variant of MODEL."""
+    from tfcompile.cost_models import load_device
+    load_device(target)  # an unknown --target fails at once, before the imports below load torch
+
     from tfcompile.compare import (builtin_variant_graphs, check_compare_options, lowest_of_passes,
                                    measure_and_predict, score, write_outputs)
     from tfcompile.cost_models.model import cost_model_for
@@ -269,44 +298,30 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
         graphs = builtin_variant_graphs(model, batch_sizes, seq_lens, seed)
         rows = lowest_of_passes([
             measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
-                                progress=lambda m, i=i: status.update(f"pass {i + 1}/{pass_count}: {m}"),
+                                progress=lambda m, i=i: status.update(f"round {i + 1}/{pass_count}: {m}"),
                                 remote=remote_spec, group_key=lambda graph: graph.name.rsplit(" ", 1)[0])
             for i in range(pass_count)])
     scores = score(rows)
-    table = Table(title=f"{model}: predicted vs measured on {target}/{remote_spec.label if remote_spec else backend}")
-    table.add_column("variant")
-    table.add_column("measured ms", justify="right")
-    for predictor in scores:
-        table.add_column(f"{predictor} ms", justify="right")
-        table.add_column("err", justify="right")
-    for row in rows:
-        cells = [row.name, f"{row.measured_ms:.3f}"]
-        for predictor in scores:
-            p = row.predicted_ms[predictor]
-            cells += [f"{p:.3f}", f"{(p - row.measured_ms) / row.measured_ms:+.0%}"]
-        table.add_row(*cells)
-    console.print(table)
-    summary = Table(title="scores")
-    for column in ("predictor", "MAPE", "within ±10%", "Kendall τ"):
-        summary.add_column(column)
-    for predictor, s in scores.items():
-        summary.add_row(predictor, f"{s['mape']:.1%}", f"{s['within_10pct']:.0%}", f"{s['kendall_tau']:.3f}")
-    console.print(summary)
-    write_outputs(rows, scores, output_dir, title=f"{model} on {target}/{backend}")
+    cli_output.show_comparison(rows, scores, console,
+                               title=f"{Path(model).name}: predicted vs measured on {target}/"
+                                     f"{remote_spec.label if remote_spec else backend}")
+    write_outputs(rows, scores, output_dir, title=f"{Path(model).name} on {target} ({backend})")
     console.print(f"wrote {output_dir / 'compare.json'} and {output_dir / 'compare.png'}")
 
 
 @cli.command(name="passes")
 def list_passes():
     """List the registered passes."""
-    from tfcompile.passes import all_passes
+    import json
+    from importlib import resources
 
+    catalog = resources.files("tfcompile") / "passes" / "catalog" / "passes.json"  # the registry as data: no torch
     table = Table(title="passes")
     table.add_column("name")
     table.add_column("exactness")
     table.add_column("what it does")
-    for p in all_passes():
-        table.add_row(p.name, p.exactness.value, p.description)
+    for p in json.loads(catalog.read_text(encoding="utf-8")):
+        table.add_row(p["name"], p["exactness"], p["description"])
     console.print(table)
 
 
@@ -335,7 +350,7 @@ def targets(show_name):
 
 
 @cli.command()
-@click.argument("model")
+@model_argument
 @click.option("--target", "-t", default="cpu", show_default=True,
               help="Only this host (cpu) can be tuned here; tuning measures every trial.")
 @click.option("--trials", default=64, show_default=True, type=click.IntRange(min=1),
@@ -348,15 +363,16 @@ def targets(show_name):
 @model_options
 def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
     """MetaSchedule-tune MODEL's TVM kernels for this CPU into a reusable database."""
+    from tfcompile.cost_models import load_device
+    load_device(target)  # an unknown --target fails at once, before the imports below load torch
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tfcompile.backends.tvm import compile_graph, host_target
     from tfcompile.backends.tvm.tuning import check_tuning_database, tune_graph
-    from tfcompile.cost_models import load_device
     from tfcompile.variants import build_variant, custom_variant
     from tfcompile.verify import compare_outputs
 
-    load_device(target)
     if target != "cpu":
         raise TfcompileError(f"tuning {target} needs that device; only 'cpu' (this host) is tuned here")
     if trials < 1:
@@ -408,11 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = DEBUG_FLAG in args or os.environ.get("TFCOMPILE_DEBUG") == "1"
     from tfcompile.outputs import private_tempdir
 
-    # torch's own deprecation, raised when it copies a traced graph: not about the user's input, and a second
-    # stderr line next to a one-line error.
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+    verbose_before = os.environ.get("TFCOMPILE_VERBOSE")  # `cli` may set it and warnings filters: for one command
     try:
-        with private_tempdir():
+        with private_tempdir(), warnings.catch_warnings():
             cli.main(args=args, prog_name="tfcompile", standalone_mode=False)
     except TfcompileError as exc:
         return _error(str(exc), EXIT_USER_ERROR)
@@ -429,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"internal error: {type(exc).__name__}: {first_line(exc)} (a bug in tfcompile, not in your "
                       f"input; rerun as `tfcompile {DEBUG_FLAG} ...` for the traceback and report it)",
                       EXIT_INTERNAL_ERROR)
+    finally:
+        os.environ.pop("TFCOMPILE_VERBOSE", None)
+        if verbose_before is not None:
+            os.environ["TFCOMPILE_VERBOSE"] = verbose_before
     return 0
 
 

@@ -6,6 +6,7 @@ one-line error naming the option.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -38,6 +39,21 @@ def parse_input_shapes(specs: tuple[str, ...]):
                                          param_hint="--input-shape")
             dtypes[name] = getattr(torch, dtype)
     return (shapes or None), (dtypes or None)
+
+
+def model_argument(fn):
+    """MODEL as the first argument or as ``-m/--model`` (optimum-cli's and olive's spelling), not both."""
+    @functools.wraps(fn)
+    def wrapper(*args, model, model_option, **kwargs):
+        if model is not None and model_option is not None:
+            raise click.UsageError(f"the model is given twice ({model} and -m {model_option}): give one")
+        if model is None and model_option is None:
+            raise click.UsageError("missing MODEL: give it as the first argument or with -m/--model")
+        return fn(*args, model=model if model is not None else model_option, **kwargs)
+
+    wrapper = click.option("-m", "--model", "model_option", default=None, metavar="MODEL",
+                           help="The model, as MODEL (either spelling).")(wrapper)
+    return click.argument("model", required=False)(wrapper)
 
 
 def model_options(fn):
@@ -136,3 +152,57 @@ def int_list(text: str, option: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise click.BadParameter(f"{text!r}: expected positive integers separated by commas", param_hint=option)
     return values
+
+
+# A run file is a few dozen lines of options; a larger one is not a run file and is not read into memory.
+MAX_RUN_CONFIG_BYTES = 1 << 20
+
+
+def run_config_defaults(path: Path, commands: dict[str, click.Command]) -> dict[str, dict]:
+    """A TOML run file (``[optimize]`` with ``target = "cpu"``, ``allow-approx = true`` ...) as click's
+    ``default_map``: each table names a command, each key one of its options (as spelled on the command line,
+    without the dashes) or ``model``. The command line still wins over the file."""
+    import tomllib
+
+    try:
+        if not path.is_file():
+            raise TfcompileError(f"--run-config {path}: not a file")
+        size = path.stat().st_size
+        if size > MAX_RUN_CONFIG_BYTES:
+            raise TfcompileError(f"--run-config {path}: {size} bytes is too large for a run file (at most "
+                                 f"{MAX_RUN_CONFIG_BYTES} bytes)")
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise TfcompileError(f"--run-config {path}: cannot read it: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise TfcompileError(f"--run-config {path}: not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise TfcompileError(f"--run-config {path}: not TOML: {exc}") from exc
+    defaults: dict[str, dict] = {}
+    for command_name, table in data.items():
+        command = commands.get(command_name)
+        if command is None or not isinstance(table, dict):
+            raise TfcompileError(f"--run-config {path}: [{command_name}] is not a command's table (commands: "
+                                 f"{', '.join(sorted(commands))})")
+        by_key = {}
+        for param in command.params:
+            for flag in param.opts + param.secondary_opts:
+                if flag.startswith("--"):
+                    by_key[flag[2:]] = param
+                    by_key[flag[2:].replace("-", "_")] = param
+        # ``model`` fills the MODEL argument (not -m), so a model on the command line replaces the file's.
+        by_key.update({param.name: param for param in command.params if isinstance(param, click.Argument)})
+        values = {}
+        for key, value in table.items():
+            param = by_key.get(key)
+            if param is None:
+                raise TfcompileError(f"--run-config {path}: [{command_name}] has no option {key!r}")
+            if isinstance(value, dict) or (isinstance(value, list) and not all(
+                    isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)):
+                raise TfcompileError(f"--run-config {path}: [{command_name}] {key}: a string, number, true/false "
+                                     "or a list of strings or numbers")
+            if isinstance(value, list) and not getattr(param, "multiple", False):
+                value = ",".join(str(v) for v in value)  # batch = [1, 8] reads as --batch 1,8
+            values[param.name] = value
+        defaults[command_name] = values
+    return defaults

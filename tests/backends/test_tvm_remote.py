@@ -214,7 +214,7 @@ def test_cli_optimize_and_compare_measure_on_remote(tmp_path):
              "--measure", "--remote", address, "--device-key", "cli-test", "--repeat", "5",
              "-o", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert "measured ms (tvm@cli-test)" in " ".join(result.stdout.split())
+        assert "measured: tvm@cli-test (key 'cli-test' on tracker" in " ".join(result.stdout.split())
         report = json.loads((tmp_path / "out" / "report.json").read_text())
         assert report["settings"]["backend"] == "tvm"
         assert report["settings"]["remote"] == f"key 'cli-test' on tracker {address}"

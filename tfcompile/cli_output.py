@@ -1,0 +1,96 @@
+"""What the commands print: tables and summary lines, laid out for an 80-column terminal.
+
+The commands in ``cli`` parse and call the library; the figures they get back
+are printed here, so each command's body stays about what it does.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+
+def silent_console() -> Console:
+    return Console(file=open(os.devnull, "w"), width=80)  # noqa: SIM115 (lives as long as the command)
+
+
+def show_ranked(graph, result, target_name: str, out: Console, *, wide: bool, remote) -> None:
+    from tfcompile.report_table import TableCaption, render_table, roofline_line
+
+    runtime = next((r.backend for r in result.reports if r.measured_ms is not None), None)
+    host = None
+    if runtime is not None:
+        from tfcompile.provenance import host_line
+
+        host = f"{runtime} ({remote})" if remote is not None else f"{runtime} on {host_line()}"
+    batch = int(graph.example_inputs[0].shape[0]) if graph.example_inputs and graph.example_inputs[0].dim() else None
+    caption = TableCaption(prediction=result.prediction.get("text", ""), host=host, batch=batch)
+    render_table(result.reports, target_name, out, title=f"{graph.name} on {target_name}", caption=caption,
+                 wide=wide)
+    for line in roofline_line(result.reports, result.prediction, target_name):
+        out.print(f"[yellow]{line}[/yellow]", highlight=False)
+    for report in result.reports:
+        for note in report.backend_notes:
+            out.print(f"[dim]{report.id}: {note}[/dim]")
+
+
+def show_explanation(result, out: Console) -> None:
+    from tfcompile.optimize import explain
+
+    table = Table(title="why each pass applied or not", box=box.SIMPLE_HEAD, show_edge=False)
+    for column in ("pass", "in best variant", "reason"):
+        table.add_column(column)
+    for name, used, reason in explain(result):
+        table.add_row(name, "yes" if used else "no", reason)
+    out.print(table)
+
+
+def show_outcome(outcome, out: Console) -> None:
+    """optimize's last lines: how model.onnx was exported and checked, the best variant, the files written."""
+    check = outcome.export
+    shapes = (f"symbolic {', '.join(check.dims)}" if check.dims
+              else f"static at the traced shape ({check.static_reason})")
+    out.print(f"model.onnx ({'fp32' if check.exact else check.quantize}): input shapes {shapes}; in ONNX Runtime "
+              f"vs torch at {', '.join(check.checked_at)}: max relative error {check.max_rel_err:.1e}, "
+              f"{check.quality_metric} {check.quality:.5f}")
+    best = next(r for r in outcome.result.reports if r.name == outcome.result.best)
+    out.print(f"best: [bold]{best.id}[/bold] {best.name}; wrote {outcome.report_path} and {outcome.onnx_path}",
+              highlight=False)
+
+
+def show_profile(profile, out: Console) -> None:
+    """calibrate's fit: every micro-benchmark measured against the fitted profile."""
+    table = Table(title=f"calibration {profile.target}/{profile.backend}: fit MAPE {profile.fit_mape:.1%}",
+                  box=box.SIMPLE_HEAD, show_edge=False)
+    for column in ("micro-benchmark", "measured ms", "fitted ms", "error"):
+        table.add_column(column, justify="right" if column != "micro-benchmark" else "left")
+    for record in profile.samples:
+        m, p = record["measured_s"] * 1e3, record["predicted_s"] * 1e3
+        table.add_row(record["name"], f"{m:.4f}", f"{p:.4f}", f"{(p - m) / m:+.0%}")
+    out.print(table)
+
+
+def show_comparison(rows, scores: dict, out: Console, *, title: str) -> None:
+    """compare's rows (measured and each predictor's figure with its error) and the predictors' scores."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("variant", overflow="fold")
+    table.add_column("measured ms", justify="right")
+    for predictor in scores:
+        table.add_column(f"{predictor} ms", justify="right")
+        table.add_column("err", justify="right")
+    for row in rows:
+        cells = [row.name, f"{row.measured_ms:.3f}"]
+        for predictor in scores:
+            p = row.predicted_ms[predictor]
+            cells += [f"{p:.3f}", f"{(p - row.measured_ms) / row.measured_ms:+.0%}"]
+        table.add_row(*cells)
+    out.print(table)
+    summary = Table(title="scores", box=box.SIMPLE_HEAD, show_edge=False)
+    for column in ("predictor", "MAPE", "within ±10%", "Kendall τ"):
+        summary.add_column(column)
+    for predictor, s in scores.items():
+        summary.add_row(predictor, f"{s['mape']:.1%}", f"{s['within_10pct']:.0%}", f"{s['kendall_tau']:.3f}")
+    out.print(summary)
