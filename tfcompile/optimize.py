@@ -197,8 +197,8 @@ def _judge_on_splits(report: VariantReport, graph: ModelGraph, splits: QualitySp
         report.reject("below budget", f"calibration {calibration.metric} {calibration.quality:.4f} ± "
                                       f"{calibration.stderr:.4f}: lower bound below budget {budget} ({figures})")
     elif heldout.quality < budget:
-        report.reject("held-out below budget", f"within budget {budget} on the calibration text but not on held-out "
-                                               f"text: not eligible ({figures})")
+        report.reject("held-out low", f"within budget {budget} on the calibration text but not on held-out text: "
+                                      f"not eligible ({figures})")
 
 
 def _price_over_workload(variants, reports, scenario_graphs, context, progress) -> None:
