@@ -12,10 +12,12 @@ The bound: a decode step at batch 1 reads every weight once, so TPOT >= weight
 bytes / memory bandwidth. The bandwidth is measured here, in this process: a
 numpy copy of a ``--copy-mib`` MiB float32 array, counted as bytes read plus
 bytes written per second, on one thread and split over ``--threads`` threads
-(ORT's thread count); the bound uses the faster of the two. The bytes are the
-decode graph's parameters (all of them; the tied GPT-2 head reads the whole
-token embedding, the position table is read one row per token) plus the static
-cache the step reads. Where the step's time goes (ORT's profiler, by op type)
+(ORT's thread count); the bound uses the faster of the two. A second,
+read-only figure (numpy's BLAS GEMV over a matrix of the same size) is printed
+beside it, since a decode step reads its weights and writes almost nothing.
+The bytes are the decode graph's parameters (all of them; the tied GPT-2 head
+reads the whole token embedding, the position table is read one row per
+token) plus the static cache the step reads. Where the step's time goes (ORT's profiler, by op type)
 is printed under the table: the GEMVs that stream the weights against the rest.
 
 Figures are "shared": the machine's 2 cores are shared with other sessions,
@@ -72,6 +74,20 @@ def copy_bandwidth(mib: int, threads: int, repeat: int = 7) -> Spread:
     return Spread.of(rates)
 
 
+def gemv_read_bandwidth(mib: int, repeat: int = 5) -> Spread:
+    """GB/s read by numpy's BLAS GEMV ``x @ W`` over a ``mib`` MiB float32 ``W`` (read-only, like a decode step)."""
+    rows = 3072
+    weights = np.random.default_rng(1).random((rows, mib * 2**20 // 4 // rows), dtype=np.float32)
+    x = np.ones((1, rows), dtype=np.float32)
+    x @ weights
+    rates = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        x @ weights
+        rates.append(weights.nbytes / (time.perf_counter() - start) / 1e9)
+    return Spread.of(rates)
+
+
 def _override(text: str) -> tuple[str, int]:
     key, _, value = text.partition("=")
     return key, int(value)
@@ -90,6 +106,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--copy-mib", type=int, default=1024)
     parser.add_argument("--no-check", action="store_true", help="skip comparing tokens with HF generate")
+    parser.add_argument("--calibration", type=Path, action="append", default=[],
+                        help="also predict with this calibrated cpu/ort profile (e.g. "
+                             "benchmarks/results/profile-cpu-ort.json)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
@@ -108,10 +127,12 @@ def main() -> None:
         profile = profile_decode_step(decode, graphs.cache, args.prompt_len, threads=args.threads)
     bandwidth = {1: copy_bandwidth(args.copy_mib, 1), args.threads: copy_bandwidth(args.copy_mib, args.threads)}
     best_gbs = max(s.median for s in bandwidth.values())
+    gemv_gbs = gemv_read_bandwidth(args.copy_mib)
     weight_bytes, cache_bytes = graphs.decode.parameter_bytes(), graphs.cache.bytes
     bound_ms = weight_streaming_bound_s(weight_bytes + cache_bytes, best_gbs * 1e9) * 1e3
-    cost_model = cost_model_for("cpu", "ort")
-    predicted = predict_generation(graphs, cost_model, new_tokens=args.new_tokens)
+    cost_models = [cost_model_for("cpu", "ort"), *[cost_model_for("cpu", "ort", profile_path=path)
+                                                   for path in args.calibration]]
+    predictions = [(cm, predict_generation(graphs, cm, new_tokens=args.new_tokens)) for cm in cost_models]
     same = None
     if not args.no_check:
         same = bool(torch.equal(torch.from_numpy(timing.tokens), hf_greedy(model, ids, mask,
@@ -127,31 +148,45 @@ def main() -> None:
         ("TTFT (prefill + argmax), measured", spread(timing.ttft_ms, "ms")),
         ("TPOT (decode step + argmax), measured", spread(timing.tpot_ms, "ms")),
         ("decode tokens/s", f"{timing.tokens_per_s:9.2f}"),
-        (f"TTFT predicted ({cost_model.label})", f"{predicted.ttft_s * 1e3:9.2f} ms  ({predicted.bound('prefill')}"
-                                                  f"-bound)"),
-        (f"TPOT predicted ({cost_model.label})", f"{predicted.tpot_s * 1e3:9.2f} ms  ({predicted.bound('decode')}"
-                                                  f"-bound)"),
+        *[row for cm, predicted in predictions for row in (
+            (f"TTFT predicted ({cm.label})",
+             f"{predicted.ttft_s * 1e3:9.2f} ms  ({predicted.bound('prefill')}-bound; "
+             f"{predicted.ttft_s * 1e3 / timing.ttft_ms.median:.2f}x measured)"),
+            (f"TPOT predicted ({cm.label})",
+             f"{predicted.tpot_s * 1e3:9.2f} ms  ({predicted.bound('decode')}-bound; "
+             f"{predicted.tpot_s * 1e3 / timing.tpot_ms.median:.2f}x measured)"))],
         ("weights read per decode step", f"{weight_bytes / 1e6:9.1f} MB"),
         ("static KV cache read per step", f"{cache_bytes / 1e6:9.1f} MB"),
         *[(f"copy bandwidth, {n} thread{'s' if n > 1 else ''} (read+write)", spread(s, "GB/s"))
           for n, s in bandwidth.items()],
         (f"bound: (weights + cache) / {best_gbs:.1f} GB/s", f"{bound_ms:9.2f} ms"),
         ("TPOT / bound", f"{timing.tpot_ms.median / bound_ms:9.2f}x"),
+        ("numpy BLAS GEMV read rate (read only)", spread(gemv_gbs, "GB/s")),
+        (f"bound at the GEMV read rate {gemv_gbs.median:.1f} GB/s",
+         f"{weight_streaming_bound_s(weight_bytes + cache_bytes, gemv_gbs.median * 1e9) * 1e3:9.2f} ms"),
     ]
     if same is not None:
         rows.append(("greedy tokens identical to HF generate", "yes" if same else "NO"))
     width = max(len(r[0]) for r in rows)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
+    for cm, _ in predictions:
+        print(f"  {cm.label}: {cm.provenance['text']}")
     profiled = sum(profile.values())
     print(f"\n  decode step by ONNX op type (ORT profiler, kernel time, {profiled:.2f} ms per step in all; SHARED):")
     for op, ms in list(profile.items())[:8]:
         print(f"    {op:<24} {ms:8.2f} ms  {ms / profiled:5.1%}")
+    gemm_ms = profile.get("Gemm", 0.0) + profile.get("MatMul", 0.0)
+    if gemm_ms:
+        print(f"  Gemm + MatMul (the weight GEMVs, and attention's P.V) read the weights at "
+              f"{weight_bytes / gemm_ms / 1e6:.1f} GB/s")
     if args.json:
         args.json.write_text(json.dumps({
             "model": args.model, "overrides": dict(args.override), "shared_machine": True,
-            "measured": timing.as_dict(), "predicted": predicted.as_dict(), "cost_model": cost_model.provenance,
+            "measured": timing.as_dict(),
+            "predicted": [{**predicted.as_dict(), "cost_model": cm.provenance} for cm, predicted in predictions],
             "bandwidth_gbs": {str(n): s.as_dict() for n, s in bandwidth.items()}, "bound_ms": bound_ms,
+            "gemv_read_gbs": gemv_gbs.as_dict(),
             "weight_bytes": weight_bytes, "cache_bytes": cache_bytes, "tokens_match_hf": same,
             "decode_profile_ms": profile}, indent=2))
 
