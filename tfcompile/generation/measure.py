@@ -2,10 +2,13 @@
 
 The prefill and decode-step ONNX files of ``generation.trace`` are run as a
 real greedy generation with ORT IO binding: every input and output is bound
-once to a pre-allocated numpy buffer, so no step allocates or copies its
-inputs. The static cache has two buffer sets; the decode step reads one and
-writes the other, and the next step swaps them (ping-pong), so the cache
-never moves between steps. The loop only writes the new token, its position,
+once to a pre-allocated numpy buffer, so nothing is copied into or out of
+the session between steps. The static cache has two buffer sets; the decode
+step reads one and writes the other, and the next step swaps them
+(ping-pong). Inside the step the graph is functional: its ``ScatterND`` (from
+``index_copy``) writes the whole cache into the other set, so every step
+copies the cache once (about 12 MB per step for gpt2-small at 159 slots,
+against 498 MB of weights). The loop only writes the new token, its position,
 the slot index and one mask element into the bound input buffers.
 
 TTFT = the prefill run plus the argmax of its logits (the first token), timed
