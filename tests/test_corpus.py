@@ -63,8 +63,8 @@ def test_calibration_file_hostile_inputs(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     cases = {tmp_path / "missing.txt": "No such file", tmp_path: "not a file", big: "bytes; a calibration file",
-             binary: "not a UTF-8 text file", nul: "control characters", latin: "not a UTF-8 text file", long_line: "one sentence per line",
-             empty: "no sentences"}
+             binary: "not a UTF-8 text file", nul: "control characters", latin: "not a UTF-8 text file",
+             long_line: "one sentence per line", empty: "no sentences"}
     for path, message in cases.items():
         with pytest.raises(InvalidOptionError, match=message) as caught:
             corpus.read_calibration_file(path)
