@@ -19,8 +19,10 @@ not taken (on minilm passages of 128 tokens the held-out figure sat
    schedule stays within budget; a layer that fails is not tried again. Deep
    layers go first because a merge there costs the least quality (fewer layers
    carry the averaged state), which gives ToMe's progressive schedules.
-``prune_tokens`` search: bisection on one keep ratio after each of layers
-0..L−2 (a progressive cut: ratio^k of the tokens reach layer k), with
+``prune_tokens`` search: bisection on how many tokens are dropped after each
+of layers 0..L−2 (a progressive cut, the same count each time), and on how
+many are dropped after the middle layer alone (one cut); the larger cut within
+budget wins. Both with
 key-similarity drops and merged sizes (``merge=True``, the best quality per
 FLOPs cut measured in ``benchmarks/token_pruning.py``).
 
@@ -33,6 +35,7 @@ it for the variant the search keeps).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from tfcompile import structure
@@ -167,19 +170,33 @@ def merge_schedule(graph: ModelGraph, splits: QualitySplits, budget: float, cont
 
 
 def prune_schedule(graph: ModelGraph, splits: QualitySplits, budget: float, context: PassContext, *,
-                   max_trials: int = 5, progress: Callable[[str], None] = lambda _: None) -> Schedule:
-    """The progressive ``prune_tokens`` schedule (one keep ratio after layers 0..L−2) cutting the most within budget."""
+                   max_trials: int = 8, progress: Callable[[str], None] = lambda _: None) -> Schedule:
+    """The ``prune_tokens`` schedule cutting the most FLOPs within budget, from two shapes: d tokens dropped
+    after each of layers 0..L−2 (progressive), or one cut after the middle layer (Zero-TPrune's single
+    pruning layer); each shape gets half the trials."""
     judge = _Judge(graph, "prune_tokens", splits, budget, context, progress)
-    _, layers = _sequence_and_layers(graph)
+    seq, layers = _sequence_and_layers(graph)
     if layers < 2:
         return judge.result(None)
-    early = list(range(layers - 1))
 
-    def make(percent_cut: int) -> dict[str, Any]:  # keep ratio in steps of 2.5 %
-        return {"keep_ratio": round(1 - 0.025 * percent_cut, 3), "layers": early, "sim_fraction": 1.0,
-                "merge": True}
+    def make(cut_layers: list[int]) -> Callable[[int], dict[str, Any]]:
+        def knobs(drop: int) -> dict[str, Any]:
+            # ``drop`` tokens after each cut layer, as the keep ratio of the tokens entering it (the pass keeps
+            # ceil(ratio · n)), rounded down to 6 digits: ceil(ratio · n) stays n − drop, and names stay short.
+            ratios = [math.floor((seq - drop * (k + 1)) / (seq - drop * k) * 1e6) / 1e6
+                      for k in range(len(cut_layers))]
+            return {"keep_ratio": ratios, "layers": cut_layers, "sim_fraction": 1.0, "merge": True}
+        return knobs
 
-    _, best = _largest_within(judge, make, 1, 12, lambda: len(judge.trials) < max_trials)
+    best = None
+    shapes = [list(range(layers - 1))] + ([[layers // 2 - 1]] if layers > 2 else [])
+    for i, cut_layers in enumerate(shapes):
+        cap = len(judge.trials) + max_trials // len(shapes) + (max_trials % len(shapes) if i == 0 else 0)
+        # At most half the tokens gone by the last cut.
+        _, found = _largest_within(judge, make(cut_layers), 1, max(1, seq // (2 * len(cut_layers))),
+                                   lambda: len(judge.trials) < cap)
+        if found is not None and (best is None or found.flops_cut > best.flops_cut):
+            best = found
     return judge.result(best)
 
 
