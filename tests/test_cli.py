@@ -321,3 +321,20 @@ def test_json_prints_the_report_and_quiet_prints_nothing(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert (tmp_path / "quiet" / "report.json").is_file()
+
+
+def test_calibration_data_needs_allow_approx_and_a_text_file(tmp_path, capsys):
+    from tfcompile.cli import main
+
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("a sentence\nanother one\n")
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\x00\x01\xff" * 100)
+    out = tmp_path / "out"
+    for args, message in ((["--calibration-data", str(sentences)], "give --allow-approx too"),
+                          (["--allow-approx", "--calibration-data", str(binary)], "--calibration-data"),
+                          (["--allow-approx", "--calibration-data", str(tmp_path)], "--calibration-data")):
+        assert main(["optimize", "tests.tiny:mean_pooled_bert", *args, "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not out.exists()

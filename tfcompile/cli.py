@@ -71,6 +71,10 @@ def cli(ctx: click.Context, debug: bool, verbose: bool, run_config: Path | None)
 @click.option("--lengths-file", "lengths_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=None, help="Request lengths the deployment sees (one per line, or LENGTH COUNT lines): "
                                  "batches of --batch requests padded to --seq are the workload.")
+@click.option("--calibration-data", "calibration_data", type=click.Path(path_type=Path), default=None,
+              help="Plain-text sentences, one per line (UTF-8, at most 4 MiB), to judge approximate variants on: "
+                   "even lines choose the token schedules, odd lines are held out for the reported quality. "
+                   "Default: corpus passages (sentence encoders). Needs --allow-approx.")
 @click.option("--measure", is_flag=True, help="Measure the baseline and the best predicted variants on --backend.")
 @click.option("--measure-top", default=1, show_default=True, type=int,
               help="How many variants to measure besides the baseline.")
@@ -92,7 +96,8 @@ def cli(ctx: click.Context, debug: bool, verbose: bool, run_config: Path | None)
               show_default=True, help="Directory for report.json and model.onnx.")
 @remote_options
 @model_options
-def optimize(model, target, device_file, passes, allow_approx, budget, lengths, lengths_file, measure, measure_top,
+def optimize(model, target, device_file, passes, allow_approx, budget, lengths, lengths_file, calibration_data,
+             measure, measure_top,
              backend, repeat, time_budget_s, explain, wide, as_json, quiet, quantize, output_dir, remote, device_key,
              **load_kwargs):
     """Search variants of MODEL, verify and predict them, measure the best, rank them.
@@ -135,6 +140,7 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
                                  allow_approx=allow_approx, budget=budget, measure=measure,
                                  lengths=int_list(lengths, "--lengths") if lengths is not None else None,
                                  measure_top=measure_top, repeat=repeat, measure_budget_s=time_budget_s,
+                                 calibration_data=calibration_data,
                                  quantize=quantize, remote=remote_spec, load=load, on_ranked=show,
                                  progress=lambda msg: status.update(msg))
     if as_json:

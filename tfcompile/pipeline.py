@@ -86,6 +86,7 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
                    repeat: int = 10, quantize: str = "none", remote=None, load: LoadOptions = LoadOptions(),
                    batch_sizes: list[int] | None = None, seq_lens: list[int] | None = None,
                    lengths_file: str | os.PathLike | None = None, measure_budget_s: float | None = None,
+                   calibration_data: str | os.PathLike | None = None,
                    on_ranked: Callable[[ModelGraph, OptimizeResult], None] = lambda graph, result: None,
                    progress: Callable[[str], None] = lambda _: None) -> OptimizeOutcome:
     """Everything ``tfcompile optimize MODEL -o OUTPUT_DIR`` does; see the module docstring.
@@ -106,13 +107,20 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
                      budget=budget, lengths=lengths, measure=measure, measure_top=measure_top, repeat=repeat,
                      quantize=quantize, remote=remote, load=load)
     output_dir = Path(output_dir)
+    calibration_text = None
+    if calibration_data is not None:
+        if not allow_approx:
+            raise InvalidOptionError("--calibration-data judges approximate variants: give --allow-approx too")
+        from tfcompile.corpus import read_calibration_file
+
+        calibration_text = tuple(read_calibration_file(calibration_data))  # checked before the model loads
     workload, load = _workload(lengths, batch_sizes, seq_lens, lengths_file, load)
     device = target if isinstance(target, DeviceSpec) else None
     target = device.name if device else target
     settings = OptimizeSettings(target=target, device=device, pipeline=tuple(passes) if passes is not None else None,
                                 allow_approx=allow_approx, budget=budget, measure=measure, measure_top=measure_top,
                                 backend=backend, repeat=repeat, workload=workload, remote=remote,
-                                measure_budget_s=measure_budget_s)
+                                measure_budget_s=measure_budget_s, calibration_text=calibration_text)
     _check_settings(settings, load, output_dir)
     progress("loading model")
     graph = load_model(os.fspath(model), load)
@@ -144,7 +152,12 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
                                "allow_approx": allow_approx, "budget": budget, "repeat": repeat,
                                "lengths": list(settings.workload.lengths) if settings.workload.lengths else None,
                                **({"workload": _workload_record(settings.workload)}
-                                  if settings.workload.scenarios else {})}
+                                  if settings.workload.scenarios else {}),
+                               **({"quality_data": result.quality_data} if result.quality_data else {}),
+                               **({"token_schedules": {name: {"chosen": sched.knobs, "flops_cut": sched.flops_cut,
+                                                              "trials": [t.as_dict() for t in sched.trials]}
+                                                       for name, sched in result.schedules.items()}}
+                                  if result.schedules else {})}
             write_report(report_tmp, model=os.fspath(model), target=target, variants=result.reports,
                          best=result.best, settings=report_settings, refusals=result.refusals,
                          export=export.as_dict(), inputs=input_records(graph),
