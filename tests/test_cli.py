@@ -200,7 +200,7 @@ def test_calibrate_then_compare(tmp_path):
     assert data["version"] == 1 and data["backend"] == "torch" and len(data["samples"]) >= 20
     out = tmp_path / "cmp"
     result = tfcompile("compare", "tests.tiny:bert", "--backend", "torch", "--profile", str(profile),
-                       "--seqs", "16,32", "--repeat", "3", "--passes", "2", "-o", str(out))
+                       "--seqs", "16,32", "--repeat", "3", "--rounds", "2", "-o", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "compare.json").read_text())
     assert len(report["variants"]) == 6
@@ -222,7 +222,7 @@ def test_calibrate_then_compare_in_process(tmp_path, monkeypatch):
     assert [s["name"] for s in data["samples"]] == [b.name for b in suite]
     out = tmp_path / "cmp"
     assert main(["compare", "tests.tiny:bert", "--backend", "torch", "--profile", str(profile), "--seqs", "16",
-                 "--repeat", "3", "--passes", "2", "-o", str(out)]) == 0
+                 "--repeat", "3", "--rounds", "2", "-o", str(out)]) == 0
     report = json.loads((out / "compare.json").read_text())
     assert len(report["variants"]) == 3
     assert {"calibrated", "roofline", "flops_only"} <= set(report["scores"])
