@@ -143,3 +143,12 @@ def test_legend_has_one_entry_per_shown_variant():
     reports = ranked_reports()
     entries = [line for line in legend(reports) if line.split()[0] in {r.id for r in reports}]
     assert len(entries) == sum(1 for r in reports if r.folded_into is None)
+
+
+def test_brackets_in_names_and_reasons_print_as_written():
+    reports = ranked_reports()
+    odd = variant("cleanup+remove_padding_runtime", 20.0, eligible=False, rejected="fixed lengths",
+                  note="pass remove_padding is written for the traced [batch, seq]")
+    odd.id = "v9"
+    text = rendered(reports + [odd], wide=True, width=200)
+    assert "[batch, seq]" in text and "prune_tokens(keep_ratio=0.8,layers=[2]" in text

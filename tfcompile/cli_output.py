@@ -10,7 +10,9 @@ import os
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 
 def silent_console() -> Console:
@@ -31,10 +33,10 @@ def show_ranked(graph, result, target_name: str, out: Console, *, wide: bool, re
     render_table(result.reports, target_name, out, title=f"{graph.name} on {target_name}", caption=caption,
                  wide=wide)
     for line in roofline_line(result.reports, result.prediction, target_name):
-        out.print(f"[yellow]{line}[/yellow]", highlight=False)
+        out.print(line, style="yellow", highlight=False, markup=False)
     for report in result.reports:
         for note in report.backend_notes:
-            out.print(f"[dim]{report.id}: {note}[/dim]")
+            out.print(f"{report.id}: {note}", style="dim", markup=False)
 
 
 def show_explanation(result, out: Console) -> None:
@@ -44,7 +46,7 @@ def show_explanation(result, out: Console) -> None:
     for column in ("pass", "in best variant", "reason"):
         table.add_column(column)
     for name, used, reason in explain(result):
-        table.add_row(name, "yes" if used else "no", reason)
+        table.add_row(name, "yes" if used else "no", Text(reason))
     out.print(table)
 
 
@@ -55,9 +57,11 @@ def show_outcome(outcome, out: Console) -> None:
               else f"static at the traced shape ({check.static_reason})")
     out.print(f"model.onnx ({'fp32' if check.exact else check.quantize}): input shapes {shapes}; in ONNX Runtime "
               f"vs torch at {', '.join(check.checked_at)}: max relative error {check.max_rel_err:.1e}, "
-              f"{check.quality_metric} {check.quality:.5f}")
+              f"{check.quality_metric} {check.quality:.5f}", markup=False)
     best = next(r for r in outcome.result.reports if r.name == outcome.result.best)
-    out.print(f"best: [bold]{best.id}[/bold] {best.name}; wrote {outcome.report_path} and {outcome.onnx_path}",
+    # Names, reasons and paths are text, not markup: "[batch, seq]" or a path with brackets must print as is.
+    out.print(f"best: [bold]{best.id}[/bold] {escape(best.name)}; wrote {escape(str(outcome.report_path))} and "
+              f"{escape(str(outcome.onnx_path))}",
               highlight=False)
 
 
@@ -82,7 +86,7 @@ def show_comparison(rows, scores: dict, out: Console, *, title: str) -> None:
         table.add_column(f"{predictor} ms", justify="right")
         table.add_column("err", justify="right")
     for row in rows:
-        cells = [row.name, f"{row.measured_ms:.3f}"]
+        cells = [Text(row.name), f"{row.measured_ms:.3f}"]
         for predictor in scores:
             p = row.predicted_ms[predictor]
             cells += [f"{p:.3f}", f"{(p - row.measured_ms) / row.measured_ms:+.0%}"]

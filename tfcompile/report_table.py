@@ -15,6 +15,7 @@ import textwrap
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tfcompile.report import VariantReport
 
@@ -38,8 +39,8 @@ def render_table(variants: list[VariantReport], target: str, console: Console, t
     over_workload = any(v.expected_ms is not None for v in shown)
     throughput = measured and caption.batch is not None and caption.batch > 1
     # No outer edges and one space between columns: nine columns fit 80 characters.
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False,
-                  caption=_caption_text(caption, measured), caption_justify="left")
+    table = Table(title=Text(title), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False,
+                  caption=Text(_caption_text(caption, measured)), caption_justify="left")
     table.add_column("id", no_wrap=True)
     if wide:
         table.add_column("variant", overflow="fold")
@@ -61,11 +62,13 @@ def render_table(variants: list[VariantReport], target: str, console: Console, t
         if measured:
             row += _measured_cells(v, baseline, throughput)
         row.append(_quality_cell(v))
-        table.add_row(*row, style=None if v.eligible else "dim")
+        # Names and reasons are text: "layers=[2]" or "[batch, seq]" would otherwise read as markup.
+        table.add_row(*(Text(cell) for cell in row), style=None if v.eligible else "dim")
     console.print(table)
-    if not wide:
-        for line in legend(variants):
-            console.print(_wrapped(line, console.width, indent=6), highlight=False, markup=False)
+    # The legend spells out ids; with --wide the names are in the table and only the reasons are added.
+    lines = legend(variants) if not wide else [f"{v.id:>4}  {v.note}" for v in shown if not v.eligible and v.note]
+    for line in lines:
+        console.print(_wrapped(line, console.width, indent=6), highlight=False, markup=False)
     for line in warnings_for(shown):
         console.print(_wrapped(line, console.width, indent=2), style="yellow", highlight=False, markup=False)
 
