@@ -208,7 +208,7 @@ def test_calibrate_then_compare(tmp_path):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_calibrate_then_compare_in_process(tmp_path, monkeypatch):
+def test_calibrate_then_compare_in_process(tmp_path, monkeypatch, capsys):
     """Fast twin of test_calibrate_then_compare: the same commands in this process, on every 4th micro-benchmark."""
     from tfcompile.cli import main
     from tfcompile import calibrate as microbench
@@ -221,8 +221,16 @@ def test_calibrate_then_compare_in_process(tmp_path, monkeypatch):
     assert data["version"] == 1 and data["backend"] == "torch"
     assert [s["name"] for s in data["samples"]] == [b.name for b in suite]
     out = tmp_path / "cmp"
+    capsys.readouterr()
+    from tfcompile import cli as cli_module
+
+    monkeypatch.setattr(cli_module.console, "width", 80)  # the width a pipe gets without $COLUMNS
     assert main(["compare", "tests.tiny:bert", "--backend", "torch", "--profile", str(profile), "--seqs", "16",
                  "--repeat", "3", "--rounds", "2", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # Rows under the plot's labels, the key under the table, nothing wider than the 80-column default.
+    assert "v1 1x16" in printed and "base 1x16" in printed and "  v1  cleanup" in printed
+    assert max(len(line) for line in printed.splitlines()) <= 80, printed
     report = json.loads((out / "compare.json").read_text())
     assert len(report["variants"]) == 3
     assert {"calibrated", "roofline", "flops_only"} <= set(report["scores"])

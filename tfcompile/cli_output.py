@@ -78,20 +78,26 @@ def show_profile(profile, out: Console) -> None:
 
 
 def show_comparison(rows, scores: dict, out: Console, *, title: str) -> None:
-    """compare's rows (measured and each predictor's figure with its error) and the predictors' scores."""
+    """compare's rows (measured and each predictor's figure with its error) and the predictors' scores; rows
+    under the plot's short labels ("v1 8x128"), with the key under the table."""
+    from tfcompile.compare import row_labels
+
+    labels, key = row_labels(rows)
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
-    table.add_column("variant", overflow="fold")
+    table.add_column("variant", no_wrap=True)
     table.add_column("measured ms", justify="right")
     for predictor in scores:
         table.add_column(f"{predictor} ms", justify="right")
         table.add_column("err", justify="right")
-    for row in rows:
-        cells = [Text(row.name), f"{row.measured_ms:.3f}"]
+    for row, label in zip(rows, labels):
+        cells = [Text(label), f"{row.measured_ms:.3f}"]
         for predictor in scores:
             p = row.predicted_ms[predictor]
             cells += [f"{p:.3f}", f"{(p - row.measured_ms) / row.measured_ms:+.0%}"]
         table.add_row(*cells)
     out.print(table)
+    for short, variant in key.items():
+        out.print(f"{short:>4}  {variant}", highlight=False, markup=False)
     summary = Table(title="scores", box=box.SIMPLE_HEAD, show_edge=False)
     for column in ("predictor", "MAPE", "within ±10%", "Kendall τ"):
         summary.add_column(column)

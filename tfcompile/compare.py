@@ -140,13 +140,20 @@ def plot(rows: list[ComparisonRow], path: Path, *, title: str) -> None:
     """Predicted against measured latency, a panel per predictor, each point labelled "v1 8x128"."""
     from tfcompile import plots
 
+    labels, key = row_labels(rows)
+    figure = plots.predicted_vs_measured(rows, score(rows), title=title, labels=labels, key=key)
+    with atomic_path(path) as tmp:
+        plots.save(figure, tmp)
+
+
+def row_labels(rows: list[ComparisonRow]) -> tuple[list[str], dict[str, str]]:
+    """Each row's short label ("v1 8x128"), as the plot and the table show it, and the key to the ids."""
+    from tfcompile import plots
+
     shapes = [_variant_and_shape(row.name) for row in rows]
     ids = plots.variant_ids([variant for variant, _ in shapes])
     labels = [f"{ids[variant]} {shape}".strip() for variant, shape in shapes]
-    figure = plots.predicted_vs_measured(rows, score(rows), title=title, labels=labels,
-                                         key={short: variant for variant, short in ids.items()})
-    with atomic_path(path) as tmp:
-        plots.save(figure, tmp)
+    return labels, {short: variant for variant, short in ids.items()}
 
 
 def _variant_and_shape(name: str) -> tuple[str, str]:
