@@ -325,10 +325,15 @@ def test_json_prints_the_report_and_quiet_prints_nothing(tmp_path, capsys):
     report = json.loads(printed)  # stdout is the report and nothing else
     assert report == json.loads((out / "report.json").read_text())
     jsonschema.validate(report, schema())
-    assert main(["optimize", "tests.tiny:gpt2", "--quiet", "-o", str(tmp_path / "quiet")]) == 0
+    # run.toml beside the report reruns the same run; the command line still wins (-o, --quiet).
+    run_file = out / "run.toml"
+    assert 'model = "tests.tiny:gpt2"' in run_file.read_text()
+    assert main(["--run-config", str(run_file), "optimize", "--quiet", "-o", str(tmp_path / "quiet")]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
-    assert (tmp_path / "quiet" / "report.json").is_file()
+    again = json.loads((tmp_path / "quiet" / "report.json").read_text())
+    assert again["best"] == report["best"] and again["settings"] == report["settings"]
+    assert again["inputs"] == report["inputs"]
 
 
 def test_calibration_data_needs_allow_approx_and_a_text_file(tmp_path, capsys):

@@ -20,6 +20,7 @@ the model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
 import os
 from pathlib import Path
@@ -142,10 +143,17 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
         # All files or none: a failure (or Ctrl-C) before the end leaves the earlier set as it was.
         figures = _figures(result, graph.name, target=target, backend=backend, budget=budget,
                            shapes=_shapes(settings.workload, load), measure=measure, allow_approx=allow_approx)
-        finals = [output_dir / "model.onnx", output_dir / "report.json"] + [output_dir / name for name in figures]
-        with atomic_paths(*finals) as (onnx_tmp, report_tmp, *figure_tmps):
+        finals = [output_dir / "model.onnx", output_dir / "report.json", output_dir / RUN_FILE_NAME] + \
+            [output_dir / name for name in figures]
+        with atomic_paths(*finals) as (onnx_tmp, report_tmp, run_tmp, *figure_tmps):
             for build, figure_tmp in zip(figures.values(), figure_tmps):
                 plots.save(build(), figure_tmp)
+            run_tmp.write_text(run_file_text(
+                model, target=None if device is not None else target, backend=backend, passes=passes,
+                allow_approx=allow_approx, budget=budget, lengths=lengths, lengths_file=lengths_file,
+                calibration_data=calibration_data, measure=measure, measure_top=measure_top, repeat=repeat,
+                measure_budget_s=measure_budget_s, quantize=quantize, batch_sizes=batch_sizes or [load.batch],
+                seq_lens=seq_lens or [load.seq], load=load, output_dir=output_dir))
             export = _export_best(result, graph, quantize, budget, onnx_tmp, settings.context())
             report_settings = {"batch": load.batch, "seq": load.seq, "backend": backend if measure else None,
                                **({"remote": str(remote)} if remote is not None else {}),
@@ -372,3 +380,45 @@ def input_records(graph: ModelGraph) -> list[dict[str, Any]]:
     """The traced inputs as report.json lists them."""
     return [{"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
             for name, t in zip(graph.input_names, graph.example_inputs)]
+
+
+RUN_FILE_NAME = "run.toml"
+
+
+def run_file_text(model, *, target: str | None, backend: str, passes, allow_approx: bool, budget: float, lengths,
+                  lengths_file, calibration_data, measure: bool, measure_top: int, repeat: int,
+                  measure_budget_s: float | None, quantize: str, batch_sizes, seq_lens, load: LoadOptions,
+                  output_dir: Path) -> str:
+    """run.toml beside report.json: this run's options as ``tfcompile --run-config run.toml optimize`` reads them,
+    so the model, its report and the settings that made them stay together."""
+    def absolute(path) -> str:
+        return os.fspath(Path(path).resolve())
+
+    values: dict[str, Any] = {"model": os.fspath(model)}
+    if target is not None:
+        values["target"] = target
+    values.update({"backend": backend, "allow-approx": allow_approx, "budget": budget, "measure": measure,
+                   "measure-top": measure_top, "repeat": repeat, "quantize": quantize,
+                   "batch": [int(b) for b in batch_sizes], "seq": [int(q) for q in seq_lens], "seed": load.seed,
+                   "output": absolute(output_dir)})
+    optional = {"passes": ",".join(passes) if passes is not None else None,
+                "lengths": ",".join(map(str, lengths)) if lengths else None,
+                "lengths-file": absolute(lengths_file) if lengths_file is not None else None,
+                "calibration-data": absolute(calibration_data) if calibration_data is not None else None,
+                "time-budget": measure_budget_s,
+                "config": absolute(load.config) if load.config is not None else None,
+                "timeout": load.timeout_s}
+    values.update({key: value for key, value in optional.items() if value is not None})
+    if load.trust_pickle:
+        values["trust-pickle"] = True
+    if load.input_shapes:
+        values["input-shape"] = [
+            f"{name}={'x'.join(map(str, shape))}" + (f":{str(load.input_dtypes[name]).removeprefix('torch.')}"
+                                                      if load.input_dtypes and name in load.input_dtypes else "")
+            for name, shape in load.input_shapes.items()]
+    lines = ["# The options of this run: `tfcompile --run-config run.toml optimize` runs it again.",
+             *([] if target is not None else ["# --device-file was given: give it again on the command line."]),
+             "[optimize]"]
+    # JSON's strings, numbers, booleans and arrays of them are valid TOML values.
+    lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
