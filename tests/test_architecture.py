@@ -13,7 +13,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tfcompile"
 MAX_LINES = 500
 
 LAYERS = [
-    ("tfcompile.errors", "tfcompile.outputs", "tfcompile.graph", "tfcompile.corpus", "tfcompile.workload"),
+    ("tfcompile.errors", "tfcompile.environment", "tfcompile.outputs", "tfcompile.graph", "tfcompile.corpus",
+     "tfcompile.workload"),
     ("tfcompile.structure", "tfcompile.frontend", "tfcompile.verify", "tfcompile.report", "tfcompile.report_table",
      "tfcompile.plots"),
     ("tfcompile.cost_models",),

@@ -428,11 +428,12 @@ def tune(model, target, trials, passes, kernels, database_root, **load_kwargs):
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = DEBUG_FLAG in args or os.environ.get("TFCOMPILE_DEBUG") == "1"
+    from tfcompile.environment import restored_environ
     from tfcompile.outputs import private_tempdir
 
-    verbose_before = os.environ.get("TFCOMPILE_VERBOSE")  # `cli` may set it and warnings filters: for one command
     try:
-        with private_tempdir(), warnings.catch_warnings():
+        # `cli` may set TFCOMPILE_VERBOSE and warnings filters: they last for one command.
+        with private_tempdir(), warnings.catch_warnings(), restored_environ("TFCOMPILE_VERBOSE"):
             cli.main(args=args, prog_name="tfcompile", standalone_mode=False)
     except TfcompileError as exc:
         return _error(str(exc), EXIT_USER_ERROR)
@@ -449,10 +450,6 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"internal error: {type(exc).__name__}: {first_line(exc)} (a bug in tfcompile, not in your "
                       f"input; rerun as `tfcompile {DEBUG_FLAG} ...` for the traceback and report it)",
                       EXIT_INTERNAL_ERROR)
-    finally:
-        os.environ.pop("TFCOMPILE_VERBOSE", None)
-        if verbose_before is not None:
-            os.environ["TFCOMPILE_VERBOSE"] = verbose_before
     return 0
 
 

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from tfcompile.environment import restored_environ
 from tfcompile.errors import InvalidOptionError
 
 
@@ -62,18 +63,15 @@ def private_tempdir() -> Iterator[Path]:
     tfcompile's own work folders go there too. The folder is removed when the block ends, whether it
     completed, failed or was interrupted, so no run leaves anything behind in $TMPDIR.
     """
-    previous_env, previous_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    previous_tempdir = tempfile.tempdir
     folder = Path(tempfile.mkdtemp(prefix="tfcompile-run-"))
-    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
-    try:
-        yield folder
-    finally:
-        tempfile.tempdir = previous_tempdir
-        if previous_env is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = previous_env
-        shutil.rmtree(folder, ignore_errors=True)
+    with restored_environ("TMPDIR"):
+        os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+        try:
+            yield folder
+        finally:
+            tempfile.tempdir = previous_tempdir
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def in_private_tempdir(function):

@@ -32,6 +32,7 @@ from typing import Iterator
 
 import torch
 
+from tfcompile.environment import restored_environ
 from tfcompile.errors import ModelLoadError, first_line
 from tfcompile.frontend import hf
 
@@ -92,17 +93,14 @@ def offline() -> Iterator[None]:
     """HF_HUB_OFFLINE on, in the environment and in huggingface_hub's constant, whatever the user set."""
     from huggingface_hub import constants
 
-    saved_env, saved_constant = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved_constant
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
+    saved_constant = constants.HF_HUB_OFFLINE
+    with restored_environ("HF_HUB_OFFLINE"):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+        try:
+            yield
+        finally:
+            constants.HF_HUB_OFFLINE = saved_constant
 
 
 def find(source: str) -> CachedModel:
