@@ -6,7 +6,6 @@ are printed here, so each command's body stays about what it does.
 
 from __future__ import annotations
 
-import os
 
 from rich import box
 from rich.console import Console
@@ -16,7 +15,7 @@ from rich.text import Text
 
 
 def silent_console() -> Console:
-    return Console(file=open(os.devnull, "w"), width=80)  # noqa: SIM115 (lives as long as the command)
+    return Console(quiet=True, width=80)
 
 
 def show_ranked(graph, result, target_name: str, out: Console, *, wide: bool, remote) -> None:
