@@ -78,8 +78,7 @@ def status_of(v: VariantReport, variants: list[VariantReport]) -> str:
         return f"= {v.folded_into}"
     if not v.eligible:
         return v.rejected or "rejected"
-    rank = 1 + sum(1 for other in variants if other.eligible and other is not v and variants.index(other)
-                   < variants.index(v))
+    rank = 1 + [other for other in variants if other.eligible].index(v)
     if rank == 1:
         return "best"
     return "baseline" if v.name == "baseline" else f"#{rank}"
