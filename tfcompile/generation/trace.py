@@ -11,8 +11,8 @@ return plain tensors and build a cache object from them inside ``forward``:
 - **decode step** ``(input_ids [B, 1], position_ids [B, 1], write_index [1],
   attention_mask [B, max_len], past_key_0, past_value_0, ...)`` ->
   ``(logits [B, V], present_key_0, present_value_0, ...)``: the new token's key
-  and value are written at cache slot ``write_index`` (out-of-place
-  ``index_copy``), and the token attends to every slot whose mask is 1.
+  and value are written at cache slot ``write_index`` (out of place, one
+  ``where`` over the cache), and the token attends to every slot whose mask is 1.
 
 **Static cache** (fixed ``max_len``, pre-allocated, written by index): every
 input and output of both graphs has a fixed shape, so the decode graph is
@@ -115,8 +115,9 @@ def _cache_class():
                 self.keys = _pad_to(key_states, self.keys.shape[2])
                 self.values = _pad_to(value_states, self.values.shape[2])
                 return key_states, value_states
-            self.keys = self.keys.index_copy(2, self.write_index, key_states)
-            self.values = self.values.index_copy(2, self.write_index, value_states)
+            slot = _slot_mask(self.write_index, self.keys.shape[2])
+            self.keys = torch.where(slot, key_states, self.keys)
+            self.values = torch.where(slot, value_states, self.values)
             return self.keys, self.values
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -134,6 +135,16 @@ def _cache_class():
         return Cache(layers=layers)
 
     return build
+
+
+def _slot_mask(write_index: torch.Tensor, length: int) -> torch.Tensor:
+    """``[1, 1, length, 1]``, true at cache slot ``write_index`` only.
+
+    The step writes its key and value with ``where(slot, new, cache)`` rather
+    than ``index_copy``: both are exact, but ONNX exports ``index_copy`` along
+    the slot axis as Transpose, ScatterND, Transpose, i.e. three copies of the
+    whole cache per tensor per step, where ``Where`` reads it once and writes it once."""
+    return (torch.arange(length, device=write_index.device) == write_index)[None, None, :, None]
 
 
 def _pad_to(states: torch.Tensor, length: int) -> torch.Tensor:
