@@ -16,7 +16,7 @@ LAYERS = [
     ("tfcompile.errors", "tfcompile.environment", "tfcompile.outputs", "tfcompile.graph", "tfcompile.corpus",
      "tfcompile.workload"),
     ("tfcompile.structure", "tfcompile.frontend", "tfcompile.verify", "tfcompile.report", "tfcompile.report_table",
-     "tfcompile.plots"),
+     "tfcompile.report_generation", "tfcompile.plots"),
     ("tfcompile.cost_models",),
     ("tfcompile.passes",),
     ("tfcompile.backends",),

@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tfcompile import cli_output
-from tfcompile.cli_options import (directory_output, file_output, int_list, load_graph, load_options, model_argument,
-                                   model_options, parse_remote, remote_options, run_config_defaults)
+from tfcompile.cli_options import (check_generation_options, directory_output, file_output, generation_options,
+                                   int_list, load_graph, load_options, model_argument, model_options, parse_remote,
+                                   remote_options, run_config_defaults)
 from tfcompile.errors import MAX_SEED, TfcompileError, first_line
 from tfcompile.workload import parse_sizes
 
@@ -94,12 +95,13 @@ def cli(ctx: click.Context, debug: bool, verbose: bool, run_config: Path | None)
                    "against --budget). Meant for edge and npu targets.")
 @click.option("--output", "-o", "output_dir", type=click.Path(), default="tfcompile-out", callback=directory_output,
               show_default=True, help="Directory for report.json and model.onnx.")
+@generation_options
 @remote_options
 @model_options
 def optimize(model, target, device_file, passes, allow_approx, budget, lengths, lengths_file, calibration_data,
              measure, measure_top,
              backend, repeat, time_budget_s, explain, wide, as_json, quiet, quantize, output_dir, remote, device_key,
-             **load_kwargs):
+             generate, prompt_len, new_tokens, **load_kwargs):
     """Search variants of MODEL, verify and predict them, measure the best, rank them.
 
     MODEL: a zoo name (gpt2-small, bert-base, vit-base, llama-tiny, minilm), a Hugging Face model directory
@@ -110,6 +112,15 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
     from tfcompile.cost_models import load_device
     if device_file is None:
         load_device(target)  # an unknown --target fails at once, before the imports below load torch
+    check_generation_options(generate)
+    out = cli_output.silent_console() if quiet or as_json else console
+    if generate:
+        outcome = cli_output.optimize_generation(model, output_dir, out, target=target, backend=backend,
+                                                 prompt_len=prompt_len, new_tokens=new_tokens, measure=measure,
+                                                 measure_top=measure_top, repeat=repeat, load_kwargs=load_kwargs)
+        if as_json:
+            click.echo(outcome.report_path.read_text(), nl=False)
+        return
 
     from tfcompile.pipeline import optimize_model
 
@@ -124,7 +135,6 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
 
     target_name = target if isinstance(target, str) else target.name
 
-    out = cli_output.silent_console() if quiet or as_json else console
 
     def show(graph, result) -> None:
         cli_output.show_ranked(graph, result, target_name, out, wide=wide, remote=remote_spec)

@@ -120,6 +120,38 @@ def directory_output(_ctx, param, text: str) -> Path:
     return Path(text)
 
 
+def generation_options(fn):
+    """--generate/--prompt-len/--new-tokens: optimize a causal LM's generation loop (prefill + decode steps)."""
+    fn = click.option("--new-tokens", "new_tokens", default=64, show_default=True, type=click.IntRange(2, 1 << 20),
+                      help="With --generate: tokens generated per prompt (the first by the prefill).")(fn)
+    fn = click.option("--prompt-len", "prompt_len", default=128, show_default=True, type=click.IntRange(1, 1 << 20),
+                      help="With --generate: prompt tokens per sequence.")(fn)
+    return click.option("--generate", is_flag=True,
+                        help="Optimize a causal LM for generation with a KV cache: rank variants by time to first "
+                             "token + per-token time, write prefill.onnx and decode.onnx.")(fn)
+
+
+# Options of `optimize` that describe one forward pass and mean nothing for --generate.
+NOT_FOR_GENERATION = ("passes", "allow_approx", "lengths", "lengths_file", "calibration_data", "quantize", "remote",
+                      "device_file", "time_budget_s", "explain", "seq", "input_shape")
+
+
+def check_generation_options(generate: bool) -> None:
+    """Refuse --prompt-len/--new-tokens without --generate, and one-pass options with it."""
+    context = click.get_current_context()
+    given = [p for p in context.command.params
+             if context.get_parameter_source(p.name) not in (click.core.ParameterSource.DEFAULT, None)]
+    if not generate:
+        stray = [p.opts[0] for p in given if p.name in ("prompt_len", "new_tokens")]
+        if stray:
+            raise TfcompileError(f"{stray[0]} describes a generation loop: give --generate too")
+        return
+    clash = [p.opts[0] for p in given if p.name in NOT_FOR_GENERATION]
+    if clash:
+        raise TfcompileError(f"{clash[0]} does not apply to --generate (a prompt of --prompt-len tokens, "
+                             "--new-tokens tokens, exact passes on the prefill and decode-step graphs)")
+
+
 def remote_options(fn):
     """--remote/--device-key: measure on another machine through a TVM RPC tracker."""
     fn = click.option("--device-key", "device_key", default=None, metavar="KEY",

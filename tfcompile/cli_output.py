@@ -103,3 +103,29 @@ def show_comparison(rows, scores: dict, out: Console, *, title: str) -> None:
     for predictor, s in scores.items():
         summary.add_row(predictor, f"{s['mape']:.1%}", f"{s['within_10pct']:.0%}", f"{s['kendall_tau']:.3f}")
     out.print(summary)
+
+
+def optimize_generation(model, output_dir, out: Console, *, target: str, backend: str, prompt_len: int,
+                        new_tokens: int, measure: bool, measure_top: int, repeat: int, load_kwargs: dict):
+    """``optimize --generate``: run it, print the ranked table as soon as it exists, then the files written."""
+    from tfcompile.cli_options import load_options, parse_one_size
+    from tfcompile.generation.pipeline import optimize_generation_model
+    from tfcompile.provenance import host_line
+    from tfcompile.report_generation import show_generation
+
+    batch = parse_one_size(load_kwargs["batch"], "--batch")
+    load = load_options(**load_kwargs)
+    host = f"ort on {host_line()}" if measure else None
+    with out.status("loading model") as status:
+        outcome = optimize_generation_model(
+            model, output_dir, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, target=target,
+            backend=backend, measure=measure, measure_top=measure_top, repeat=repeat, load=load,
+            on_ranked=lambda result: show_generation(result, target, out, host=host),
+            progress=lambda msg: status.update(msg))
+    best = next(r for r in outcome.result.reports if r.name == outcome.result.best)
+    out.print(f"best: {best.id} {best.name}", markup=False, highlight=False)
+    out.print(f"prefill.onnx and decode.onnx: greedy tokens in ONNX Runtime identical to the original's "
+              f"({outcome.export['checked']})", markup=False, highlight=False)
+    out.print(f"wrote {outcome.onnx_paths[0]}, {outcome.onnx_paths[1]}, {outcome.report_path}", markup=False,
+              highlight=False)
+    return outcome

@@ -46,6 +46,9 @@ class VariantReport:
     throughput_per_s: float | None = None  # sequences (or images) per second at the measured batch
     id: str = ""  # short id in the table and the plots: "base", "v1", "v2", ... in rank order
     folded_into: str | None = None  # the simpler variant with the same cost and quality (this one changed nothing)
+    # For a generation loop (optimize --generate): TTFT and TPOT predicted per target, measured, and whether the
+    # greedy tokens equal Hugging Face generate's; None for one forward pass.
+    generation: dict[str, Any] | None = None
 
     def reject(self, rejected: str, note: str) -> None:
         self.eligible, self.rejected, self.note = False, rejected, note
@@ -64,7 +67,7 @@ class VariantReport:
             data.pop("backend")
             data.pop("backend_notes")
         for key in ("scenario_ms", "expected_ms", "scenario_measured_ms", "rejected", "measured_spread",
-                    "vs_baseline", "throughput_per_s", "folded_into"):
+                    "vs_baseline", "throughput_per_s", "folded_into", "generation"):
             if data[key] is None:
                 data.pop(key)
         return data

@@ -68,9 +68,9 @@ def render_table(variants: list[VariantReport], target: str, console: Console, t
     # The legend spells out ids; with --wide the names are in the table and only the reasons are added.
     lines = legend(variants) if not wide else [f"{v.id:>4}  {v.note}" for v in shown if not v.eligible and v.note]
     for line in lines:
-        console.print(_wrapped(line, console.width, indent=6), highlight=False, markup=False)
+        console.print(wrapped(line, console.width, indent=6), highlight=False, markup=False)
     for line in warnings_for(shown):
-        console.print(_wrapped(line, console.width, indent=2), style="yellow", highlight=False, markup=False)
+        console.print(wrapped(line, console.width, indent=2), style="yellow", highlight=False, markup=False)
 
 
 def status_of(v: VariantReport, variants: list[VariantReport]) -> str:
@@ -159,7 +159,7 @@ def roofline_line(variants: list[VariantReport], prediction: dict, target: str) 
             f"which can be off by 2x or more on small models (--measure shows how far); {calibrate}"]
 
 
-def _wrapped(line: str, width: int, *, indent: int) -> str:
+def wrapped(line: str, width: int, *, indent: int) -> str:
     """Wrapped at spaces, continuation lines indented so the ids stay in a column of their own."""
     return textwrap.fill(line, width=max(width, 40), subsequent_indent=" " * indent, break_long_words=False,
                          break_on_hyphens=False)

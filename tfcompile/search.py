@@ -85,9 +85,22 @@ def searchable_passes(settings: SearchSettings) -> list[str]:
             and n not in settings.exclude and (registered[n].exact or settings.allow_approx)]
 
 
+# Why a stage's passes are not searched on a generation loop's graphs.
+GENERATION_GAPS = {
+    Stage.TOKENS: "a cached decoder keeps every prompt token's key and value for the later steps, and a decode "
+                  "step holds one token per sequence: token pruning and merging do not apply to generation",
+    Stage.PADDING: "in generation a padded prompt batch is prepacked (tfcompile.generation.prepack), not "
+                   "unpadded; the decode step holds one token per sequence",
+    Stage.ATTENTION: "approximate attention on a static cache would need a rolling cache for local windows; "
+                     "not searched for generation yet",
+}
+
+
 def _workload_gap(name: str, context: PassContext) -> str | None:
     """Why the workload gives ``name`` nothing to work on (None if it does)."""
     pass_ = get_pass(name)
+    if context.workload.generation is not None and pass_.stage in GENERATION_GAPS:
+        return GENERATION_GAPS[pass_.stage]
     if pass_.stage is Stage.PADDING and context.workload.lengths is None:
         return "needs the batch's lengths (give --lengths or --lengths-file)"
     workload = context.workload

@@ -51,16 +51,48 @@ class Scenario:
 
 
 @dataclasses.dataclass(frozen=True)
+class Generation:
+    """A generation loop: one prefill over ``prompt_len`` tokens, then ``new_tokens - 1`` decode steps.
+
+    The prefill yields the first new token, each decode step one more, over a
+    static cache of ``max_len`` slots (see ``tfcompile.generation.trace``)."""
+
+    prompt_len: int
+    new_tokens: int
+
+    def __post_init__(self):
+        for option, value, low in (("--prompt-len", self.prompt_len, 1), ("--new-tokens", self.new_tokens, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_DIMENSION:
+                raise InvalidOptionError(f"{option} must be a whole number from {low} to {MAX_DIMENSION} "
+                                         f"(got {value!r})")
+
+    @property
+    def max_len(self) -> int:
+        """Cache slots: the prompt and every new token but the last (which is never fed back)."""
+        return self.prompt_len + self.new_tokens - 1
+
+    def time_s(self, ttft_s: float, tpot_s: float) -> float:
+        """One whole generation's time: the first token, then one decode step per further token."""
+        return ttft_s + (self.new_tokens - 1) * tpot_s
+
+    def describe(self) -> str:
+        return f"prompt {self.prompt_len}, {self.new_tokens} new tokens"
+
+
+@dataclasses.dataclass(frozen=True)
 class Workload:
     """What the variants are optimised for.
 
     ``lengths``: valid lengths of the traced, right-padded batch (the padding
     passes specialise to them); None when it is dense. ``scenarios``: the
     batches the deployment serves; empty when the traced shape is all there is.
+    ``generation``: set when the model runs as a generation loop (``optimize
+    --generate``); the passes then see a prefill graph and a decode-step graph.
     """
 
     lengths: tuple[int, ...] | None = None
     scenarios: tuple[Scenario, ...] = ()
+    generation: Generation | None = None  # a decoder's generation loop (prefill + decode steps); None: one pass
 
     @property
     def is_single_shape(self) -> bool:

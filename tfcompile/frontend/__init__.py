@@ -101,6 +101,31 @@ def _load(source: str, options: LoadOptions) -> ModelGraph:
                          "hub id (NAME or ORG/NAME)")
 
 
+def load_causal_lm(source: str | os.PathLike, options: LoadOptions = LoadOptions()) -> tuple[torch.nn.Module, str]:
+    """A Hugging Face causal LM and its name, for generation (``optimize --generate``): a zoo decoder, a model
+    directory or a hub id in the local cache. Other sources hold one traced graph, with no cache to trace."""
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+        raise InvalidOptionError(f"model {source!r}: a zoo decoder, a Hugging Face model directory or hub id")
+    source = os.fspath(source)
+    check_options(options)
+    path = Path(source)
+    with quiet_library_logs(), deadline(options.timeout_s, f"loading {source}"):
+        if source in zoo.ZOO and not path.exists():
+            model, name = zoo.build(source, seed=options.seed, config_overrides=options.config_overrides).model, source
+        elif path.is_dir():
+            model, name = hf.load_directory(path), path.name
+        elif not path.exists() and hub_cache.is_hub_id(source):
+            model, name = hub_cache.load(hub_cache.find(source)), source
+        else:
+            raise ModelLoadError(f"{source}: --generate traces a Hugging Face causal LM's prefill and decode step "
+                                 "with its KV cache; give a zoo decoder (gpt2-small, llama-tiny), a model directory "
+                                 "or a hub id (a file or factory holds one forward pass, with no cache to trace)")
+    if not (callable(getattr(model, "can_generate", None)) and model.can_generate()):
+        raise ModelLoadError(f"{source}: {type(model).__name__} is not a causal LM that generates "
+                             "(--generate needs a ...ForCausalLM model)")
+    return model.eval(), name
+
+
 def check_options(options: LoadOptions) -> None:
     """The library's entry checks what the CLI's option types check, for callers that skip the CLI."""
     if not isinstance(options, LoadOptions):

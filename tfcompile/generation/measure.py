@@ -147,23 +147,40 @@ def measure_generation(prefill_path: Path, decode_path: Path, spec: CacheSpec, i
                        attention_mask: torch.Tensor | None = None, *, new_tokens: int, repeat: int = 5,
                        warmup: int = 1, threads: int | None = None) -> GenerationTiming:
     """TTFT and TPOT of ``repeat`` timed greedy generations after ``warmup`` untimed ones."""
+    files = {"model": (prefill_path, decode_path)}
+    return measure_generations(files, spec, input_ids, attention_mask, new_tokens=new_tokens, repeat=repeat,
+                               warmup=warmup, threads=threads)["model"]
+
+
+def measure_generations(files: dict[str, tuple[Path, Path]], spec: CacheSpec, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None, *, new_tokens: int, repeat: int = 5,
+                        warmup: int = 1, threads: int | None = None) -> dict[str, GenerationTiming]:
+    """``measure_generation`` for several variants' ``(prefill, decode)`` files, round-robin in one process.
+
+    Generation k of every variant runs before generation k + 1 of any, so a
+    change in the machine's load touches every variant alike."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if new_tokens < 2:
         raise ValueError("TPOT needs at least 2 new tokens (one decode step)")
-    prefill, decode = OrtModel(prefill_path, threads=threads), OrtModel(decode_path, threads=threads)
-    bound = BoundGeneration(prefill, decode, spec, input_ids, attention_mask)
+    bound = {}
+    for name, (prefill_path, decode_path) in files.items():
+        prefill, decode = OrtModel(prefill_path, threads=threads), OrtModel(decode_path, threads=threads)
+        bound[name] = (BoundGeneration(prefill, decode, spec, input_ids, attention_mask),
+                       prefill.session.get_session_options().intra_op_num_threads)
     for _ in range(warmup):
-        bound.generate(new_tokens)
-    ttfts, steps = [], []
-    tokens = None
+        for generation, _threads in bound.values():
+            generation.generate(new_tokens)
+    ttfts = {name: [] for name in files}
+    steps = {name: [] for name in files}
+    tokens = {}
     for _ in range(max(repeat, 1)):
-        tokens, ttft, step_s = bound.generate(new_tokens)
-        ttfts.append(ttft * 1e3)
-        steps += [s * 1e3 for s in step_s]
-    used = prefill.session.get_session_options().intra_op_num_threads
-    return GenerationTiming(Spread.of(ttfts), Spread.of(steps), spec.batch, input_ids.shape[1], new_tokens, used,
-                            tokens)
+        for name, (generation, _threads) in bound.items():
+            tokens[name], ttft, step_s = generation.generate(new_tokens)
+            ttfts[name].append(ttft * 1e3)
+            steps[name] += [s * 1e3 for s in step_s]
+    return {name: GenerationTiming(Spread.of(ttfts[name]), Spread.of(steps[name]), spec.batch, input_ids.shape[1],
+                                   new_tokens, used, tokens[name]) for name, (_, used) in bound.items()}
 
 
 def profile_decode_step(decode_path: Path, spec: CacheSpec, prompt_len: int, *, steps: int = 10,
