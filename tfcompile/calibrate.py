@@ -120,6 +120,10 @@ BLOCK_CONFIGS = ((256, 4, 4, 1, 64), (256, 4, 4, 4, 256), (512, 8, 2, 1, 128), (
                  (640, 10, 2, 1, 96), (1024, 16, 1, 1, 160))
 
 
+# (width, heads, depth) of one-token stacks whose weights (85-200 MB) outgrow a last-level cache.
+DECODE_STACKS = ((640, 10, 4), (1024, 16, 4))
+
+
 def _randn(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
@@ -142,6 +146,13 @@ def default_suite() -> list[MicroBenchmark]:
     for length in (1, 16, 64):
         suite.append(MicroBenchmark(f"chain_{length}", lambda length=length: (_AddChain(length),
                                                                              (_randn(16), _randn(16)))))
+    # Decode-like: one row against weights larger than any last-level cache, read from DRAM on every run.
+    for m, k, n in ((1, 768, 50257), (1, 4096, 4096), (4, 4096, 4096)):
+        suite.append(MicroBenchmark(f"stream_linear_m{m}_k{k}_n{n}",
+                                    lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
+    for width, heads, depth in DECODE_STACKS:
+        suite.append(MicroBenchmark(f"stream_blocks_d{width}_l{depth}_b1_s1",
+                                    lambda w=width, h=heads, d=depth: (_Stack(w, h, d), (_randn(1, 1, w),))))
     for width, heads, depth, batch, seq in BLOCK_CONFIGS:
         suite.append(MicroBenchmark(
             f"blocks_d{width}_l{depth}_b{batch}_s{seq}",
