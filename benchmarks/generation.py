@@ -20,8 +20,8 @@ reads the whole token embedding, the position table is read one row per
 token) plus the static cache the step reads. Where the step's time goes (ORT's profiler, by op type)
 is printed under the table: the GEMVs that stream the weights against the rest.
 
-Figures are "shared": the machine's 2 cores are shared with other sessions,
-so every figure carries its spread (median, p10-p90).
+Figures are labelled "shared" unless ``--quiet-machine`` says nothing else ran;
+every figure carries its spread (median, p10-p90).
 
     .venv/bin/python benchmarks/generation.py                       # gpt2-small, prompt 128, 32 new, batch 1
     .venv/bin/python benchmarks/generation.py --override n_layer=2 --repeat 2   # a quick smoke run
@@ -47,6 +47,7 @@ from tfcompile.generation.cost import predict_generation, weight_streaming_bound
 from tfcompile.generation.greedy import hf_greedy
 from tfcompile.generation.measure import measure_generation, profile_decode_step
 from tfcompile.generation.trace import example_prompt, trace_generation
+from tfcompile.provenance import host_line
 
 
 def copy_bandwidth(mib: int, threads: int, repeat: int = 7) -> Spread:
@@ -72,6 +73,26 @@ def copy_bandwidth(mib: int, threads: int, repeat: int = 7) -> Spread:
                 w.join()
         rates.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
     return Spread.of(rates)
+
+
+def read_bandwidth(mib: int, threads: int, repeat: int = 7) -> Spread:
+    """GB/s read by torch's sum over a ``mib`` MiB float32 tensor on ``threads`` threads (read only, vectorised).
+
+    A decode step reads its weights and writes almost nothing, so its floor is
+    bytes / read bandwidth; a copy also writes (and reads for ownership)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = torch.rand(mib * 2**20 // 4)
+        data.sum()  # touch every page before timing
+        rates = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            data.sum()
+            rates.append(data.numel() * 4 / (time.perf_counter() - start) / 1e9)
+        return Spread.of(rates)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def gemv_read_bandwidth(mib: int, repeat: int = 5) -> Spread:
@@ -110,6 +131,8 @@ def main() -> None:
                         help="also predict with this calibrated cpu/ort profile (e.g. "
                              "benchmarks/results/profile-cpu-ort.json)")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--quiet-machine", action="store_true",
+                        help="label the figures quiet (nothing else ran); the default label is shared")
     args = parser.parse_args()
 
     model = zoo.build(args.model, seed=0, config_overrides=dict(args.override)).model
@@ -128,7 +151,9 @@ def main() -> None:
     bandwidth = {1: copy_bandwidth(args.copy_mib, 1), args.threads: copy_bandwidth(args.copy_mib, args.threads)}
     best_gbs = max(s.median for s in bandwidth.values())
     gemv_gbs = gemv_read_bandwidth(args.copy_mib)
+    read_gbs = read_bandwidth(args.copy_mib, args.threads)
     weight_bytes, cache_bytes = graphs.decode.parameter_bytes(), graphs.cache.bytes
+    read_bound_ms = weight_streaming_bound_s(weight_bytes + cache_bytes, read_gbs.median * 1e9) * 1e3
     bound_ms = weight_streaming_bound_s(weight_bytes + cache_bytes, best_gbs * 1e9) * 1e3
     cost_models = [cost_model_for("cpu", "ort"), *[cost_model_for("cpu", "ort", profile_path=path)
                                                    for path in args.calibration]]
@@ -138,12 +163,14 @@ def main() -> None:
         same = bool(torch.equal(torch.from_numpy(timing.tokens), hf_greedy(model, ids, mask,
                                                                            new_tokens=args.new_tokens)))
 
+    machine = "quiet" if args.quiet_machine else "SHARED"
+
     def spread(s: Spread, unit: str) -> str:
         return f"{s.median:9.2f} {unit}  (p10 {s.p10:.2f}, p90 {s.p90:.2f}, n={s.runs})"
 
     print(f"\n{args.model} (seeded random weights, fp32), batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, static cache of {max_len}; ONNX Runtime CPU, {timing.threads} threads, "
-          f"IO binding. Figures: SHARED machine (2 cores shared with other sessions).")
+          f"IO binding. Host: {host_line()}. Figures: {machine} machine.")
     rows = [
         ("TTFT (prefill + argmax), measured", spread(timing.ttft_ms, "ms")),
         ("TPOT (decode step + argmax), measured", spread(timing.tpot_ms, "ms")),
@@ -161,6 +188,9 @@ def main() -> None:
           for n, s in bandwidth.items()],
         (f"bound: (weights + cache) / {best_gbs:.1f} GB/s", f"{bound_ms:9.2f} ms"),
         ("TPOT / bound", f"{timing.tpot_ms.median / bound_ms:9.2f}x"),
+        (f"read bandwidth, {args.threads} threads (torch sum)", spread(read_gbs, "GB/s")),
+        (f"bound: (weights + cache) / {read_gbs.median:.1f} GB/s read", f"{read_bound_ms:9.2f} ms"),
+        ("TPOT / read bound", f"{timing.tpot_ms.median / read_bound_ms:9.2f}x"),
         ("numpy BLAS GEMV read rate (read only)", spread(gemv_gbs, "GB/s")),
         (f"bound at the GEMV read rate {gemv_gbs.median:.1f} GB/s",
          f"{weight_streaming_bound_s(weight_bytes + cache_bytes, gemv_gbs.median * 1e9) * 1e3:9.2f} ms"),
@@ -173,7 +203,7 @@ def main() -> None:
     for cm, _ in predictions:
         print(f"  {cm.label}: {cm.provenance['text']}")
     profiled = sum(profile.values())
-    print(f"\n  decode step by ONNX op type (ORT profiler, kernel time, {profiled:.2f} ms per step in all; SHARED):")
+    print(f"\n  decode step by ONNX op type (ORT profiler, kernel time, {profiled:.2f} ms per step in all; {machine}):")
     for op, ms in list(profile.items())[:8]:
         print(f"    {op:<24} {ms:8.2f} ms  {ms / profiled:5.1%}")
     gemm_ms = profile.get("Gemm", 0.0) + profile.get("MatMul", 0.0)
@@ -182,7 +212,8 @@ def main() -> None:
               f"{weight_bytes / gemm_ms / 1e6:.1f} GB/s")
     if args.json:
         args.json.write_text(json.dumps({
-            "model": args.model, "overrides": dict(args.override), "shared_machine": True,
+            "model": args.model, "overrides": dict(args.override), "shared_machine": not args.quiet_machine,
+            "host": host_line(), "read_gbs": read_gbs.as_dict(), "read_bound_ms": read_bound_ms,
             "measured": timing.as_dict(),
             "predicted": [{**predicted.as_dict(), "cost_model": cm.provenance} for cm, predicted in predictions],
             "bandwidth_gbs": {str(n): s.as_dict() for n, s in bandwidth.items()}, "bound_ms": bound_ms,
