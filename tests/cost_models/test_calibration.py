@@ -44,6 +44,22 @@ def test_skinny_gemms_get_their_own_class():
     assert kernel_class(group_kernels(_mlp(rows=128), "torch")[0]) == "gemm"
 
 
+def test_skinny_gemms_over_weights_larger_than_the_cache_stream(monkeypatch):
+    from tfcompile.cost_models import calibration
+
+    small = _mlp(rows=1)
+    device = calibration._device("cpu")
+    assert not calibration.streams_weights(small, "cpu")  # 8 KiB of weights stay in any last-level cache
+    monkeypatch.setattr(calibration, "_device", lambda target: dataclasses.replace(device, cache_bytes=1024))
+    assert calibration.streams_weights(small, "cpu")
+    kernel = group_kernels(small, "ort")[0]
+    assert kernel_class(kernel, streaming=True) == "gemm_stream"
+    # A profile fitted before the class existed prices streamed GEMMs as skinny ones, not as free.
+    old = Profile(target="cpu", backend="ort", s_per_flop={"gemm_skinny": 1e-10}, s_per_byte={},
+                  kernel_overhead_s=0.0, graph_overhead_s=0.0)
+    assert old.kernel_s(kernel, streaming=True) == old.kernel_s(kernel) > 0
+
+
 @dataclasses.dataclass
 class _Sample:
     name: str
