@@ -11,12 +11,22 @@ what the machine can do. Three measurements, each a median of interleaved runs:
   parallel executor runs side by side (inter-op 2, intra-op 1), against the
   unsplit chain: does row parallelism across branches beat intra-op threads?
 
-    .venv/bin/python benchmarks/gemm_ceiling.py
+With ``--tvm`` it also times TVM's rules (no tuning) on the GEMM kernel classes
+of BERT-base / GPT-2 small at M rows (QKV, attention output, FFN up + GELU, FFN
+down, LM head, and the batched attention products), each as a fraction of the
+ceiling; ``--mcpu`` compiles them for another CPU (e.g. ``haswell``: an AVX2
+build on an AVX-512 host, to be compared with ``ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2``, which hold torch and MKL to their AVX2 kernels).
+``--json PATH`` writes the figures.
+
+    .venv/bin/python benchmarks/gemm_ceiling.py [--tvm [--mcpu haswell]] [--skip-ort] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 
@@ -100,15 +110,104 @@ def interleaved(runs: dict[str, callable], rounds: int, block: int = 3) -> dict[
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+# GEMM kernel classes of BERT-base / GPT-2 small: (name, batch, K, N, GELU epilogue, constant weight)
+KERNEL_CLASSES = (
+    ("qkv 768→2304", 1, 768, 2304, False, True),
+    ("attn-out 768→768", 1, 768, 768, False, True),
+    ("ffn-up 768→3072 +gelu", 1, 768, 3072, True, True),
+    ("ffn-down 3072→768", 1, 3072, 768, False, True),
+    ("lm-head 768→50257", 1, 768, 50257, False, True),
+    ("scores q·kᵀ 12×(64→128)", 12, 64, 128, False, False),
+    ("context p·v 12×(128→64)", 12, 128, 64, False, False),
+)
+
+
+class _Kernel(torch.nn.Module):
+    """One GEMM kernel class as a module: x @ W (+ bias, GELU) or a batched x @ y."""
+
+    def __init__(self, k: int, n: int, gelu: bool, constant: bool):
+        super().__init__()
+        self.linear = torch.nn.Linear(k, n) if constant else None
+        self.gelu = gelu
+
+    def forward(self, x, y=None):
+        out = self.linear(x) if self.linear is not None else x @ y
+        return torch.nn.functional.gelu(out) if self.gelu else out
+
+
+def tvm_kernels(rows: int, mcpu: str | None, threads: int, repeat: int) -> list[dict]:
+    """GFLOP/s of TVM's rules and of torch on each kernel class at ``rows`` rows."""
+    from tvm.target import Target
+
+    from tfcompile.backends import tvm as tvm_backend
+    from tfcompile.backends.tvm.target import register_tile
+    from tfcompile.graph import export_module
+
+    target = tvm_backend.host_target() if mcpu is None else Target(
+        {"kind": "llvm", "mcpu": mcpu, "num-cores": threads})
+    tile = register_tile(target)
+    print(f"\nTVM rules for {target.attrs['mcpu']}: tile {tile.mr}×{tile.nr} ({tile.lanes} lanes, "
+          f"{tile.registers_needed} of {tile.registers} registers)")
+    torch.manual_seed(0)
+    cases = []
+    for name, batch, k, n, gelu, constant in KERNEL_CLASSES:
+        module = _Kernel(k, n, gelu, constant).eval()
+        inputs = (torch.randn(batch, rows, k),) if constant else (torch.randn(batch, rows, k), torch.randn(batch, k, n))
+        with torch.no_grad():
+            reference = module(*inputs)
+
+        def eager(inputs=inputs, module=module):
+            with torch.no_grad():
+                return module(*inputs)
+
+        # torch first, for every kernel: TVM's workers spin after each run and would steal its cores.
+        cases.append((name, 2.0 * batch * rows * k * n, module, inputs, reference, _median_s(eager, repeat)))
+    results = []
+    for name, flops, module, inputs, reference, torch_s in cases:
+        graph = export_module(module, inputs, name=name.split()[0])
+        compiled = tvm_backend.compile_graph(graph, target=target, schedule="rules")
+        error = (compiled.run(inputs)[0] - reference).abs().max().item() / reference.abs().max().item()
+        tvm_s = _median_s(compiled.runner(inputs), repeat)
+        results.append({"kernel": name, "tvm_ms": tvm_s * 1e3, "tvm_gflops": flops / tvm_s / 1e9,
+                        "torch_ms": torch_s * 1e3, "torch_gflops": flops / torch_s / 1e9, "max_rel_err": error,
+                        "rules": compiled.kernel_rules, "untuned": compiled.untuned_kernels})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=128, help="M: batch × tokens")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2, help="threads for the ceiling line and TVM")
+    parser.add_argument("--tvm", action="store_true", help="time TVM's rules per GEMM kernel class")
+    parser.add_argument("--mcpu", default=None, help="compile TVM for this LLVM CPU (default: the host's)")
+    parser.add_argument("--skip-ort", action="store_true", help="skip the ORT Gemm-chain measurements")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # TVM sizes its pool once, on first use
     x = np.random.default_rng(1).standard_normal
 
     ceiling = torch_ceiling(2048, repeat=7)
-    print(f"torch 2048³ GEMM: {ceiling[1]:.0f} GFLOP/s on 1 thread, {ceiling[2]:.0f} on 2")
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"torch 2048³ GEMM ({capability}): {ceiling[1]:.0f} GFLOP/s on 1 thread, {ceiling[2]:.0f} on 2")
+    report = {"torch_capability": capability, "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
+              "ceiling_gflops": {str(t): r for t, r in ceiling.items()}, "rows": args.rows, "threads": args.threads}
+    if args.tvm:
+        torch.set_num_threads(args.threads)
+        kernels = tvm_kernels(args.rows, args.mcpu, args.threads, repeat=max(args.rounds * 3, 10))
+        top = ceiling[args.threads]
+        print(f"\n| kernel class (M = {args.rows}) | TVM rules | of ceiling | torch | max rel err |")
+        print("|---|---:|---:|---:|---:|")
+        for row in kernels:
+            row["tvm_of_ceiling"] = row["tvm_gflops"] / top
+            print(f"| {row['kernel']} | {row['tvm_ms']:.2f} ms, {row['tvm_gflops']:.0f} GFLOP/s | "
+                  f"{row['tvm_of_ceiling']:.2f} | {row['torch_gflops']:.0f} GFLOP/s | {row['max_rel_err']:.1e} |")
+        report.update(mcpu=args.mcpu or "host", kernels=kernels)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.skip_ort:
+        return
 
     shapes = [(768, 768), (768, 2304), (768, 3072)]  # attention out; QKV; FFN up+down alternating
     runs, flops = {}, {}

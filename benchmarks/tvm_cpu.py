@@ -12,13 +12,17 @@ times so that a change in the machine's load hits every backend alike. TVM
 with the rules and TVM tuned share a thread pool and are interleaved run by
 run within their block.
 
+``--mcpu`` compiles TVM for another LLVM CPU than the host's (``haswell``: an
+AVX2 build, runnable on an AVX-512 host); ``--json PATH`` writes the table.
+
     .venv/bin/python benchmarks/tvm_cpu.py --models bert-base,gpt2-small --seq 128 --threads 2 \
-        [--with-none] [--tune-trials 256]
+        [--with-none] [--tune-trials 256] [--mcpu haswell] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -36,6 +40,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--with-none", action="store_true", help="also time TVM's unscheduled loops (slow)")
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trial budget per model (0: no tuning)")
+    parser.add_argument("--mcpu", default=None, help="compile TVM for this LLVM CPU (default: the host's)")
+    parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
     # Both runtimes size their thread pools once, on first use.
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -48,8 +54,16 @@ def main() -> None:
     from tfcompile.frontend import LoadOptions, load_model
     from tfcompile.passes import apply_pass
 
+    from tvm.target import Target
+
+    from tfcompile.backends.tvm.target import register_tile
+
     torch.set_num_threads(args.threads)
-    print(f"host target: {tvm_backend.host_target()}  threads: {args.threads}")
+    target = tvm_backend.host_target() if args.mcpu is None else Target(
+        {"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.threads})
+    tile = register_tile(target)
+    print(f"host target: {tvm_backend.host_target()}  compiling for: {target}  threads: {args.threads}  "
+          f"tile: {tile.mr}x{tile.nr} ({tile.registers_needed} of {tile.registers} registers)")
     rows = []
     for name in args.models.split(","):
         graph = load_model(name, LoadOptions(batch=args.batch, seq=args.seq))
@@ -78,13 +92,14 @@ def main() -> None:
                 if kernel:
                     print(f"{name}: tuning {i + 1}/{n} {kernel}", flush=True)
 
-            tuning = tune_graph(graph, root=database, max_trials=args.tune_trials, progress=report_tuning)
+            tuning = tune_graph(graph, target=target, root=database, max_trials=args.tune_trials,
+                                progress=report_tuning)
             print(f"{name}: tuned {len(tuning.tuned)} kernels with a budget of {tuning.trial_budget} trials in "
                   f"{tuning.wall_s / 60:.1f} min; not reached: {len(tuning.skipped)} {tuning.skipped[:6]}", flush=True)
         schedules = ["rules"] + (["none"] if args.with_none else []) + (["tuned"] if args.tune_trials else [])
         for schedule in schedules:
             start = time.perf_counter()
-            module = tvm_backend.compile_graph(graph, schedule=schedule, database_dir=database)
+            module = tvm_backend.compile_graph(graph, target=target, schedule=schedule, database_dir=database)
             compile_s = time.perf_counter() - start
             print(f"{name}: tvm-{schedule} compiled in {compile_s:.1f} s; untuned kernels: "
                   f"{len(module.untuned_kernels)} {module.untuned_kernels[:6]}", flush=True)
@@ -113,6 +128,12 @@ def main() -> None:
     print(f"\n{'model':<12} {'backend':<10} {'median ms':>10} {'x ORT':>7} {'max rel err':>12}")
     for name, label, median_ms, ratio, error in rows:
         print(f"{name:<12} {label:<10} {median_ms:>10.2f} {ratio:>7.2f} {error:>12.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"target": str(target), "threads": args.threads, "batch": args.batch, "seq": args.seq,
+                       "tile": {"mr": tile.mr, "nr": tile.nr, "lanes": tile.lanes, "registers": tile.registers},
+                       "rows": [dict(model=n, backend=b, median_ms=m, x_ort=r, max_rel_err=e)
+                                for n, b, m, r, e in rows]}, f, indent=2)
 
 
 if __name__ == "__main__":

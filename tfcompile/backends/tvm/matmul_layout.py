@@ -15,10 +15,12 @@ scheduled as a scalar reduction (5.7 GFLOP/s against 100-200 for the
 vectorised rule on this CPU).
 
 Constant weights are also stored panel-major, ``W[K, N]`` as
-``Wp[N / nr, K, nr]`` with ``nr`` the schedule's register-tile width (two
-vectors), the layout optimised BLAS libraries pack B into. The schedule walks
-B one ``K x nr`` panel at a time; row-major, each of the panel's K rows is a
-separate 128-byte piece ``4 N`` bytes from the next (201 KB for GPT-2's LM
+``Wp[N / nr, K, nr]`` with ``nr`` the schedule's register-tile width
+(``target.register_tile``: 2 or 4 vectors, by the target's register file:
+16 columns on AVX2 and NEON, 64 on AVX-512), the layout optimised BLAS
+libraries pack B into. The schedule walks B one ``K x nr`` panel at a time;
+row-major, each of the panel's K rows is a separate ``4 nr``-byte piece
+``4 N`` bytes from the next (201 KB for GPT-2's LM
 head, a page or more apart), which the hardware prefetcher and the TLB serve
 poorly. Packed, a panel is one contiguous block. The matmul becomes
 ``C[.., i, j] = sum_k A[.., i, k] * Wp[j // nr, k, j % nr]``, which the matmul
@@ -56,9 +58,10 @@ def _weight(mutator_: PyExprMutator, expr: relax.Expr) -> tuple[GenericConst, bo
 
 @mutator
 class _PadMatmulN(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, multiple: int):
+    def __init__(self, mod: tvm.IRModule, multiple: int, panel_width: int):
         super().__init__(mod)
         self.multiple = multiple
+        self.panel_width = panel_width
         self.padded = 0
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -96,13 +99,14 @@ class _PadMatmulN(PyExprMutator):
                 or out_dtype not in ("", "void", str(weight.dtype))):
             return None
         k_extent, n = weight.shape
-        width = next(w for w in (2 * self.multiple, self.multiple) if n % w == 0)
+        width = next(w for w in (self.panel_width, 2 * self.multiple, self.multiple) if n % w == 0)
         packed = np.ascontiguousarray(weight.reshape(k_extent, n // width, width).transpose(1, 0, 2))
         return self.builder_.call_te(packed_matmul, call.args[0], relax.const(packed),
                                      primfunc_name_hint="matmul_packed")
 
-    def _padded(self, n: int) -> int:
-        return -(-n // (2 * self.multiple)) * (2 * self.multiple)
+    def _padded(self, n: int, multiple: int | None = None) -> int:
+        multiple = multiple or self.panel_width
+        return -(-n // multiple) * multiple
 
     def _sliced_matmul(self, call: relax.Call, right: relax.Expr, n: int) -> relax.Expr:
         out_dtype = str(call.attrs.out_dtype) or None
@@ -122,7 +126,7 @@ class _PadMatmulN(PyExprMutator):
         n = int(last)
         if n % self.multiple == 0 or n < MIN_PADDED_N:
             return call
-        widths = [0, 0] * (info.ndim - 1) + [0, self._padded(n) - n]
+        widths = [0, 0] * (info.ndim - 1) + [0, self._padded(n, 2 * self.multiple) - n]  # two vectors: less waste
         right = self.builder_.emit(relax.op.nn.pad(call.args[1], pad_width=widths))
         return self._sliced_matmul(call, right, n)
 
@@ -139,13 +143,29 @@ def packed_matmul(a: te.Tensor, packed: te.Tensor) -> te.Tensor:
     return te.compute((*a.shape[:-1], panels * width), element, name="matmul")
 
 
-def pad_matmul_n(multiple: int) -> tvm.transform.Pass:
-    """Relax pass: constant weights padded to N a multiple of ``multiple`` and packed in panels; computed
-    right operands padded at run time."""
+def panel_width_for(multiple: int, target=None) -> int:
+    """Columns per packed weight panel: the register tile's ``nr`` for ``target`` (default: the
+    current target), so that the matmul rule's column tile is exactly one panel; two vectors of
+    ``multiple`` when no target is known."""
+    from tfcompile.backends.tvm.target import register_tile
+
+    target = target if target is not None else tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return 2 * multiple
+    width = register_tile(target).nr
+    return width if width % multiple == 0 else 2 * multiple
+
+
+def pad_matmul_n(multiple: int, panel_width: int | None = None) -> tvm.transform.Pass:
+    """Relax pass: constant weights padded to N a multiple of the panel width and packed in panels;
+    computed right operands padded at run time to a multiple of ``multiple``.
+
+    ``panel_width`` defaults to ``panel_width_for(multiple)`` under the target current when the pass
+    runs (``lowering.legalize_and_fuse`` runs it inside ``with target``)."""
 
     @tvm.transform.module_pass(opt_level=0, name="TfcompilePadMatmulN")
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _PadMatmulN(mod, multiple)
+        rewriter = _PadMatmulN(mod, multiple, panel_width or panel_width_for(multiple))
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))

@@ -6,7 +6,7 @@ module schedules the kernel classes the zoo models lower to:
 
 - ``Matmul``: dense and batched matmul (``C[b.., i, j] += A[b.., i, k] * B[b.., k, j]``)
   with injective prologues and epilogues (bias, GELU, residual). Register
-  blocking: an ``mr x nr`` tile of C (``nr`` = two SIMD vectors) lives in a
+  blocking: an ``mr x nr`` tile of C (``target.register_tile``: sized to the register file) lives in a
   local buffer that LLVM keeps in registers across the whole K loop; the B
   panel is reused from cache across the rows of A; outer tiles run in parallel.
 - ``RowReduction``: softmax, layer norm, RMS norm and the like: blocks that
@@ -30,7 +30,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from tfcompile.backends.tvm.target import vector_lanes
+from tfcompile.backends.tvm.target import register_tile, tile_rows, vector_lanes
 
 # Below this many output elements a parallel launch costs more than it saves.
 PARALLEL_MIN_ELEMENTS = 8192
@@ -308,14 +308,13 @@ class Matmul(Rule):
         extents = [_extent(sch, loop) for loop in (*batch, i, j, k)]
         if any(e is None for e in extents):
             return None
-        lanes = vector_lanes(target, _dtype_bits(sch, block))
+        tile = register_tile(target, _dtype_bits(sch, block))
+        lanes = tile.lanes
         m, n = extents[-3], extents[-2]
-        nr = axes.panel_width or _largest_divisor(n, [2 * lanes, lanes, lanes // 2, lanes // 4])
+        nr = axes.panel_width or _largest_divisor(n, [tile.nr, 2 * lanes, lanes, lanes // 2, lanes // 4])
         if nr < 4 or n % nr:
             return None  # no SIMD width divides N: leave it to the fallback (see pad_matmul_n)
-        mr = _largest_divisor(m, [8, 6, 4, 3, 2]) if m > 1 else 1
-        if m % 8 and m > 8 and mr < 4:
-            mr = 4  # a predicated last row tile beats a 1-row micro-kernel
+        mr = tile_rows(m, max(nr // lanes, 1), tile.registers)
         i0, i1 = sch.split(i, factors=[None, mr])
         j0, j1 = sch.split(j, factors=[None, nr])
         sch.reorder(*batch, j0, i0, k, i1, j1)

@@ -10,6 +10,7 @@ otherwise the x86-64 micro-architecture level those flags imply.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -90,11 +91,144 @@ def host_target():
     return Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": host_cores()})
 
 
-def vector_lanes(target, dtype_bits: int = 32) -> int:
-    """SIMD lanes of ``dtype_bits`` elements for ``target`` (at least 4)."""
+def _has(target, feature: str) -> bool:
     from tvm.target import codegen
 
-    width_bits = codegen.llvm_get_vector_width(target)
-    if width_bits is None or width_bits <= 0:
-        width_bits = 128
-    return max(width_bits // dtype_bits, 4)
+    try:
+        return bool(codegen.llvm_cpu_has_features(feature, target))
+    except Exception:  # noqa: BLE001  (a feature LLVM does not know for this triple)
+        return False
+
+
+def _is_aarch64(target) -> bool:
+    from tvm.target import codegen
+
+    attrs = target.attrs if target.attrs is not None else {}
+    triple = str(attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    return triple.startswith(("aarch64", "arm64"))
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorUnit:
+    """A target's SIMD register file: ``registers`` architectural vector registers of ``width_bits``."""
+
+    width_bits: int
+    registers: int
+    isa: str
+
+
+def vector_unit(target) -> VectorUnit:
+    """The SIMD register file ``target`` compiles for, from its LLVM features.
+
+    LLVM's ``llvm_get_vector_width`` reports 512 bits for AVX2-only CPUs such as
+    ``haswell`` in TVM 0.27, so the width is read from the feature set instead:
+    AVX-512F: 32 × 512-bit (zmm0-31); AVX/AVX2: 16 × 256-bit (ymm0-15); SSE:
+    16 × 128-bit; AArch64: 32 × 128-bit (NEON v0-31; SVE code is generated at
+    fixed 128-bit width, TVM's vectorize emitting fixed-length vectors, so it
+    counts as NEON). Other targets: LLVM's width, 16 registers.
+    """
+    from tvm.target import codegen
+
+    if _is_aarch64(target):
+        return VectorUnit(128, 32, "sve" if _has(target, "sve") else "neon")
+    if _has(target, "avx512f"):
+        return VectorUnit(512, 32, "avx512")
+    if _has(target, "avx"):
+        return VectorUnit(256, 16, "avx2" if _has(target, "avx2") else "avx")
+    if _has(target, "sse2"):
+        return VectorUnit(128, 16, "sse")
+    width = codegen.llvm_get_vector_width(target)
+    return VectorUnit(width if width and width > 0 else 128, 16, "generic")
+
+
+def vector_lanes(target, dtype_bits: int = 32) -> int:
+    """SIMD lanes of ``dtype_bits`` elements for ``target`` (at least 4)."""
+    return max(vector_unit(target).width_bits // dtype_bits, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """A matmul register tile: ``mr`` rows × ``nr`` columns of C held in vector registers over the K loop.
+
+    Per step of K the micro-kernel loads ``nr / lanes`` vectors of B, broadcasts
+    one element of A per row and issues ``mr * nr / lanes`` FMAs; all of those
+    must be live at once, so ``registers_needed`` (accumulators + B vectors + one
+    broadcast) must not exceed the register file or LLVM spills accumulators to
+    the stack inside the hot loop.
+    """
+
+    mr: int
+    nr: int
+    lanes: int
+    registers: int
+
+    @property
+    def vectors(self) -> int:
+        return self.nr // self.lanes
+
+    @property
+    def registers_needed(self) -> int:
+        return self.mr * self.vectors + self.vectors + 1
+
+    @property
+    def fits(self) -> bool:
+        return self.registers_needed <= self.registers
+
+
+# Independent accumulators an FMA pipeline needs to stay full: ~4 cycles latency × 2 FMA ports on
+# every x86 core since Haswell and on Neoverse/Apple cores.
+MIN_ACCUMULATORS = 8
+# Rows of a tile: more than this and the A broadcasts dominate the loads again.
+MAX_MR = 8
+
+
+def max_rows(vectors: int, registers: int) -> int:
+    """The most rows of ``vectors`` accumulators each that fit ``registers`` with B and a broadcast."""
+    return min(MAX_MR, (registers - vectors - 1) // vectors)
+
+
+def choose_tile(lanes: int, registers: int) -> Tile:
+    """The register tile for a vector unit of ``lanes`` × ``registers`` (pure, for tests and the rules).
+
+    Panel widths of 2 and 4 vectors are candidates (powers of two, so they divide
+    the transformer dimensions and the padded vocabularies); for each, the most
+    rows that fit. The winner has at least MIN_ACCUMULATORS accumulators and the
+    most FMAs per loaded vector (``mr·v / (mr + v)``); ties go to the narrower
+    panel (fewer padded columns, more column tiles to run in parallel).
+    AVX2 (16 × 8 lanes) gets 6×16, AVX-512 (32 × 16) 6×64, NEON (32 × 4) 6×16.
+    ``nr`` is fixed per target (constant weights are packed in ``nr``-wide
+    panels before the matmul's M is looked at); ``tile_rows`` then fits ``mr`` to M.
+    """
+    best, best_key = None, None
+    for vectors in (2, 4):
+        mr = max_rows(vectors, registers)
+        if mr < 1:
+            continue
+        key = (mr * vectors >= MIN_ACCUMULATORS, mr * vectors / (mr + vectors), -vectors)
+        if best_key is None or key > best_key:
+            best, best_key = Tile(mr, vectors * lanes, lanes, registers), key
+    if best is None:  # a register file too small for 2 vectors: one vector, one row
+        best = Tile(1, lanes, lanes, registers)
+    return best
+
+
+def tile_rows(rows: int, vectors: int, registers: int) -> int:
+    """``mr`` for a matmul of ``rows`` (M) rows and ``vectors``-vector panels.
+
+    The most rows that fit the register file, or one row fewer when that divides
+    M and the most does not (it spares the predicated last row tile). Fewer rows
+    than that lose more to the extra B loads per FMA than a predicated tail costs:
+    on an AVX2 build (haswell, 768→3072, M = 128) 6×16 with a tail ran 97 GFLOP/s
+    against 88 for 4×16 and 64 for 8×16, which spills.
+    """
+    top = max(max_rows(vectors, registers), 1)
+    if rows <= top:
+        return max(rows, 1)
+    if rows % top and top > 2 and rows % (top - 1) == 0:
+        return top - 1
+    return top
+
+
+def register_tile(target, dtype_bits: int = 32) -> Tile:
+    """``choose_tile`` for ``target``'s vector unit and ``dtype_bits`` elements."""
+    return choose_tile(vector_lanes(target, dtype_bits), vector_unit(target).registers)
