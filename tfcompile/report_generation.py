@@ -73,7 +73,8 @@ def bound_lines(variants: list[VariantReport], target: str) -> list[str]:
              f"{mine['decode_bound']}-bound (FLOPs per byte against the device's ridge point)"]
     others = sorted(predicted.items(), key=lambda item: item[1]["tpot_ms"])
     ranking = ", ".join(f"{name} {p['ttft_ms']:.1f}/{p['tpot_ms']:.2f}" for name, p in others)
-    lines.append(f"      baseline TTFT/TPOT ms by target (rooflines; fastest decode first): {ranking}")
+    lines.append(f"      baseline TTFT/TPOT ms by target, fastest decode first ({target}: this run's cost model; "
+                 f"others: their rooflines): {ranking}")
     return lines
 
 
