@@ -51,3 +51,32 @@ def test_the_written_model_serves_shapes_it_was_not_traced_at(tmp_path):
     other = load_model("bert-base", LoadOptions(batch=3, seq=7, config_overrides=TINY_OVERRIDES["bert-base"]))
     outputs = OrtModel(outcome.onnx_path).run(other.example_inputs)
     assert compare_outputs(other.run(), outputs, other.output_names).max_rel_err <= 1e-4
+
+
+def test_a_variant_that_cannot_be_exported_gives_way_to_the_next_best(tmp_path, monkeypatch):
+    """Issue 23: the best variant's export fails (as Mixtral's did in torch's exporter): it is reported as not
+    lowered and the next best eligible variant is exported and named best."""
+    from tests.tiny import TINY_OVERRIDES
+    from tfcompile.backends import dynamic_export
+    from tfcompile.errors import BackendError
+    from tfcompile.frontend import LoadOptions
+
+    real_export = dynamic_export.export_variant_onnx
+    refused = []
+
+    def export_all_but_the_first(variant, *args, **kwargs):
+        if not refused:
+            refused.append(variant.name)
+            raise BackendError(f"ONNX export of {variant.name} failed: no translation for aten::fake_op")
+        return real_export(variant, *args, **kwargs)
+
+    monkeypatch.setattr(dynamic_export, "export_variant_onnx", export_all_but_the_first)
+    load = LoadOptions(batch=2, seq=16, config_overrides=TINY_OVERRIDES["bert-base"])
+    outcome = tfcompile.optimize_model("bert-base", tmp_path / "out", load=load)
+    report = json.loads(outcome.report_path.read_text())
+    failed = next(v for v in report["variants"] if v["name"] == refused[0])
+    assert failed["eligible"] is False and failed["rejected"] == "not lowered"
+    assert "fake_op" in failed["note"]
+    assert report["best"] != refused[0] and next(v for v in report["variants"] if v["name"] == report["best"])[
+        "eligible"]
+    assert outcome.onnx_path.is_file()

@@ -57,6 +57,10 @@ def show_outcome(outcome, out: Console) -> None:
     out.print(f"model.onnx ({'fp32' if check.exact else check.quantize}): input shapes {shapes}; in ONNX Runtime "
               f"vs torch at {', '.join(check.checked_at)}: max relative error {check.max_rel_err:.1e}, "
               f"{check.quality_metric} {check.quality:.5f}", markup=False)
+    for report in outcome.result.reports:
+        if report.rejected == "not lowered":
+            out.print(f"{report.id} {report.name}: {report.note}; the next best was written", markup=False,
+                      highlight=False, style="yellow")
     best = next(r for r in outcome.result.reports if r.name == outcome.result.best)
     # Names, reasons and paths are text, not markup: "[batch, seq]" or a path with brackets must print as is.
     out.print(f"best: [bold]{best.id}[/bold] {escape(best.name)}; wrote {escape(str(outcome.report_path))} and "

@@ -154,7 +154,8 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
                 calibration_data=calibration_data, measure=measure, measure_top=measure_top, repeat=repeat,
                 measure_budget_s=measure_budget_s, quantize=quantize, batch_sizes=batch_sizes or [load.batch],
                 seq_lens=seq_lens or [load.seq], load=load, output_dir=output_dir))
-            export = _export_best(result, graph, quantize, budget, onnx_tmp, settings.context())
+            export = _export_first_that_lowers(result, graph, quantize, budget, onnx_tmp, settings.context(),
+                                               progress)
             report_settings = {"batch": load.batch, "seq": load.seq, "backend": backend if measure else None,
                                **({"remote": str(remote)} if remote is not None else {}),
                                "allow_approx": allow_approx, "budget": budget, "repeat": repeat,
@@ -342,6 +343,25 @@ def _check_settings(settings: OptimizeSettings, load: LoadOptions, output_dir: P
             raise TfcompileError(f"--lengths: {max(lengths)} is longer than --seq {load.seq}")
         if len(lengths) != load.batch:
             raise TfcompileError(f"--lengths gives {len(lengths)} lengths for --batch {load.batch}")
+
+
+def _export_first_that_lowers(result: OptimizeResult, original: ModelGraph, quantize: str, budget: float,
+                              final_path: Path, context, progress) -> ExportCheck:
+    """Export the best variant; one the backend cannot lower (an exporter without a translation for one of its
+    ops, ONNX Runtime refusing it, outputs that differ) is reported as such and the next best is taken."""
+    from tfcompile.errors import BackendError
+
+    while True:
+        try:
+            return _export_best(result, original, quantize, budget, final_path, context)
+        except BackendError as exc:
+            failed = next(r for r in result.reports if r.name == result.best)
+            failed.reject("not lowered", f"export failed: {exc}")
+            following = next((r.name for r in result.reports if r.eligible and r.name in result.variants), None)
+            if following is None:
+                raise
+            progress(f"{failed.id} could not be exported; exporting {following}")
+            result.best = following
 
 
 def _export_best(result: OptimizeResult, original: ModelGraph, quantize: str, budget: float,
