@@ -232,6 +232,19 @@ def test_saved_profile_that_is_a_directory(box, capsys):
     assert_refused(capsys, box, "optimize", "tests.tiny:bert", "-o", box.work / "out", match="not a file")
 
 
+def test_a_profile_from_another_host_is_refused(tmp_path):
+    """Issue 26: a profile records the host it was measured on and is not used on another."""
+    from tfcompile.cost_models.device import host_identity
+    from tfcompile.cost_models.model import cost_model_for
+
+    path = tmp_path / "cpu-ort.json"
+    path.write_text(json.dumps(_profile(host_id="AMD EPYC; 2 cores; sse4_2,avx,avx2,fma; LLC 8388608 B")))
+    with pytest.raises(TfcompileError, match="measured on another host .*calibrate"):
+        cost_model_for("cpu", "ort", profile_path=path)
+    path.write_text(json.dumps(_profile(host_id=host_identity())))
+    assert cost_model_for("cpu", "ort", profile_path=path).kind == "calibrated"
+
+
 def test_a_valid_profile_is_still_read(tmp_path):
     from tfcompile.cost_models.model import cost_model_for
 

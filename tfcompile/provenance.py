@@ -11,12 +11,7 @@ import os
 import platform
 import sys
 
-from tfcompile.cost_models.device import detect_host, last_level_cache_bytes
-
-# The instruction-set extensions that decide kernel speed on x86 and Arm hosts: a figure measured with one set
-# does not transfer to a host without it.
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
-             "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2")
+from tfcompile.cost_models.device import ISA_FLAGS, detect_host, last_level_cache_bytes
 
 PACKAGES = ("tfcompile", "torch", "onnx", "onnxruntime", "onnxscript", "apache-tvm", "transformers", "numpy")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
-from tfcompile.cost_models.device import available_targets, load_device
+from tfcompile.cost_models.device import available_targets, host_identity, load_device
 from tfcompile.cost_models.fusion import Kernel, group_kernels
 from tfcompile.cost_models.roofline import score_traffic_bytes
 from tfcompile.errors import TfcompileError
@@ -94,6 +94,8 @@ class Profile:
     created: str = ""
     host: str = ""
     fit_mape: float = 0.0
+    # device.host_identity() of the host measured on ("" when made remotely or before it was recorded).
+    host_id: str = ""
     # The FLOPs-only baseline (t = c * FLOPs), fitted on the same samples.
     flops_only_s_per_flop: float = 0.0
     samples: list[dict] = dataclasses.field(default_factory=list)
@@ -196,6 +198,7 @@ class _ProfileFields:
                 "kernel_overhead_s": self.number("kernel_overhead_s"),
                 "graph_overhead_s": self.number("graph_overhead_s"),
                 "created": self.text("created", required=False), "host": self.text("host", required=False),
+                "host_id": self.text("host_id", required=False),
                 "fit_mape": self.number("fit_mape", required=False),
                 "flops_only_s_per_flop": self.number("flops_only_s_per_flop", required=False),
                 "samples": self.samples()}
@@ -220,7 +223,7 @@ def features(graph: ModelGraph, backend: str, target: str = "") -> np.ndarray:
     return row
 
 
-def fit(samples, target: str, backend: str, host: str = "") -> Profile:
+def fit(samples, target: str, backend: str, host: str = "", host_id: str = "") -> Profile:
     """Fit a profile to ``(name, graph, measured_s)`` samples."""
     rows = np.stack([features(s.graph, backend, target) for s in samples])
     measured = np.array([s.measured_s for s in samples])
@@ -243,7 +246,7 @@ def fit(samples, target: str, backend: str, host: str = "") -> Profile:
         s_per_byte={c: float(coef[2 * i + 1]) for i, c in enumerate(CLASSES)},
         kernel_overhead_s=float(coef[-2]), graph_overhead_s=float(coef[-1]),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        host=host, fit_mape=mape, samples=records)
+        host=host, host_id=host_id, fit_mape=mape, samples=records)
 
 
 def profile_dir() -> Path:
@@ -276,6 +279,9 @@ def load_profile(target: str, backend: str, path: Path | None = None) -> Profile
     except OSError as exc:
         raise TfcompileError(f"{path}: cannot read the calibration profile: {exc.strerror or exc}") from exc
     profile = Profile.from_json(data, str(path))
+    if profile.host_id and target == "cpu" and profile.host_id != host_identity():
+        raise TfcompileError(f"{path}: calibration profile measured on another host ({profile.host_id}); this host "
+                             f"is {host_identity()}: calibrate it with `tfcompile calibrate`")
     if (profile.target, profile.backend) != (target, backend):
         raise TfcompileError(f"{path}: calibration profile for {profile.target}/{profile.backend}, not "
                              f"{target}/{backend}; calibrate this pair with `tfcompile calibrate --target {target} "

@@ -16,6 +16,11 @@ from tfcompile.errors import DeviceSpecError, UnknownTargetError
 
 OP_CLASSES = ("gemm", "attention", "memory", "norm", "softmax")
 
+# The instruction-set extensions that decide kernel speed on x86 and Arm hosts: a figure measured with one set
+# does not transfer to a host without it.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
+             "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2")
+
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
@@ -245,3 +250,13 @@ def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache
         elif text.isdigit():
             sizes.append(int(text))
     return float(max(sizes, default=0))
+
+
+def host_identity() -> str:
+    """What a calibration on this host depends on: CPU model, usable cores, ISA extensions, last-level cache.
+
+    Two hosts with the same identity run the same kernels at about the same speed; a profile fitted on one
+    identity is refused on another (the same model name with and without AVX-512 is two identities)."""
+    host = detect_host()
+    isa = ",".join(flag for flag in ISA_FLAGS if flag in host.flags) or "none"
+    return f"{host.model}; {host.cores} cores; {isa}; LLC {int(last_level_cache_bytes())} B"
