@@ -243,7 +243,7 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
     from tfcompile.cost_models import load_device
     load_device(target)  # an unknown --target fails at once, before the imports below load torch
 
-    from tfcompile.cost_models.calibration import fit, profile_path, save_profile
+    from tfcompile.cost_models.calibration import fit_checked, improves_on_roofline, profile_path, save_profile
     from tfcompile.cost_models.device import detect_host, host_identity
     from tfcompile.calibrate import default_suite, run_suite
     from tfcompile.outputs import check_output_file
@@ -265,11 +265,14 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
             samples = run_suite(suite, backend, repeat=repeat, progress=lambda m: status.update(f"calibrating {m}"))
             host = detect_host()
             host_label = f"{host.model}, {host.cores} cores"
-    profile = fit(samples, target, backend, host=host_label,
-                  host_id="" if remote_spec is not None else host_identity())
-    path = save_profile(profile, output_path)
+    profile = fit_checked(samples, target, backend, host=host_label,
+                          host_id="" if remote_spec is not None else host_identity())
     cli_output.show_profile(profile, console)
-    console.print(f"wrote {path}")
+    if not improves_on_roofline(profile):
+        console.print("not saved: on held-out micro-benchmarks the fit is worse than the roofline it refines; "
+                      f"the roofline stays in use for {target}/{backend}", style="yellow", markup=False)
+        return
+    console.print(f"wrote {save_profile(profile, output_path)}")
 
 
 @cli.command()

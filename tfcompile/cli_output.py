@@ -78,6 +78,9 @@ def show_profile(profile, out: Console) -> None:
         m, p = record["measured_s"] * 1e3, record["predicted_s"] * 1e3
         table.add_row(record["name"], f"{m:.4f}", f"{p:.4f}", f"{(p - m) / m:+.0%}")
     out.print(table)
+    if profile.heldout_roofline_mape:
+        out.print(f"held out (every 4th micro-benchmark, fitted without them): calibrated MAPE "
+                  f"{profile.heldout_mape:.1%}, roofline {profile.heldout_roofline_mape:.1%}", markup=False)
 
 
 def show_comparison(rows, scores: dict, out: Console, *, title: str) -> None:

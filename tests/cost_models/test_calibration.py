@@ -174,3 +174,17 @@ def test_unfused_backends_pay_attention_score_traffic_beyond_the_cache(monkeypat
     # A device whose attention is fused (a GPU) adds nothing.
     monkeypatch.setattr(calibration, "_device", lambda target: load_device("a100"))
     assert calibration.attention_traffic_bytes(graph, "a100", "ort") == 0
+
+
+def test_held_out_check_compares_the_fit_with_the_roofline_on_kernels_it_did_not_see():
+    from tfcompile.cost_models.calibration import fit_checked, improves_on_roofline
+
+    truth = Profile(target="cpu", backend="ort",
+                    s_per_flop={c: 0.0 for c in CLASSES} | {"gemm": 3e-11, "gemm_skinny": 9e-11},
+                    s_per_byte={c: 0.0 for c in CLASSES} | {"memory": 3e-10},
+                    kernel_overhead_s=4e-6, graph_overhead_s=2e-5)
+    graphs = [_mlp(r, d, h) for r in (4, 16, 128, 512) for d, h in ((32, 64), (64, 256), (128, 128))]
+    profile = fit_checked([_Sample(g.name, g, truth.predict_s(g)) for g in graphs], "cpu", "ort")
+    assert profile.heldout_mape < 0.05 < profile.heldout_roofline_mape  # the truth is no roofline
+    assert improves_on_roofline(profile)
+    assert not improves_on_roofline(dataclasses.replace(profile, heldout_mape=profile.heldout_roofline_mape * 2))

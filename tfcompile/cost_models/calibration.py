@@ -33,7 +33,7 @@ from scipy.optimize import nnls
 
 from tfcompile.cost_models.device import available_targets, host_identity, load_device
 from tfcompile.cost_models.fusion import Kernel, group_kernels
-from tfcompile.cost_models.roofline import score_traffic_bytes
+from tfcompile.cost_models.roofline import estimate, score_traffic_bytes
 from tfcompile.errors import TfcompileError
 from tfcompile.graph import ModelGraph
 from tfcompile.outputs import atomic_write_text
@@ -96,6 +96,9 @@ class Profile:
     fit_mape: float = 0.0
     # device.host_identity() of the host measured on ("" when made remotely or before it was recorded).
     host_id: str = ""
+    # Checked before saving: MAPE on held-out micro-benchmarks of a fit without them, and the roofline's there.
+    heldout_mape: float = 0.0
+    heldout_roofline_mape: float = 0.0
     # The FLOPs-only baseline (t = c * FLOPs), fitted on the same samples.
     flops_only_s_per_flop: float = 0.0
     samples: list[dict] = dataclasses.field(default_factory=list)
@@ -200,6 +203,8 @@ class _ProfileFields:
                 "created": self.text("created", required=False), "host": self.text("host", required=False),
                 "host_id": self.text("host_id", required=False),
                 "fit_mape": self.number("fit_mape", required=False),
+                "heldout_mape": self.number("heldout_mape", required=False),
+                "heldout_roofline_mape": self.number("heldout_roofline_mape", required=False),
                 "flops_only_s_per_flop": self.number("flops_only_s_per_flop", required=False),
                 "samples": self.samples()}
 
@@ -247,6 +252,34 @@ def fit(samples, target: str, backend: str, host: str = "", host_id: str = "") -
         kernel_overhead_s=float(coef[-2]), graph_overhead_s=float(coef[-1]),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=host, host_id=host_id, fit_mape=mape, samples=records)
+
+
+HELD_OUT_EVERY = 4  # every 4th micro-benchmark is held out of the checking fit
+
+
+def fit_checked(samples, target: str, backend: str, host: str = "", host_id: str = "") -> Profile:
+    """``fit`` on every sample, with ``heldout_mape`` from a fit that did not see every HELD_OUT_EVERY-th
+    sample, measured on those, and the roofline's MAPE on the same ones: the saved profile says whether
+    calibration improves on the roofline on kernels it was not fitted to (``improves_on_roofline``)."""
+    held = samples[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+    kept = [s for i, s in enumerate(samples) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    profile = fit(samples, target, backend, host=host, host_id=host_id)
+    if held and kept:
+        trial = fit(kept, target, backend)
+        device = _device(target)
+        profile.heldout_mape = _mape([trial.predict_s(s.graph) for s in held], held)
+        if device is not None:
+            profile.heldout_roofline_mape = _mape([estimate(s.graph, device).latency_s for s in held], held)
+    return profile
+
+
+def improves_on_roofline(profile: Profile) -> bool:
+    """True when the held-out check shows the fit no worse than the roofline (or no roofline to compare)."""
+    return not profile.heldout_roofline_mape or profile.heldout_mape <= profile.heldout_roofline_mape
+
+
+def _mape(predicted: list[float], samples) -> float:
+    return float(np.mean([abs(p - s.measured_s) / s.measured_s for p, s in zip(predicted, samples)]))
 
 
 def profile_dir() -> Path:
