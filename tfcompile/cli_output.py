@@ -122,7 +122,7 @@ def optimize_generation(model, output_dir, out: Console, *, target: str, backend
 
     batch = parse_one_size(load_kwargs["batch"], "--batch")
     load = load_options(**load_kwargs)
-    host = f"ort on {host_line()}" if measure else None
+    host = f"{backend} on {host_line()}" if measure else None
     with out.status("loading model") as status:
         outcome = optimize_generation_model(
             model, output_dir, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, target=target,

@@ -67,6 +67,18 @@ def test_measured_variants_generate_the_same_tokens_in_onnx_runtime(optimized):
             timing["ttft_ms"]["median"] + (GENERATION.new_tokens - 1) * timing["tpot_ms"]["median"])
 
 
+def test_torch_measures_the_generation_graphs_themselves():
+    settings = GenerationSettings("cpu", GENERATION, batch=1, backend="torch", measure=True, repeat=1)
+    result = optimize_generation(_model("llama-tiny"), settings, name="llama-tiny")
+    try:
+        measured = [r for r in result.reports if r.generation.get("measured")]
+        assert len(measured) == 2 and all(r.backend == "torch" for r in measured)
+        assert all(r.generation["measured"]["tokens_identical"] for r in measured)
+        assert not result.onnx_files  # torch timed the GraphModules; nothing was exported to measure
+    finally:
+        result.cleanup()
+
+
 def test_ranked_by_predicted_generation_time(optimized):
     _, result = optimized
     for report in result.reports:

@@ -1,4 +1,4 @@
-"""Time to first token (TTFT) and time per output token (TPOT) on ONNX Runtime CPU, cache as I/O.
+"""Time to first token (TTFT) and time per output token (TPOT) on ONNX Runtime CPU, cache as I/O; and on torch.
 
 The prefill and decode-step ONNX files of ``generation.trace`` are run as a
 real greedy generation with ORT IO binding: every input and output is bound
@@ -181,6 +181,47 @@ def measure_generations(files: dict[str, tuple[Path, Path]], spec: CacheSpec, in
             steps[name] += [s * 1e3 for s in step_s]
     return {name: GenerationTiming(Spread.of(ttfts[name]), Spread.of(steps[name]), spec.batch, input_ids.shape[1],
                                    new_tokens, used, tokens[name]) for name, (_, used) in bound.items()}
+
+
+def measure_generations_torch(graphs: dict[str, tuple], spec: CacheSpec, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor | None = None, *, new_tokens: int, repeat: int = 5,
+                              warmup: int = 1) -> dict[str, GenerationTiming]:
+    """TTFT and TPOT of each variant's ``(prefill, decode)`` ModelGraphs run by torch (the exported
+    GraphModules, eager), round-robin in one process as ``measure_generations`` does on ONNX Runtime."""
+    from tfcompile.generation.greedy import DecodeState
+
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if new_tokens < 2:
+        raise ValueError("TPOT needs at least 2 new tokens (one decode step)")
+
+    def generate(prefill, decode) -> tuple[np.ndarray, float, list[float]]:
+        start = time.perf_counter()
+        logits, *cache = prefill.run((input_ids, attention_mask))
+        tokens = [logits.argmax(-1)]
+        ttft = time.perf_counter() - start
+        state, steps = DecodeState(spec, attention_mask, cache), []
+        for _ in range(new_tokens - 1):
+            start = time.perf_counter()
+            logits, *cache = decode.run(state.step_inputs(tokens[-1]))
+            state.advance(cache)
+            tokens.append(logits.argmax(-1))
+            steps.append(time.perf_counter() - start)
+        return torch.stack(tokens, dim=1).numpy(), ttft, steps
+
+    for _ in range(warmup):
+        for prefill, decode in graphs.values():
+            generate(prefill, decode)
+    ttfts = {name: [] for name in graphs}
+    steps = {name: [] for name in graphs}
+    tokens = {}
+    for _ in range(max(repeat, 1)):
+        for name, (prefill, decode) in graphs.items():
+            tokens[name], ttft, step_s = generate(prefill, decode)
+            ttfts[name].append(ttft * 1e3)
+            steps[name] += [s * 1e3 for s in step_s]
+    return {name: GenerationTiming(Spread.of(ttfts[name]), Spread.of(steps[name]), spec.batch, input_ids.shape[1],
+                                   new_tokens, torch.get_num_threads(), tokens[name]) for name in graphs}
 
 
 def profile_decode_step(decode_path: Path, spec: CacheSpec, prompt_len: int, *, steps: int = 10,

@@ -17,7 +17,9 @@ weights: an exact variant must produce the very same tokens, or it is
 rejected. Measured variants (the baseline and the best predicted ones) are
 exported to ONNX and timed on ONNX Runtime as real greedy generations with the
 cache bound to pre-allocated buffers, round-robin in one process
-(``generation.measure.measure_generations``).
+(``generation.measure.measure_generations``); with the torch backend, the
+GraphModules themselves run the generations (``measure_generations_torch``).
+TVM does not run the generation graphs yet.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tfcompile.cost_models.device import DeviceSpec
 from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.generation.cost import GenerationPrediction, predict_generation
 from tfcompile.generation.greedy import greedy_generate, hf_greedy
-from tfcompile.generation.measure import GenerationTiming, measure_generations
+from tfcompile.generation.measure import GenerationTiming, measure_generations, measure_generations_torch
 from tfcompile.generation.trace import GenerationGraphs, example_prompt, trace_generation
 from tfcompile.passes import PassContext
 from tfcompile.report import VariantReport, assign_ids, rank
@@ -129,12 +131,18 @@ def optimize_generation(model: torch.nn.Module, settings: GenerationSettings, *,
             by_prediction = rank([r for n, r in reports.items() if n in variants and n != "baseline"],
                                  context.target)
             chosen = ["baseline"] + [r.name for r in by_prediction if r.eligible][: settings.measure_top]
-            onnx_files = _export_pairs({n: variants[n] for n in chosen}, workdir, progress)
-            progress("timing generations on ONNX Runtime")
-            timings = measure_generations(onnx_files, graphs.cache, *prompt, new_tokens=generation.new_tokens,
-                                          repeat=settings.repeat)
+            if settings.backend == "torch":
+                progress("timing generations in torch")
+                pairs = {n: (variants[n][0].graph, variants[n][1].graph) for n in chosen}
+                timings = measure_generations_torch(pairs, graphs.cache, *prompt, new_tokens=generation.new_tokens,
+                                                    repeat=settings.repeat)
+            else:
+                onnx_files = _export_pairs({n: variants[n] for n in chosen}, workdir, progress)
+                progress("timing generations on ONNX Runtime")
+                timings = measure_generations(onnx_files, graphs.cache, *prompt, new_tokens=generation.new_tokens,
+                                              repeat=settings.repeat)
             for variant_name, timing in timings.items():
-                _record_timing(reports[variant_name], timing, reference_tokens)
+                _record_timing(reports[variant_name], timing, reference_tokens, settings.backend)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -199,9 +207,10 @@ def _export_pairs(pairs: dict[str, tuple[Variant, Variant]], workdir: Path,
     return files
 
 
-def _record_timing(report: VariantReport, timing: GenerationTiming, reference_tokens: torch.Tensor) -> None:
+def _record_timing(report: VariantReport, timing: GenerationTiming, reference_tokens: torch.Tensor,
+                   backend: str) -> None:
     report.measured_ms = timing.generation_ms
-    report.backend = "ort"
+    report.backend = backend
     report.measured_spread = None
     report.throughput_per_s = timing.tokens_per_s
     report.generation["measured"] = {**timing.as_dict(),

@@ -47,8 +47,9 @@ def optimize_generation_model(model: str | os.PathLike, output_dir: Path | str, 
     generation = Generation(prompt_len, new_tokens)  # checks both numbers
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InvalidOptionError(f"--batch {batch!r}: one positive whole number for --generate")
-    if backend != "ort":
-        raise InvalidOptionError(f"--backend {backend}: --generate measures on ONNX Runtime (ort) only so far")
+    if backend not in ("ort", "torch"):
+        raise InvalidOptionError(f"--backend {backend}: --generate measures on ONNX Runtime (ort) or torch; "
+                                 "TVM does not run the generation graphs yet")
     for option, value in (("--repeat", repeat), ("--measure-top", measure_top)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidOptionError(f"{option} {value!r}: a positive whole number")
