@@ -62,6 +62,20 @@ def _minilm(overrides: dict[str, Any]) -> TensorIO:
     return TensorIO(model.eval(), ["input_ids", "attention_mask"], [], pooling="mean")
 
 
+def _tiny_decoder(overrides: dict[str, Any]) -> TensorIO:
+    """The byte-level GPT-2 trained by benchmarks/train_tiny_decoder.py, shipped in the package (fp16
+    safetensors, read as fp32, never a pickle): a decoder with trained attention for judging approximate passes."""
+    from pathlib import Path
+
+    from transformers import GPT2LMHeadModel
+
+    if overrides:
+        raise ValueError("tiny-decoder has trained weights; its config cannot be overridden")
+    path = Path(__file__).resolve().parent / "weights" / "tiny_decoder"
+    return _wrap(GPT2LMHeadModel.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                 dtype=torch.float32))
+
+
 def _wrap(model: torch.nn.Module) -> TensorIO:
     model.config._attn_implementation = "sdpa"
     inputs, outputs = io_spec(model)
@@ -79,6 +93,8 @@ ZOO: dict[str, ZooEntry] = {
                  _llama, "decoder"),
         ZooEntry("minilm", "all-MiniLM-L6-v2 sentence encoder, real trained weights, normalised embeddings",
                  _minilm, "sentence-encoder"),
+        ZooEntry("tiny-decoder", "byte-level GPT-2 (4 layers, d=128, 256 positions) trained on the Python reference, "
+                 "real trained weights, logits", _tiny_decoder, "decoder"),
     ]
 }
 
