@@ -5,8 +5,8 @@ real greedy generation with ORT IO binding: every input and output is bound
 once to a pre-allocated numpy buffer, so nothing is copied into or out of
 the session between steps. The static cache has two buffer sets; the decode
 step reads one and writes the other, and the next step swaps them
-(ping-pong). Inside the step the graph is functional: one ``Where`` per
-cache tensor writes the whole cache into the other set, so every step
+(ping-pong). Inside the step the graph is functional: one ``ScatterElements``
+per cache tensor writes the whole cache into the other set, so every step
 copies the cache once (about 12 MB per step for gpt2-small at 159 slots,
 against 498 MB of weights). The loop only writes the new token, its position,
 the slot index and one mask element into the bound input buffers.
