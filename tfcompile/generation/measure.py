@@ -166,8 +166,8 @@ def measure_generations(files: dict[str, tuple[Path, Path]], spec: CacheSpec, in
     bound = {}
     for name, (prefill_path, decode_path) in files.items():
         # Two sessions (four, with two variants) take turns on the same cores: a session whose idle workers
-        # spin steals them from the one running (TTFT 136 ms in the loop against 81 ms with spinning off,
-        # gpt2-small, 2 cores), so the workers sleep between runs.
+        # spin steals them from the one running (TTFT 139-157 ms in the loop against 94-104 ms without spinning,
+        # gpt2-small, 2 cores, three runs each), so the workers sleep between runs.
         prefill = OrtModel(prefill_path, threads=threads, spinning=False)
         decode = OrtModel(decode_path, threads=threads, spinning=False)
         bound[name] = (BoundGeneration(prefill, decode, spec, input_ids, attention_mask),
