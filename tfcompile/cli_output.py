@@ -110,6 +110,15 @@ def show_comparison(rows, scores: dict, out: Console, *, title: str) -> None:
     for predictor, s in scores.items():
         summary.add_row(predictor, f"{s['mape']:.1%}", f"{s['within_10pct']:.0%}", f"{s['kendall_tau']:.3f}")
     out.print(summary)
+    from tfcompile.compare import speedup_scores
+
+    ids = dict(zip((r.name for r in rows), labels))
+    for predictor, s in speedup_scores(rows).items():
+        worst = s["worst"]
+        out.print(f"{predictor}: speed-up over the baseline off by {s['median_error_pp']:.1f} points (median of "
+                  f"{s['variants']}); furthest off {ids[worst['variant']]}: predicted "
+                  f"{worst['predicted_speedup']:.2f}x, measured {worst['measured_speedup']:.2f}x",
+                  highlight=False, markup=False)
 
 
 def optimize_generation(model, output_dir, out: Console, *, target: str, backend: str, prompt_len: int,

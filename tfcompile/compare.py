@@ -2,7 +2,9 @@
 
 For each variant: the calibrated prediction (profile for target x backend),
 the uncalibrated roofline, a FLOPs-only baseline, and the measured median.
-Scores per predictor: MAPE, share within ±10 %, Kendall τ of the ranking.
+Scores per predictor: MAPE, share within ±10 %, Kendall τ of the ranking;
+and speed-up fidelity: each variant's predicted against measured speed-up over
+the baseline at its shape, in percentage points (``speedup_scores``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import re
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -122,6 +125,38 @@ def score(rows: list[ComparisonRow]) -> dict[str, dict[str, float]]:
     return scores
 
 
+def speedup_scores(rows: list[ComparisonRow]) -> dict[str, dict]:
+    """Per predictor: how well it predicts each variant's speed-up over the baseline at the same shape.
+
+    The ranking that matters is of a model's variants against each other, so
+    a variant that measures 1.37x faster must not be predicted 1.01x: for
+    every variant with a baseline row at its shape, predicted speed-up
+    (baseline predicted / variant predicted) against measured, the error in
+    percentage points of speed-up, their median, and the variant furthest off."""
+    baselines = {}
+    for row in rows:
+        variant, shape = _variant_and_shape(row.name)
+        if variant == "baseline":
+            baselines[shape] = row
+    pairs = [(row, baselines[shape]) for row in rows
+             for variant, shape in [_variant_and_shape(row.name)] if variant != "baseline" and shape in baselines]
+    scores = {}
+    for predictor in PREDICTORS:
+        if not pairs or not all(predictor in r.predicted_ms for r, _ in pairs):
+            continue
+        errors = []
+        for row, base in pairs:
+            measured = base.measured_ms / row.measured_ms
+            predicted = base.predicted_ms[predictor] / row.predicted_ms[predictor]
+            errors.append((abs(predicted - measured) * 100, row.name, predicted, measured))
+        worst = max(errors)
+        scores[predictor] = {"median_error_pp": float(statistics.median(e[0] for e in errors)),
+                             "variants": len(errors),
+                             "worst": {"variant": worst[1], "predicted_speedup": worst[2],
+                                       "measured_speedup": worst[3]}}
+    return scores
+
+
 def check_compare_options(target: str, output_dir: Path) -> None:
     """What can fail before anything is measured: an unknown target, an -o that cannot be written."""
     load_device(target)
@@ -130,7 +165,8 @@ def check_compare_options(target: str, output_dir: Path) -> None:
 
 def write_outputs(rows: list[ComparisonRow], scores: dict, out_dir: Path, *, title: str) -> None:
     """compare.json and compare.png, replaced together once both are complete."""
-    payload = {"title": title, "scores": scores, "variants": [dataclasses.asdict(r) for r in rows]}
+    payload = {"title": title, "scores": scores, "speedups": speedup_scores(rows),
+               "variants": [dataclasses.asdict(r) for r in rows]}
     with atomic_paths(out_dir / "compare.json", out_dir / "compare.png") as (json_tmp, png_tmp):
         json_tmp.write_text(json.dumps(payload, indent=2) + "\n")
         plot(rows, png_tmp, title=title)

@@ -188,3 +188,17 @@ def test_held_out_check_compares_the_fit_with_the_roofline_on_kernels_it_did_not
     assert profile.heldout_mape < 0.05 < profile.heldout_roofline_mape  # the truth is no roofline
     assert improves_on_roofline(profile)
     assert not improves_on_roofline(dataclasses.replace(profile, heldout_mape=profile.heldout_roofline_mape * 2))
+
+
+def test_speedup_scores_compare_each_variant_with_the_baseline_at_its_shape():
+    from tfcompile.compare import speedup_scores
+
+    rows = [ComparisonRow("m b1 s128 baseline", 10.0, {"roofline": 10.0}),
+            ComparisonRow("m b1 s128 cleanup", 5.0, {"roofline": 9.0}),  # 2.00x measured, 1.11x predicted
+            ComparisonRow("m b8 s128 baseline", 40.0, {"roofline": 40.0}),
+            ComparisonRow("m b8 s128 cleanup", 40.0, {"roofline": 40.0})]  # 1.00x, 1.00x
+    scores = speedup_scores(rows)["roofline"]
+    assert scores["variants"] == 2
+    assert scores["median_error_pp"] == pytest.approx((200 - 1000 / 9 + 0) / 2)
+    assert scores["worst"]["variant"] == "m b1 s128 cleanup"
+    assert scores["worst"]["measured_speedup"] == 2.0
