@@ -128,6 +128,36 @@ def encode_passages(seq: int, offsets: list[int]) -> tuple[torch.Tensor, torch.T
     return torch.cat([ids for ids, _ in docs]), torch.cat([mask for _, mask in docs])
 
 
+# The byte-level zoo decoder (tiny-decoder) was trained on the running text but its last 5 % of characters
+# (benchmarks/train_tiny_decoder.py): its quality figures are taken there only.
+DECODER_HELDOUT_FRACTION = 0.05
+
+
+def decoder_heldout_bytes() -> bytes:
+    """The UTF-8 bytes of the running text's last ``DECODER_HELDOUT_FRACTION``, never seen in training."""
+    text = running_text()
+    return text[len(text) - int(len(text) * DECODER_HELDOUT_FRACTION):].encode("utf-8")
+
+
+def byte_passage_offsets(seq: int, calibration: int, heldout: int) -> tuple[list[int], list[int]]:
+    """Byte offsets of disjoint ``seq``-byte windows of the decoder's held-out text, the two splits alternating
+    along it; ``ValueError`` when the text holds fewer windows than asked for."""
+    slots = len(decoder_heldout_bytes()) // seq
+    need = calibration + heldout
+    if calibration < 1 or heldout < 1 or slots < need:
+        raise ValueError(f"the held-out text holds {slots} windows of {seq} bytes, {need} asked for")
+    calib, held = [], []
+    for i in range(need):
+        ((calib if (i + 1) * calibration // need > i * calibration // need else held)).append(i * seq)
+    return calib, held
+
+
+def byte_passages(seq: int, offsets: list[int]) -> torch.Tensor:
+    """``[len(offsets), seq]`` byte ids of the decoder's held-out text at ``offsets``."""
+    data = decoder_heldout_bytes()
+    return torch.tensor([list(data[o: o + seq]) for o in offsets], dtype=torch.int64)
+
+
 MAX_CALIBRATION_BYTES = 4 * 1024 * 1024  # ~40,000 sentences: far more than a calibration needs
 MAX_CALIBRATION_LINE = 4000  # characters; a sentence, not a document
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")

@@ -122,6 +122,21 @@ def test_traces_like_the_gpt2_zoo_entries():
                                                                                    "n_head": 2}))
     assert graph.input_names == gpt2.input_names == ["input_ids"]
     assert graph.output_names == gpt2.output_names
-    assert graph.info["kind"] == "decoder"
+    assert graph.info["kind"] == "byte-decoder"  # a decoder whose tokens are bytes: judged on held-out bytes
     assert int(graph.example_inputs[0].max()) < 256
     assert graph.run()[0].shape == (1, 32, 256)
+
+
+def test_optimize_judges_the_decoder_on_text_it_was_not_trained_on():
+    from tfcompile import corpus
+    from tfcompile.frontend import LoadOptions, load_model
+    from tfcompile.knob_search.quality_data import QualitySplits
+
+    graph = load_model("tiny-decoder", LoadOptions(batch=4, seq=64))
+    heldout = corpus.decoder_heldout_bytes()
+    assert graph.info["inputs"] == "real English text"
+    assert bytes(graph.example_inputs[0][0].tolist()) in heldout
+    splits = QualitySplits.for_graph(graph)
+    rows = {bytes(row.tolist()) for split in (splits.calibration, splits.heldout) for (ids,) in split for row in ids}
+    assert len(rows) == 32 + 64 and all(row in heldout for row in rows)  # every window distinct, all held out
+    assert "never trained on" in splits.source

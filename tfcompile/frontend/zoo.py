@@ -24,7 +24,7 @@ class ZooEntry:
     name: str
     description: str
     build: Callable[[dict[str, Any]], TensorIO]
-    kind: str  # "decoder" | "encoder" | "vision" | "sentence-encoder"
+    kind: str  # "decoder" | "encoder" | "vision" | "sentence-encoder" | "byte-decoder" (trained, bytes as tokens)
 
 
 def _gpt2(overrides: dict[str, Any]) -> TensorIO:
@@ -97,22 +97,30 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("minilm", "all-MiniLM-L6-v2 sentence encoder, real trained weights, normalised embeddings",
                  _minilm, "sentence-encoder"),
         ZooEntry("tiny-decoder", "byte-level GPT-2 (4 layers, d=128, 256 positions) trained on the Python reference, "
-                 "real trained weights, logits", _tiny_decoder, "decoder"),
+                 "real trained weights, logits", _tiny_decoder, "byte-decoder"),
     ]
 }
 
 
-def real_text_inputs(name: str, batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Example inputs of real English for sentence encoders (None for other models).
+def real_text_inputs(name: str, batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, ...] | None:
+    """Example inputs of real English for sentence encoders and the byte-level decoder (None for other models).
 
-    Approximate passes are judged on the example inputs, and a trained encoder's
+    Approximate passes are judged on the example inputs, and a trained model's
     attention on random token ids says nothing about its attention on language.
     Each row is ``seq`` tokens of running text (no padding, mask of ones), at a
-    different place in the text per row and per seed.
+    different place in the text per row and per seed; for the byte-level
+    decoder, ``seq`` bytes of the text it was not trained on.
     """
+    from tfcompile import corpus
+
+    if ZOO[name].kind == "byte-decoder":  # rows of held-out bytes, at other windows per seed
+        try:
+            offsets, _ = corpus.byte_passage_offsets(seq, batch * (seed + 1), 1)
+        except ValueError:
+            return None
+        return (corpus.byte_passages(seq, offsets[batch * seed:]),)
     if ZOO[name].kind != "sentence-encoder":
         return None
-    from tfcompile import corpus
 
     span = len(corpus.running_text()) - 8 * seq - 1
     rows = [corpus.encode_document(seq, offset_chars=((seed * batch + row) * 4000) % max(span, 1))

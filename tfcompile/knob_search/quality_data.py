@@ -14,7 +14,8 @@ For a text model traced on real English (``graph.info["inputs"]``, the zoo's
 sentence encoders: input_ids and attention_mask of [batch, seq]), the splits
 are passages of ``seq`` tokens of the corpus's running text at disjoint,
 interleaved places (``corpus.passage_offsets``), so neither split repeats a
-sentence of the other. ``from_lines`` builds them from a user's sentences
+sentence of the other. For the byte-level decoder (``tiny-decoder``) they are
+disjoint windows of the text it was never trained on. ``from_lines`` builds them from a user's sentences
 instead (alternate lines, one sentence per row, right-padded). Other models
 get no splits (``for_graph`` returns None): their quality figure stays the one
 on the example inputs (``tfcompile.verify``).
@@ -63,6 +64,8 @@ class QualitySplits:
     def for_graph(cls, graph: ModelGraph, calibration_rows: int = CALIBRATION_ROWS,
                   heldout_rows: int = HELDOUT_ROWS) -> QualitySplits | None:
         """Corpus passages at the graph's shape, or None when the graph is not a text model on real English."""
+        if graph.info.get("kind") == "byte-decoder":
+            return cls._held_out_bytes(graph, calibration_rows, heldout_rows)
         shape = _text_shape(graph)
         if shape is None:
             return None
@@ -76,6 +79,26 @@ class QualitySplits:
                      _batches(corpus.encode_passages(seq, held), batch),
                      f"passages of {seq} tokens of the Python language reference (corpus.py), "
                      f"{calibration_rows} calibration and {heldout_rows} held-out at disjoint places",
+                     list(graph.output_names))
+        splits.reference_for(graph)
+        return splits
+
+    @classmethod
+    def _held_out_bytes(cls, graph: ModelGraph, calibration_rows: int, heldout_rows: int) -> QualitySplits | None:
+        """Windows of the byte-level decoder's held-out text (the part it was never trained on)."""
+        shapes = [tuple(t.shape) for t in graph.example_inputs]
+        if list(graph.input_names) != ["input_ids"] or len(shapes[0]) != 2:
+            return None
+        batch, seq = shapes[0]
+        calibration_rows, heldout_rows = (batch * math.ceil(n / batch) for n in (calibration_rows, heldout_rows))
+        try:
+            calib, held = corpus.byte_passage_offsets(seq, calibration_rows, heldout_rows)
+        except ValueError:
+            return None  # windows too long for the held-out text to hold both splits
+        splits = cls(_batches((corpus.byte_passages(seq, calib),), batch),
+                     _batches((corpus.byte_passages(seq, held),), batch),
+                     f"windows of {seq} bytes of the Python language reference's last 5 % (never trained on), "
+                     f"{calibration_rows} calibration and {heldout_rows} held-out, disjoint",
                      list(graph.output_names))
         splits.reference_for(graph)
         return splits
