@@ -13,7 +13,7 @@ from tests.test_cli import tfcompile
 
 pytestmark = pytest.mark.slow
 
-ZOO = ["gpt2-small", "bert-base", "vit-base", "llama-tiny", "minilm"]
+ZOO = ["gpt2-small", "bert-base", "vit-base", "llama-tiny", "minilm", "tiny-decoder"]
 
 
 def _check_report(out, backend):
