@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tfcompile import cli_output
-from tfcompile.cli_options import (check_generation_options, directory_output, file_output, generation_options,
-                                   int_list, load_graph, load_options, model_argument, model_options, parse_remote,
-                                   remote_options, run_config_defaults)
+from tfcompile.cli_options import (check_generation_options, device_options, directory_output, file_output,
+                                   generation_options, int_list, load_graph, load_options, model_argument,
+                                   model_options, parse_remote, remote_options, run_config_defaults)
 from tfcompile.errors import MAX_SEED, TfcompileError, first_line
 from tfcompile.workload import parse_sizes
 
@@ -294,8 +294,9 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
               show_default=True, help="Directory for compare.json and compare.png.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @remote_options
+@device_options
 def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_count, output_dir, seed, remote,
-            device_key):
+            device_key, torch_options):
     """Predicted against measured latency for every variant of MODEL."""
     from tfcompile.cost_models import load_device
     load_device(target)  # an unknown --target fails at once, before the imports below load torch
@@ -306,26 +307,32 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
 
     check_compare_options(target, output_dir)  # an unknown target or an unwritable -o fails before any work
     remote_spec, backend = parse_remote(remote, device_key, backend)
-    if target != "cpu" and remote_spec is None:
+    if target != "cpu" and remote_spec is None and torch_options.get("device") != "cuda":
         raise TfcompileError(f"measuring on {target} needs that device; only 'cpu' (this host) is measured here, "
                              "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
+    runtime = " ".join([backend, *torch_options.values()])  # "torch cuda graphs bf16"
     batch_sizes, seq_lens = int_list(batches, "--batches"), int_list(seqs, "--seqs")  # before anything is printed
-    cost_model = cost_model_for(target, backend, profile_path=profile_path)
+    # Saved profiles are fitted on torch as it is (cpu, eager, fp32): with other torch options only --profile.
+    cost_model = cost_model_for(target, backend, profile_path=profile_path,
+                                calibrated=not torch_options or profile_path is not None)
     if cost_model.kind != "calibrated":
-        console.print(f"[yellow]no calibration profile for {target}/{backend}: run `tfcompile calibrate --target "
-                      f"{target} --backend {backend}`; showing uncalibrated predictions only[/yellow]")
+        fix = "give --profile" if torch_options else f"run `tfcompile calibrate --target {target} --backend {backend}`"
+        console.print(f"[yellow]no calibration profile for {target}/{runtime}: {fix}; showing uncalibrated "
+                      "predictions only[/yellow]")
     with console.status("building variants") as status:
         graphs = builtin_variant_graphs(model, batch_sizes, seq_lens, seed)
         rows = lowest_of_passes([
             measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
                                 progress=lambda m, i=i: status.update(f"round {i + 1}/{pass_count}: {m}"),
-                                remote=remote_spec, group_key=lambda graph: graph.name.rsplit(" ", 1)[0])
+                                remote=remote_spec, group_key=lambda graph: graph.name.rsplit(" ", 1)[0],
+                                **torch_options)
             for i in range(pass_count)])
     scores = score(rows)
     cli_output.show_comparison(rows, scores, console,
                                title=f"{Path(model).name}: predicted vs measured on {target}/"
-                                     f"{remote_spec.label if remote_spec else backend}")
-    write_outputs(rows, scores, output_dir, title=f"{Path(model).name} on {target} ({backend})")
+                                     f"{remote_spec.label if remote_spec else runtime}")
+    write_outputs(rows, scores, output_dir, title=f"{Path(model).name} on {target} ({runtime})",
+                  measured_with=torch_options and {"backend": backend, **torch_options})
     console.print(f"wrote {output_dir / 'compare.json'} and {output_dir / 'compare.png'}")
 
 

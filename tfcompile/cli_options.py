@@ -176,6 +176,52 @@ def parse_remote(remote, device_key, backend):
     return RemoteSpec.parse(remote, device_key), "tvm"
 
 
+# How torch runs the variants (backends/torch_device.py; spelled here so --help needs no torch import).
+TORCH_DEVICES, TORCH_MODES, TORCH_PRECISIONS = ("cpu", "cuda"), ("eager", "graphs", "compile"), \
+    ("fp32", "tf32", "bf16", "fp16")
+
+
+def device_options(fn):
+    """--device/--mode/--precision (with --backend torch), passed on as ``torch_options``: ``{}`` for
+    cpu/eager/fp32 (the GraphModule as it is), else the three, checked before any work."""
+    @functools.wraps(fn)
+    def wrapper(*args, device, mode, precision, **kwargs):
+        torch_options = parse_device_options(kwargs.get("backend"), kwargs.get("remote"), kwargs.get("target"),
+                                             device=device, mode=mode, precision=precision)
+        return fn(*args, torch_options=torch_options, **kwargs)
+
+    wrapper = click.option("--precision", type=click.Choice(TORCH_PRECISIONS), default="fp32", show_default=True,
+                           help="With --backend torch: fp32 (TF32 off), tf32 (cuda), bf16 or fp16 (parameters and "
+                                "inputs cast; outputs checked at that precision's tolerance).")(wrapper)
+    wrapper = click.option("--mode", type=click.Choice(TORCH_MODES), default="eager", show_default=True,
+                           help="With --backend torch: eager, graphs (CUDA-graph replay, cuda only) or compile "
+                                "(torch.compile).")(wrapper)
+    return click.option("--device", type=click.Choice(TORCH_DEVICES), default="cpu", show_default=True,
+                        help="With --backend torch: where torch runs the variants (cuda needs a GPU --target, "
+                             "e.g. h100).")(wrapper)
+
+
+def parse_device_options(backend, remote, target, **options: str) -> dict[str, str]:
+    """``{}`` or {"device", "mode", "precision"}; refuses them without --backend torch or where they cannot run."""
+    context = click.get_current_context()
+    given = [f"--{name} {value}" for name, value in options.items()
+             if context.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)]
+    if given and (remote is not None or backend != "torch"):
+        raise TfcompileError(f"{given[0]} says how torch runs the variants: it needs --backend torch, not "
+                             f"{'--remote' if remote is not None else f'--backend {backend}'}")
+    if options == {"device": "cpu", "mode": "eager", "precision": "fp32"}:
+        return {}
+    from tfcompile.backends.torch_device import check_request
+
+    check_request(**options)
+    if options["device"] == "cuda":
+        from tfcompile.cost_models import load_device
+
+        if load_device(target).kind != "gpu":
+            raise TfcompileError(f"--device cuda measures a GPU: give its --target (e.g. h100), not {target}")
+    return options
+
+
 def int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]  # "1,,2" is a typo, not two values

@@ -18,8 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from scipy.stats import kendalltau
-
 from tfcompile.cost_models import load_device
 from tfcompile.cost_models.model import CalibratedCostModel, CostModel, RooflineCostModel
 from tfcompile.graph import ModelGraph
@@ -38,14 +36,16 @@ class ComparisonRow:
 
 def measure_and_predict(graphs: list[ModelGraph], *, cost_model: CostModel, repeat: int = 10,
                         progress: Callable[[str], None] = lambda _: None,
-                        remote=None, group_key: Callable[[ModelGraph], object] | None = None) -> list[ComparisonRow]:
+                        remote=None, group_key: Callable[[ModelGraph], object] | None = None,
+                        **torch_options: str) -> list[ComparisonRow]:
     """Measure every graph on ``cost_model``'s backend (or on ``remote``) and predict it with every predictor.
 
     ``remote`` (a tvm.remote.RemoteSpec): measure with TVM on that device,
     variants in parallel over its servers. ``group_key``: consecutive graphs
     with the same key (variants of one model and shape) are lowered together
     and timed round-robin, so that a slow spell of the machine hits all of
-    them alike instead of one.
+    them alike instead of one. ``torch_options``: ``device``/``mode``/``precision`` for backend torch
+    (``measure.measure_here``); at bf16 or fp16 each variant is predicted as that precision's cast graph.
     """
     if remote is not None:
         named = {f"{i}:{g.name}": g for i, g in enumerate(graphs)}
@@ -60,8 +60,9 @@ def measure_and_predict(graphs: list[ModelGraph], *, cost_model: CostModel, repe
             named = {f"{done + i}:{g.name}": g for i, g in enumerate(group)}
             label = f"[{done + 1}-{done + len(group)}/{len(graphs)}]"
             timed = measure_here(named, cost_model.backend, Path(workdir), repeat=repeat,
-                                 progress=lambda m, label=label: progress(f"{label} {m}"))
-            rows += [ComparisonRow(g.name, timed[key].measurement.median_ms, predict_all(g, cost_model))
+                                 progress=lambda m, label=label: progress(f"{label} {m}"), **torch_options)
+            rows += [ComparisonRow(g.name, timed[key].measurement.median_ms,
+                                   predict_all(_at_precision(g, torch_options.get("precision")), cost_model))
                      for key, g in named.items()]
             done += len(group)
     return rows
@@ -110,7 +111,18 @@ def predict_all(graph: ModelGraph, cost_model: CostModel) -> dict[str, float]:
     return predicted
 
 
+def _at_precision(graph: ModelGraph, precision: str | None) -> ModelGraph:
+    """The graph as it runs at ``precision`` (parameters and float inputs cast), for the cost model."""
+    if precision in (None, "fp32", "tf32"):
+        return graph
+    from tfcompile.backends.torch_device import cast_graph
+
+    return cast_graph(graph, precision)
+
+
 def score(rows: list[ComparisonRow]) -> dict[str, dict[str, float]]:
+    from scipy.stats import kendalltau
+
     scores = {}
     measured = [r.measured_ms for r in rows]
     for predictor in PREDICTORS:
@@ -163,10 +175,13 @@ def check_compare_options(target: str, output_dir: Path) -> None:
     check_output_dir(output_dir)
 
 
-def write_outputs(rows: list[ComparisonRow], scores: dict, out_dir: Path, *, title: str) -> None:
-    """compare.json and compare.png, replaced together once both are complete."""
-    payload = {"title": title, "scores": scores, "speedups": speedup_scores(rows),
-               "variants": [dataclasses.asdict(r) for r in rows]}
+def write_outputs(rows: list[ComparisonRow], scores: dict, out_dir: Path, *, title: str,
+                  measured_with: dict | None = None) -> None:
+    """compare.json and compare.png, replaced together once both are complete.
+
+    ``measured_with``: how the variants ran (torch's device, mode and precision), recorded as such."""
+    payload = {"title": title, **({"measured_with": measured_with} if measured_with else {}), "scores": scores,
+               "speedups": speedup_scores(rows), "variants": [dataclasses.asdict(r) for r in rows]}
     with atomic_paths(out_dir / "compare.json", out_dir / "compare.png") as (json_tmp, png_tmp):
         json_tmp.write_text(json.dumps(payload, indent=2) + "\n")
         plot(rows, png_tmp, title=title)

@@ -2,8 +2,9 @@
 
 One place for both, used by ``optimize``, ``compare`` and the benchmarks.
 Every lowered or remote output is checked against torch before its timing
-counts, with one tolerance: a backend that computes something else has no
-latency worth reporting.
+counts, with one tolerance (``OUTPUT_TOLERANCE``; torch at a lower precision:
+that precision's, ``torch_device.TOLERANCE``): a backend that computes
+something else has no latency worth reporting.
 
 Local variants of one shape are timed round-robin (``measure_interleaved``),
 so a slow spell of the machine hits all of them alike. Remote variants are
@@ -26,6 +27,8 @@ from tfcompile.verify import compare_outputs
 # A backend's output that moves more than this (relative to the largest output
 # magnitude) from torch's is a lowering bug, not a faster variant.
 OUTPUT_TOLERANCE = 1e-4
+# torch's device, mode and precision when not asked for: the GraphModule as it is, eager, on cpu, in fp32.
+TORCH_DEFAULTS = {"device": "cpu", "mode": "eager", "precision": "fp32"}
 
 Progress = Callable[[str], None]
 
@@ -38,33 +41,51 @@ class Timed:
     onnx_path: Path | None = None  # the ORT export, kept for the caller when asked
 
 
-def check_outputs(name: str, graph: ModelGraph, outputs, what: str) -> None:
+def check_outputs(name: str, graph: ModelGraph, outputs, what: str, tolerance: float = OUTPUT_TOLERANCE) -> None:
     """``what``: whose outputs these are, e.g. "ort output" or "output on rk3588"."""
     check = compare_outputs(graph.run(), outputs, graph.output_names)
-    if check.max_rel_err > OUTPUT_TOLERANCE:
-        raise BackendError(f"{name}: {what} differs from torch by {check.max_rel_err:.1e} relative")
+    if not check.max_rel_err <= tolerance:
+        raise BackendError(f"{name}: {what} differs from torch by {check.max_rel_err:.1e} relative "
+                           f"(tolerance {tolerance:.0e})")
 
 
 def measure_here(graphs: dict[str, ModelGraph], backend: str, workdir: Path, *, repeat: int,
                  keep_files: bool = False, progress: Progress = lambda _: None,
-                 max_total_s: float | None = None) -> dict[str, Timed]:
+                 max_total_s: float | None = None, device: str = "cpu", mode: str = "eager",
+                 precision: str = "fp32") -> dict[str, Timed]:
     """Lower every graph on ``backend``, check it, and time them round-robin (one alone: by itself).
 
     Graphs that share a GraphModule (one variant fed several batches of a workload) are lowered once.
     ``max_total_s``: stop timing once this much is spent (after at least 3 runs each).
+    ``device``/``mode``/``precision``: backend torch only; other than cpu/eager/fp32 the graphs are lowered
+    by ``torch_device.lower_device`` (``lower_torch_device``), their outputs checked at the precision's
+    tolerance and timed by ``torch_device.measure_device`` (CUDA events on cuda).
     """
+    torch_options = {"device": device, "mode": mode, "precision": precision}
+    on_device = torch_options != TORCH_DEFAULTS
+    if on_device and backend != "torch":
+        raise BackendError(f"device {device}, mode {mode}, precision {precision}: only for backend torch, "
+                           f"not {backend}")
     lowered: dict[str, Lowered] = {}
     sharing: dict[int, list[str]] = {}
     for name, graph in graphs.items():
         sharing.setdefault(id(graph.gm), []).append(name)
     for names in sharing.values():
         progress(f"lowering {names[0]} for {backend}")
-        runs = lower_for_inputs(graphs[names[0]], backend, workdir, [graphs[n].example_inputs for n in names])
+        input_sets = [graphs[n].example_inputs for n in names]
+        runs = lower_torch_device(graphs[names[0]], input_sets, **torch_options) if on_device else \
+            lower_for_inputs(graphs[names[0]], backend, workdir, input_sets)
         for name, low in zip(names, runs):
-            check_outputs(name, graphs[name], low.outputs, f"{backend} output")
+            check_outputs(name, graphs[name], low.outputs, f"{getattr(low, 'label', backend)} output",
+                          getattr(low, "tolerance", OUTPUT_TOLERANCE))
             lowered[name] = low
     progress(f"measuring {len(lowered)} variant(s) on {backend} (median of {repeat})")
-    if len(lowered) == 1:
+    if on_device:
+        from tfcompile.backends.torch_device import measure_device
+
+        results = measure_device(lowered, warmup=2, repeat=repeat,
+                                 max_total_s=30.0 if max_total_s is None and len(lowered) == 1 else max_total_s)
+    elif len(lowered) == 1:
         ((name, low),) = lowered.items()
         results = {name: measure(low.run, backend=backend, warmup=2, repeat=repeat,
                                  max_total_s=30.0 if max_total_s is None else max_total_s)}
@@ -77,6 +98,19 @@ def measure_here(graphs: dict[str, ModelGraph], backend: str, workdir: Path, *, 
             low.remove_files()
         timed[name] = Timed(results[name], backend, list(low.notes), low.onnx_path if keep_files else None)
     return timed
+
+
+def lower_torch_device(graph: ModelGraph, input_sets: list, *, device: str, mode: str, precision: str) -> list:
+    """``runner.lower_for_inputs`` for torch on ``device`` in ``mode`` at ``precision``: a
+    ``torch_device.DeviceLowered`` per input set, each checked against ``graph.run`` on its set (cpu fp32) at
+    the precision's tolerance. The cast graph is made once; ``compile`` compiles per set.
+
+    Here rather than in runner: torch_device builds on runner's ``Lowered``, so runner cannot import it."""
+    from tfcompile.backends.torch_device import cast_graph, lower_device
+
+    cast = cast_graph(graph, precision)
+    return [lower_device(graph, device=device, mode=mode, precision=precision, cast=cast, inputs=inputs,
+                         reference=graph.run(inputs)) for inputs in input_sets]
 
 
 def measure_remote(graphs: dict[str, ModelGraph], remote, target_name: str, *, repeat: int,

@@ -135,9 +135,10 @@ def cast_graph(graph: ModelGraph, precision: str) -> ModelGraph:
     return new
 
 
-def device_copy(graph: ModelGraph, device: str) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
+def device_copy(graph: ModelGraph, device: str, inputs: tuple[torch.Tensor, ...] | None = None
+                ) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
     """The graph's GraphModule with every attribute on ``device`` and device arguments pointing there, and its
-    example inputs moved there (the original's tensors are not touched)."""
+    example inputs (or ``inputs``) moved there (the original's tensors are not touched)."""
     target = torch.device(device)
     gm = clone(graph).gm
     _drop_checks(gm)
@@ -159,7 +160,7 @@ def device_copy(graph: ModelGraph, device: str) -> tuple[torch.fx.GraphModule, t
         else:
             setattr(owner, leaf, moved[id(value)])
     gm.recompile()
-    return gm, tuple(t.to(target) for t in graph.example_inputs)
+    return gm, tuple(t.to(target) for t in (graph.example_inputs if inputs is None else inputs))
 
 
 def retarget_devices(gm: torch.fx.GraphModule, device: torch.device) -> int:
@@ -202,18 +203,23 @@ def precision_flags(precision: str):
 
 def lower_device(graph: ModelGraph, *, device: str = "cpu", mode: str = "eager", precision: str = "fp32",
                  reference: tuple[torch.Tensor, ...] | None = None, cast: ModelGraph | None = None,
-                 check: bool = True, tolerance: float | None = None) -> DeviceLowered:
+                 check: bool = True, tolerance: float | None = None,
+                 inputs: tuple[torch.Tensor, ...] | None = None) -> DeviceLowered:
     """Copy ``graph`` to ``device`` at ``precision``, prepare ``mode``, run it once and check the outputs.
 
     ``reference``: the CPU fp32 outputs of ``graph`` (computed when not given; pass them to share one
     reference between lowerings). ``cast``: ``cast_graph(graph, precision)``, made once for several modes.
     ``check``: raise ``BackendError`` when the error relative to the reference's
     largest magnitude exceeds ``tolerance`` (default ``TOLERANCE[precision]``); else only record it.
+    ``inputs``: run on these (same shapes as the example inputs, fp32; float ones are cast to the precision)
+    instead of ``graph.example_inputs``; ``reference`` must then be ``graph.run(inputs)``.
     """
     check_request(device, mode, precision)
     tolerance = TOLERANCE[precision] if tolerance is None else tolerance
-    reference = graph.run() if reference is None else reference
-    gm, inputs = device_copy(cast if cast is not None else cast_graph(graph, precision), device)
+    reference = graph.run(inputs) if reference is None else reference
+    if inputs is not None:
+        inputs = tuple(t.to(PRECISIONS[precision]) if t.is_floating_point() else t for t in inputs)
+    gm, inputs = device_copy(cast if cast is not None else cast_graph(graph, precision), device, inputs)
     notes = []
 
     def call():

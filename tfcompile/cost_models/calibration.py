@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import nnls
 
 from tfcompile.cost_models.device import available_targets, host_identity, load_device
 from tfcompile.cost_models.fusion import Kernel, group_kernels
@@ -230,6 +229,8 @@ def features(graph: ModelGraph, backend: str, target: str = "") -> np.ndarray:
 
 def fit(samples, target: str, backend: str, host: str = "", host_id: str = "") -> Profile:
     """Fit a profile to ``(name, graph, measured_s)`` samples."""
+    from scipy.optimize import nnls  # here: a machine that only measures needs no SciPy
+
     rows = np.stack([features(s.graph, backend, target) for s in samples])
     measured = np.array([s.measured_s for s in samples])
     # Scale columns to O(1) so NNLS is well conditioned, then undo the scaling.
