@@ -22,9 +22,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tfcompile.compare import ComparisonRow, lowest_of_passes, measure_and_predict, score, write_outputs
-from tfcompile.cost_models.calibration import fit, save_profile
-from tfcompile.cost_models.device import detect_host
+from tfcompile.compare import ComparisonRow, lowest_of_passes, measure_and_predict, score, speedup_scores, write_outputs
+from tfcompile.cost_models.calibration import fit_checked, save_profile
+from tfcompile.cost_models.device import detect_host, host_identity
 from tfcompile.cost_models.model import cost_model_for
 from tfcompile.calibrate import default_suite, run_suite
 from tfcompile.frontend import LoadOptions, load_model
@@ -70,9 +70,12 @@ def main() -> None:
         samples = run_suite(default_suite(), args.backend, repeat=args.repeat,
                             progress=lambda m: status.update(f"calibrating {m}"))
     host = detect_host()
-    profile = fit(samples, "cpu", args.backend, host=f"{host.model}, {host.cores} cores")
+    profile = fit_checked(samples, "cpu", args.backend, host=f"{host.model}, {host.cores} cores",
+                          host_id=host_identity())
+    args.out.mkdir(parents=True, exist_ok=True)
     profile_file = save_profile(profile, args.out / f"profile-cpu-{args.backend}.json")
-    console.print(f"calibration: {len(samples)} micro-benchmarks, fit MAPE {profile.fit_mape:.1%}")
+    console.print(f"calibration: {len(samples)} micro-benchmarks, fit MAPE {profile.fit_mape:.1%}; held out: "
+                  f"{profile.heldout_mape:.1%} (roofline {profile.heldout_roofline_mape:.1%})")
     # The profile just fitted, read back from its file: what a later run with this profile predicts.
     cost_model = cost_model_for("cpu", args.backend, profile_path=profile_file)
 
@@ -100,10 +103,18 @@ def main() -> None:
     for predictor, s in scores.items():
         console.print(f"{predictor:10s} MAPE {s['mape']:6.1%}  within ±10% {s['within_10pct']:5.0%}  "
                       f"Kendall tau {s['kendall_tau']:.3f}  (n={len(rows)})")
+    speedups = speedup_scores(rows)
+    for predictor, s in speedups.items():
+        worst = s["worst"]
+        console.print(f"{predictor:10s} speed-up error median {s['median_error_pp']:.1f} points over "
+                      f"{s['variants']} variants; furthest off {worst['variant']}: predicted "
+                      f"{worst['predicted_speedup']:.2f}x, measured {worst['measured_speedup']:.2f}x")
     title = f"cpu/{args.backend}: {len(rows)} held-out variants"
     write_outputs(rows, scores, args.out / f"cost-model-{args.backend}", title=title)
     (args.out / f"cost-model-{args.backend}" / "summary.json").write_text(json.dumps(
-        {"host": profile.host, "calibration_fit_mape": profile.fit_mape, "scores": scores,
+        {"host": profile.host, "host_id": profile.host_id, "calibration_fit_mape": profile.fit_mape,
+         "heldout_mape": profile.heldout_mape, "heldout_roofline_mape": profile.heldout_roofline_mape,
+         "scores": scores, "speedups": speedups,
          "passes": [{row.name: row.measured_ms for row in p} for p in measured_by_pass],
          "wall_s": time.time() - started}, indent=2) + "\n")
     console.print(f"wrote {args.out / f'cost-model-{args.backend}'} in {time.time() - started:.0f} s")
