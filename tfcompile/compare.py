@@ -142,16 +142,13 @@ def speedup_scores(rows: list[ComparisonRow]) -> dict[str, dict]:
 
     The ranking that matters is of a model's variants against each other, so
     a variant that measures 1.37x faster must not be predicted 1.01x: for
-    every variant with a baseline row at its shape, predicted speed-up
+    every variant with a baseline row of the same model and shape, predicted speed-up
     (baseline predicted / variant predicted) against measured, the error in
     percentage points of speed-up, their median, and the variant furthest off."""
-    baselines = {}
-    for row in rows:
-        variant, shape = _variant_and_shape(row.name)
-        if variant == "baseline":
-            baselines[shape] = row
-    pairs = [(row, baselines[shape]) for row in rows
-             for variant, shape in [_variant_and_shape(row.name)] if variant != "baseline" and shape in baselines]
+    # "minilm b8 s128 cleanup": the variant is the last word, the model and shape the rest.
+    baselines = {row.name.rsplit(" ", 1)[0]: row for row in rows if row.name.rsplit(" ", 1)[-1] == "baseline"}
+    pairs = [(row, baselines[group]) for row in rows for group, variant in [_group_and_variant(row.name)]
+             if variant != "baseline" and group in baselines]
     scores = {}
     for predictor in PREDICTORS:
         if not pairs or not all(predictor in r.predicted_ms for r, _ in pairs):
@@ -167,6 +164,11 @@ def speedup_scores(rows: list[ComparisonRow]) -> dict[str, dict]:
                              "worst": {"variant": worst[1], "predicted_speedup": worst[2],
                                        "measured_speedup": worst[3]}}
     return scores
+
+
+def _group_and_variant(name: str) -> tuple[str, str]:
+    group, _, variant = name.rpartition(" ")
+    return group, variant
 
 
 def check_compare_options(target: str, output_dir: Path) -> None:

@@ -196,7 +196,9 @@ def test_speedup_scores_compare_each_variant_with_the_baseline_at_its_shape():
     rows = [ComparisonRow("m b1 s128 baseline", 10.0, {"roofline": 10.0}),
             ComparisonRow("m b1 s128 cleanup", 5.0, {"roofline": 9.0}),  # 2.00x measured, 1.11x predicted
             ComparisonRow("m b8 s128 baseline", 40.0, {"roofline": 40.0}),
-            ComparisonRow("m b8 s128 cleanup", 40.0, {"roofline": 40.0})]  # 1.00x, 1.00x
+            ComparisonRow("m b8 s128 cleanup", 40.0, {"roofline": 40.0}),  # 1.00x, 1.00x
+            # Another model at the same shape is compared with its own baseline, not m's.
+            ComparisonRow("n b1 s128 baseline", 1.0, {"roofline": 1.0})]
     scores = speedup_scores(rows)["roofline"]
     assert scores["variants"] == 2
     assert scores["median_error_pp"] == pytest.approx((200 - 1000 / 9 + 0) / 2)
