@@ -69,20 +69,12 @@ _scipy_optional()
 from tfcompile.backends.torch_device import MODES, PRECISIONS, cast_graph, lower_device, measure_device  # noqa: E402
 from tfcompile.cost_models.model import cost_model_for  # noqa: E402
 from tfcompile.errors import TfcompileError  # noqa: E402
-from tfcompile.frontend import LoadOptions, load_model  # noqa: E402
+from tfcompile.frontend import LoadOptions, load_model, zoo  # noqa: E402
 
 MODELS = ["bert-base", "gpt2-small", "vit-base", "llama-tiny"]
 REPLAY_OVERHEAD_S = 0.98e-6  # devices.md §3, H100 CUDA-graph replay per kernel (M*)
-# --quick: the test suite's tiny configs (tests/tiny.py), which keep each architecture.
-TINY = {
-    "gpt2-small": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=128),
-    "bert-base": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                      vocab_size=512),
-    "vit-base": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                     image_size=32, patch_size=8, num_labels=10),
-    "llama-tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=512),
-}
+# --quick: the test suite's tiny configs, which keep each architecture.
+TINY = zoo.TINY_CONFIGS
 
 
 @dataclasses.dataclass

@@ -13,16 +13,8 @@ import torch
 from tfcompile.frontend import LoadOptions, load_model, zoo
 from tfcompile.graph import ModelGraph
 
-TINY_OVERRIDES = {
-    "gpt2-small": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=128),
-    "bert-base": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                      vocab_size=512),
-    "vit-base": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                     image_size=32, patch_size=8, num_labels=10),
-    "llama-tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=512),
-    "minilm": None,
-}
+# The zoo's architectures at test size (``zoo.TINY_CONFIGS``); minilm is loaded at its real size.
+TINY_OVERRIDES = {**zoo.TINY_CONFIGS, "minilm": None}
 
 ARCHITECTURES = list(TINY_OVERRIDES)
 

@@ -85,6 +85,20 @@ def _wrap(model: torch.nn.Module) -> TensorIO:
     return TensorIO(model.eval(), inputs, outputs)
 
 
+# Each seeded architecture shrunk to a size that traces and exports in seconds, keeping its structure
+# (GPT-2's fused c_attn and Conv1D, BERT's Post-LN, ViT's patch embedding, Llama's RMSNorm/RoPE/GQA/SwiGLU):
+# the test suite's models and the quick runs of the benchmarks, as ``config_overrides``.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2-small": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=128),
+    "bert-base": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                      vocab_size=512),
+    "vit-base": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                     image_size=32, patch_size=8, num_labels=10),
+    "llama-tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512),
+}
+
+
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in [
