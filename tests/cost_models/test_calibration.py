@@ -67,12 +67,21 @@ class _Sample:
     measured_s: float
 
 
+def _known_profile(backend: str, gemm_s_per_flop: float) -> Profile:
+    """Coefficients to generate samples from: a fit must find them again."""
+    return Profile(target="cpu", backend=backend,
+                   s_per_flop={c: 0.0 for c in CLASSES} | {"gemm": gemm_s_per_flop, "gemm_skinny": 9e-11},
+                   s_per_byte={c: 0.0 for c in CLASSES} | {"memory": 3e-10},
+                   kernel_overhead_s=4e-6, graph_overhead_s=2e-5)
+
+
+def _mlp_sweep() -> list:
+    return [_mlp(r, d, h) for r in (4, 16, 128, 512) for d, h in ((32, 64), (64, 256), (128, 128))]
+
+
 def test_fit_recovers_known_coefficients():
-    truth = Profile(target="cpu", backend="torch",
-                    s_per_flop={c: 0.0 for c in CLASSES} | {"gemm": 2e-11, "gemm_skinny": 9e-11},
-                    s_per_byte={c: 0.0 for c in CLASSES} | {"memory": 3e-10},
-                    kernel_overhead_s=4e-6, graph_overhead_s=2e-5)
-    graphs = [_mlp(r, d, h) for r in (4, 16, 128, 512) for d, h in ((32, 64), (64, 256), (128, 128))]
+    truth = _known_profile("torch", 2e-11)
+    graphs = _mlp_sweep()
     samples = [_Sample(g.name, g, truth.predict_s(g)) for g in graphs]
     fitted = fit(samples, "cpu", "torch")
     assert fitted.fit_mape < 1e-6
@@ -179,11 +188,8 @@ def test_unfused_backends_pay_attention_score_traffic_beyond_the_cache(monkeypat
 def test_held_out_check_compares_the_fit_with_the_roofline_on_kernels_it_did_not_see():
     from tfcompile.cost_models.calibration import fit_checked, improves_on_roofline
 
-    truth = Profile(target="cpu", backend="ort",
-                    s_per_flop={c: 0.0 for c in CLASSES} | {"gemm": 3e-11, "gemm_skinny": 9e-11},
-                    s_per_byte={c: 0.0 for c in CLASSES} | {"memory": 3e-10},
-                    kernel_overhead_s=4e-6, graph_overhead_s=2e-5)
-    graphs = [_mlp(r, d, h) for r in (4, 16, 128, 512) for d, h in ((32, 64), (64, 256), (128, 128))]
+    truth = _known_profile("ort", 3e-11)
+    graphs = _mlp_sweep()
     profile = fit_checked([_Sample(g.name, g, truth.predict_s(g)) for g in graphs], "cpu", "ort")
     assert profile.heldout_mape < 0.05 < profile.heldout_roofline_mape  # the truth is no roofline
     assert improves_on_roofline(profile)
