@@ -35,7 +35,7 @@ from tfcompile.knob_search.token_budget import within_budget
 from tfcompile.backends.timing import Measurement, ratio_spread
 from tfcompile.measure import measure_here, measure_remote
 from tfcompile.passes import PassContext, Workload, all_passes, check_pipeline
-from tfcompile.report import VariantReport, assign_ids, rank
+from tfcompile.report import VariantReport, finish_ranking, to_measure
 from tfcompile.search import Candidate, SearchSettings, budget_knob_grid, default_knob_grid, search
 from tfcompile.variants import Variant, VariantSpec, build_variant
 from tfcompile.verify import verify
@@ -132,17 +132,13 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
     onnx_files: dict[str, Path] = {}
     try:
         if settings.measure:
-            by_prediction = rank([r for name, r in reports.items() if name in variants and name != "baseline"],
-                                 settings.target)
-            chosen = ["baseline"] + [r.name for r in by_prediction if r.eligible][: settings.measure_top]
+            chosen = to_measure(reports, variants, settings.target, settings.measure_top)
             _measure({n: variants[n] for n in chosen}, reports, settings, workdir, onnx_files, progress,
                      scenario_graphs)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    ranked = rank(list(reports.values()), settings.target)
-    assign_ids(ranked, settings.target)
-    best = next((r.name for r in ranked if r.eligible and r.name in variants), None)
+    ranked, best = finish_ranking(reports, variants, settings.target)
     return OptimizeResult(ranked, variants, best, refusals, onnx_files, workdir, context.cost_model.provenance,
                           schedules, splits.source if splits is not None else None)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Container
 
 from tfcompile.outputs import atomic_write_text
 
@@ -88,6 +88,20 @@ def rank(variants: list[VariantReport], target: str) -> list[VariantReport]:
         return (not v.eligible, 1, v.objective_ms(target), len(v.passes))
 
     return sorted(variants, key=key)
+
+
+def to_measure(reports: dict[str, VariantReport], held: Container[str], target: str, top: int) -> list[str]:
+    """The baseline and the ``top`` eligible variants best by prediction, among those whose graphs are ``held``."""
+    by_prediction = rank([r for name, r in reports.items() if name in held and name != "baseline"], target)
+    return ["baseline"] + [r.name for r in by_prediction if r.eligible][:top]
+
+
+def finish_ranking(reports: dict[str, VariantReport], held: Container[str],
+                   target: str) -> tuple[list[VariantReport], str | None]:
+    """Every report ranked with its id, and the best eligible variant whose graph is ``held`` (None: none is)."""
+    ranked = rank(list(reports.values()), target)
+    assign_ids(ranked, target)
+    return ranked, next((r.name for r in ranked if r.eligible and r.name in held), None)
 
 
 def assign_ids(ranked: list[VariantReport], target: str) -> None:

@@ -40,7 +40,7 @@ from tfcompile.generation.greedy import greedy_generate, hf_greedy
 from tfcompile.generation.measure import GenerationTiming, measure_generations, measure_generations_torch
 from tfcompile.generation.trace import GenerationGraphs, example_prompt, trace_generation
 from tfcompile.passes import PassContext
-from tfcompile.report import VariantReport, assign_ids, rank
+from tfcompile.report import VariantReport, finish_ranking, to_measure
 from tfcompile.search import Candidate, SearchSettings, search
 from tfcompile.variants import Variant, build_variant
 from tfcompile.verify import verify
@@ -128,9 +128,7 @@ def optimize_generation(model: torch.nn.Module, settings: GenerationSettings, *,
     onnx_files: dict[str, tuple[Path, Path]] = {}
     try:
         if settings.measure:
-            by_prediction = rank([r for n, r in reports.items() if n in variants and n != "baseline"],
-                                 context.target)
-            chosen = ["baseline"] + [r.name for r in by_prediction if r.eligible][: settings.measure_top]
+            chosen = to_measure(reports, variants, context.target, settings.measure_top)
             if settings.backend == "torch":
                 progress("timing generations in torch")
                 pairs = {n: (variants[n][0].graph, variants[n][1].graph) for n in chosen}
@@ -146,9 +144,7 @@ def optimize_generation(model: torch.nn.Module, settings: GenerationSettings, *,
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    ranked = rank(list(reports.values()), context.target)
-    assign_ids(ranked, context.target)
-    best = next((r.name for r in ranked if r.eligible and r.name in variants), None)
+    ranked, best = finish_ranking(reports, variants, context.target)
     return GenerationResult(graphs, ranked, variants, best, result.refusals, context.cost_model.provenance,
                             timings, onnx_files, workdir, prompt, reference_tokens)
 
