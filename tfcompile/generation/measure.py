@@ -26,6 +26,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -152,39 +153,49 @@ def measure_generation(prefill_path: Path, decode_path: Path, spec: CacheSpec, i
                                warmup=warmup, threads=threads)["model"]
 
 
+# One greedy generation: its tokens [B, new_tokens], the prefill's seconds and each decode step's seconds.
+Generate = Callable[[int], tuple[np.ndarray, float, list[float]]]
+
+
+def _round_robin(generators: dict[str, tuple[Generate, int]], spec: CacheSpec, prompt_len: int, *,
+                 new_tokens: int, repeat: int, warmup: int) -> dict[str, GenerationTiming]:
+    """Time ``repeat`` generations of every variant after ``warmup`` untimed ones, round-robin: generation k
+    of every variant runs before generation k + 1 of any, so a change in the machine's load touches every
+    variant alike. ``generators``: name -> (generate, threads it runs on)."""
+    if new_tokens < 2:
+        raise ValueError("TPOT needs at least 2 new tokens (one decode step)")
+    for _ in range(warmup):
+        for generate, _threads in generators.values():
+            generate(new_tokens)
+    ttfts = {name: [] for name in generators}
+    steps = {name: [] for name in generators}
+    tokens = {}
+    for _ in range(max(repeat, 1)):
+        for name, (generate, _threads) in generators.items():
+            tokens[name], ttft, step_s = generate(new_tokens)
+            ttfts[name].append(ttft * 1e3)
+            steps[name] += [s * 1e3 for s in step_s]
+    return {name: GenerationTiming(Spread.of(ttfts[name]), Spread.of(steps[name]), spec.batch, prompt_len,
+                                   new_tokens, threads, tokens[name])
+            for name, (_, threads) in generators.items()}
+
+
 def measure_generations(files: dict[str, tuple[Path, Path]], spec: CacheSpec, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, *, new_tokens: int, repeat: int = 5,
                         warmup: int = 1, threads: int | None = None) -> dict[str, GenerationTiming]:
-    """``measure_generation`` for several variants' ``(prefill, decode)`` files, round-robin in one process.
-
-    Generation k of every variant runs before generation k + 1 of any, so a
-    change in the machine's load touches every variant alike."""
+    """``measure_generation`` for several variants' ``(prefill, decode)`` files, round-robin in one process."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if new_tokens < 2:
-        raise ValueError("TPOT needs at least 2 new tokens (one decode step)")
-    bound = {}
+    generators = {}
     for name, (prefill_path, decode_path) in files.items():
         # Two sessions (four, with two variants) take turns on the same cores: a session whose idle workers
         # spin steals them from the one running (TTFT 139-157 ms in the loop against 94-104 ms without spinning,
         # gpt2-small, 2 cores, three runs each), so the workers sleep between runs.
         prefill = OrtModel(prefill_path, threads=threads, spinning=False)
         decode = OrtModel(decode_path, threads=threads, spinning=False)
-        bound[name] = (BoundGeneration(prefill, decode, spec, input_ids, attention_mask),
-                       prefill.session.get_session_options().intra_op_num_threads)
-    for _ in range(warmup):
-        for generation, _threads in bound.values():
-            generation.generate(new_tokens)
-    ttfts = {name: [] for name in files}
-    steps = {name: [] for name in files}
-    tokens = {}
-    for _ in range(max(repeat, 1)):
-        for name, (generation, _threads) in bound.items():
-            tokens[name], ttft, step_s = generation.generate(new_tokens)
-            ttfts[name].append(ttft * 1e3)
-            steps[name] += [s * 1e3 for s in step_s]
-    return {name: GenerationTiming(Spread.of(ttfts[name]), Spread.of(steps[name]), spec.batch, input_ids.shape[1],
-                                   new_tokens, used, tokens[name]) for name, (_, used) in bound.items()}
+        generators[name] = (BoundGeneration(prefill, decode, spec, input_ids, attention_mask).generate,
+                            prefill.session.get_session_options().intra_op_num_threads)
+    return _round_robin(generators, spec, input_ids.shape[1], new_tokens=new_tokens, repeat=repeat, warmup=warmup)
 
 
 def measure_generations_torch(graphs: dict[str, tuple], spec: CacheSpec, input_ids: torch.Tensor,
@@ -196,36 +207,26 @@ def measure_generations_torch(graphs: dict[str, tuple], spec: CacheSpec, input_i
 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if new_tokens < 2:
-        raise ValueError("TPOT needs at least 2 new tokens (one decode step)")
 
-    def generate(prefill, decode) -> tuple[np.ndarray, float, list[float]]:
-        start = time.perf_counter()
-        logits, *cache = prefill.run((input_ids, attention_mask))
-        tokens = [logits.argmax(-1)]
-        ttft = time.perf_counter() - start
-        state, steps = DecodeState(spec, attention_mask, cache), []
-        for _ in range(new_tokens - 1):
+    def generator(prefill, decode) -> Generate:
+        def generate(new_tokens: int) -> tuple[np.ndarray, float, list[float]]:
             start = time.perf_counter()
-            logits, *cache = decode.run(state.step_inputs(tokens[-1]))
-            state.advance(cache)
-            tokens.append(logits.argmax(-1))
-            steps.append(time.perf_counter() - start)
-        return torch.stack(tokens, dim=1).numpy(), ttft, steps
+            logits, *cache = prefill.run((input_ids, attention_mask))
+            tokens = [logits.argmax(-1)]
+            ttft = time.perf_counter() - start
+            state, steps = DecodeState(spec, attention_mask, cache), []
+            for _ in range(new_tokens - 1):
+                start = time.perf_counter()
+                logits, *cache = decode.run(state.step_inputs(tokens[-1]))
+                state.advance(cache)
+                tokens.append(logits.argmax(-1))
+                steps.append(time.perf_counter() - start)
+            return torch.stack(tokens, dim=1).numpy(), ttft, steps
+        return generate
 
-    for _ in range(warmup):
-        for prefill, decode in graphs.values():
-            generate(prefill, decode)
-    ttfts = {name: [] for name in graphs}
-    steps = {name: [] for name in graphs}
-    tokens = {}
-    for _ in range(max(repeat, 1)):
-        for name, (prefill, decode) in graphs.items():
-            tokens[name], ttft, step_s = generate(prefill, decode)
-            ttfts[name].append(ttft * 1e3)
-            steps[name] += [s * 1e3 for s in step_s]
-    return {name: GenerationTiming(Spread.of(ttfts[name]), Spread.of(steps[name]), spec.batch, input_ids.shape[1],
-                                   new_tokens, torch.get_num_threads(), tokens[name]) for name in graphs}
+    generators = {name: (generator(prefill, decode), torch.get_num_threads())
+                  for name, (prefill, decode) in graphs.items()}
+    return _round_robin(generators, spec, input_ids.shape[1], new_tokens=new_tokens, repeat=repeat, warmup=warmup)
 
 
 def profile_decode_step(decode_path: Path, spec: CacheSpec, prompt_len: int, *, steps: int = 10,
