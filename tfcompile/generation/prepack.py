@@ -61,7 +61,7 @@ from typing import Sequence
 
 import torch
 
-from tfcompile.generation.trace import CacheSpec, cache_spec
+from tfcompile.generation.trace import CacheSpec, cache_spec, cache_tensors
 from tfcompile.graph import ModelGraph, export_module
 
 MASKED_ATTENTION = ("sdpa", "eager")  # implementations that take a 4-D boolean mask as given
@@ -223,11 +223,6 @@ def _recording_cache(layers: int):
     return Cache(layers=[RecordingLayer() for _ in range(layers)])
 
 
-def _tensors(cache) -> list[torch.Tensor]:
-    """Key and value of every layer: ``key_0, value_0, key_1, ...``."""
-    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
-
-
 class PackedPrefill(torch.nn.Module):
     """The packed prefill: ``(input_ids, position_ids, segment_ids, last_index, cache_index) ->
     (logits [B, V], present_key_0, present_value_0, ...)`` with the cache in the batched layout of ``spec``."""
@@ -243,7 +238,7 @@ class PackedPrefill(torch.nn.Module):
                                        position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
         last = hidden.reshape(rows * capacity, hidden.shape[-1]).index_select(0, last_index)
         logits = self.model.get_output_embeddings()(last)
-        return (logits, *(unpack_cache(t, cache_index, self.spec.max_len) for t in _tensors(cache)))
+        return (logits, *(unpack_cache(t, cache_index, self.spec.max_len) for t in cache_tensors(cache)))
 
 
 def check_prepackable(model: torch.nn.Module) -> None:
@@ -283,7 +278,7 @@ def _probe(model: torch.nn.Module) -> None:
 
 
 def _compare_cache(present: Sequence[torch.Tensor], alone, prompt: int, start: int) -> None:
-    alone_tensors = _tensors(alone)
+    alone_tensors = cache_tensors(alone)
     for packed, single in zip(present, alone_tensors):
         got = packed[prompt, :, start:start + single.shape[2]]
         if (got - single[0]).abs().max() > PROBE_TOLERANCE * single.abs().max().clamp(min=1e-6):

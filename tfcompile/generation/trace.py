@@ -152,7 +152,8 @@ def _pad_to(states: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(states, (0, 0, 0, length - states.shape[2]))
 
 
-def _present(cache) -> tuple[torch.Tensor, ...]:
+def cache_tensors(cache) -> tuple[torch.Tensor, ...]:
+    """Key and value of every layer of a transformers ``Cache``: ``key_0, value_0, key_1, ...``."""
     return tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
 
 
@@ -176,7 +177,7 @@ class PrefillStep(torch.nn.Module):
         cache = self._cache([zeros] * (2 * self.spec.layers), None)
         out = self.model(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids,
                          cache=cache, use_cache=True, logits_to_keep=1)
-        return (out.logits[:, -1, :], *_present(cache))
+        return (out.logits[:, -1, :], *cache_tensors(cache))
 
 
 class DecodeStep(torch.nn.Module):
@@ -193,7 +194,7 @@ class DecodeStep(torch.nn.Module):
         mask = attention_mask.bool()[:, None, None, :]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
                          use_cache=True, logits_to_keep=1)
-        return (out.logits[:, -1, :], *_present(cache))
+        return (out.logits[:, -1, :], *cache_tensors(cache))
 
 
 def example_prompt(vocab: int, batch: int, prompt_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
