@@ -39,6 +39,8 @@ import dataclasses
 
 import torch
 
+from tfcompile.errors import ShapeError
+from tfcompile.frontend.limits import check_fits_in_memory
 from tfcompile.graph import ModelGraph, export_module
 
 
@@ -88,9 +90,14 @@ def cache_spec(model: torch.nn.Module, *, batch: int, max_len: int) -> CacheSpec
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is not None and max_len > positions:
-        raise ValueError(f"a cache of {max_len} positions exceeds the model's {positions}")
+        raise ShapeError(f"a cache of {max_len} positions (prompt + new tokens - 1) exceeds the model's {positions} "
+                         "positions; lower --prompt-len or --new-tokens")
     dtype = next(model.parameters()).dtype
-    return CacheSpec(layers, batch, kv_heads, max_len, head_dim, dtype)
+    spec = CacheSpec(layers, batch, kv_heads, max_len, head_dim, dtype)
+    # The prefill writes one cache, and a decode step reads one and writes another: three before anything runs.
+    check_fits_in_memory(3 * spec.bytes, f"a KV cache of {layers} layers x batch {batch} x {max_len} positions",
+                         "lower --batch, --prompt-len or --new-tokens")
+    return spec
 
 
 def _cache_class():
