@@ -890,3 +890,69 @@ def test_bad_length_files(kind, extra, match, box, capsys):
 def test_size_lists_are_for_optimize_only(command, box, capsys):
     out = ["-o", box.work / "m.onnx"] if command == "export" else ["--database", box.work / "db"]
     assert_refused(capsys, box, command, MLP, "--seq", "16..64", *out, match="this command traces one shape")
+
+
+# --- optimize --generate: a causal LM's directory, file or options ----------------------------------------------
+
+def _tiny_gpt2_dir(root: Path, **config) -> Path:
+    from transformers import GPT2Config
+
+    from tfcompile.frontend.zoo import TINY_CONFIGS
+
+    folder = root / "tiny-gpt2"
+    # Token ids inside the tiny vocabulary, so transformers has nothing to warn about on loading.
+    GPT2Config(**{**TINY_CONFIGS["gpt2-small"], "bos_token_id": 0, "eos_token_id": 0, **config}).save_pretrained(folder)
+    return folder
+
+
+def _tiny_gpt2_checkpoint(root: Path) -> Path:
+    from transformers import GPT2LMHeadModel
+
+    folder = _tiny_gpt2_dir(root)
+    GPT2LMHeadModel(GPT2LMHeadModel.config_class.from_pretrained(folder)).save_pretrained(folder)
+    return folder
+
+
+def _generate(capsys, box: Sandbox, model, *args, match: str) -> None:
+    out = earlier_output(box, "prefill.onnx", "decode.onnx", "report.json")
+    assert_refused(capsys, box, "optimize", model, "--generate", "--prompt-len", "8", "--new-tokens", "4", *args,
+                   "-o", out, match=match)
+
+
+def test_generate_on_a_pickle_file_reads_nothing(box, capsys):
+    payload = box.inputs / "model.pt"
+    payload.write_bytes(pickle_payload(box.marker))
+    _generate(capsys, box, payload, match="traces a Hugging Face causal LM")
+
+
+def test_generate_on_a_directory_whose_checkpoint_is_a_pickle(box, capsys):
+    folder = _tiny_gpt2_dir(box.inputs)
+    (folder / "pytorch_model.bin").write_bytes(pickle_payload(box.marker))
+    _generate(capsys, box, folder, match=str(folder))
+
+
+def test_generate_on_a_directory_naming_custom_code(box, capsys):
+    folder = _tiny_gpt2_dir(box.inputs, auto_map={"AutoModelForCausalLM": "evil.Model"})
+    (folder / "evil.py").write_text(f"open({str(box.marker)!r}, 'w').close()\n")
+    _generate(capsys, box, folder, match="auto_map")
+
+
+def test_generate_with_a_prompt_longer_than_the_model_positions(box, capsys):
+    _generate(capsys, box, _tiny_gpt2_checkpoint(box.inputs), "--prompt-len", "200",
+              match="exceeds the model's 128 positions")
+
+
+def test_generate_with_a_cache_larger_than_memory_allocates_nothing(box, capsys):
+    _generate(capsys, box, _tiny_gpt2_checkpoint(box.inputs), "--prompt-len", "100", "--new-tokens", "28",
+              "--batch", str(1 << 20), match="KV cache")
+
+
+@pytest.mark.parametrize("args,match", [
+    (("--prompt-len", "0"), "--prompt-len"),
+    (("--new-tokens", str(1 << 30)), "--new-tokens"),
+    (("--lengths", "3"), "--lengths does not apply to --generate"),
+    (("--passes", "fold_constants"), "--passes does not apply to --generate"),
+    (("--backend", "tvm"), "TVM does not run the generation graphs"),
+])
+def test_generate_bad_options(args, match, box, capsys):
+    _generate(capsys, box, "gpt2-small", *args, match=match)
