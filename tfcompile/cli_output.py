@@ -54,7 +54,7 @@ def show_outcome(outcome, out: Console) -> None:
     check = outcome.export
     shapes = (f"symbolic {', '.join(check.dims)}" if check.dims
               else f"static at the traced shape ({check.static_reason})")
-    out.print(f"model.onnx ({'fp32' if check.exact else check.quantize}): input shapes {shapes}; in ONNX Runtime "
+    out.print(f"model.onnx ({check.precision}): input shapes {shapes}; in ONNX Runtime "
               f"vs torch at {', '.join(check.checked_at)}: max relative error {check.max_rel_err:.1e}, "
               f"{check.quality_metric} {check.quality:.5f}", markup=False)
     for report in outcome.result.reports:

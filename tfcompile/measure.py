@@ -22,6 +22,7 @@ from tfcompile.backends.runner import Lowered, interleave_block, lower_for_input
 from tfcompile.backends.timing import Measurement, measure, measure_interleaved
 from tfcompile.errors import BackendError
 from tfcompile.graph import ModelGraph
+from tfcompile.structure.precision import RELATIVE_TOLERANCE, graph_precision
 from tfcompile.verify import compare_outputs
 
 # A backend's output that moves more than this (relative to the largest output
@@ -76,8 +77,10 @@ def measure_here(graphs: dict[str, ModelGraph], backend: str, workdir: Path, *, 
         runs = lower_torch_device(graphs[names[0]], input_sets, **torch_options) if on_device else \
             lower_for_inputs(graphs[names[0]], backend, workdir, input_sets)
         for name, low in zip(names, runs):
+            # A precision variant is held to its own precision's tolerance (it runs its dtype in both).
+            own = RELATIVE_TOLERANCE[graph_precision(graphs[name])]
             check_outputs(name, graphs[name], low.outputs, f"{getattr(low, 'label', backend)} output",
-                          getattr(low, "tolerance", OUTPUT_TOLERANCE))
+                          max(getattr(low, "tolerance", OUTPUT_TOLERANCE), own))
             lowered[name] = low
     progress(f"measuring {len(lowered)} variant(s) on {backend} (median of {repeat})")
     if on_device:

@@ -58,13 +58,15 @@ class ExportCheck:
     dims: tuple[str, ...] = ()
     static_reason: str | None = None  # why the file takes only the traced shape
     checked_at: tuple[str, ...] = ()  # the input shapes ONNX Runtime was checked against torch at
+    # The narrowest arithmetic in the file: the variant's own (a precision pass) or --quantize's.
+    precision: str = "fp32"
 
     @property
     def exact(self) -> bool:
         return self.quantize == "none"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"quantize": self.quantize, "exact": self.exact, "max_abs_err": self.max_abs_err,
+        return {"quantize": self.quantize, "precision": self.precision, "exact": self.exact, "max_abs_err": self.max_abs_err,
                 "max_rel_err": self.max_rel_err, "quality": self.quality, "quality_metric": self.quality_metric,
                 "dynamic_dims": list(self.dims), "static_reason": self.static_reason,
                 "checked_at": list(self.checked_at)}
@@ -369,6 +371,7 @@ def _export_best(result: OptimizeResult, original: ModelGraph, quantize: str, bu
     """Export the best variant (or reuse its measured export), quantize on request, check it, write it."""
     from tfcompile.backends import ort
     from tfcompile.backends.quantize import quantize as quantize_onnx
+    from tfcompile.structure.precision import graph_precision
     from tfcompile.verify import compare_outputs
 
     best = result.variants[result.best]
@@ -381,7 +384,7 @@ def _export_best(result: OptimizeResult, original: ModelGraph, quantize: str, bu
         worst = max(deployed.checks, key=lambda c: c.max_rel_err)
         return ExportCheck(quantize, worst.max_abs_err, worst.max_rel_err, min(c.quality for c in deployed.checks),
                            worst.quality_metric, deployed.dims, deployed.static_reason,
-                           tuple(c.label() for c in deployed.checks))
+                           tuple(c.label() for c in deployed.checks), graph_precision(best_graph))
     onnx_path = result.onnx_files.get(result.best) or ort.export_onnx(best_graph, result.workdir / "best.onnx")
     if quantize != "none":
         onnx_path = quantize_onnx(onnx_path, result.workdir / f"model-{quantize}.onnx", quantize)
@@ -393,7 +396,7 @@ def _export_best(result: OptimizeResult, original: ModelGraph, quantize: str, bu
     ort.single_file(Path(onnx_path), final_path)
     return ExportCheck(quantize, check.max_abs_err, check.max_rel_err, check.quality, check.quality_metric,
                        static_reason=f"{quantize} quantization is checked at the traced shape only",
-                       checked_at=("x".join(map(str, best_graph.example_inputs[0].shape)),))
+                       checked_at=("x".join(map(str, best_graph.example_inputs[0].shape)),), precision=quantize)
 
 
 def input_records(graph: ModelGraph) -> list[dict[str, Any]]:

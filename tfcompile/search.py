@@ -49,6 +49,8 @@ def default_knob_grid() -> dict[str, list[dict[str, Any]]]:
         # Tokens merged per layer (absolute, as in ToMe): on minilm at 128 tokens r = 12 kept the
         # embedding cosine at 0.982 for a 28.5 % FLOPs cut; shorter inputs refuse what they cannot merge.
         "merge_tokens": [{"r": 4}, {"r": 12}],
+        # The pass refuses the type the target has no faster arithmetic or kernel for.
+        "half_precision": [{"dtype": "fp16"}, {"dtype": "bf16"}],
     }
 
 

@@ -6,10 +6,13 @@ model's source again with symbolic dimensions (``frontend.dynamic``), replays
 the variant's passes on that graph (``backends.replay``), exports it, and runs
 the file in ONNX Runtime against the torch source at several shapes (the
 traced one, the smallest, an odd one, a large one); only a file within
-``REL_TOLERANCE`` at every one is written. A variant that is approximate or
-shape-specialised (token pruning, padding removal for fixed lengths), a
-source that cannot be traced again (an ONNX input) or a replay or check that
-fails gives the static export instead, with the reason in the result.
+``REL_TOLERANCE`` at every one is written. A precision variant (int8, fp16,
+bf16) is checked against the replayed variant itself, within its precision's
+tolerance: its rounding does not depend on the shape. A variant that is
+otherwise approximate or shape-specialised (token pruning, padding removal for
+fixed lengths), a source that cannot be traced again (an ONNX input) or a
+replay or check that fails gives the static export instead, with the reason
+in the result.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from tfcompile.backends.replay import replay
 from tfcompile.errors import BackendError, TfcompileError, first_line
 from tfcompile.frontend.dynamic import describe, export_dims, inputs_at, sizes_in_range, trace_dynamic
 from tfcompile.graph import ModelGraph
+from tfcompile.structure.precision import RELATIVE_TOLERANCE, graph_precision
 from tfcompile.passes import PassContext, Stage, get_pass
 from tfcompile.verify import compare_outputs
 
-REL_TOLERANCE = 1e-4
+REL_TOLERANCE = RELATIVE_TOLERANCE["fp32"]
 # Checked besides the traced shape: the smallest, an odd one, a wide batch, a long sequence
 # (each clipped to the model's range; the long one is capped so a check stays seconds, not minutes).
 CHECK_SIZES = ({"batch": 1, "seq": 1}, {"batch": 3, "seq": 77}, {"batch": 16, "seq": 16}, {"batch": 2, "seq": 512})
@@ -125,7 +129,7 @@ def export_deployable_onnx(graph: ModelGraph, path: Path, *, passes: Sequence[tu
         lengths = context.workload.lengths if padded and context is not None else None
         checks = (_check(static, graph.example_inputs, reference.run(graph.example_inputs), graph.output_names,
                          lengths=lengths),)
-        _require_close(graph.name, checks[0], atol)
+        _require_close(graph, checks[0], atol)
         ort.single_file(static, path)
         return DeployedOnnx(path, (), reason, checks)
 
@@ -141,7 +145,7 @@ def static_reason(graph: ModelGraph, applied: list[str]) -> str | None:
         return "no input has a batch or sequence dimension"
     for name in applied:
         pass_ = get_pass(name)
-        if not pass_.exact:
+        if not pass_.exact and pass_.stage is not Stage.PRECISION:  # a dtype's rounding is the same at any shape
             return f"approximate pass {name} was judged at the traced shape only"
         if pass_.lengths_specific:
             return f"pass {name} is specialised to the traced batch's shape and valid lengths"
@@ -171,7 +175,11 @@ def _dynamic_file(graph: ModelGraph, passes, applied: list[str], original: Model
                            f"symbolic shapes ({differ.reason})")
     ort.export_onnx(dynamic, path, external_data=True, dynamic_shapes=export_dims(source), opset=opset)
     model = ort.OrtModel(path)
-    checks = [_check(model, graph.example_inputs, original.run(graph.example_inputs), graph.output_names)]
+    # An approximate (precision) variant differs from the original by design: the file must reproduce the
+    # variant, so the reference at every shape is the replayed variant run in torch.
+    approximate = not all(get_pass(name).exact for name in applied)
+    traced_reference = (graph if approximate else original).run(graph.example_inputs)
+    checks = [_check(model, graph.example_inputs, traced_reference, graph.output_names)]
     seen = {tuple(tuple(t.shape) for t in graph.example_inputs)}
     for sizes in CHECK_SIZES:
         inputs = inputs_at(source, graph.input_names, graph.example_inputs, sizes_in_range(source, sizes))
@@ -180,14 +188,14 @@ def _dynamic_file(graph: ModelGraph, passes, applied: list[str], original: Model
         seen.add(tuple(tuple(t.shape) for t in inputs))
         try:
             with torch.no_grad():
-                reference = source.module(*inputs)
+                reference = dynamic.gm(*inputs) if approximate else source.module(*inputs)
         except Exception as exc:  # the model's own code refuses the shape
             raise BackendError(f"torch cannot run {graph.name} at {_shapes(t.shape for t in inputs)}: "
                                f"{type(exc).__name__}: {first_line(exc)}") from exc
         reference = reference if isinstance(reference, (tuple, list)) else (reference,)
         checks.append(_check(model, inputs, reference, graph.output_names))
-        _require_close(graph.name, checks[-1], atol)
-    _require_close(graph.name, checks[0], atol)
+        _require_close(graph, checks[-1], atol)
+    _require_close(graph, checks[0], atol)
     return tuple(describe(source)), tuple(checks)
 
 
@@ -207,12 +215,17 @@ def _check(model: ort.OrtModel | Path, inputs: tuple[torch.Tensor, ...], referen
                       result.quality, result.quality_metric)
 
 
-def _require_close(name: str, check: ShapeCheck, atol: float | None = None) -> None:
+def _require_close(graph: ModelGraph, check: ShapeCheck, atol: float | None = None) -> None:
+    """ONNX Runtime's output against torch's within ``atol``, or within the graph's precision's tolerance
+    (``REL_TOLERANCE`` for fp32) relative to the largest output magnitude."""
+    name = graph.name
     if atol is not None:
         if not check.max_abs_err <= atol:
             raise BackendError(f"ONNX Runtime differs from torch for {name} at input shape {check.label()}: max "
                                f"absolute error {check.max_abs_err:.1e} > --atol {atol:.0e}")
         return
-    if not check.max_rel_err <= REL_TOLERANCE:
+    precision = graph_precision(graph)
+    tolerance = REL_TOLERANCE if precision == "fp32" else RELATIVE_TOLERANCE[precision]
+    if not check.max_rel_err <= tolerance:
         raise BackendError(f"ONNX Runtime differs from torch for {name} at input shape {check.label()}: max "
-                           f"relative error {check.max_rel_err:.1e} > {REL_TOLERANCE:.0e}")
+                           f"relative error {check.max_rel_err:.1e} > {tolerance:.0e} ({precision})")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tfcompile.backends.onnx_translations import TRANSLATIONS
 from tfcompile.backends.timing import Measurement, measure
 from tfcompile.errors import BackendError, first_line
 from tfcompile.graph import ModelGraph, clone, fetch_attr, to_exported_program
@@ -59,7 +60,8 @@ def export_onnx(graph: ModelGraph, path: Path, *, opset: int | None = None, exte
             with _quiet():
                 onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=graph.input_names,
                                                  output_names=graph.output_names, opset_version=opset,
-                                                 optimize=True, verbose=False)
+                                                 optimize=True, verbose=False,
+                                                 custom_translation_table=TRANSLATIONS)
                 onnx_program.save(str(tmp), external_data=external_data)
         except Exception as exc:  # the exporter raises many types; one line for the user
             raise BackendError(f"ONNX export of {graph.name} failed: {type(exc).__name__}: {first_line(exc)}") from exc

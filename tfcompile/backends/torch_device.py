@@ -29,12 +29,8 @@ are cast to the precision. The cast graph's shapes are refreshed, so the cost
 model predicts it at its own dtypes.
 
 Tolerances (largest error relative to the reference's largest magnitude, as
-``verify.compare_outputs``): fp32 1e-4 (same as ``measure.OUTPUT_TOLERANCE``:
-only summation order differs); tf32 1e-2 (10-bit mantissa, unit roundoff
-4.9e-4 per product, grown over a dozen layers); fp16 1e-2 (same mantissa, and
-every activation rounded too); bf16 3e-2 (8-bit mantissa, roundoff 3.9e-3 at
-every op, three times fp16's margin for about eight times its roundoff because
-errors partly cancel).
+``verify.compare_outputs``) are ``structure.precision.RELATIVE_TOLERANCE``'s,
+which say why: fp32 1e-4, tf32 and fp16 1e-2, bf16 3e-2.
 
 Preconditions: the graph's example inputs fit it (``graph.run()`` works); cuda
 needs ``torch.cuda.is_available()``. No ONNX Runtime or TVM import.
@@ -55,12 +51,13 @@ from tfcompile.backends.runner import Lowered
 from tfcompile.backends.timing import Measurement
 from tfcompile.errors import BackendError, first_line
 from tfcompile.graph import ModelGraph, clone, fetch_attr, refresh_shapes
+from tfcompile.structure.precision import RELATIVE_TOLERANCE
 from tfcompile.verify import compare_outputs
 
 DEVICES = ("cpu", "cuda")
 MODES = ("eager", "graphs", "compile")
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 3e-2, "fp16": 1e-2}
+TOLERANCE = {name: RELATIVE_TOLERANCE[name] for name in PRECISIONS}
 GRAPH_WARMUP_RUNS = 3
 
 aten = torch.ops.aten

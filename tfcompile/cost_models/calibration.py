@@ -102,22 +102,27 @@ class Profile:
     flops_only_s_per_flop: float = 0.0
     samples: list[dict] = dataclasses.field(default_factory=list)
 
-    def predict_s(self, graph: ModelGraph) -> float:
+    def predict_s(self, graph: ModelGraph, flop_speedup: dict[str, float] | None = None) -> float:
+        """``flop_speedup``: the device's peak per dtype over its fp32 peak. The profile's FLOP rates are
+        fitted on fp32 kernels; a kernel in another dtype runs at that rate times its speed-up (the
+        roofline's assumption, not a fit: no int8 or half-precision micro-benchmark is in the suite yet)."""
         kernels = group_kernels(graph, self.backend)
         traffic = attention_traffic_bytes(graph, self.target, self.backend)
         streaming = streams_weights(graph, self.target)
-        return (self.graph_overhead_s + sum(self.kernel_s(k, streaming) for k in kernels)
+        return (self.graph_overhead_s + sum(self.kernel_s(k, streaming, flop_speedup) for k in kernels)
                 + self.s_per_byte.get("memory", 0.0) * traffic)
 
     def predict_flops_only_s(self, graph: ModelGraph) -> float:
         return self.flops_only_s_per_flop * sum(k.flops for k in group_kernels(graph, self.backend))
 
-    def kernel_s(self, kernel: Kernel, streaming: bool = False) -> float:
+    def kernel_s(self, kernel: Kernel, streaming: bool = False,
+                 flop_speedup: dict[str, float] | None = None) -> float:
         cls = kernel_class(kernel, streaming)
         if cls not in self.s_per_flop and cls == "gemm_stream":
             cls = "gemm_skinny"  # a profile fitted before the class existed
-        return (self.s_per_flop.get(cls, 0.0) * kernel.flops + self.s_per_byte.get(cls, 0.0) * kernel.bytes_moved
-                + self.kernel_overhead_s)
+        speedup = (flop_speedup or {}).get(kernel.dtype, 1.0) if kernel.dtype != "fp32" else 1.0
+        return (self.s_per_flop.get(cls, 0.0) * kernel.flops / speedup
+                + self.s_per_byte.get(cls, 0.0) * kernel.bytes_moved + self.kernel_overhead_s)
 
     def to_json(self) -> str:
         return json.dumps({"version": PROFILE_VERSION, **dataclasses.asdict(self)}, indent=2) + "\n"

@@ -18,8 +18,12 @@ OP_CLASSES = ("gemm", "attention", "memory", "norm", "softmax")
 
 # The instruction-set extensions that decide kernel speed on x86 and Arm hosts: a figure measured with one set
 # does not transfer to a host without it.
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
-             "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2")
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "amx_int8", "asimd", "asimddp", "sve", "sve2")
+# The extensions a host's identity names (``host_identity``). Fixed: adding one here would change the
+# identity of hosts that have it and orphan their saved calibration profiles.
+IDENTITY_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
+                  "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,9 @@ class DeviceSpec:
     # back op by op; once it outgrows the last-level cache every pass goes to DRAM.
     attention_score_passes: float = 0.0  # 0: fused (flash) attention, scores never leave the chip
     cache_bytes: float = 0.0
+    # The CPU's instruction-set extensions among ISA_FLAGS (detected for the host; empty for other devices):
+    # what decides whether int8 or bf16 arithmetic is faster than fp32 there.
+    isa: frozenset[str] = frozenset()
 
     def peak_for(self, dtype: str) -> float:
         peak = self.peak_flops.get(dtype, 0.0)
@@ -226,14 +233,28 @@ def detect_host() -> HostCpu:
     return HostCpu(model, cores, clock_mhz * 1e6, flags)
 
 
+def cpu_peaks(host: HostCpu) -> dict[str, float]:
+    """FLOP/s per dtype on ``host``: a dtype is faster than fp32 only with instructions that do its arithmetic.
+
+    int8: VNNI / AMX-INT8 multiply-accumulate four int8 pairs per 32-bit lane (4x fp32); without
+    them ONNX Runtime's int8 measured 0.95-1.02x fp32 on an AVX2 host, so no gain is assumed.
+    bf16: AVX512_BF16 / AMX-BF16 dot products (2x); fp16: AVX512_FP16 / AMX-FP16 (2x). Otherwise
+    the half types are converted and computed as fp32.
+    """
+    fp32 = host.cores * host.clock_hz * host.fp32_flops_per_cycle
+    has = host.flags.__contains__
+    return {"fp32": fp32,
+            "fp16": fp32 * (2 if has("avx512_fp16") or has("amx_fp16") else 1),
+            "bf16": fp32 * (2 if has("avx512_bf16") or has("amx_bf16") else 1),
+            "int8": fp32 * (4 if has("avx512_vnni") or has("avx_vnni") or has("amx_int8") else 1)}
+
+
 def _with_host_peaks(spec: DeviceSpec) -> DeviceSpec:
     host = detect_host()
-    fp32 = host.cores * host.clock_hz * host.fp32_flops_per_cycle
-    peaks = {"fp32": fp32, "fp16": fp32, "bf16": fp32 * (2 if "avx512_bf16" in host.flags else 1),
-             "int8": fp32 * (4 if "avx512_vnni" in host.flags else 2)}
     cache = last_level_cache_bytes()
     return dataclasses.replace(spec, description=f"{host.model}, {host.cores} cores at {host.clock_hz / 1e9:.2f} GHz",
-                               peak_flops=peaks, cache_bytes=cache or spec.cache_bytes)
+                               peak_flops=cpu_peaks(host), cache_bytes=cache or spec.cache_bytes,
+                               isa=frozenset(flag for flag in ISA_FLAGS if flag in host.flags))
 
 
 def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> float:
@@ -258,5 +279,5 @@ def host_identity() -> str:
     Two hosts with the same identity run the same kernels at about the same speed; a profile fitted on one
     identity is refused on another (the same model name with and without AVX-512 is two identities)."""
     host = detect_host()
-    isa = ",".join(flag for flag in ISA_FLAGS if flag in host.flags) or "none"
+    isa = ",".join(flag for flag in IDENTITY_FLAGS if flag in host.flags) or "none"
     return f"{host.model}; {host.cores} cores; {isa}; LLC {int(last_level_cache_bytes())} B"

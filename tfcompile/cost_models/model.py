@@ -100,7 +100,9 @@ class CalibratedCostModel:
 
     def predict(self, graph) -> Prediction:
         roofline = estimate(graph, self.device)
-        return Prediction(self.profile.predict_s(graph), roofline.flops, roofline.bytes_moved, self.kind)
+        fp32 = self.device.peak_for("fp32")
+        speedup = {dtype: self.device.peak_for(dtype) / fp32 for dtype in self.device.peak_flops}
+        return Prediction(self.profile.predict_s(graph, speedup), roofline.flops, roofline.bytes_moved, self.kind)
 
 
 def cost_model_for(target: str | DeviceSpec, backend: str = "ort", *, profile_path: Path | None = None,

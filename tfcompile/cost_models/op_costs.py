@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.fx
 
+from tfcompile.structure.precision import LINEAR_INT8
+
 aten = torch.ops.aten
 
 
@@ -80,6 +82,15 @@ def _linear(node: torch.fx.Node) -> OpCost:
     tokens = x.numel() // x.shape[-1]
     flops = 2 * tokens * w.shape[0] * w.shape[1]
     return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "gemm")
+
+
+@op_cost(LINEAR_INT8)
+def _linear_int8(node: torch.fx.Node) -> OpCost:
+    # The int8 weight is read (a quarter of fp32's bytes); quantizing the activation is one more pass over it.
+    x, w = node.args[0].meta["val"], node.args[1].meta["val"]
+    tokens = x.numel() // x.shape[-1]
+    flops = 2 * tokens * w.shape[0] * w.shape[1]
+    return OpCost(flops, 2 * _nbytes(x) + sum(_nbytes(v) for v in _vals(node)[1:]), _out_bytes(node), "gemm")
 
 
 @op_cost(aten.addmm.default)
@@ -174,6 +185,9 @@ def cost_of(node: torch.fx.Node) -> OpCost:
 
 
 def dtype_name(node: torch.fx.Node) -> str:
+    """The dtype a node computes in: its output's, except for ops whose arithmetic is narrower."""
+    if node.target is LINEAR_INT8:
+        return "int8"
     val = _out(node)
     if isinstance(val, (tuple, list)):
         val = next((v for v in val if isinstance(v, torch.Tensor)), None)

@@ -31,7 +31,7 @@ class Exactness(enum.Enum):
 
 
 class Stage(enum.IntEnum):
-    """What a pass rewrites; pipelines run the stages in this order (clean-up first, padding last)."""
+    """What a pass rewrites; pipelines run the stages in this order (clean-up first, precision last)."""
 
     CLEANUP = 0
     PROJECTIONS = 1
@@ -40,6 +40,7 @@ class Stage(enum.IntEnum):
     ATTENTION = 4
     TOKENS = 5  # drop or merge tokens: every later token-wise op sees fewer
     PADDING = 6  # specialises to the batch's lengths, so it sees the final graph
+    PRECISION = 7  # narrows the dtype of whatever the structural passes left
 
 
 class PassRefused(Exception):
