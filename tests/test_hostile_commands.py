@@ -500,6 +500,24 @@ def test_remote_key_and_backend_errors(args, match, box, capsys):
     assert_refused(capsys, box, *[a.format(w=box.work) for a in args], match=match)
 
 
+@pytest.mark.parametrize("args", [
+    ["optimize", "tests.tiny:bert", "--target", "a100", "--measure"],
+    ["optimize", "tests.tiny:bert", "--target", "h100", "--allow-approx", "--measure"],
+    ["optimize", "tiny-decoder", "--generate", "--prompt-len", "8", "--new-tokens", "2", "--target", "edge",
+     "--measure"],
+    ["compare", "tests.tiny:bert", "--target", "npu"],
+])
+def test_measuring_another_device_on_this_host_is_refused(args, box, capsys):
+    """CPU timings must never rank a GPU's variants: --measure for another target needs that device."""
+    out = earlier_output(box, "report.json")
+    line = assert_refused(capsys, box, *args, "-o", out, match="needs that device")
+    assert "'cpu' (this host)" in line
+
+
+def test_the_library_refuses_to_measure_another_device(box):
+    assert_library_refuses(box, "measuring on h100 needs that device", target="h100", measure=True)
+
+
 # --- output paths -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("suffix", ["/", "/.", "/.."])

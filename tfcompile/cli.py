@@ -303,13 +303,12 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
 
     from tfcompile.compare import (builtin_variant_graphs, check_compare_options, lowest_of_passes,
                                    measure_and_predict, score, write_outputs)
+    from tfcompile.measure import require_measurable
     from tfcompile.cost_models.model import cost_model_for
 
     check_compare_options(target, output_dir)  # an unknown target or an unwritable -o fails before any work
     remote_spec, backend = parse_remote(remote, device_key, backend)
-    if target != "cpu" and remote_spec is None and torch_options.get("device") != "cuda":
-        raise TfcompileError(f"measuring on {target} needs that device; only 'cpu' (this host) is measured here, "
-                             "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
+    require_measurable(target, remote_spec, on_cuda=torch_options.get("device") == "cuda")
     runtime = " ".join([backend, *torch_options.values()])  # "torch cuda graphs bf16"
     batch_sizes, seq_lens = int_list(batches, "--batches"), int_list(seqs, "--seqs")  # before anything is printed
     # Saved profiles are fitted on torch as it is (cpu, eager, fp32): with other torch options only --profile.

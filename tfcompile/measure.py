@@ -20,7 +20,7 @@ from typing import Callable
 
 from tfcompile.backends.runner import Lowered, interleave_block, lower_for_inputs
 from tfcompile.backends.timing import Measurement, measure, measure_interleaved
-from tfcompile.errors import BackendError
+from tfcompile.errors import BackendError, InvalidOptionError
 from tfcompile.graph import ModelGraph
 from tfcompile.structure.precision import RELATIVE_TOLERANCE, graph_precision
 from tfcompile.verify import compare_outputs
@@ -40,6 +40,16 @@ class Timed:
     runtime: str  # "ort", "tvm", "torch", or the remote device's label
     notes: list[str] = dataclasses.field(default_factory=list)
     onnx_path: Path | None = None  # the ORT export, kept for the caller when asked
+
+
+def require_measurable(target_name: str, remote=None, on_cuda: bool = False) -> None:
+    """Refuse to measure a target that is not this host, unless the run reaches it (``--remote``, or a GPU
+    target with the torch backend on cuda): timings from this CPU must never rank another device's variants."""
+    if target_name == "cpu" or remote is not None or on_cuda:
+        return
+    raise InvalidOptionError(f"measuring on {target_name} needs that device; only 'cpu' (this host) is measured "
+                             "here, or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key "
+                             "KEY); leave out --measure to rank by the prediction")
 
 
 def check_outputs(name: str, graph: ModelGraph, outputs, what: str, tolerance: float = OUTPUT_TOLERANCE) -> None:

@@ -308,6 +308,10 @@ def _check_arguments(model, output_dir, *, target, backend, passes, allow_approx
         if not isinstance(remote, RemoteSpec):
             raise InvalidOptionError(f"--remote {remote!r}: a RemoteSpec, e.g. RemoteSpec.parse('HOST:PORT', "
                                      "device_key)")
+    if measure:
+        from tfcompile.measure import require_measurable
+
+        require_measurable(target if isinstance(target, str) else target.name, remote)
 
 
 def _is_int(value) -> bool:

@@ -57,7 +57,11 @@ def optimize_generation_model(model: str | os.PathLike, output_dir: Path | str, 
     check_output_dir(output_dir)
     settings = GenerationSettings(target, generation, batch=batch, backend=backend, measure=measure,
                                   measure_top=measure_top, repeat=repeat)
-    settings.context()  # an unknown target fails before the model loads
+    context = settings.context()  # an unknown target fails before the model loads
+    if measure:
+        from tfcompile.measure import require_measurable
+
+        require_measurable(context.target)
     progress("loading model")
     module, name = load_causal_lm(model, load)
     result = optimize_generation(module, settings, name=name, progress=progress)
