@@ -154,3 +154,15 @@ def test_class_outside_the_top_level_is_found_by_model_type():
     config = WhisperConfig(**WHISPER)
     config.architectures = ["WhisperEncoder"]
     assert model_class_for(config) is WhisperEncoder
+
+
+@pytest.mark.parametrize("name", ["mixtral", "swin"])
+def test_model_optimizes_end_to_end_with_an_exported_model(name, tmp_path):
+    """Mixtral's experts load as batched_mm (static shapes the ONNX exporter takes); Swin exports as is."""
+    import tfcompile
+
+    _save(MODELS[name][0], tmp_path / name)
+    outcome = tfcompile.optimize_model(tmp_path / name, tmp_path / "out", load=LoadOptions(batch=1, seq=16))
+    assert outcome.onnx_path.is_file()
+    assert not [r for r in outcome.result.reports if r.rejected == "not lowered"]
+    assert outcome.export.max_rel_err <= 1e-4 and len(outcome.export.checked_at) >= 3

@@ -150,6 +150,13 @@ def _modeling_class(config, name: str) -> type | None:
     return getattr(module, name, None)
 
 
+# How transformers should run the layers it has several implementations of. SDPA: one attention op the
+# passes and exporters know. batched_mm for mixture-of-experts layers: each routed token's expert weights
+# gathered and multiplied in one bmm, a graph of static shapes that torch.onnx exports; the default
+# (grouped_mm's CPU fallback) is an opaque custom op with a per-expert loop that it cannot export.
+IMPLEMENTATIONS = {"attn_implementation": "sdpa", "experts_implementation": "batched_mm"}
+
+
 def load_directory(path: Path) -> torch.nn.Module:
     import transformers
 
@@ -165,8 +172,8 @@ def load_directory(path: Path) -> torch.nn.Module:
                              "from a model directory: if you trust it, import it in a module:factory of your own")
     cls = model_class_for(config, path / "config.json")
     try:
-        model, loading = cls.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
-                                             output_loading_info=True)
+        model, loading = cls.from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                             **IMPLEMENTATIONS)
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(f"{path}: a checkpoint in it is a pickle that names more than tensors; tfcompile reads "
                              "Hugging Face checkpoints only with the weights-only unpickler (convert it to "
@@ -202,9 +209,9 @@ def build_from_config(config_path: Path, state_dict: dict[str, torch.Tensor]) ->
     cls = model_class_for(config, config_path)
     try:
         if cls is transformers.AutoModel:
-            model = cls.from_config(config, attn_implementation="sdpa")
+            model = cls.from_config(config, **IMPLEMENTATIONS)
         else:
-            model = cls._from_config(config, attn_implementation="sdpa")
+            model = cls._from_config(config, **IMPLEMENTATIONS)
     except Exception as exc:  # absurd or inconsistent sizes in the config
         raise ModelLoadError(f"{config_path}: cannot build {cls.__name__} from this config: {type(exc).__name__}: "
                              f"{first_line(exc)}") from exc
