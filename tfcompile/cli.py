@@ -97,11 +97,12 @@ def cli(ctx: click.Context, debug: bool, verbose: bool, run_config: Path | None)
               show_default=True, help="Directory for report.json and model.onnx.")
 @generation_options
 @remote_options
+@device_options
 @model_options
 def optimize(model, target, device_file, passes, allow_approx, budget, lengths, lengths_file, calibration_data,
              measure, measure_top,
              backend, repeat, time_budget_s, explain, wide, as_json, quiet, quantize, output_dir, remote, device_key,
-             generate, prompt_len, new_tokens, **load_kwargs):
+             generate, prompt_len, new_tokens, torch_options, **load_kwargs):
     """Search variants of MODEL, verify and predict them, measure the best, rank them.
 
     MODEL: a zoo name (gpt2-small, bert-base, vit-base, llama-tiny, minilm, tiny-decoder), a Hugging Face model
@@ -152,7 +153,7 @@ def optimize(model, target, device_file, passes, allow_approx, budget, lengths, 
                                  measure_top=measure_top, repeat=repeat, measure_budget_s=time_budget_s,
                                  calibration_data=calibration_data,
                                  quantize=quantize, remote=remote_spec, load=load, on_ranked=show,
-                                 progress=lambda msg: status.update(msg))
+                                 torch_options=torch_options, progress=lambda msg: status.update(msg))
     if as_json:
         click.echo(outcome.report_path.read_text(), nl=False)
         return

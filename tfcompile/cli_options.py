@@ -133,7 +133,7 @@ def generation_options(fn):
 
 # Options of `optimize` that describe one forward pass and mean nothing for --generate.
 NOT_FOR_GENERATION = ("passes", "allow_approx", "lengths", "lengths_file", "calibration_data", "quantize", "remote",
-                      "device_file", "time_budget_s", "explain", "seq", "input_shape")
+                      "device_file", "time_budget_s", "explain", "seq", "input_shape", "device", "mode", "precision")
 
 
 def check_generation_options(generate: bool) -> None:

@@ -27,6 +27,10 @@ def show_ranked(graph, result, target_name: str, out: Console, *, wide: bool, re
         from tfcompile.provenance import host_line
 
         host = f"{runtime} ({remote})" if remote is not None else f"{runtime} on {host_line()}"
+        if remote is None and " cuda " in f" {runtime} ":
+            import torch
+
+            host = f"{runtime} on {torch.cuda.get_device_name()}"
     batch = int(graph.example_inputs[0].shape[0]) if graph.example_inputs and graph.example_inputs[0].dim() else None
     caption = TableCaption(prediction=result.prediction.get("text", ""), host=host, batch=batch)
     render_table(result.reports, target_name, out, title=f"{graph.name} on {target_name}", caption=caption,

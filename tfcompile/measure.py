@@ -109,7 +109,9 @@ def measure_here(graphs: dict[str, ModelGraph], backend: str, workdir: Path, *, 
     for name, low in lowered.items():
         if not keep_files:
             low.remove_files()
-        timed[name] = Timed(results[name], backend, list(low.notes), low.onnx_path if keep_files else None)
+        # "torch cuda graphs fp32" when torch_device ran it: the runtime, where and how, as reports name it.
+        timed[name] = Timed(results[name], getattr(low, "label", backend), list(low.notes),
+                            low.onnx_path if keep_files else None)
     return timed
 
 

@@ -63,6 +63,8 @@ class OptimizeSettings:
     device: DeviceSpec | None = None
     # --calibration-data: the user's sentences (alternate ones calibrate and are held out); None: the corpus.
     calibration_text: tuple[str, ...] | None = None
+    # --device/--mode/--precision with --backend torch (measure.measure_here's keywords); {}: cpu eager fp32.
+    torch_options: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def context(self) -> PassContext:
         return PassContext.build(self.device or self.target, self.backend, workload=self.workload)
@@ -221,7 +223,7 @@ def _measure(variants: dict[str, Variant], reports, settings, workdir, onnx_file
         timed = measure_remote(graphs, settings.remote, settings.target, repeat=settings.repeat, progress=progress)
     else:
         timed = measure_here(graphs, settings.backend, workdir, repeat=settings.repeat, keep_files=True,
-                             progress=progress, max_total_s=settings.measure_budget_s)
+                             progress=progress, max_total_s=settings.measure_budget_s, **settings.torch_options)
     for name, result in timed.items():
         _record_timing(reports[name], result.measurement, timed["baseline"].measurement, batch)
         reports[name].backend = result.runtime
@@ -246,7 +248,8 @@ def _measure_over_workload(variants, reports, settings, workdir, progress, scena
         for i, graph in enumerate(scenario_graphs_for_measurement(variant, scenario_graphs, context)):
             runs[(name, i)] = graph
     timed = measure_here({f"{name}@{i}": g for (name, i), g in runs.items()}, settings.backend, workdir,
-                         repeat=settings.repeat, progress=progress, max_total_s=settings.measure_budget_s)
+                         repeat=settings.repeat, progress=progress, max_total_s=settings.measure_budget_s,
+                         **settings.torch_options)
     scenarios = context.workload.scenarios
     expected = {}
     for name in variants:

@@ -90,6 +90,7 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
                    batch_sizes: list[int] | None = None, seq_lens: list[int] | None = None,
                    lengths_file: str | os.PathLike | None = None, measure_budget_s: float | None = None,
                    calibration_data: str | os.PathLike | None = None,
+                   torch_options: dict[str, str] | None = None,
                    on_ranked: Callable[[ModelGraph, OptimizeResult], None] = lambda graph, result: None,
                    progress: Callable[[str], None] = lambda _: None) -> OptimizeOutcome:
     """Everything ``tfcompile optimize MODEL -o OUTPUT_DIR`` does; see the module docstring.
@@ -106,9 +107,10 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
     request-length distribution, batched ``batch_sizes`` at a time and padded
     to ``load.seq``); see ``tfcompile.workload``.
     """
+    torch_options = dict(torch_options or {})
     _check_arguments(model, output_dir, target=target, backend=backend, passes=passes, allow_approx=allow_approx,
                      budget=budget, lengths=lengths, measure=measure, measure_top=measure_top, repeat=repeat,
-                     quantize=quantize, remote=remote, load=load)
+                     quantize=quantize, remote=remote, load=load, torch_options=torch_options)
     output_dir = Path(output_dir)
     calibration_text = None
     if calibration_data is not None:
@@ -123,7 +125,8 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
     settings = OptimizeSettings(target=target, device=device, pipeline=tuple(passes) if passes is not None else None,
                                 allow_approx=allow_approx, budget=budget, measure=measure, measure_top=measure_top,
                                 backend=backend, repeat=repeat, workload=workload, remote=remote,
-                                measure_budget_s=measure_budget_s, calibration_text=calibration_text)
+                                measure_budget_s=measure_budget_s, calibration_text=calibration_text,
+                                torch_options=torch_options)
     _check_settings(settings, load, output_dir)
     progress("loading model")
     graph = load_model(os.fspath(model), load)
@@ -155,7 +158,7 @@ def optimize_model(model: str | os.PathLike, output_dir: Path | str, *, target: 
                 allow_approx=allow_approx, budget=budget, lengths=lengths, lengths_file=lengths_file,
                 calibration_data=calibration_data, measure=measure, measure_top=measure_top, repeat=repeat,
                 measure_budget_s=measure_budget_s, quantize=quantize, batch_sizes=batch_sizes or [load.batch],
-                seq_lens=seq_lens or [load.seq], load=load, output_dir=output_dir))
+                seq_lens=seq_lens or [load.seq], load=load, output_dir=output_dir, torch_options=torch_options))
             export = _export_first_that_lowers(result, graph, quantize, budget, onnx_tmp, settings.context(),
                                                progress)
             report_settings = {"batch": load.batch, "seq": load.seq, "backend": backend if measure else None,
@@ -268,7 +271,7 @@ def _workload_record(workload: Workload) -> dict:
 
 
 def _check_arguments(model, output_dir, *, target, backend, passes, allow_approx, budget, lengths, measure,
-                     measure_top, repeat, quantize, remote, load) -> None:
+                     measure_top, repeat, quantize, remote, load, torch_options) -> None:
     """The library entry's arguments, by type and range: a wrong one is an InvalidOptionError naming it,
     never a TypeError from deep inside (the CLI's options arrive here too)."""
     if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
@@ -308,10 +311,19 @@ def _check_arguments(model, output_dir, *, target, backend, passes, allow_approx
         if not isinstance(remote, RemoteSpec):
             raise InvalidOptionError(f"--remote {remote!r}: a RemoteSpec, e.g. RemoteSpec.parse('HOST:PORT', "
                                      "device_key)")
+    if torch_options:
+        if backend != "torch" or set(torch_options) != {"device", "mode", "precision"}:
+            raise InvalidOptionError(f"torch_options {torch_options!r}: device, mode and precision, with --backend "
+                                     "torch")
+        if torch_options["precision"] in ("bf16", "fp16"):
+            raise InvalidOptionError(f"--precision {torch_options['precision']}: in optimize a precision is a "
+                                     "variant the search weighs and checks (half_precision, quantize_int8_dynamic, "
+                                     "with --allow-approx); --precision casts every variant alike (compare)")
     if measure:
         from tfcompile.measure import require_measurable
 
-        require_measurable(target if isinstance(target, str) else target.name, remote)
+        require_measurable(target if isinstance(target, str) else target.name, remote,
+                           on_cuda=torch_options.get("device") == "cuda")
 
 
 def _is_int(value) -> bool:
@@ -415,7 +427,7 @@ RUN_FILE_NAME = "run.toml"
 def run_file_text(model, *, target: str | None, backend: str, passes, allow_approx: bool, budget: float, lengths,
                   lengths_file, calibration_data, measure: bool, measure_top: int, repeat: int,
                   measure_budget_s: float | None, quantize: str, batch_sizes, seq_lens, load: LoadOptions,
-                  output_dir: Path) -> str:
+                  output_dir: Path, torch_options: dict[str, str] | None = None) -> str:
     """run.toml beside report.json: this run's options as ``tfcompile --run-config run.toml optimize`` reads them,
     so the model, its report and the settings that made them stay together."""
     def absolute(path) -> str:
@@ -436,6 +448,7 @@ def run_file_text(model, *, target: str | None, backend: str, passes, allow_appr
                 "config": absolute(load.config) if load.config is not None else None,
                 "timeout": load.timeout_s}
     values.update({key: value for key, value in optional.items() if value is not None})
+    values.update(torch_options or {})
     if load.trust_pickle:
         values["trust-pickle"] = True
     if load.input_shapes:

@@ -98,3 +98,31 @@ def test_each_input_set_runs_at_the_precision(tmp_path):
     assert timed["a"].measurement.median_s > 0 and timed["a"].measurement.backend == "torch cpu eager fp16"
     with pytest.raises(Exception, match="only for backend torch"):
         measure_here({"a": graph}, "ort", tmp_path, repeat=2, precision="bf16")
+
+
+def test_optimize_measures_on_the_torch_device_and_records_it(tmp_path, narrow):
+    """optimize --measure --backend torch --device cpu --mode compile: measured by torch_device, in run.toml."""
+    out = tmp_path / "opt"
+    assert main(["optimize", "tests.tiny:bert", "--backend", "torch", "--device", "cpu", "--mode", "compile",
+                 "--measure", "--repeat", "3", "-o", str(out)]) == 0
+    printed = narrow.readouterr().out
+    assert "measured: torch cpu compile fp32 on" in printed
+    report = json.loads((out / "report.json").read_text())
+    measured = [v for v in report["variants"] if v.get("measured_ms")]
+    assert len(measured) >= 2 and all(v["backend"] == "torch cpu compile fp32" for v in measured)
+    run = (out / "run.toml").read_text()
+    assert 'device = "cpu"' in run and 'mode = "compile"' in run
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--backend", "torch", "--precision", "bf16", "--measure"], "a precision is a variant the search weighs"),
+    (["--generate", "--prompt-len", "8", "--new-tokens", "2", "--backend", "torch", "--mode", "compile"],
+     "--mode does not apply to --generate"),
+    (["--target", "h100", "--measure"], "measuring on h100 needs that device"),
+])
+def test_optimize_refuses_device_options_it_cannot_honour(tmp_path, narrow, args, reason):
+    out = tmp_path / "opt"
+    model = "tiny-decoder" if "--generate" in args else "tests.tiny:bert"
+    assert main(["optimize", model, *args, "-o", str(out)]) == 2
+    assert reason in one_error_line(narrow)
+    assert not out.exists()
