@@ -90,6 +90,8 @@ class Profile:
     s_per_byte: dict[str, float]
     kernel_overhead_s: float
     graph_overhead_s: float
+    # Seconds per view node the runtime dispatches (ORT's Reshape/Unsqueeze; fusion.group_kernels).
+    view_overhead_s: float = 0.0
     created: str = ""
     host: str = ""
     fit_mape: float = 0.0
@@ -117,6 +119,8 @@ class Profile:
 
     def kernel_s(self, kernel: Kernel, streaming: bool = False,
                  flop_speedup: dict[str, float] | None = None) -> float:
+        if kernel.op_class == "view":
+            return self.view_overhead_s
         cls = kernel_class(kernel, streaming)
         if cls not in self.s_per_flop and cls == "gemm_stream":
             cls = "gemm_skinny"  # a profile fitted before the class existed
@@ -204,6 +208,7 @@ class _ProfileFields:
                 "s_per_flop": self.per_class("s_per_flop"), "s_per_byte": self.per_class("s_per_byte"),
                 "kernel_overhead_s": self.number("kernel_overhead_s"),
                 "graph_overhead_s": self.number("graph_overhead_s"),
+                "view_overhead_s": self.number("view_overhead_s", required=False),
                 "created": self.text("created", required=False), "host": self.text("host", required=False),
                 "host_id": self.text("host_id", required=False),
                 "fit_mape": self.number("fit_mape", required=False),
@@ -219,10 +224,13 @@ def _short(value: object) -> str:
 
 
 def features(graph: ModelGraph, backend: str, target: str = "") -> np.ndarray:
-    """One row: FLOPs and bytes per class, kernel count, 1 (graph overhead)."""
-    row = np.zeros(2 * len(CLASSES) + 2)
+    """One row: FLOPs and bytes per class, view nodes, kernel count, 1 (graph overhead)."""
+    row = np.zeros(2 * len(CLASSES) + 3)
     streaming = streams_weights(graph, target)
     for kernel in group_kernels(graph, backend):
+        if kernel.op_class == "view":
+            row[-3] += 1
+            continue
         i = CLASSES.index(kernel_class(kernel, streaming))
         row[2 * i] += kernel.flops
         row[2 * i + 1] += kernel.bytes_moved
@@ -248,14 +256,14 @@ def fit(samples, target: str, backend: str, host: str = "", host_id: str = "") -
     records = [{"name": s.name, "measured_s": float(m), "predicted_s": float(p)}
                for s, m, p in zip(samples, measured, predicted)]
     mape = float(np.mean(np.abs(predicted - measured) / measured))
-    total_flops = rows[:, 0:-2:2].sum(axis=1)
+    total_flops = rows[:, 0:-3:2].sum(axis=1)
     flops_coef, _ = nnls((total_flops / measured)[:, None] / max(total_flops.max(), 1.0), np.ones(len(samples)))
     return Profile(
         flops_only_s_per_flop=float(flops_coef[0] / max(total_flops.max(), 1.0)),
         target=target, backend=backend,
         s_per_flop={c: float(coef[2 * i]) for i, c in enumerate(CLASSES)},
         s_per_byte={c: float(coef[2 * i + 1]) for i, c in enumerate(CLASSES)},
-        kernel_overhead_s=float(coef[-2]), graph_overhead_s=float(coef[-1]),
+        view_overhead_s=float(coef[-3]), kernel_overhead_s=float(coef[-2]), graph_overhead_s=float(coef[-1]),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=host, host_id=host_id, fit_mape=mape, samples=records)
 

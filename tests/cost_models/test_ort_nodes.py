@@ -1,0 +1,47 @@
+"""group_kernels for ONNX Runtime counts the nodes ORT runs that torch only views: Reshapes and Transposes."""
+
+import torch
+
+from tfcompile.cost_models.calibration import features
+from tfcompile.cost_models.fusion import group_kernels
+from tfcompile.graph import export_module
+
+
+class _Heads(torch.nn.Module):
+    """A projection split into heads, as attention does: linear on [B, S, D], view, permute(0, 2, 1, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        q = self.q(x).view(1, 8, 4, 8).permute(0, 2, 1, 3)
+        scores = torch.matmul(q, q.transpose(-1, -2))
+        return scores
+
+
+def _graph():
+    return export_module(_Heads().eval(), (torch.randn(1, 8, 32),), name="heads")
+
+
+def test_ort_runs_views_and_head_permutes_as_nodes():
+    kernels = group_kernels(_graph(), "ort")
+    classes = [k.op_class for k in kernels]
+    # linear on 3-D input: Reshape, Gemm, Reshape; the head view; the head permute copies; the q·qᵀ swap is
+    # read by the matmul, which ORT folds into FusedMatMul.
+    assert classes.count("view") == 3
+    permutes = [k for k in kernels if any("permute" in n for n in k.nodes)]
+    assert len(permutes) == 1 and permutes[0].op_class == "memory"
+    assert permutes[0].bytes_read == permutes[0].bytes_written == 8 * 32 * 4
+    assert not any("transpose" in n for k in kernels for n in k.nodes)
+
+
+def test_other_backends_keep_views_free():
+    for backend in ("tvm", "torch", None):
+        assert not any(k.op_class == "view" for k in group_kernels(_graph(), backend))
+
+
+def test_view_nodes_are_their_own_calibration_feature():
+    row = features(_graph(), "ort")
+    assert row[-3] == 3  # view nodes
+    assert row[-2] == len([k for k in group_kernels(_graph(), "ort") if k.op_class != "view"])
