@@ -66,8 +66,9 @@ class ExportCheck:
         return self.quantize == "none"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"quantize": self.quantize, "precision": self.precision, "exact": self.exact, "max_abs_err": self.max_abs_err,
-                "max_rel_err": self.max_rel_err, "quality": self.quality, "quality_metric": self.quality_metric,
+        return {"quantize": self.quantize, "precision": self.precision, "exact": self.exact,
+                "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err, "quality": self.quality,
+                "quality_metric": self.quality_metric,
                 "dynamic_dims": list(self.dims), "static_reason": self.static_reason,
                 "checked_at": list(self.checked_at)}
 
