@@ -122,8 +122,13 @@ def test_minilm_budget_finds_a_28_percent_cut_within_budget_on_heldout_text():
     reports = {r.name: r for r in result.reports}
     best, baseline = reports[result.best], reports["baseline"]
     assert not best.exact and best.quality_metric == "mean_cosine"
-    assert 1 - best.flops / baseline.flops >= 0.28
-    assert best.quality >= 0.98 and "held-out" in best.note
+    # The deepest token cut within budget; on a CPU with VNNI an int8 variant can be predicted faster still
+    # (then it is the best, and merging on top of it falls below the budget).
+    merged = [r for r in result.reports if r.eligible and {"merge_tokens", "prune_tokens"} & set(r.passes)]
+    deepest = max(merged, key=lambda r: 1 - r.flops / baseline.flops)
+    assert 1 - deepest.flops / baseline.flops >= 0.28
+    assert deepest.quality >= 0.98 and "held-out" in deepest.note
+    assert best is deepest or best.predicted_ms["cpu"] <= deepest.predicted_ms["cpu"]
     assert "passages" in result.quality_data
     assert all("local_attention" not in r.passes for r in result.reports)  # window >= 128 tokens: refused
     for report in result.reports:
