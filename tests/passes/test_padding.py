@@ -312,3 +312,31 @@ def test_ideal_speedup_rejects_bad_lengths():
     assert ideal_speedup([8, 8], 8).token_wise == 1.0
     with pytest.raises(ShapeError):
         ideal_speedup([0, 4], 8)
+
+
+@pytest.mark.parametrize("name", ["remove_padding", "prepack"])
+def test_a_lengths_specialised_variant_poisons_its_outputs_for_other_lengths(name, tmp_path):
+    """Issue 23: fed a batch of other lengths, the packed graph (and its ONNX file) answers NaN, not wrong rows."""
+    import numpy as np
+    import onnxruntime
+
+    from tfcompile.backends.ort import export_onnx
+    from tfcompile.frontend import LoadOptions, load_model
+    from tfcompile.frontend.zoo import TINY_CONFIGS
+    from tfcompile.passes import PassContext
+    from tfcompile.passes.padding import with_lengths
+
+    graph = with_lengths(load_model("bert-base", LoadOptions(config_overrides=TINY_CONFIGS["bert-base"], batch=3,
+                                                             seq=16)), [5, 16, 9])
+    variant, outcome = apply_pass(graph, name, PassContext.build("cpu", "ort", calibrated=False))
+    assert outcome.applied, outcome.reason
+    assert all(torch.isfinite(t).all() for t in variant.run())
+    other = list(graph.example_inputs)
+    other[graph.input_names.index("attention_mask")] = torch.ones_like(other[1])
+    assert all(torch.isnan(t).all() for t in variant.run(tuple(other)))
+    session = onnxruntime.InferenceSession(str(export_onnx(variant, tmp_path / "v.onnx")),
+                                           providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert all(np.isnan(out).all() for out in session.run(None, {n: t.numpy() for n, t in zip(names, other)}))
+    assert all(np.isfinite(out).all() for out in
+               session.run(None, {n: t.numpy() for n, t in zip(names, graph.example_inputs)}))

@@ -20,7 +20,7 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from tfcompile import structure
-from tfcompile.graph import ModelGraph
+from tfcompile.graph import ModelGraph, refresh_shapes
 from tfcompile.passes.padding.geometry import Geometry
 from tfcompile.passes.padding.layout import (
     REDUCTIONS, Layout, broadcast_shape, packed_shape, padded_token_sizes, token_dims,
@@ -37,11 +37,50 @@ class Packed:
 
 
 def pack(graph: ModelGraph, plan: PackingPlan) -> None:
-    """Replace ``graph``'s FX graph by its packed form."""
+    """Replace ``graph``'s FX graph by its packed form, guarded to the lengths it was packed for."""
     new = Packer(graph, plan.geometry, plan.tokens).build()
     graph.gm.graph = new
     # The mask construction that attention no longer reads goes away here, its metadata asserts with it.
     structure.remove_dead_code(graph.gm)
+    guard_traced_lengths(graph, plan.batch.inputs.masks, plan.batch.lengths)
+
+
+def guard_traced_lengths(graph: ModelGraph, masks: list[torch.fx.Node], lengths: tuple[int, ...]) -> None:
+    """Floating outputs become NaN when a mask input's valid tokens are not the packed ``lengths``.
+
+    The packed graph's gathers and scatters are constants for those lengths: fed another batch it
+    would return plausible rows for tokens it never computed (cosine 0.52-0.88 against the plain
+    model, issue 23). ONNX has no assertion op, so the check poisons the outputs instead of
+    letting them pass for right; at the lengths it was built for, every output is as before.
+    """
+    gm = graph.gm
+    placeholders = {node.name: node for node in graph.nodes("placeholder")}  # the packed graph's own nodes
+    masks = [placeholders[m.name] for m in masks if m.name in placeholders]
+    if not masks:
+        return  # the lengths came from the workload alone: the model has no input to check them against
+    gm.recompile()
+    refresh_shapes(graph)  # the packed outputs' dtypes decide which ones carry the check
+    output = next(iter(reversed(gm.graph.nodes)))
+    seq = masks[0].meta["val"].shape[1]
+    expected = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]
+    with gm.graph.inserting_before(output):
+        expected_node = gm.graph.get_attr(structure.add_constant(gm, "packing_valid_tokens", expected))
+        nan = gm.graph.get_attr(structure.add_constant(gm, "packing_nan", torch.tensor(float("nan"))))
+        same = None
+        for mask in masks:
+            valid = gm.graph.call_function(aten.ne.Scalar, (mask, 0))
+            agrees = gm.graph.call_function(aten.all.default, (gm.graph.call_function(aten.eq.Tensor,
+                                                                                     (valid, expected_node)),))
+            same = agrees if same is None else gm.graph.call_function(aten.logical_and.default, (same, agrees))
+
+    def poisoned(value):
+        val = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+        if not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+            return value
+        with gm.graph.inserting_before(output):
+            return gm.graph.call_function(aten.where.self, (same, value, nan))
+
+    output.args = (map_arg(output.args[0], poisoned),)
 
 
 class Packer:

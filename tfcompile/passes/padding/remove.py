@@ -12,7 +12,10 @@
   minilm) becomes a sum over each sequence's own tokens, and selecting one
   position (CLS pooling) reads it from the packed tokens;
 - outputs still indexed by token are scattered back to [B, L, ...] with zeros
-  at padded positions, so the variant keeps the original signature.
+  at padded positions, so the variant keeps the original signature;
+- the gathers are constants for these lengths, so the floating outputs are
+  made NaN when a mask input shows other valid tokens (``packer.guard_traced_lengths``):
+  the variant refuses, loudly, batches it was not built for.
 
 Preconditions: those of the package (an integer [B, L] token input, right
 padding, no op but attention mixing tokens, self-attention masks that keep
