@@ -294,7 +294,9 @@ def test_lengths_make_padding_removal_win(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     best = next(v for v in report["variants"] if v["name"] == report["best"])
-    assert "remove_padding" in best["passes"] and best["max_rel_err"] <= 1e-5
+    # Either form of padding removal: the lengths-specialised one (which checks its mask at run time) or the
+    # run-time one, whichever the cost model prices lower here.
+    assert {"remove_padding", "remove_padding_runtime"} & set(best["passes"]) and best["max_rel_err"] <= 1e-5
     assert report["settings"]["lengths"] == [32, 7, 19]
 
 
@@ -307,7 +309,9 @@ def test_lengths_make_padding_removal_win_on_a_tiny_encoder(tmp_path):
                  "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     best = next(v for v in report["variants"] if v["name"] == report["best"])
-    assert "remove_padding" in best["passes"] and best["max_rel_err"] <= 1e-5
+    # Either form of padding removal: the lengths-specialised one (which checks its mask at run time) or the
+    # run-time one, whichever the cost model prices lower here.
+    assert {"remove_padding", "remove_padding_runtime"} & set(best["passes"]) and best["max_rel_err"] <= 1e-5
     assert report["settings"]["lengths"] == [32, 7, 19]
 
 
