@@ -19,6 +19,7 @@ import dataclasses
 import torch
 
 from tfcompile.graph import ModelGraph
+from tfcompile.structure import valid_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ def valid_positions(outputs: tuple[torch.Tensor, ...], lengths: list[int] | None
     masked = []
     for out in outputs:
         if out.dim() >= 2 and out.shape[0] == batch and out.shape[1] >= max(lengths):
-            keep = torch.arange(out.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+            keep = valid_mask(lengths, out.shape[1])
             out = out * keep.reshape(*keep.shape, *([1] * (out.dim() - 2))).to(out.dtype)
         masked.append(out)
     return tuple(masked)

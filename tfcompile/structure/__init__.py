@@ -51,6 +51,7 @@ from tfcompile.structure.sequence import (  # noqa: F401
     SequenceInputs,
     attention_sites,
     sequence_inputs,
+    valid_mask,
 )
 from tfcompile.structure.linear import (  # noqa: F401
     CHAIN_GEMM_OPS,

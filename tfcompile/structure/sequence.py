@@ -66,3 +66,8 @@ def attention_sites(graph: ModelGraph) -> list[AttentionSite]:
         sites.append(AttentionSite(node, mask if isinstance(mask, torch.fx.Node) else None,
                                    bool(dim_arg(node, 5, "is_causal", False))))
     return sites
+
+
+def valid_mask(lengths, seq: int) -> torch.Tensor:
+    """[B, seq] booleans: True at each right-padded sequence's first ``lengths[b]`` positions."""
+    return torch.arange(seq)[None, :] < torch.tensor(list(lengths))[:, None]

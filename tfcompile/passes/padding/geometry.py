@@ -169,7 +169,7 @@ def with_lengths(graph: ModelGraph, lengths, pad_id: int = 0) -> ModelGraph:
     if seq is None:
         raise ShapeError(f"{graph.name} has no [batch, sequence] token input to pad")
     lengths = check_lengths(lengths, seq.batch, seq.seq)
-    valid = torch.arange(seq.seq).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    valid = structure.valid_mask(lengths, seq.seq)
     placeholders = graph.nodes("placeholder")
     inputs = list(graph.example_inputs)
     for node in seq.masks + seq.tokens:

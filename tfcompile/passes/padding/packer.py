@@ -62,7 +62,7 @@ def guard_traced_lengths(graph: ModelGraph, masks: list[torch.fx.Node], lengths:
     refresh_shapes(graph)  # the packed outputs' dtypes decide which ones carry the check
     output = next(iter(reversed(gm.graph.nodes)))
     seq = masks[0].meta["val"].shape[1]
-    expected = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]
+    expected = structure.valid_mask(lengths, seq)
     with gm.graph.inserting_before(output):
         expected_node = gm.graph.get_attr(structure.add_constant(gm, "packing_valid_tokens", expected))
         nan = gm.graph.get_attr(structure.add_constant(gm, "packing_nan", torch.tensor(float("nan"))))
