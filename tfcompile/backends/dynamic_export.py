@@ -225,7 +225,7 @@ def _require_close(graph: ModelGraph, check: ShapeCheck, atol: float | None = No
                                f"absolute error {check.max_abs_err:.1e} > --atol {atol:.0e}")
         return
     precision = graph_precision(graph)
-    tolerance = REL_TOLERANCE if precision == "fp32" else RELATIVE_TOLERANCE[precision]
+    tolerance = RELATIVE_TOLERANCE[precision]
     if not check.max_rel_err <= tolerance:
         raise BackendError(f"ONNX Runtime differs from torch for {name} at input shape {check.label()}: max "
                            f"relative error {check.max_rel_err:.1e} > {tolerance:.0e} ({precision})")

@@ -126,8 +126,8 @@ class HalfPlan:
 
 
 def _is_float_tensor(value) -> bool:
-    return isinstance(value, torch.fx.Node) and isinstance(value.meta.get("val"), torch.Tensor) \
-        and value.meta["val"].is_floating_point()
+    meta = structure.tensor_meta(value) if isinstance(value, torch.fx.Node) else None
+    return meta is not None and meta.is_floating_point()
 
 
 def _explicit_dtype(node: torch.fx.Node) -> torch.dtype | None:
