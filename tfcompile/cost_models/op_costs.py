@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from tfcompile.structure.precision import LINEAR_INT8
+from tfcompile.structure.varlen import SUM_SQ_LENGTHS, VARLEN_ATTENTION
 
 aten = torch.ops.aten
 
@@ -120,9 +121,29 @@ def _sdpa(node: torch.fx.Node) -> OpCost:
     return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "attention")
 
 
+@op_cost(VARLEN_ATTENTION)
+def _varlen_attention(node: torch.fx.Node) -> OpCost:
+    q, k, v, offsets = (node.args[i].meta["val"] for i in range(4))
+    tokens, heads, d = q.shape
+    flops = (2 * (d + v.shape[-1]) + 5) * heads * _sum_sq_lengths(node)
+    if node.args[5]:  # causal
+        flops /= 2
+    return OpCost(flops, sum(_nbytes(t) for t in (q, k, v, offsets)), _out_bytes(node), "attention")
+
+
+def _sum_sq_lengths(node: torch.fx.Node) -> float:
+    """Σ l² of a varlen attention: what its pass recorded, else T²/B (equal lengths)."""
+    if SUM_SQ_LENGTHS in node.meta:
+        return float(node.meta[SUM_SQ_LENGTHS])
+    tokens, sequences = node.args[0].meta["val"].shape[0], node.args[3].meta["val"].shape[0] - 1
+    return tokens * tokens / max(sequences, 1)
+
+
 def attention_score_bytes(node: torch.fx.Node) -> int:
     """Size of the B·H·Sq·Sk score tensor an unfused attention materialises."""
     q, k = (node.args[i].meta["val"] for i in range(2))
+    if node.target is VARLEN_ATTENTION:
+        return round(q.shape[1] * _sum_sq_lengths(node) * q.element_size())
     return math.prod(q.shape[:-1]) * k.shape[-2] * q.element_size()
 
 

@@ -117,6 +117,7 @@ class RuntimePlan:
     tokens: TokenPlan
     mask: torch.fx.Node
     source: str  # where the expected token count came from
+    expected_sum_sq_lengths: float  # Σ l² over the batch, which variable-length attention's work follows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +149,8 @@ def _run_time_patterns(graph: ModelGraph, example: PaddedBatch) -> dict[torch.fx
     return full
 
 
-def _plan(graph: ModelGraph, context: PassContext) -> RuntimePlan:
+def plan_runtime(graph: ModelGraph, context: PassContext) -> RuntimePlan:
+    """The run-time packing plan of ``graph`` for ``context``'s workload, or a refusal saying why."""
     if any(n.target is valid_token_index for n in graph.call_nodes()) or any(
             n.target.startswith("packing_") for n in graph.nodes("get_attr")):
         raise PassRefused("the padding is already removed (remove_padding or prepack ran before)")
@@ -160,21 +162,23 @@ def _plan(graph: ModelGraph, context: PassContext) -> RuntimePlan:
                           if not seq.masks else
                           f"{len(seq.masks)} mask inputs: which one decides the valid tokens at run time is unknown")
     example = dataclasses.replace(example, patterns=_run_time_patterns(graph, example))
-    expected, source = _expected_tokens(example, context)
+    lengths, source = _priced_lengths(example, context)
+    expected = max(example.batch, round(example.batch * sum(lengths) / len(lengths)))
     if source == "example mask" and expected == seq.batch * seq.seq:
         # Nothing says what to price. Given lengths are priced even when dense: there the packed
         # attention (T² = (B·L)² scores) costs more than the padded one, which the search should see.
         raise PassRefused(f"no padding to price: every row of the example mask has the full length {seq.seq} "
                           "and the workload gives no lengths")
     geometry = RuntimeGeometry(seq.batch, seq.seq, expected)
-    return RuntimePlan(example, geometry, plan_tokens(graph, geometry, example), seq.masks[0], source)
+    sum_sq = example.batch * sum(n * n for n in lengths) / len(lengths)
+    return RuntimePlan(example, geometry, plan_tokens(graph, geometry, example), seq.masks[0], source, sum_sq)
 
 
-def _expected_tokens(example: PaddedBatch, context: PassContext) -> tuple[int, str]:
-    """The packed token count to price: B × the workload's mean length, else the example mask's count."""
+def _priced_lengths(example: PaddedBatch, context: PassContext) -> tuple[list[int], str]:
+    """The lengths to price: the workload's (any number of samples), else the example mask's."""
     lengths = context.workload.lengths
     if lengths is None:
-        return example.tokens, "example mask"
+        return list(example.lengths), "example mask"
     lengths = [int(n) for n in lengths]
     if not lengths:
         raise ShapeError("the workload's lengths are empty")
@@ -182,7 +186,7 @@ def _expected_tokens(example: PaddedBatch, context: PassContext) -> tuple[int, s
         if not 1 <= length <= example.max_len:
             raise ShapeError(f"workload length {i} is {length}, outside 1..{example.max_len} "
                              f"(the padded length)")
-    return max(example.batch, round(example.batch * sum(lengths) / len(lengths))), "workload"
+    return lengths, "workload"
 
 
 class RuntimePacker(Packer):
@@ -215,9 +219,12 @@ class RuntimePacker(Packer):
         slot = self.call(aten.sub.Tensor, (counts, 1))
         scatter = self.call(aten.where.self, (flat, slot, total))
         lengths = self.call(aten.sum.dim_IntList, (valid, [1]), {"dtype": torch.int64})
-        starts = self.call(aten.sub.Tensor, (self.call(aten.cumsum.default, (lengths, 0)), lengths))
+        ends = self.call(aten.cumsum.default, (lengths, 0))
+        starts = self.call(aten.sub.Tensor, (ends, lengths))
+        zero = self.call(aten.zeros.default, ([1],), {"dtype": torch.int64})
+        offsets = self.call(aten.cat.default, ([zero, ends],))  # [B + 1]: sequence b is offsets[b]:offsets[b + 1]
         self.indices.update(gather_index=gather, slot_batch=row, slot_position=column, scatter_index=scatter,
-                          starts=starts)
+                            starts=starts, offsets=offsets)
 
     def block_mask(self, causal: bool) -> torch.fx.Node:
         """[T, T] bool: same sequence (and, if causal, key no later than query; flat order is token order)."""
@@ -278,7 +285,7 @@ RuntimePacker.emit = {**Packer.emit, Rule.ATTENTION: RuntimePacker.attention, Ru
 @register_pass("remove_padding_runtime", Exactness.EXACT,
                "compute only the valid tokens of any right-padded batch, found from the attention mask at "
                "run time: packed token-wise ops, block-diagonal attention over the packed tokens, scatter back",
-               plan=_plan, stage=Stage.PADDING, runs_after=("remove_padding", "prepack"))
+               plan=plan_runtime, stage=Stage.PADDING, runs_after=("remove_padding", "prepack"))
 def remove_padding_runtime(graph: ModelGraph, plan: RuntimePlan) -> PassResult:
     graph.gm.graph = RuntimePacker(graph, plan).build()
     structure.remove_dead_code(graph.gm)

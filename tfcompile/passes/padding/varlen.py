@@ -1,0 +1,106 @@
+"""``remove_padding_varlen``: run-time padding removal with one variable-length attention kernel per layer.
+
+The rewrite is ``remove_padding_runtime``'s (valid tokens found from the
+attention mask at run time, token-wise ops on the T packed tokens, scattered
+back at the output), except for attention: each attention becomes one
+``tfcompile::varlen_attention`` (``structure.varlen``) over the packed
+tokens, with the sequences' offsets computed from the mask. That is Σ l²
+scores in one kernel launch, where ``remove_padding`` launches an attention
+(and its slices) per run of equal lengths, and ``remove_padding_runtime``
+computes T² scores under a block-diagonal mask.
+
+Preconditions: those of ``remove_padding_runtime`` (each refusal says why),
+and a runtime with a variable-length attention kernel: torch on a GPU
+(FlashAttention or memory-efficient varlen kernels). Other targets and
+backends are refused with the reason: ONNX Runtime's CPU build has no packed
+attention kernel and the variant's ONNX file computes the block-diagonal
+form, so there ``remove_padding_runtime`` is the same model, priced honestly.
+
+Exact: each query attends to exactly the keys of its own sequence (up to
+itself when causal), as under the block-diagonal mask, where the other keys
+had weight exp(−∞) = 0; only summation order changes. Grouped-query
+attention's shared key and value heads are repeated to the query heads
+first, which copies values.
+
+Cost: the op's node carries the expected Σ l² of the workload's lengths
+(``structure.varlen.SUM_SQ_LENGTHS``), which the cost model prices: the shapes only
+show T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.fx
+
+from tfcompile import structure
+from tfcompile.graph import ModelGraph
+from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
+from tfcompile.passes.context import PassContext
+from tfcompile.passes.padding.runtime import RuntimePacker, RuntimePlan, plan_runtime
+from tfcompile.passes.padding.token_rules import Rule, Step
+from tfcompile.structure.varlen import SUM_SQ_LENGTHS, VARLEN_ATTENTION
+
+aten = torch.ops.aten
+
+# (device kind, backend) pairs that run tfcompile::varlen_attention as one kernel.
+VARLEN_KERNELS = {("gpu", "torch")}
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenPadding:
+    batch: int
+    max_len: int
+    expected_tokens: int
+    expected_sum_sq_lengths: float
+    source: str
+    patterns: tuple[str, ...]
+
+
+def _plan(graph: ModelGraph, context: PassContext) -> RuntimePlan:
+    device, backend = context.device, context.backend
+    if (device.kind, backend) not in VARLEN_KERNELS:
+        raise PassRefused(f"{backend} on a {device.kind} has no variable-length attention kernel "
+                          "(torch on a GPU has): remove_padding_runtime's block-diagonal attention serves here")
+    return plan_runtime(graph, context)
+
+
+class VarlenPacker(RuntimePacker):
+    def __init__(self, graph: ModelGraph, plan: RuntimePlan):
+        super().__init__(graph, plan)
+        self.sum_sq_lengths = plan.expected_sum_sq_lengths
+
+    def attention(self, node: torch.fx.Node, step: Step) -> None:
+        q, k, v = (self.get_packed(a).node for a in node.args[:3])  # [T, heads, dim]
+        query, key = (structure.tensor_meta(a) for a in node.args[:2])  # the padded [B, heads, L, dim]
+        query_heads, head_dim, key_heads = query.shape[1], query.shape[-1], key.shape[1]
+        if key_heads != query_heads:  # grouped-query attention: the reference loop and ONNX form need equal heads
+            k, v = (self.call(aten.repeat_interleave.self_int, (t, query_heads // key_heads, 1)) for t in (k, v))
+        scale = node.kwargs.get("scale")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        causal = self.tokens.patterns[node] == "causal"
+        att = self.call(VARLEN_ATTENTION, (q, k, v, self.index("offsets"), self.geo.max_len, causal, scale))
+        att.meta[SUM_SQ_LENGTHS] = self.sum_sq_lengths
+        self.set_packed(node, att, step)
+
+
+VarlenPacker.emit = {**RuntimePacker.emit, Rule.ATTENTION: VarlenPacker.attention}
+
+
+@register_pass("remove_padding_varlen", Exactness.EXACT,
+               "compute only the valid tokens of any right-padded batch, found from the attention mask at run "
+               "time, with one variable-length attention kernel per layer (GPU)",
+               plan=_plan, stage=Stage.PADDING, runs_after=("remove_padding", "prepack", "remove_padding_runtime"))
+def remove_padding_varlen(graph: ModelGraph, plan: RuntimePlan) -> PassResult:
+    graph.gm.graph = VarlenPacker(graph, plan).build()
+    structure.remove_dead_code(graph.gm)
+    geo = plan.geometry
+    patterns = tuple(plan.tokens.patterns.values())
+    return PassResult(graph, True, f"packed the valid tokens of any right-padded {geo.batch}×{geo.max_len} batch "
+                                   f"at run time (priced at {geo.expected_tokens} tokens, Σl² "
+                                   f"{plan.expected_sum_sq_lengths:.0f}, from the {plan.source}); "
+                                   f"{len(patterns)} variable-length attention calls",
+                      VarlenPadding(geo.batch, geo.max_len, geo.expected_tokens, plan.expected_sum_sq_lengths,
+                                    plan.source, patterns))
