@@ -61,6 +61,7 @@ VARLEN_ATTENTION = torch.ops.tfcompile.varlen_attention.default
 
 def _cuda_varlen(q, k, v, offsets, max_len, causal, scale):  # pragma: no cover - needs a GPU
     offsets = offsets.to(torch.int32)
+    q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels read the head dimension with stride 1
     if q.dtype in FLASH_DTYPES and q.shape[-1] <= 256:
         out = torch.ops.aten._flash_attention_forward(q, k, v, offsets, offsets, max_len, max_len, 0.0, causal,
                                                       False, scale=scale)[0]
