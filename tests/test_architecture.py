@@ -21,8 +21,8 @@ LAYERS = [
     ("tfcompile.passes",),
     ("tfcompile.backends",),
     ("tfcompile.variants", "tfcompile.search", "tfcompile.knob_search", "tfcompile.measure", "tfcompile.optimize",
-     "tfcompile.compare", "tfcompile.calibrate", "tfcompile.pipeline", "tfcompile.workload_cost",
-     "tfcompile.provenance", "tfcompile.generation"),
+     "tfcompile.compare", "tfcompile.calibrate", "tfcompile.calibrate_device", "tfcompile.pipeline",
+     "tfcompile.workload_cost", "tfcompile.provenance", "tfcompile.generation"),
     ("tfcompile.cli", "tfcompile.cli_options", "tfcompile.cli_reference", "tfcompile.cli_output"),
 ]
 

@@ -231,7 +231,8 @@ def _write_tvm_library(module, output_path: Path) -> None:
 
 
 @cli.command()
-@click.option("--target", "-t", default="cpu", show_default=True, help="Only this host (cpu) can be measured here.")
+@click.option("--target", "-t", default="cpu", show_default=True,
+              help="Only this host (cpu) is measured here, or a GPU target (h100, a100) with --device cuda.")
 @click.option("--backend", type=click.Choice(["ort", "tvm", "torch"]), default="ort", show_default=True,
               help="Runtime the profile is fitted for.")
 @click.option("--repeat", default=10, show_default=True, type=click.IntRange(min=1),
@@ -239,8 +240,9 @@ def _write_tvm_library(module, output_path: Path) -> None:
 @click.option("--output", "-o", "output_path", type=click.Path(), default=None, callback=file_output,
               help="Profile file (default: the profile directory, $TFCOMPILE_PROFILE_DIR or ~/.cache/tfcompile).")
 @remote_options
-def calibrate(target, backend, repeat, output_path, remote, device_key):
-    """Measure micro-benchmarks on this host and fit a calibration profile."""
+@device_options
+def calibrate(target, backend, repeat, output_path, remote, device_key, torch_options):
+    """Measure micro-benchmarks on this host (or its GPU) and fit a calibration profile."""
     from tfcompile.cost_models import load_device
     load_device(target)  # an unknown --target fails at once, before the imports below load torch
 
@@ -250,24 +252,30 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
     from tfcompile.outputs import check_output_file
 
     remote_spec, backend = parse_remote(remote, device_key, backend)
-    if target != "cpu" and remote_spec is None:
+    if target != "cpu" and remote_spec is None and torch_options.get("device") != "cuda":
         raise TfcompileError(f"calibrating {target} needs that device; only 'cpu' (this host) is measured here, "
-                             "or the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY)")
-    check_output_file(output_path or profile_path(target, backend))  # the default file too, before measuring
-    suite = default_suite()
+                             "the device itself through a TVM RPC tracker (--remote HOST:PORT --device-key KEY), "
+                             "or its GPU here with --backend torch --device cuda")
+    check_output_file(output_path or profile_path(target, backend, torch_options))  # before measuring
     with console.status("calibrating") as status:
-        if remote_spec is not None:
+        progress = lambda m: status.update(f"calibrating {m}")  # noqa: E731
+        if torch_options:
+            from tfcompile.calibrate_device import calibrate_torch
+
+            profile, run = calibrate_torch(target, torch_options, repeat=repeat, progress=progress)
+            for name, why in run.skipped.items():
+                console.print(f"skipped {name}: {why}", style="yellow", markup=False)
+        elif remote_spec is not None:
             from tfcompile.calibrate import run_suite_remote
 
-            samples = run_suite_remote(suite, remote_spec, repeat=repeat, target_name=target,
-                                       progress=lambda m: status.update(f"calibrating {m}"))
-            host_label = f"{remote_spec} (TVM RPC)"
+            samples = run_suite_remote(default_suite(), remote_spec, repeat=repeat, target_name=target,
+                                       progress=progress)
+            profile = fit_checked(samples, target, backend, host=f"{remote_spec} (TVM RPC)")
         else:
-            samples = run_suite(suite, backend, repeat=repeat, progress=lambda m: status.update(f"calibrating {m}"))
+            samples = run_suite(default_suite(), backend, repeat=repeat, progress=progress)
             host = detect_host()
-            host_label = f"{host.model}, {host.cores} cores"
-    profile = fit_checked(samples, target, backend, host=host_label,
-                          host_id="" if remote_spec is not None else host_identity())
+            profile = fit_checked(samples, target, backend, host=f"{host.model}, {host.cores} cores",
+                                  host_id=host_identity())
     cli_output.show_profile(profile, console)
     if not improves_on_roofline(profile):
         console.print("not saved: on held-out micro-benchmarks the fit is worse than the roofline it refines; "
@@ -285,7 +293,7 @@ def calibrate(target, backend, repeat, output_path, remote, device_key):
 @click.option("--batches", default="1", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--seqs", default="128", show_default=True, help="Comma-separated sequence lengths.")
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Calibration profile (default: the saved one for TARGET/BACKEND).")
+              help="Calibration profile (default: the saved one for TARGET/BACKEND and the torch options).")
 @click.option("--repeat", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--rounds", "pass_count", default=1, show_default=True, type=click.IntRange(1, 10),
               help="Measure every variant this many rounds over, keeping each one's lowest median "
@@ -305,18 +313,18 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
     from tfcompile.compare import (builtin_variant_graphs, check_compare_options, lowest_of_passes,
                                    measure_and_predict, score, write_outputs)
     from tfcompile.measure import require_measurable
-    from tfcompile.cost_models.model import cost_model_for
+    from tfcompile.calibrate_device import cost_model_for_run
 
     check_compare_options(target, output_dir)  # an unknown target or an unwritable -o fails before any work
     remote_spec, backend = parse_remote(remote, device_key, backend)
     require_measurable(target, remote_spec, on_cuda=torch_options.get("device") == "cuda")
     runtime = " ".join([backend, *torch_options.values()])  # "torch cuda graphs bf16"
     batch_sizes, seq_lens = int_list(batches, "--batches"), int_list(seqs, "--seqs")  # before anything is printed
-    # Saved profiles are fitted on torch as it is (cpu, eager, fp32): with other torch options only --profile.
-    cost_model = cost_model_for(target, backend, profile_path=profile_path,
-                                calibrated=not torch_options or profile_path is not None)
+    # The profile fitted with these torch options (device, mode, precision; on cuda, on this GPU), or none.
+    cost_model = cost_model_for_run(target, backend, torch_options, profile_path)
     if cost_model.kind != "calibrated":
-        fix = "give --profile" if torch_options else f"run `tfcompile calibrate --target {target} --backend {backend}`"
+        options = "".join(f" --{key} {value}" for key, value in torch_options.items())
+        fix = f"run `tfcompile calibrate --target {target} --backend {backend}{options}`"
         console.print(f"[yellow]no calibration profile for {target}/{runtime}: {fix}; showing uncalibrated "
                       "predictions only[/yellow]")
     with console.status("building variants") as status:

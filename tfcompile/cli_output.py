@@ -74,7 +74,10 @@ def show_outcome(outcome, out: Console) -> None:
 
 def show_profile(profile, out: Console) -> None:
     """calibrate's fit: every micro-benchmark measured against the fitted profile."""
-    table = Table(title=f"calibration {profile.target}/{profile.backend}: fit MAPE {profile.fit_mape:.1%}",
+    runtime = "".join(f" {value}" for value in profile.torch_options.values())  # " cuda graphs bf16"
+    where = f" on {profile.gpu_name}" if profile.gpu_name else ""
+    table = Table(title=f"calibration {profile.target}/{profile.backend}{runtime}{where}: fit MAPE "
+                        f"{profile.fit_mape:.1%}",
                   box=box.SIMPLE_HEAD, show_edge=False)
     for column in ("micro-benchmark", "measured ms", "fitted ms", "error"):
         table.add_column(column, justify="right" if column != "micro-benchmark" else "left")

@@ -15,7 +15,14 @@ to the elementwise ("memory") bytes.
 
 Coefficients are fitted by non-negative least squares on relative error (each
 row divided by its measured time, so a 10 us kernel counts as much as a 10 ms
-one). Profiles are versioned JSON data, never pickles.
+one): SciPy's NNLS where SciPy is installed, else ``nnls_numpy`` (a GPU
+machine may have no SciPy). Profiles are versioned JSON data, never pickles.
+
+A profile of the torch device backend (``calibrate_device``) also records how
+torch ran (device, mode, precision) and, on cuda, the GPU's name: it is saved
+per options (``profile_path``) and refused on another GPU or for other options,
+since launch costs and kernels differ between them (CUDA-graph replay pays
+~1 us per kernel, eager ~8 us; bf16 GEMMs run on tensor cores).
 """
 
 from __future__ import annotations
@@ -103,11 +110,24 @@ class Profile:
     # The FLOPs-only baseline (t = c * FLOPs), fitted on the same samples.
     flops_only_s_per_flop: float = 0.0
     samples: list[dict] = dataclasses.field(default_factory=list)
+    # How the torch device backend ran the micro-benchmarks ("" for every other profile: torch cpu eager fp32).
+    torch_device: str = ""
+    torch_mode: str = ""
+    torch_precision: str = ""
+    gpu_name: str = ""  # torch.cuda.get_device_name() of the GPU measured on
+
+    @property
+    def torch_options(self) -> dict[str, str]:
+        """``{}`` or {"device", "mode", "precision"}, as ``cli_options.device_options`` passes them."""
+        if not self.torch_device:
+            return {}
+        return {"device": self.torch_device, "mode": self.torch_mode, "precision": self.torch_precision}
 
     def predict_s(self, graph: ModelGraph, flop_speedup: dict[str, float] | None = None) -> float:
         """``flop_speedup``: the device's peak per dtype over its fp32 peak. The profile's FLOP rates are
-        fitted on fp32 kernels; a kernel in another dtype runs at that rate times its speed-up (the
-        roofline's assumption, not a fit: no int8 or half-precision micro-benchmark is in the suite yet)."""
+        fitted on kernels in its own dtype (``fitted_dtype``: fp32 unless calibrated at bf16 or fp16); a
+        kernel in another dtype runs at that rate times the ratio of the two peaks (the roofline's
+        assumption, not a fit)."""
         kernels = group_kernels(graph, self.backend)
         traffic = attention_traffic_bytes(graph, self.target, self.backend)
         streaming = streams_weights(graph, self.target)
@@ -124,9 +144,16 @@ class Profile:
         cls = kernel_class(kernel, streaming)
         if cls not in self.s_per_flop and cls == "gemm_stream":
             cls = "gemm_skinny"  # a profile fitted before the class existed
-        speedup = (flop_speedup or {}).get(kernel.dtype, 1.0) if kernel.dtype != "fp32" else 1.0
+        speedup = 1.0
+        if kernel.dtype != self.fitted_dtype and flop_speedup:
+            speedup = flop_speedup.get(kernel.dtype, 1.0) / flop_speedup.get(self.fitted_dtype, 1.0)
         return (self.s_per_flop.get(cls, 0.0) * kernel.flops / speedup
                 + self.s_per_byte.get(cls, 0.0) * kernel.bytes_moved + self.kernel_overhead_s)
+
+    @property
+    def fitted_dtype(self) -> str:
+        """The kernels' dtype in the micro-benchmarks: tf32 keeps fp32 tensors (only the tensor cores differ)."""
+        return self.torch_precision if self.torch_precision in ("bf16", "fp16") else "fp32"
 
     def to_json(self) -> str:
         return json.dumps({"version": PROFILE_VERSION, **dataclasses.asdict(self)}, indent=2) + "\n"
@@ -215,7 +242,19 @@ class _ProfileFields:
                 "heldout_mape": self.number("heldout_mape", required=False),
                 "heldout_roofline_mape": self.number("heldout_roofline_mape", required=False),
                 "flops_only_s_per_flop": self.number("flops_only_s_per_flop", required=False),
-                "samples": self.samples()}
+                "samples": self.samples(), **self.torch_run()}
+
+    def torch_run(self) -> dict[str, str]:
+        run = {key: self.text(key, required=False) for key in ("torch_device", "torch_mode", "torch_precision")}
+        if any(run.values()) and not all(run.values()):
+            raise self._fail("torch_device, torch_mode and torch_precision", "all three given or none",
+                             [run[k] for k in sorted(run)])
+        allowed = {"torch_device": ("", "cpu", "cuda"), "torch_mode": ("", "eager", "graphs", "compile"),
+                   "torch_precision": ("", "fp32", "tf32", "bf16", "fp16")}
+        for key, value in run.items():
+            if value not in allowed[key]:
+                raise self._fail(key, f"one of {', '.join(allowed[key][1:])}", value)
+        return {**run, "gpu_name": self.text("gpu_name", required=False)}
 
 
 def _short(value: object) -> str:
@@ -240,10 +279,47 @@ def features(graph: ModelGraph, backend: str, target: str = "") -> np.ndarray:
     return row
 
 
-def fit(samples, target: str, backend: str, host: str = "", host_id: str = "") -> Profile:
-    """Fit a profile to ``(name, graph, measured_s)`` samples."""
-    from scipy.optimize import nnls  # here: a machine that only measures needs no SciPy
+def nnls_numpy(a: np.ndarray, b: np.ndarray, max_iterations: int | None = None) -> tuple[np.ndarray, float]:
+    """argmin ||a x - b|| subject to x >= 0 (Lawson and Hanson's active-set method), as
+    ``scipy.optimize.nnls`` returns it: (x, residual norm). Numpy only, for machines without SciPy."""
+    rows, cols = a.shape
+    x = np.zeros(cols)
+    passive = np.zeros(cols, dtype=bool)
+    tolerance = 10 * max(rows, cols) * np.finfo(float).eps * max(1.0, float(np.abs(a).max(initial=0.0)))
+    for _ in range(max_iterations or 3 * cols):
+        gradient = a.T @ (b - a @ x)
+        if passive.all() or gradient[~passive].max(initial=-np.inf) <= tolerance:
+            break
+        passive[int(np.argmax(np.where(passive, -np.inf, gradient)))] = True
+        while True:  # solve on the passive set; step back while that leaves it infeasible
+            trial = np.zeros(cols)
+            trial[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if trial[passive].min() > 0:
+                x = trial
+                break
+            shrinking = passive & (trial <= 0)
+            step = np.min(x[shrinking] / (x[shrinking] - trial[shrinking]))
+            x = x + step * (trial - x)
+            passive &= x > tolerance
+            x[~passive] = 0.0
+            if not passive.any():
+                break
+    return x, float(np.linalg.norm(a @ x - b))
 
+
+def nnls(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]:
+    """SciPy's NNLS where SciPy is installed (imported here, not at import), else ``nnls_numpy``."""
+    try:
+        from scipy.optimize import nnls as scipy_nnls
+    except ImportError:
+        return nnls_numpy(a, b)
+    return scipy_nnls(a, b)
+
+
+def fit(samples, target: str, backend: str, host: str = "", host_id: str = "",
+        torch_options: dict[str, str] | None = None, gpu_name: str = "") -> Profile:
+    """Fit a profile to ``(name, graph, measured_s)`` samples; ``torch_options`` and ``gpu_name`` say how
+    and where the torch device backend measured them (``Profile.torch_options``)."""
     rows = np.stack([features(s.graph, backend, target) for s in samples])
     measured = np.array([s.measured_s for s in samples])
     # Scale columns to O(1) so NNLS is well conditioned, then undo the scaling.
@@ -265,21 +341,24 @@ def fit(samples, target: str, backend: str, host: str = "", host_id: str = "") -
         s_per_byte={c: float(coef[2 * i + 1]) for i, c in enumerate(CLASSES)},
         view_overhead_s=float(coef[-3]), kernel_overhead_s=float(coef[-2]), graph_overhead_s=float(coef[-1]),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        host=host, host_id=host_id, fit_mape=mape, samples=records)
+        host=host, host_id=host_id, fit_mape=mape, samples=records, gpu_name=gpu_name,
+        **{f"torch_{key}": value for key, value in (torch_options or {}).items()})
 
 
 HELD_OUT_EVERY = 4  # every 4th micro-benchmark is held out of the checking fit
 
 
-def fit_checked(samples, target: str, backend: str, host: str = "", host_id: str = "") -> Profile:
+def fit_checked(samples, target: str, backend: str, host: str = "", host_id: str = "",
+                torch_options: dict[str, str] | None = None, gpu_name: str = "") -> Profile:
     """``fit`` on every sample, with ``heldout_mape`` from a fit that did not see every HELD_OUT_EVERY-th
     sample, measured on those, and the roofline's MAPE on the same ones: the saved profile says whether
     calibration improves on the roofline on kernels it was not fitted to (``improves_on_roofline``)."""
     held = samples[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
     kept = [s for i, s in enumerate(samples) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
-    profile = fit(samples, target, backend, host=host, host_id=host_id)
+    profile = fit(samples, target, backend, host=host, host_id=host_id, torch_options=torch_options,
+                  gpu_name=gpu_name)
     if held and kept:
-        trial = fit(kept, target, backend)
+        trial = fit(kept, target, backend, torch_options=torch_options)
         device = _device(target)
         profile.heldout_mape = _mape([trial.predict_s(s.graph) for s in held], held)
         if device is not None:
@@ -300,22 +379,35 @@ def profile_dir() -> Path:
     return Path(os.environ.get("TFCOMPILE_PROFILE_DIR", Path.home() / ".cache" / "tfcompile" / "profiles"))
 
 
-def profile_path(target: str, backend: str) -> Path:
-    return profile_dir() / f"{target}-{backend}.json"
+def profile_path(target: str, backend: str, torch_options: dict[str, str] | None = None) -> Path:
+    """``h100-torch-cuda-graphs-bf16.json`` for the torch device backend's options, else ``cpu-ort.json``."""
+    suffix = "".join(f"-{torch_options[key]}" for key in ("device", "mode", "precision")) if torch_options else ""
+    return profile_dir() / f"{target}-{backend}{suffix}.json"
+
+
+def gpu_name_here() -> str:
+    """torch.cuda.get_device_name() of this machine's current GPU, "" without CUDA."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
 
 
 def save_profile(profile: Profile, path: Path | None = None) -> Path:
-    path = path or profile_path(profile.target, profile.backend)
+    path = path or profile_path(profile.target, profile.backend, profile.torch_options)
     atomic_write_text(path, profile.to_json())
     return path
 
 
-def load_profile(target: str, backend: str, path: Path | None = None) -> Profile | None:
-    """The profile for (target, backend): at ``path`` if given, else the saved one (None if none was saved).
+def load_profile(target: str, backend: str, path: Path | None = None, torch_options: dict[str, str] | None = None,
+                 gpu_name: str | None = None) -> Profile | None:
+    """The profile for (target, backend, torch_options): at ``path`` if given, else the saved one (None if
+    none was saved).
 
-    A profile fitted for another target or backend is refused: its coefficients describe another machine.
+    A profile fitted for another target or backend, for other torch options, or on a GPU other than
+    ``gpu_name`` (default: this machine's, ``gpu_name_here``) is refused: its coefficients describe another
+    machine or another way of running it.
     """
-    explicit, path = path is not None, Path(path or profile_path(target, backend))
+    explicit, path = path is not None, Path(path or profile_path(target, backend, torch_options))
     if not path.is_file():
         if explicit or path.exists():
             why = "not a file" if path.exists() else "no such file"
@@ -333,4 +425,24 @@ def load_profile(target: str, backend: str, path: Path | None = None) -> Profile
         raise TfcompileError(f"{path}: calibration profile for {profile.target}/{profile.backend}, not "
                              f"{target}/{backend}; calibrate this pair with `tfcompile calibrate --target {target} "
                              f"--backend {backend}`")
+    check_torch_run(profile, torch_options or {}, gpu_name, str(path))
     return profile
+
+
+def check_torch_run(profile: Profile, torch_options: dict[str, str], gpu_name: str | None, source: str) -> None:
+    """Refuse, in one line, a profile measured with other torch options or on another GPU."""
+    def spelled(options: dict[str, str]) -> str:
+        return " ".join(options.values()) if options else "cpu eager fp32"
+
+    if profile.torch_options != torch_options:
+        command = f"tfcompile calibrate --target {profile.target} --backend {profile.backend}" + "".join(
+            f" --{key} {value}" for key, value in torch_options.items())
+        raise TfcompileError(f"{source}: calibration profile measured with torch {spelled(profile.torch_options)}, "
+                             f"not {spelled(torch_options)}; calibrate these options with `{command}`")
+    if profile.gpu_name:
+        here = gpu_name_here() if gpu_name is None else gpu_name
+        if here != profile.gpu_name:
+            raise TfcompileError(f"{source}: calibration profile measured on {profile.gpu_name}, this machine has "
+                                 f"{here or 'no CUDA device'}; calibrate this GPU with `tfcompile calibrate "
+                                 f"--target {profile.target} --backend {profile.backend} "
+                                 f"{' '.join(f'--{k} {v}' for k, v in torch_options.items())}`")
