@@ -1,8 +1,10 @@
 """Calibration: micro-benchmarks measured on a real runtime, here or on a remote device.
 
-Micro-benchmarks: GEMM sweep, attention, norms, softmax,
-elementwise ops and a launch floor, each a tiny traced model; and synthetic
-transformer blocks, which no zoo model matches in width or depth.
+Micro-benchmarks: GEMM sweep (skinny ones of 1-64 rows included), attention
+(up to 4096 tokens, where the score tensors outgrow a last-level cache, and
+causal), norms, softmax, elementwise ops and chains of them, and a launch
+floor, each a tiny traced model; and synthetic transformer blocks, which no
+zoo model matches in width or depth, at sequences up to 2048 tokens.
 
 Kernels timed alone run from hot caches with nothing beside them; inside a
 model the weights stream from memory and neighbours evict each other. Fitted
@@ -45,8 +47,12 @@ class _Linear(torch.nn.Module):
 
 
 class _Attention(torch.nn.Module):
+    def __init__(self, causal: bool = False):
+        super().__init__()
+        self.causal = causal
+
     def forward(self, q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
 
 
 class _LayerNorm(torch.nn.Module):
@@ -69,7 +75,8 @@ class _Gelu(torch.nn.Module):
 
 
 class _AddChain(torch.nn.Module):
-    """``length`` dependent adds on a tiny tensor: measures per-kernel overhead."""
+    """``length`` dependent mul-add-relu steps: on a tiny tensor, per-kernel overhead; on a medium one
+    (a layer's activations), elementwise memory traffic."""
 
     def __init__(self, length):
         super().__init__()
@@ -115,9 +122,25 @@ class _Stack(torch.nn.Module):
         return x
 
 
-# (width, heads, depth, batch, seq): widths and depths of no zoo model; sizes spanning the zoo's.
+# (width, heads, depth, batch, seq): widths and depths of no zoo model; sizes spanning the zoo's. The last
+# two run long sequences, where attention's share of a layer grows past the GEMMs'.
 BLOCK_CONFIGS = ((256, 4, 4, 1, 64), (256, 4, 4, 4, 256), (512, 8, 2, 1, 128), (512, 8, 2, 2, 384),
-                 (640, 10, 2, 1, 96), (1024, 16, 1, 1, 160))
+                 (640, 10, 2, 1, 96), (1024, 16, 1, 1, 160), (320, 5, 2, 1, 2048), (512, 8, 1, 1, 1024))
+
+# (heads, seq_tokens) of long-context attentions: their fp32 score tensors (50-805 MB) outgrow most last-level
+# caches, so ORT's and TVM's unfused attention streams them through DRAM in every pass over them.
+LONG_ATTENTION = ((12, 1024), (12, 2048), (12, 4096))
+# (heads, seq_tokens) of causal attentions, as decoders run them: the mask is built and applied at run time.
+CAUSAL_ATTENTION = ((4, 512), (4, 2048))
+
+# GEMMs of a few tokens (or a small batch of them) against a transformer layer's projection widths (k, n):
+# 4 and 32 rows fall in calibration's skinny class, 64 (its SKINNY_ROWS) is the first of the plain one.
+SKINNY_GEMM_ROWS = (4, 32, 64)
+SKINNY_GEMM_WIDTHS = ((768, 2304), (768, 3072), (3072, 768))
+
+# Rows of a [rows, 768] activation that elementwise chains run on: 0.4-6 MB, a layer's activations.
+CHAIN_ROWS = (128, 512, 2048)
+CHAIN_STEPS = 8
 
 
 # (width, heads, depth) of one-token stacks whose weights (85-200 MB) outgrow a last-level cache.
@@ -134,9 +157,19 @@ def default_suite() -> list[MicroBenchmark]:
         for k, n in ((768, 768), (768, 3072), (3072, 768), (256, 1024)):
             suite.append(MicroBenchmark(f"linear_m{m}_k{k}_n{n}",
                                         lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
+    for m in SKINNY_GEMM_ROWS:
+        for k, n in SKINNY_GEMM_WIDTHS:
+            suite.append(MicroBenchmark(f"skinny_linear_m{m}_k{k}_n{n}",
+                                        lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
     for s in (64, 128, 256, 512):
         suite.append(MicroBenchmark(f"sdpa_h12_s{s}_d64",
                                     lambda s=s: (_Attention(), tuple(_randn(1, 12, s, 64) for _ in range(3)))))
+    for heads, s in LONG_ATTENTION:
+        suite.append(MicroBenchmark(f"sdpa_h{heads}_s{s}_d64", lambda h=heads, s=s: (
+            _Attention(), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+    for heads, s in CAUSAL_ATTENTION:
+        suite.append(MicroBenchmark(f"sdpa_causal_h{heads}_s{s}_d64", lambda h=heads, s=s: (
+            _Attention(causal=True), tuple(_randn(1, h, s, 64) for _ in range(3)))))
     for rows in (128, 512, 2048):
         suite.append(MicroBenchmark(f"layernorm_{rows}x768", lambda rows=rows: (_LayerNorm(768), (_randn(rows, 768),))))
     for s in (128, 256, 512):
@@ -146,6 +179,9 @@ def default_suite() -> list[MicroBenchmark]:
     for length in (1, 16, 64):
         suite.append(MicroBenchmark(f"chain_{length}", lambda length=length: (_AddChain(length),
                                                                              (_randn(16), _randn(16)))))
+    for rows in CHAIN_ROWS:
+        suite.append(MicroBenchmark(f"chain_{CHAIN_STEPS}_{rows}x768", lambda rows=rows: (
+            _AddChain(CHAIN_STEPS), (_randn(rows, 768), _randn(rows, 768)))))
     # Decode-like: one row against weights larger than any last-level cache, read from DRAM on every run.
     for m, k, n in ((1, 768, 50257), (1, 4096, 4096), (4, 4096, 4096)):
         suite.append(MicroBenchmark(f"stream_linear_m{m}_k{k}_n{n}",
