@@ -51,6 +51,8 @@ def default_knob_grid() -> dict[str, list[dict[str, Any]]]:
         "merge_tokens": [{"r": 4}, {"r": 12}],
         # The pass refuses the type the target has no faster arithmetic or kernel for.
         "half_precision": [{"dtype": "fp16"}, {"dtype": "bf16"}],
+        # One attention per run of equal lengths, or one variable-length kernel where the runtime has one.
+        "remove_padding": [{"attention": "per_length"}, {"attention": "varlen"}],
     }
 
 

@@ -159,3 +159,31 @@ def test_onnx_export_computes_the_block_diagonal_form_in_onnx_runtime(tmp_path):
         for ref, out in zip(padded.run(), got):
             assert ((ref[valid] - out[valid]).abs().max() / ref[valid].abs().max()).item() <= TOL
 
+
+
+def test_remove_padding_with_varlen_attention_is_exact_and_one_kernel_per_layer():
+    lengths = [16, 5, 9, 2]
+    graph = with_lengths(load_tiny("bert-base", batch=4, seq=16), lengths)
+    packed, outcome = apply_pass(graph, "remove_padding", context=_gpu_context(), attention="varlen")
+    assert outcome.applied, outcome.reason
+    assert "2 variable-length attention calls" in outcome.reason
+    ops = [n for n in packed.call_nodes() if n.target is VARLEN_ATTENTION]
+    assert len(ops) == 2 and all(n.meta["sum_sq_lengths"] == sum(n * n for n in lengths) for n in ops)
+    valid = _valid(lengths, 16)
+    for ref, out in zip(graph.run(), packed.run()):
+        assert ((ref[valid] - out[valid]).abs().max() / ref[valid].abs().max()).item() <= TOL
+    # Still specialised to its lengths: another batch gets NaN, not plausible rows.
+    other = with_lengths(graph, [3, 16, 1, 7])
+    assert all(out.isnan().all() for out in packed.run(other.example_inputs))
+    per_length, _ = apply_pass(graph, "remove_padding", context=_gpu_context())
+    predict = _gpu_context().cost_model.predict
+    assert predict(packed).latency_s < predict(per_length).latency_s  # per layer: 4 lengths' launches against 1
+
+
+def test_remove_padding_refuses_varlen_attention_without_the_kernel_and_unknown_forms():
+    graph = with_lengths(load_tiny("bert-base", batch=4, seq=16), [16, 5, 9, 2])
+    cpu = PassContext(cost_model_for("cpu", "ort", calibrated=False), Workload())
+    _, outcome = apply_pass(graph, "remove_padding", context=cpu, attention="varlen")
+    assert not outcome.applied and "no variable-length attention kernel" in outcome.reason
+    _, outcome = apply_pass(graph, "remove_padding", context=_gpu_context(), attention="flash")
+    assert not outcome.applied and "per_length, varlen" in outcome.reason

@@ -26,6 +26,7 @@ from tfcompile.passes.padding.layout import (
     REDUCTIONS, Layout, broadcast_shape, packed_shape, padded_token_sizes, token_dims,
 )
 from tfcompile.passes.padding.token_rules import PackingPlan, Rule, Step, TokenPlan, input_layout
+from tfcompile.structure.varlen import SUM_SQ_LENGTHS, VARLEN_ATTENTION
 
 aten = torch.ops.aten
 
@@ -38,7 +39,7 @@ class Packed:
 
 def pack(graph: ModelGraph, plan: PackingPlan) -> None:
     """Replace ``graph``'s FX graph by its packed form, guarded to the lengths it was packed for."""
-    new = Packer(graph, plan.geometry, plan.tokens).build()
+    new = Packer(graph, plan.geometry, plan.tokens, varlen_attention=plan.varlen_attention).build()
     graph.gm.graph = new
     # The mask construction that attention no longer reads goes away here, its metadata asserts with it.
     structure.remove_dead_code(graph.gm)
@@ -88,8 +89,9 @@ class Packer:
 
     emit: dict[Rule, Callable[[Packer, torch.fx.Node, Step], None]] = {}  # filled below the class
 
-    def __init__(self, graph: ModelGraph, geometry: Geometry, tokens: TokenPlan):
+    def __init__(self, graph: ModelGraph, geometry: Geometry, tokens: TokenPlan, varlen_attention: bool = False):
         self.gm = graph.gm
+        self.varlen_attention = varlen_attention
         self.src = graph.gm.graph
         self.geo = geometry
         self.tokens = tokens
@@ -346,6 +348,8 @@ class Packer:
             heads = [self.call(aten.permute.default, (t.node, [0, 2, 1, 3])) for t in (q, k, v)]
             att = self.call(aten.scaled_dot_product_attention.default, (*heads, mask), kwargs)
             return self.set_packed(node, self.call(aten.permute.default, (att, [0, 2, 1, 3])), step)
+        if self.varlen_attention:
+            return self.set_packed(node, self.varlen(node, q.node, k.node, v.node, causal), step)
         results = []
         for start, count, length in self.geo.groups:
             # One SDPA per run of equal-length sequences: [count, heads, length, dim], no padding.
@@ -362,6 +366,29 @@ class Packer:
             results.append(self.reshape(att, [count * length] + out.rest))
         new = results[0] if len(results) == 1 else self.call(aten.cat.default, (results, 0))
         self.set_packed(node, new, step)
+
+
+    def varlen(self, node: torch.fx.Node, q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node,
+               causal: bool) -> torch.fx.Node:
+        """One ``tfcompile::varlen_attention`` over the packed [T, heads, dim] q, k, v, for attention ``node``."""
+        query, key = (structure.tensor_meta(a) for a in node.args[:2])  # the padded [B, heads, L, dim]
+        query_heads, head_dim, key_heads = query.shape[1], query.shape[-1], key.shape[1]
+        if key_heads != query_heads:  # grouped-query attention: the reference loop and ONNX form need equal heads
+            k, v = (self.call(aten.repeat_interleave.self_int, (t, query_heads // key_heads, 1)) for t in (k, v))
+        scale = node.kwargs.get("scale")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        offsets, max_len, sum_sq_lengths = self.varlen_bounds()
+        att = self.call(VARLEN_ATTENTION, (q, k, v, offsets, max_len, causal, scale))
+        att.meta[SUM_SQ_LENGTHS] = sum_sq_lengths
+        return att
+
+    def varlen_bounds(self) -> tuple[torch.fx.Node, int, float]:
+        """The sequences' [B + 1] int64 offsets into the packed tokens, their longest length, and Σ l²."""
+        def offsets():
+            ends = [start + i * length for start, count, length in self.geo.groups for i in range(1, count + 1)]
+            return torch.tensor([0, *ends], dtype=torch.int64)
+        sum_sq = float(sum(count * length * length for _, count, length in self.geo.groups))
+        return self.const("varlen_offsets", offsets), max(self.geo.lengths), sum_sq
 
 
 Packer.emit = {

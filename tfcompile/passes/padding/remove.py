@@ -7,7 +7,11 @@
   token's own (b, j), so positions restart at 0 for every sequence;
 - attention runs per sequence: one SDPA per run of equal-length sequences on
   [n, heads, l, dim] slices, never a masked T×T product, so attention costs
-  Σ l_b² instead of B·L²;
+  Σ l_b² instead of B·L²; with ``attention="varlen"``, one
+  ``tfcompile::varlen_attention`` per layer over all packed tokens instead
+  (same Σ l_b² work, one kernel launch where the loop launches one per length:
+  on a GPU the loop is launch-bound), only where the runtime has that kernel
+  (torch on a GPU; refused elsewhere with the reason);
 - a mask-weighted sum over the sequence (sentence-embedding mean pooling, as in
   minilm) becomes a sum over each sequence's own tokens, and selecting one
   position (CLS pooling) reads it from the packed tokens;
@@ -41,6 +45,7 @@ from tfcompile.passes.padding.batch import read_padded_batch
 from tfcompile.passes.padding.geometry import packed_geometry
 from tfcompile.passes.padding.packer import PackingPlan, pack
 from tfcompile.passes.padding.token_rules import plan_tokens
+from tfcompile.passes.padding.varlen import check_varlen_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +54,20 @@ class RemovedPadding:
     tokens: int  # Σ l_b, the packed token axis
 
 
-def _plan(graph: ModelGraph, context: PassContext) -> PackingPlan:
+ATTENTION_FORMS = ("per_length", "varlen")
+
+
+def _plan(graph: ModelGraph, context: PassContext, attention: str = "per_length") -> PackingPlan:
+    if attention not in ATTENTION_FORMS:
+        raise PassRefused(f"attention={attention!r} is not one of {', '.join(ATTENTION_FORMS)}")
+    if attention == "varlen":
+        check_varlen_kernel(context, "remove_padding's per-length attention")
     batch = read_padded_batch(graph, context.workload)
     if batch.tokens == batch.batch * batch.max_len:
         raise PassRefused(f"no padding: every row has the full length {batch.max_len} "
                           "(give the workload's lengths or a padded attention mask)")
     geometry = packed_geometry(list(batch.lengths), batch.max_len)
-    return PackingPlan(batch, geometry, plan_tokens(graph, geometry, batch))
+    return PackingPlan(batch, geometry, plan_tokens(graph, geometry, batch), varlen_attention=attention == "varlen")
 
 
 @register_pass("remove_padding", Exactness.EXACT,
@@ -64,6 +76,8 @@ def _plan(graph: ModelGraph, context: PassContext) -> PackingPlan:
                lengths_specific=True)
 def remove_padding(graph: ModelGraph, plan: PackingPlan) -> PassResult:
     pack(graph, plan)
-    return PassResult(graph, True, f"packed {plan.batch.describe()}; {plan.tokens.attention_calls} "
-                                   f"attention calls over {len(plan.geometry.groups)} length groups",
+    layers = len(plan.tokens.patterns)
+    attention = (f"{layers} variable-length attention calls" if plan.varlen_attention else
+                 f"{plan.tokens.attention_calls} attention calls over {len(plan.geometry.groups)} length groups")
+    return PassResult(graph, True, f"packed {plan.batch.describe()}; {attention}",
                       RemovedPadding(plan.batch.lengths, plan.geometry.tokens))

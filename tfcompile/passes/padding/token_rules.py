@@ -105,6 +105,7 @@ class PackingPlan:
     batch: PaddedBatch
     geometry: Geometry
     tokens: TokenPlan
+    varlen_attention: bool = False  # remove_padding: one variable-length attention per layer, not one per length
 
 
 def plan_tokens(graph: ModelGraph, geometry: Geometry, batch: PaddedBatch) -> TokenPlan:

@@ -30,7 +30,6 @@ show T.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.fx
@@ -41,9 +40,6 @@ from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, reg
 from tfcompile.passes.context import PassContext
 from tfcompile.passes.padding.runtime import RuntimePacker, RuntimePlan, plan_runtime
 from tfcompile.passes.padding.token_rules import Rule, Step
-from tfcompile.structure.varlen import SUM_SQ_LENGTHS, VARLEN_ATTENTION
-
-aten = torch.ops.aten
 
 # (device kind, backend) pairs that run tfcompile::varlen_attention as one kernel.
 VARLEN_KERNELS = {("gpu", "torch")}
@@ -59,31 +55,33 @@ class VarlenPadding:
     patterns: tuple[str, ...]
 
 
-def _plan(graph: ModelGraph, context: PassContext) -> RuntimePlan:
+def check_varlen_kernel(context: PassContext, instead: str) -> None:
+    """Refuse unless the context's target and backend run ``tfcompile::varlen_attention`` as one kernel."""
     device, backend = context.device, context.backend
     if (device.kind, backend) not in VARLEN_KERNELS:
         raise PassRefused(f"{backend} on a {device.kind} has no variable-length attention kernel "
-                          "(torch on a GPU has): remove_padding_runtime's block-diagonal attention serves here")
+                          f"(torch on a GPU has): {instead} serves here")
+
+
+def _plan(graph: ModelGraph, context: PassContext) -> RuntimePlan:
+    check_varlen_kernel(context, "remove_padding_runtime's block-diagonal attention")
     return plan_runtime(graph, context)
 
 
 class VarlenPacker(RuntimePacker):
+    """The run-time packer with each attention as one variable-length kernel (``Packer.varlen``)."""
+
     def __init__(self, graph: ModelGraph, plan: RuntimePlan):
         super().__init__(graph, plan)
-        self.sum_sq_lengths = plan.expected_sum_sq_lengths
+        self.expected_sum_sq_lengths = plan.expected_sum_sq_lengths
 
     def attention(self, node: torch.fx.Node, step: Step) -> None:
         q, k, v = (self.get_packed(a).node for a in node.args[:3])  # [T, heads, dim]
-        query, key = (structure.tensor_meta(a) for a in node.args[:2])  # the padded [B, heads, L, dim]
-        query_heads, head_dim, key_heads = query.shape[1], query.shape[-1], key.shape[1]
-        if key_heads != query_heads:  # grouped-query attention: the reference loop and ONNX form need equal heads
-            k, v = (self.call(aten.repeat_interleave.self_int, (t, query_heads // key_heads, 1)) for t in (k, v))
-        scale = node.kwargs.get("scale")
-        scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-        causal = self.tokens.patterns[node] == "causal"
-        att = self.call(VARLEN_ATTENTION, (q, k, v, self.index("offsets"), self.geo.max_len, causal, scale))
-        att.meta[SUM_SQ_LENGTHS] = self.sum_sq_lengths
-        self.set_packed(node, att, step)
+        self.set_packed(node, self.varlen(node, q, k, v, self.tokens.patterns[node] == "causal"), step)
+
+    def varlen_bounds(self) -> tuple[torch.fx.Node, int, float]:
+        # Offsets from the mask at run time; every length up to the padded one may occur.
+        return self.index("offsets"), self.geo.max_len, self.expected_sum_sq_lengths
 
 
 VarlenPacker.emit = {**RuntimePacker.emit, Rule.ATTENTION: VarlenPacker.attention}
