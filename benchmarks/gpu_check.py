@@ -19,8 +19,12 @@
    ``premerge_ffn`` merges) and dense (the merged form's shape) over token
    counts T, measured and predicted, with where each crosses over and what
    ``premerge_ffn`` decides at each T with the calibrated model.
-4. Padding removal on bert-base (batch 8, lengths uniform in [16, seq], seed 0):
-   padded against packed, measured and predicted.
+4. Padding removal on bert-base (batch 8, lengths uniform in [16, seq], seed 0)
+   in fp32 and fp16 (``--padding-precisions``), each mode: the padded model
+   against three packed forms (``PACKED_FORMS``: the per-length attention loop,
+   and one variable-length attention kernel per layer with static or run-time
+   offsets), measured and predicted, and each measured speed-up as a share of
+   the ideal (padded tokens / valid tokens).
 
 Roofline rows in graphs mode are predicted with the replay launch cost
 (devices.md §3: 0.98 µs per kernel) instead of the target's eager per-kernel
@@ -125,6 +129,7 @@ def main() -> None:
                         help="save profiles that pass the held-out check in the profile directory")
     parser.add_argument("--no-crossover", action="store_true")
     parser.add_argument("--no-padding", action="store_true")
+    parser.add_argument("--padding-precisions", default="fp32,fp16", help="precisions of the padding check")
     parser.add_argument("--quick", action="store_true", help="tiny configs, small shapes, 5 runs")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads with --device cpu: one, so that other processes on a small machine do "
@@ -322,8 +327,19 @@ def _crossover_tokens(rows: list[dict], figures) -> int | None:
     return cross
 
 
+# Packed forms of the padded batch: (label, pass, knobs). remove_padding's per-length loop launches an
+# attention per run of equal lengths; both varlen forms launch one tfcompile::varlen_attention per layer,
+# the static one with constant offsets (capturable in a CUDA graph), the run-time one reading the mask
+# (its nonzero syncs the host, so CUDA-graph capture refuses it).
+PACKED_FORMS = (("per-length", "remove_padding", {}), ("varlen", "remove_padding", {"attention": "varlen"}),
+                ("varlen-rt", "remove_padding_varlen", {}))
+
+
 def _padding(precisions, modes, cost_model, args) -> dict:
-    """bert-base batch 8 at the longest --seqs (tiny: batch 4), lengths uniform in [16, seq]: padded and packed."""
+    """bert-base batch 8 at the longest --seqs (tiny: batch 4), lengths uniform in [16, seq]: padded and packed.
+
+    The packed forms are built for torch on a GPU (the varlen passes refuse other runtimes) and run on
+    ``--device``, so the CPU dry run exercises them too. Ideal: padded tokens over valid tokens."""
     from tfcompile.passes import PassContext, Workload, apply_pass
     from tfcompile.passes.padding import with_lengths
 
@@ -332,31 +348,41 @@ def _padding(precisions, modes, cost_model, args) -> dict:
     lengths = [rng.randint(min(16, seq), seq) for _ in range(batch)]
     options = LoadOptions(batch=batch, seq=seq, seed=0, config_overrides=TINY["bert-base"] if args.quick else None)
     padded = with_lengths(load_model("bert-base", options), lengths)
-    packed, outcome = apply_pass(padded, "remove_padding", context=PassContext(cost_model, Workload(
-        lengths=tuple(lengths))))
-    result = {"batch": batch, "seq": seq, "lengths": lengths, "applied": outcome.applied, "reason": outcome.reason,
-              "runs": []}
-    if not outcome.applied:
-        return result
-    references = {"padded": padded.run(), "packed": packed.run()}
-    for precision in precisions:
+    build = PassContext(cost_model_for("h100", "torch", calibrated=False), Workload(lengths=tuple(lengths)))
+    graphs, refused = {"padded": padded}, {}
+    for label, name, knobs in PACKED_FORMS:
+        graph, outcome = apply_pass(padded, name, context=build, **knobs)
+        if outcome.applied:
+            graphs[label] = graph
+        else:
+            refused[label] = outcome.reason
+    result = {"batch": batch, "seq": seq, "lengths": lengths, "ideal_speedup": batch * seq / sum(lengths),
+              "refused_forms": refused, "runs": []}
+    references = {label: graph.run() for label, graph in graphs.items()}
+    for precision in _list(args.padding_precisions):
         for mode in modes:
-            lowered, predicted = {}, {}
-            try:
-                for name, graph in (("padded", padded), ("packed", packed)):
+            lowered, predicted, failed = {}, {}, {}
+            for label, graph in graphs.items():
+                try:
                     cast = cast_graph(graph, precision)
-                    lowered[name] = lower_device(graph, device=args.device, mode=mode, precision=precision,
-                                                 reference=references[name], cast=cast, check=False)
-                    predicted[name] = _predict_ms(cast, mode, cost_model)
-            except TfcompileError as exc:
-                result["runs"].append({"precision": precision, "mode": mode, "refused": str(exc)})
-                continue
-            timed = measure_device(lowered, warmup=args.warmup, repeat=args.repeat, max_total_s=args.max_shape_s)
-            result["runs"].append({
-                "precision": precision, "mode": mode,
-                "measured_ms": {k: m.median_ms for k, m in timed.items()}, "predicted_ms": predicted,
-                "measured_speedup": timed["padded"].median_s / timed["packed"].median_s,
-                "predicted_speedup": predicted["padded"] / predicted["packed"]})
+                    lowered[label] = lower_device(graph, device=args.device, mode=mode, precision=precision,
+                                                  reference=references[label], cast=cast, check=False)
+                    predicted[label] = _predict_ms(cast, mode, cost_model)
+                except Exception as exc:  # noqa: BLE001 - a form this torch cannot run or capture is reported
+                    failed[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            run = {"precision": precision, "mode": mode, "failed": failed}
+            if "padded" in lowered and len(lowered) > 1:
+                timed = measure_device(lowered, warmup=args.warmup, repeat=args.repeat,
+                                       max_total_s=args.max_shape_s)
+                run.update({
+                    "measured_ms": {k: m.median_ms for k, m in timed.items()}, "predicted_ms": predicted,
+                    "max_rel_err": {k: low.max_rel_err for k, low in lowered.items()},
+                    "tolerance": {k: low.tolerance for k, low in lowered.items()},
+                    "measured_speedup": {k: timed["padded"].median_s / m.median_s
+                                         for k, m in timed.items() if k != "padded"},
+                    "predicted_speedup": {k: predicted["padded"] / p for k, p in predicted.items() if k != "padded"}})
+                run["of_ideal"] = {k: v / result["ideal_speedup"] for k, v in run["measured_speedup"].items()}
+            result["runs"].append(run)
             del lowered
             _free(args.device)
     return result
@@ -456,15 +482,22 @@ def _print_table(calibration: dict, rows: list[Row], scores: dict, crossover: di
             print(f"  crossover {source:<11} {where}")
     if padding:
         print(f"\npadding removal, bert-base b{padding['batch']} s{padding['seq']}, lengths {padding['lengths']}: "
-              + ("" if padding["applied"] else f"not applied ({padding['reason']})"))
+              f"ideal speed-up {padding['ideal_speedup']:.2f}x (padded tokens / valid tokens)")
+        for label, reason in padding["refused_forms"].items():
+            print(f"  {label}: not built ({reason})")
         for run in padding["runs"]:
-            if "refused" in run:
-                print(f"  {run['precision']:<5}{run['mode']:<8} refused: {run['refused']}")
+            head = f"  {run['precision']:<5}{run['mode']:<8}"
+            for label, reason in run["failed"].items():
+                print(f"{head}{label:<11} did not run: {reason}")
+            if "measured_ms" not in run:
                 continue
             m, p = run["measured_ms"], run["predicted_ms"]
-            print(f"  {run['precision']:<5}{run['mode']:<8} measured {m['padded']:.3f} -> {m['packed']:.3f} ms "
-                  f"({run['measured_speedup']:.2f}x)   predicted {p['padded']:.3f} -> {p['packed']:.3f} ms "
-                  f"({run['predicted_speedup']:.2f}x)")
+            print(f"{head}{'padded':<11} measured {m['padded']:9.3f} ms   predicted {p['padded']:9.3f} ms")
+            for label, speedup in run["measured_speedup"].items():
+                err = run["max_rel_err"][label]
+                check = "ok" if err <= run["tolerance"][label] else f"FAIL > {run['tolerance'][label]:.0e}"
+                print(f"{head}{label:<11} measured {m[label]:9.3f} ms ({speedup:.2f}x, {run['of_ideal'][label]:.2f} "
+                      f"of ideal)   predicted {p[label]:9.3f} ms ({run['predicted_speedup'][label]:.2f}x)   {check}")
     if skipped:
         print(f"\nnot started (--budget-s spent): {', '.join(skipped)}")
 

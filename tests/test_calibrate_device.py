@@ -178,3 +178,10 @@ def test_gpu_check_cpu_dry_run_prints_the_whole_table_without_scipy(tmp_path):
     assert data["scores"]["all"]["roofline"]["n"] == len(measured)
     crossover = data["premerge_ffn_crossover"]
     assert len(crossover["rows"]) == 5 and "measured" in crossover["crossover_tokens"]
+    padding = data["padding"]
+    assert not padding["refused_forms"]
+    forms = {"per-length", "varlen", "varlen-rt"}
+    for run in padding["runs"]:  # every packed form ran, matched its reference and was timed against padded
+        assert not run["failed"] and set(run["measured_speedup"]) == forms
+        assert all(run["max_rel_err"][k] <= run["tolerance"][k] for k in forms)
+    assert {run["precision"] for run in padding["runs"]} == {"fp32", "fp16"}
