@@ -90,6 +90,20 @@ class TinyChain(torch.nn.Module):
         return x
 
 
+class ViewChain(torch.nn.Module):
+    """``length`` unsqueeze/transpose/squeeze steps, then one add: eager torch dispatches every view
+    (``fusion.group_kernels`` counts them as ``view`` kernels), which these isolate from launches."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+
+    def forward(self, x, y):
+        for _ in range(self.length):
+            x = x.unsqueeze(0).transpose(1, 2).squeeze(0)
+        return x + y
+
+
 @dataclasses.dataclass(frozen=True)
 class SuiteSizes:
     gemm_rows: tuple[int, ...]
@@ -99,6 +113,7 @@ class SuiteSizes:
     softmax: tuple[tuple[int, int], ...]  # (rows of a score matrix, seq)
     elementwise: tuple[int, ...]  # numel
     chains: tuple[int, ...] = (1, 16, 64)
+    view_chains: tuple[int, ...] = (8, 32, 96)
 
 
 # cuda: the issue's skinny-M sweep at BERT/GPT-2 and Llama-7B widths; attention from BERT to long context.
@@ -142,6 +157,9 @@ def device_suite(device: str, sizes: SuiteSizes | None = None) -> list[MicroBenc
     others += [MicroBenchmark(f"add_{n}", lambda n=n: (Add(), (_randn(n), _randn(n)))) for n in sizes.elementwise]
     others += [MicroBenchmark(f"chain_{length}", lambda length=length: (TinyChain(length), (_randn(16), _randn(16))))
                for length in sizes.chains]
+    others += [MicroBenchmark(f"views_{length}",
+                              lambda length=length: (ViewChain(length), (_randn(8, 8), _randn(8, 8))))
+               for length in sizes.view_chains]
     # One GEMM after every other benchmark while both last, then the rest of the GEMMs.
     mixed = [b for pair in zip(gemms, others) for b in pair]
     pairs = min(len(gemms), len(others))

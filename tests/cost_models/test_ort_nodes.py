@@ -36,9 +36,17 @@ def test_ort_runs_views_and_head_permutes_as_nodes():
     assert not any("transpose" in n for k in kernels for n in k.nodes)
 
 
-def test_other_backends_keep_views_free():
-    for backend in ("tvm", "torch", None):
+def test_fusing_compilers_and_the_roofline_keep_views_free():
+    for backend in ("tvm", None):
         assert not any(k.op_class == "view" for k in group_kernels(_graph(), backend))
+
+
+def test_torch_eager_dispatches_every_aten_view_and_permute():
+    kernels = group_kernels(_graph(), "torch")
+    views = [n for k in kernels if k.op_class == "view" for n in k.nodes]
+    # the head view, its permute and the q·qᵀ transpose: each an ATen call eager torch dispatches
+    assert len(views) == 3 and any("permute" in n for n in views) and any("transpose" in n for n in views)
+    assert all(k.bytes_moved == 0 for k in kernels if k.op_class == "view")
 
 
 def test_view_nodes_are_their_own_calibration_feature():
