@@ -308,7 +308,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="weights of the seeded models, lengths of padded batches")
     parser.add_argument("--dry-run", action="store_true",
                         help="build every variant and print its predicted latency; calibrate and measure nothing")
-    parser.add_argument("--profile", type=Path, help="with --dry-run: predict with this profile, not the roofline")
+    parser.add_argument("--profile", type=Path, help="predict with this profile (made on this host) instead of "
+                        "calibrating; with --dry-run, instead of the roofline")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     console = Console(soft_wrap=True)  # rows of a table are wider than a pipe's 80 columns
@@ -324,20 +325,26 @@ def main() -> None:
         return
     started = time.time()
 
-    with console.status("calibrating") as status:
-        samples = run_suite(default_suite(), args.backend, repeat=args.repeat,
-                            progress=lambda m: status.update(f"calibrating {m}"))
-    calibration_s = time.time() - started
-    host = detect_host()
-    profile = fit_checked(samples, "cpu", args.backend, host=f"{host.model}, {host.cores} cores",
-                          host_id=host_identity())
     args.out.mkdir(parents=True, exist_ok=True)
-    profile_file = save_profile(profile, args.out / f"profile-cpu-{args.backend}.json")
-    console.print(f"calibration: {len(samples)} micro-benchmarks in {calibration_s:.0f} s, fit MAPE "
-                  f"{profile.fit_mape:.1%}; held out: {profile.heldout_mape:.1%} "
-                  f"(roofline {profile.heldout_roofline_mape:.1%})")
-    # The profile just fitted, read back from its file: what a later run with this profile predicts.
+    calibration_s = 0.0
+    if args.profile is None:
+        with console.status("calibrating") as status:
+            samples = run_suite(default_suite(), args.backend, repeat=args.repeat,
+                                progress=lambda m: status.update(f"calibrating {m}"))
+        calibration_s = time.time() - started
+        host = detect_host()
+        fitted = fit_checked(samples, "cpu", args.backend, host=f"{host.model}, {host.cores} cores",
+                             host_id=host_identity())
+        profile_file = save_profile(fitted, args.out / f"profile-cpu-{args.backend}.json")
+    else:
+        profile_file = args.profile
+    # The profile read back from its file: what a later run with this profile predicts.
     cost_model = cost_model_for("cpu", args.backend, profile_path=profile_file)
+    profile = cost_model.profile
+    console.print(f"calibration{'' if args.profile is None else ' from ' + str(args.profile)}: "
+                  f"{len(profile.samples)} micro-benchmarks" + (f" in {calibration_s:.0f} s" if calibration_s else "")
+                  + f", fit MAPE {profile.fit_mape:.1%}; held out: {profile.heldout_mape:.1%} "
+                  f"(roofline {profile.heldout_roofline_mape:.1%})")
 
     measured_by_pass: list[list[ComparisonRow]] = []
     families: dict[str, str] = {}
@@ -387,7 +394,8 @@ def main() -> None:
     write_outputs(rows, scores, args.out / f"cost-model-{args.backend}", title=title)
     (args.out / f"cost-model-{args.backend}" / "summary.json").write_text(json.dumps(
         {"host": profile.host, "host_id": profile.host_id, "set": args.set, "repeat": args.repeat,
-         "calibration_micro_benchmarks": len(samples), "calibration_s": calibration_s,
+         "profile": str(profile_file), "calibration_micro_benchmarks": len(profile.samples),
+         "calibration_s": calibration_s,
          "calibration_fit_mape": profile.fit_mape,
          "heldout_mape": profile.heldout_mape, "heldout_roofline_mape": profile.heldout_roofline_mape,
          "scores": scores, "speedups": speedups, "families": breakdown, "llama_tiny_s512_cleanup": check,
