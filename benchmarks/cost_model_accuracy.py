@@ -47,6 +47,7 @@ from tfcompile.compare import (PREDICTORS, ComparisonRow, lowest_of_passes, meas
 from tfcompile.cost_models.calibration import fit_checked, save_profile
 from tfcompile.cost_models.device import detect_host, host_identity
 from tfcompile.cost_models.model import cost_model_for
+from tfcompile.errors import BackendError, first_line
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph
 from tfcompile.passes.padding import with_lengths
@@ -365,10 +366,22 @@ def main() -> None:
                     skipped += config_skipped
                     for line in config_skipped:
                         console.print(f"left out {line}")
-                rows_of_pass += measure_and_predict(
-                    graphs, cost_model=cost_model, repeat=args.repeat,
-                    progress=lambda m: status.update(f"pass {pass_index + 1}: {m}"),
-                    group_key=lambda graph, label=config.label: label)
+                while graphs:
+                    try:
+                        rows_of_pass += measure_and_predict(
+                            graphs, cost_model=cost_model, repeat=args.repeat,
+                            progress=lambda m: status.update(f"pass {pass_index + 1}: {m}"),
+                            group_key=lambda graph, label=config.label: label)
+                        break
+                    except BackendError as exc:
+                        # A variant the runtime computes differently is left out, with the check's words;
+                        # the rest of the config is measured again without it.
+                        failed = [g for g in graphs if f"{g.name}:" in str(exc)]
+                        if not failed:
+                            raise
+                        graphs = [g for g in graphs if g not in failed]
+                        skipped.append(f"{failed[0].name}: {first_line(exc)}")
+                        console.print(f"left out {skipped[-1]}", markup=False)
                 del graphs
                 gc.collect()
                 config_wall_s.setdefault(config.label, []).append(time.time() - config_started)
