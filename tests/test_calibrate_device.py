@@ -158,6 +158,7 @@ def test_cli_calibrates_then_compare_uses_the_profile_for_those_options(tmp_path
     assert "no calibration profile for cpu/torch cpu eager fp16" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 25-41 s: the whole benchmark script (make test-slow)
 def test_gpu_check_cpu_dry_run_prints_the_whole_table_without_scipy(tmp_path):
     """The dry run end to end, with SciPy made unimportable as on a GPU machine without it."""
     report = tmp_path / "gpu_check.json"
