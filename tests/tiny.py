@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tfcompile.frontend import LoadOptions, load_model, zoo
-from tfcompile.graph import ModelGraph
+from tfcompile.graph import ModelGraph, export_module
 
 # The zoo's architectures at test size (``zoo.TINY_CONFIGS``); minilm is loaded at its real size.
 TINY_OVERRIDES = {**zoo.TINY_CONFIGS, "minilm": None}
@@ -25,6 +25,23 @@ def load_tiny(name: str, *, batch: int = 2, seq: int = 16, seed: int = 0) -> Mod
 
 def tiny_module(name: str, seed: int = 0) -> torch.nn.Module:
     return zoo.build(name, seed=seed, config_overrides=TINY_OVERRIDES[name])
+
+
+class _LlamaWithMask(torch.nn.Module):
+    """Tiny Llama with its attention mask as an input: causal attention, RoPE and grouped-query heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_module("llama-tiny").model
+
+    def forward(self, input_ids, attention_mask):
+        return (self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits,)
+
+
+def llama_with_mask(batch: int, seq: int) -> ModelGraph:
+    ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return export_module(_LlamaWithMask(), (ids, torch.ones_like(ids)), name="llama-mask",
+                         input_names=["input_ids", "attention_mask"])
 
 
 # Factories for `tfcompile optimize tests.tiny:NAME` in CLI tests.

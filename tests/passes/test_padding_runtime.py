@@ -11,7 +11,7 @@ from tfcompile.graph import export_module
 from tfcompile.passes import PassContext, Workload, apply_pass, default_context, get_pass, pass_order
 from tfcompile.passes.base import Stage
 from tfcompile.passes.padding import with_lengths
-from tests.tiny import MeanPooledBert, load_tiny, tiny_module
+from tests.tiny import MeanPooledBert, llama_with_mask, load_tiny
 
 aten = torch.ops.aten
 TOL = 1e-5
@@ -112,22 +112,8 @@ def test_minilm_serves_other_lengths(zoo):
     _check_new_lengths(with_lengths(zoo("minilm", 4, 64), [64, 5, 11, 30]), trials=3, seed=8)
 
 
-def _llama_with_mask(batch, seq):
-    class WithMask(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = tiny_module("llama-tiny").model
-
-        def forward(self, input_ids, attention_mask):
-            return (self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits,)
-
-    ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(0))
-    return export_module(WithMask(), (ids, torch.ones_like(ids)), name="llama-mask",
-                         input_names=["input_ids", "attention_mask"])
-
-
 def test_causal_decoder_with_mask_rope_and_gqa():
-    graph = with_lengths(_llama_with_mask(3, 16), [16, 3, 9])
+    graph = with_lengths(llama_with_mask(3, 16), [16, 3, 9])
     packed, record, _ = _check_new_lengths(graph, trials=3, seed=3)
     assert set(record.patterns) == {"causal"}
 

@@ -8,12 +8,11 @@ import torch
 from tfcompile.cost_models.fusion import group_kernels
 from tfcompile.cost_models.model import cost_model_for
 from tfcompile.cost_models.op_costs import cost_of
-from tfcompile.graph import export_module
 from tfcompile.passes import PassContext, Workload, apply_pass, get_pass, pass_order
 from tfcompile.passes.base import Stage
 from tfcompile.passes.padding import with_lengths
 from tfcompile.structure.varlen import VARLEN_ATTENTION, varlen_attention
-from tests.tiny import load_tiny, tiny_module
+from tests.tiny import llama_with_mask, load_tiny
 
 NAME = "remove_padding_varlen"
 TOL = 1e-5
@@ -96,17 +95,7 @@ def test_bert_is_exact_at_lengths_it_never_saw():
 
 
 def test_causal_decoder_with_rope_and_grouped_query_attention():
-    class WithMask(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = tiny_module("llama-tiny").model
-
-        def forward(self, input_ids, attention_mask):
-            return (self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits,)
-
-    ids = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
-    graph = with_lengths(export_module(WithMask(), (ids, torch.ones_like(ids)), name="llama-mask",
-                                       input_names=["input_ids", "attention_mask"]), [16, 3, 9])
+    graph = with_lengths(llama_with_mask(3, 16), [16, 3, 9])
     packed, outcome = apply_pass(graph, NAME, context=_gpu_context())
     assert outcome.applied, outcome.reason
     assert set(outcome.record.patterns) == {"causal"}

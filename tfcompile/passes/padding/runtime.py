@@ -287,11 +287,21 @@ RuntimePacker.emit = {**Packer.emit, Rule.ATTENTION: RuntimePacker.attention, Ru
                "run time: packed token-wise ops, block-diagonal attention over the packed tokens, scatter back",
                plan=plan_runtime, stage=Stage.PADDING, runs_after=("remove_padding", "prepack"))
 def remove_padding_runtime(graph: ModelGraph, plan: RuntimePlan) -> PassResult:
-    graph.gm.graph = RuntimePacker(graph, plan).build()
-    structure.remove_dead_code(graph.gm)
+    patterns = rebuild(graph, RuntimePacker(graph, plan))
     geo = plan.geometry
-    patterns = tuple(plan.tokens.patterns.values())
-    return PassResult(graph, True, f"packed the valid tokens of any right-padded {geo.batch}×{geo.max_len} batch "
-                                   f"at run time (priced at {geo.expected_tokens} tokens, from the {plan.source}); "
-                                   f"{len(patterns)} block-diagonal attention calls",
+    return PassResult(graph, True, f"{describe(plan)}; {len(patterns)} block-diagonal attention calls",
                       RuntimePadding(geo.batch, geo.max_len, geo.expected_tokens, plan.source, patterns))
+
+
+def rebuild(graph: ModelGraph, packer: RuntimePacker) -> tuple[str, ...]:
+    """Replace ``graph``'s FX graph by ``packer``'s; each attention's pattern ("full" or "causal"), in order."""
+    graph.gm.graph = packer.build()
+    structure.remove_dead_code(graph.gm)
+    return tuple(packer.tokens.patterns.values())
+
+
+def describe(plan: RuntimePlan, priced: str = "") -> str:
+    """What a run-time packing did, for the pass result; ``priced`` adds to what the tokens were priced at."""
+    geo = plan.geometry
+    return (f"packed the valid tokens of any right-padded {geo.batch}×{geo.max_len} batch at run time "
+            f"(priced at {geo.expected_tokens} tokens{priced}, from the {plan.source})")

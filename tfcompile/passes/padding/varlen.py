@@ -34,11 +34,10 @@ import dataclasses
 import torch
 import torch.fx
 
-from tfcompile import structure
 from tfcompile.graph import ModelGraph
 from tfcompile.passes.base import Exactness, PassRefused, PassResult, Stage, register_pass
 from tfcompile.passes.context import PassContext
-from tfcompile.passes.padding.runtime import RuntimePacker, RuntimePlan, plan_runtime
+from tfcompile.passes.padding.runtime import RuntimePacker, RuntimePlan, describe, plan_runtime, rebuild
 from tfcompile.passes.padding.token_rules import Rule, Step
 
 # (device kind, backend) pairs that run tfcompile::varlen_attention as one kernel.
@@ -92,13 +91,8 @@ VarlenPacker.emit = {**RuntimePacker.emit, Rule.ATTENTION: VarlenPacker.attentio
                "time, with one variable-length attention kernel per layer (GPU)",
                plan=_plan, stage=Stage.PADDING, runs_after=("remove_padding", "prepack", "remove_padding_runtime"))
 def remove_padding_varlen(graph: ModelGraph, plan: RuntimePlan) -> PassResult:
-    graph.gm.graph = VarlenPacker(graph, plan).build()
-    structure.remove_dead_code(graph.gm)
-    geo = plan.geometry
-    patterns = tuple(plan.tokens.patterns.values())
-    return PassResult(graph, True, f"packed the valid tokens of any right-padded {geo.batch}×{geo.max_len} batch "
-                                   f"at run time (priced at {geo.expected_tokens} tokens, Σl² "
-                                   f"{plan.expected_sum_sq_lengths:.0f}, from the {plan.source}); "
+    patterns = rebuild(graph, VarlenPacker(graph, plan))
+    geo, sum_sq = plan.geometry, plan.expected_sum_sq_lengths
+    return PassResult(graph, True, f"{describe(plan, f', Σl² {sum_sq:.0f}')}; "
                                    f"{len(patterns)} variable-length attention calls",
-                      VarlenPadding(geo.batch, geo.max_len, geo.expected_tokens, plan.expected_sum_sq_lengths,
-                                    plan.source, patterns))
+                      VarlenPadding(geo.batch, geo.max_len, geo.expected_tokens, sum_sq, plan.source, patterns))
