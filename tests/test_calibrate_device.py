@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from tfcompile import calibrate_device
-from tfcompile.calibrate_device import CPU_SIZES, calibrate_torch, cost_model_for_run, device_suite
+from tfcompile.calibrate_device import CPU_SIZES, calibrate_torch, device_suite
 from tfcompile.cost_models.calibration import (Profile, load_profile, nnls_numpy, profile_path, save_profile)
 from tfcompile.cost_models.fusion import Kernel
+from tfcompile.cost_models.model import cost_model_for
 from tfcompile.errors import TfcompileError
 from tfcompile.graph import export_module
 
@@ -64,7 +65,7 @@ def test_cpu_calibration_fits_saves_and_loads_for_its_options_only(fitted, tmp_p
     assert path == tmp_path / "cpu-torch-cpu-eager-fp32.json" == profile_path("cpu", "torch", CPU_FP32)
     loaded = load_profile("cpu", "torch", torch_options=CPU_FP32)
     assert loaded.s_per_flop == profile.s_per_flop and loaded.torch_options == CPU_FP32
-    assert cost_model_for_run("cpu", "torch", CPU_FP32).kind == "calibrated"
+    assert cost_model_for("cpu", "torch", torch_options=CPU_FP32).kind == "calibrated"
     assert load_profile("cpu", "torch") is None  # torch as it is has its own file
     bf16 = {**CPU_FP32, "precision": "bf16"}
     with pytest.raises(TfcompileError, match="measured with torch cpu eager fp32, not cpu eager bf16"):

@@ -7,8 +7,8 @@ RMSNorm, softmax, elementwise ops, and a launch floor (chains of tiny ops).
 ``run_device_suite`` runs each through ``torch_device.lower_device`` and
 ``measure_device`` (CUDA events on cuda, wall time on cpu) in the requested
 mode and precision; ``calibrate_torch`` fits them with ``fit_checked`` into a
-profile that records the GPU's name and the torch options, and
-``cost_model_for_run`` loads the profile for a set of options.
+profile that records the GPU's name and the torch options
+(``cost_model_for(..., torch_options=...)`` loads it back).
 
 Why: the CPU suite (``calibrate.default_suite``) is timed through
 ``runner.lower``, which runs torch on cpu in eager fp32; a GPU's costs differ
@@ -31,9 +31,8 @@ import torch
 
 from tfcompile.backends.torch_device import cast_graph, check_request, lower_device, measure_device
 from tfcompile.calibrate import MicroBenchmark
-from tfcompile.cost_models.calibration import Profile, Sample, fit_checked, gpu_name_here, load_profile
-from tfcompile.cost_models.device import detect_host, host_identity, load_device
-from tfcompile.cost_models.model import CalibratedCostModel, CostModel, RooflineCostModel
+from tfcompile.cost_models.calibration import Profile, Sample, fit_checked, gpu_name_here
+from tfcompile.cost_models.device import detect_host, host_identity
 from tfcompile.errors import BackendError
 from tfcompile.graph import export_module
 
@@ -222,13 +221,3 @@ def calibrate_torch(target: str, torch_options: dict[str, str], *, repeat: int =
                           gpu_name=gpu_name)
     return profile, run
 
-
-def cost_model_for_run(target: str, backend: str, torch_options: dict[str, str],
-                       profile_path=None) -> CostModel:
-    """The calibrated model for (target, backend) as torch runs with ``torch_options`` (``{}``: as it is):
-    ``profile_path`` or the saved profile for those options, refused if made with others or on another GPU;
-    the target's roofline when none was saved."""
-    device = load_device(target)
-    profile = load_profile(device.name, backend, profile_path, torch_options=torch_options)
-    return CalibratedCostModel(device, backend, profile) if profile is not None else RooflineCostModel(device,
-                                                                                                         backend)

@@ -313,7 +313,7 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
     from tfcompile.compare import (builtin_variant_graphs, check_compare_options, lowest_of_passes,
                                    measure_and_predict, score, write_outputs)
     from tfcompile.measure import require_measurable
-    from tfcompile.calibrate_device import cost_model_for_run
+    from tfcompile.cost_models.model import cost_model_for
 
     check_compare_options(target, output_dir)  # an unknown target or an unwritable -o fails before any work
     remote_spec, backend = parse_remote(remote, device_key, backend)
@@ -321,7 +321,7 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
     runtime = " ".join([backend, *torch_options.values()])  # "torch cuda graphs bf16"
     batch_sizes, seq_lens = int_list(batches, "--batches"), int_list(seqs, "--seqs")  # before anything is printed
     # The profile fitted with these torch options (device, mode, precision; on cuda, on this GPU), or none.
-    cost_model = cost_model_for_run(target, backend, torch_options, profile_path)
+    cost_model = cost_model_for(target, backend, profile_path=profile_path, torch_options=torch_options)
     if cost_model.kind != "calibrated":
         options = "".join(f" --{key} {value}" for key, value in torch_options.items())
         fix = f"run `tfcompile calibrate --target {target} --backend {backend}{options}`"

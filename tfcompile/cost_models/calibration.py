@@ -434,15 +434,14 @@ def check_torch_run(profile: Profile, torch_options: dict[str, str], gpu_name: s
     def spelled(options: dict[str, str]) -> str:
         return " ".join(options.values()) if options else "cpu eager fp32"
 
+    command = f"tfcompile calibrate --target {profile.target} --backend {profile.backend}" + "".join(
+        f" --{key} {value}" for key, value in torch_options.items())
     if profile.torch_options != torch_options:
-        command = f"tfcompile calibrate --target {profile.target} --backend {profile.backend}" + "".join(
-            f" --{key} {value}" for key, value in torch_options.items())
         raise TfcompileError(f"{source}: calibration profile measured with torch {spelled(profile.torch_options)}, "
                              f"not {spelled(torch_options)}; calibrate these options with `{command}`")
-    if profile.gpu_name:
-        here = gpu_name_here() if gpu_name is None else gpu_name
-        if here != profile.gpu_name:
-            raise TfcompileError(f"{source}: calibration profile measured on {profile.gpu_name}, this machine has "
-                                 f"{here or 'no CUDA device'}; calibrate this GPU with `tfcompile calibrate "
-                                 f"--target {profile.target} --backend {profile.backend} "
-                                 f"{' '.join(f'--{k} {v}' for k, v in torch_options.items())}`")
+    if not profile.gpu_name:
+        return
+    here = gpu_name_here() if gpu_name is None else gpu_name
+    if here != profile.gpu_name:
+        raise TfcompileError(f"{source}: calibration profile measured on {profile.gpu_name}, this machine has "
+                             f"{here or 'no CUDA device'}; calibrate this GPU with `{command}`")

@@ -106,10 +106,13 @@ class CalibratedCostModel:
 
 
 def cost_model_for(target: str | DeviceSpec, backend: str = "ort", *, profile_path: Path | None = None,
-                   calibrated: bool = True) -> CostModel:
-    """The target's calibrated model when a profile for (target, backend) exists, else its roofline."""
+                   calibrated: bool = True, torch_options: dict[str, str] | None = None) -> CostModel:
+    """The target's calibrated model when a profile for (target, backend) exists, else its roofline.
+
+    ``torch_options`` (device, mode, precision) select the torch device backend's profile for them; one
+    made with other options, or on another GPU, is refused (``calibration.load_profile``)."""
     device = load_device(target) if isinstance(target, str) else target
-    profile = load_profile(device.name, backend, profile_path) if calibrated else None
+    profile = load_profile(device.name, backend, profile_path, torch_options=torch_options) if calibrated else None
     if profile is not None:
         return CalibratedCostModel(device, backend, profile)
     return RooflineCostModel(device, backend)
