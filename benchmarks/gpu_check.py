@@ -64,7 +64,7 @@ from tfcompile.backends.torch_device import MODES, PRECISIONS, cast_graph, lower
 from tfcompile.calibrate_device import CPU_SIZES, SuiteSizes, calibrate_torch, device_suite  # noqa: E402
 from tfcompile.cost_models.calibration import improves_on_roofline, save_profile  # noqa: E402
 from tfcompile.cost_models.model import CalibratedCostModel, cost_model_for  # noqa: E402
-from tfcompile.errors import TfcompileError  # noqa: E402
+from tfcompile.errors import TfcompileError, first_line  # noqa: E402
 from tfcompile.frontend import LoadOptions, load_model, zoo  # noqa: E402
 from tfcompile.graph import export_module  # noqa: E402
 from tfcompile.variants import BUILTIN_VARIANTS, build_variant  # noqa: E402
@@ -369,7 +369,7 @@ def _padding(precisions, modes, cost_model, args) -> dict:
                                                   reference=references[label], cast=cast, check=False)
                     predicted[label] = _predict_ms(cast, mode, cost_model)
                 except Exception as exc:  # noqa: BLE001 - a form this torch cannot run or capture is reported
-                    failed[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                    failed[label] = f"{type(exc).__name__}: {first_line(exc)}"
             run = {"precision": precision, "mode": mode, "failed": failed}
             if "padded" in lowered and len(lowered) > 1:
                 timed = measure_device(lowered, warmup=args.warmup, repeat=args.repeat,

@@ -124,8 +124,8 @@ def _sdpa(node: torch.fx.Node) -> OpCost:
 @op_cost(VARLEN_ATTENTION)
 def _varlen_attention(node: torch.fx.Node) -> OpCost:
     q, k, v, offsets = (node.args[i].meta["val"] for i in range(4))
-    tokens, heads, d = q.shape
-    flops = (2 * (d + v.shape[-1]) + 5) * heads * _sum_sq_lengths(node)
+    heads, d = q.shape[1:]
+    flops = (2 * (d + v.shape[-1]) + 5) * heads * _sum_sq_lengths(node)  # QK^T, PV, softmax over Σ l² pairs
     if node.args[5]:  # causal
         flops /= 2
     return OpCost(flops, sum(_nbytes(t) for t in (q, k, v, offsets)), _out_bytes(node), "attention")

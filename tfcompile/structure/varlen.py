@@ -63,9 +63,8 @@ def _cuda_varlen(q, k, v, offsets, max_len, causal, scale):  # pragma: no cover 
     offsets = offsets.to(torch.int32)
     q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels read the head dimension with stride 1
     if q.dtype in FLASH_DTYPES and q.shape[-1] <= 256:
-        out = torch.ops.aten._flash_attention_forward(q, k, v, offsets, offsets, max_len, max_len, 0.0, causal,
-                                                      False, scale=scale)[0]
-        return out
+        return torch.ops.aten._flash_attention_forward(q, k, v, offsets, offsets, max_len, max_len, 0.0, causal,
+                                                       False, scale=scale)[0]
     # The memory-efficient kernel takes [1, T, heads, dim]; mask type 1 is causal from the top left.
     out = torch.ops.aten._efficient_attention_forward(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None,
                                                       offsets, offsets, max_len, max_len, 0.0, int(causal),
