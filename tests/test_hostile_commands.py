@@ -183,6 +183,11 @@ def _profile_bytes(case: str, marker: Path) -> bytes:
         "other-target": lambda: json.dumps(_profile(target="a100")).encode(),
         "other-backend": lambda: json.dumps(_profile(backend="tvm")).encode(),
         "nested-too-deep": lambda: b"[" * 200_000,
+        "torch-mode-unknown": lambda: json.dumps(_profile(torch_device="cpu", torch_mode="warp",
+                                                          torch_precision="fp32")).encode(),
+        "torch-options-partial": lambda: json.dumps(_profile(torch_device="cuda")).encode(),
+        "torch-other-options": lambda: json.dumps(_profile(torch_device="cuda", torch_mode="graphs",
+                                                           torch_precision="bf16", gpu_name="NVIDIA H100")).encode(),
     }
     return broken[case]()
 
@@ -205,6 +210,9 @@ PROFILE_CASES = {
     "other-target": "calibration profile for a100/ort, not cpu/ort",
     "other-backend": "calibration profile for cpu/tvm, not cpu/ort",
     "nested-too-deep": "not a calibration profile",
+    "torch-mode-unknown": "field torch_mode must be one of eager, graphs, compile",
+    "torch-options-partial": "all three given or none",
+    "torch-other-options": "measured with torch cuda graphs bf16, not cpu eager fp32",
 }
 
 
@@ -498,6 +506,24 @@ def test_remote_address_with_bad_syntax(address, box, capsys):
 ])
 def test_remote_key_and_backend_errors(args, match, box, capsys):
     assert_refused(capsys, box, *[a.format(w=box.work) for a in args], match=match)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["calibrate", "--target", "h100", "--backend", "torch"], "calibrating h100 needs that device"),
+    (["calibrate", "--backend", "torch", "--device", "cpu", "--mode", "graphs"], "graphs (CUDA-graph replay) needs"),
+    (["calibrate", "--backend", "torch", "--device", "cpu", "--precision", "tf32"], "tf32 is a tensor-core format"),
+    (["calibrate", "--backend", "torch", "--mode", "warp"], "'warp' is not one of"),
+])
+def test_calibrate_refuses_torch_options_it_cannot_run(args, match, box, capsys):
+    profile = box.work / "profile.json"
+    profile.write_text("earlier profile\n")
+    assert_refused(capsys, box, *args, "-o", profile, match=match)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_calibrate_on_cuda_without_a_gpu(box, capsys):
+    assert_refused(capsys, box, "calibrate", "--target", "h100", "--backend", "torch", "--device", "cuda",
+                   "-o", box.work / "p.json", match="no CUDA device here")
 
 
 @pytest.mark.parametrize("args", [
