@@ -28,6 +28,7 @@ import torch
 from tfcompile.backends.runner import lower
 from tfcompile.backends.timing import measure
 from tfcompile.cost_models.calibration import Sample
+from tfcompile.cost_models.device import last_level_cache_bytes
 from tfcompile.graph import export_module
 
 
@@ -153,15 +154,35 @@ CHAIN_ROWS = (128, 512, 2048)
 CHAIN_STEPS = 8
 
 
-# (width, heads, depth) of one-token stacks whose weights (85-200 MB) outgrow a last-level cache.
-DECODE_STACKS = ((640, 10, 4), (1024, 16, 4))
+# (width, heads, rows) of stacks whose weights outgrow the last-level cache (their depth is sized from it,
+# ``streaming_depth``): one token, as a decode step runs, and a prompt's worth of rows, as a prefill does.
+STREAM_STACKS = ((640, 10, 1), (1024, 16, 1), (640, 10, 64), (1024, 16, 128))
+# Weights at least this many times the last-level cache: a cache of 105 MiB held a 64 MB stream benchmark's
+# weights (shared with the host's other tenants, it holds less than its size, so 1x is not enough).
+STREAM_CACHE_MULTIPLE = 2
+STREAM_DEPTH_LIMIT = 16
+FALLBACK_CACHE_BYTES = 32 * 2**20  # when sysfs lists no cache
+
+
+def _stack_weight_bytes(width: int, depth: int) -> int:
+    per_layer = 12 * width * width + 13 * width  # qkv, proj, up, down and their biases; two norms
+    return 4 * per_layer * depth
+
+
+def streaming_depth(width: int, cache_bytes: float) -> int:
+    """Layers of a ``width`` stack whose fp32 weights are STREAM_CACHE_MULTIPLE times ``cache_bytes``."""
+    wanted = STREAM_CACHE_MULTIPLE * cache_bytes
+    return max(2, min(STREAM_DEPTH_LIMIT, -(-int(wanted) // _stack_weight_bytes(width, 1))))
 
 
 def _randn(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
-def default_suite() -> list[MicroBenchmark]:
+def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
+    """The calibration micro-benchmarks; the streaming ones are sized from ``cache_bytes``, the measured
+    machine's last-level cache (default: this host's)."""
+    cache_bytes = cache_bytes or last_level_cache_bytes() or FALLBACK_CACHE_BYTES
     suite = []
     for m in (1, 16, 128, 512):
         for k, n in ((768, 768), (768, 3072), (3072, 768), (256, 1024)):
@@ -193,12 +214,14 @@ def default_suite() -> list[MicroBenchmark]:
         suite.append(MicroBenchmark(f"chain_{CHAIN_STEPS}_{rows}x768", lambda rows=rows: (
             _AddChain(CHAIN_STEPS), (_randn(rows, 768), _randn(rows, 768)))))
     # Decode-like: one row against weights larger than any last-level cache, read from DRAM on every run.
-    for m, k, n in ((1, 768, 50257), (1, 4096, 4096), (4, 4096, 4096)):
+    wide = max(4096, -(-int(STREAM_CACHE_MULTIPLE * cache_bytes) // (4096 * 4 * 1024)) * 1024)
+    for m, k, n in ((1, 768, 50257), (1, 4096, wide), (4, 4096, wide)):
         suite.append(MicroBenchmark(f"stream_linear_m{m}_k{k}_n{n}",
                                     lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
-    for width, heads, depth in DECODE_STACKS:
-        suite.append(MicroBenchmark(f"stream_blocks_d{width}_l{depth}_b1_s1",
-                                    lambda w=width, h=heads, d=depth: (_Stack(w, h, d), (_randn(1, 1, w),))))
+    for width, heads, rows in STREAM_STACKS:
+        depth = streaming_depth(width, cache_bytes)
+        suite.append(MicroBenchmark(f"stream_blocks_d{width}_l{depth}_b1_s{rows}", lambda w=width, h=heads, d=depth,
+                                    r=rows: (_Stack(w, h, d), (_randn(1, r, w),))))
     for width, heads, depth, batch, seq in BLOCK_CONFIGS:
         suite.append(MicroBenchmark(
             f"blocks_d{width}_l{depth}_b{batch}_s{seq}",

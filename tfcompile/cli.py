@@ -268,8 +268,8 @@ def calibrate(target, backend, repeat, output_path, remote, device_key, torch_op
         elif remote_spec is not None:
             from tfcompile.calibrate import run_suite_remote
 
-            samples = run_suite_remote(default_suite(), remote_spec, repeat=repeat, target_name=target,
-                                       progress=progress)
+            suite = default_suite(load_device(target).cache_bytes)  # the remote device's cache, not this host's
+            samples = run_suite_remote(suite, remote_spec, repeat=repeat, target_name=target, progress=progress)
             profile = fit_checked(samples, target, backend, host=f"{remote_spec} (TVM RPC)")
         else:
             samples = run_suite(default_suite(), backend, repeat=repeat, progress=progress)

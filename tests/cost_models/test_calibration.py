@@ -60,6 +60,47 @@ def test_skinny_gemms_over_weights_larger_than_the_cache_stream(monkeypatch):
     assert old.kernel_s(kernel, streaming=True) == old.kernel_s(kernel) > 0
 
 
+def test_wide_gemms_over_weights_larger_than_the_cache_pay_their_weights_from_dram(monkeypatch):
+    """A prefill's GEMMs are compute-bound but still read weights the cache cannot hold: priced at the
+    streaming rate on top of their own cost, in the fit's features exactly as in the prediction."""
+    from tfcompile.cost_models import calibration
+
+    wide = _mlp(rows=128)
+    kernel = group_kernels(wide, "ort")[0]
+    assert kernel.weight_bytes == 4 * (64 * 32 + 64)  # up's weight and bias; not the activations
+    profile = Profile(target="cpu", backend="ort", s_per_flop={"gemm": 1e-11}, s_per_byte={"gemm_stream": 1e-9},
+                      kernel_overhead_s=0.0, graph_overhead_s=0.0)
+    cached = profile.kernel_s(kernel, streaming=False)
+    assert profile.kernel_s(kernel, streaming=True) == pytest.approx(cached + 1e-9 * kernel.weight_bytes)
+    assert calibration.streamed_weight_bytes(kernel, streaming=False) == 0.0
+    skinny = group_kernels(_mlp(rows=4), "ort")[0]
+    assert calibration.streamed_weight_bytes(skinny, streaming=True) == 0.0  # its class prices every byte already
+
+    stream_column = 2 * CLASSES.index("gemm_stream") + 1
+    assert features(wide, "ort", "cpu")[stream_column] == 0.0
+    device = calibration._device("cpu")
+    monkeypatch.setattr(calibration, "_device", lambda target: dataclasses.replace(device, cache_bytes=1024))
+    weights = sum(k.weight_bytes for k in group_kernels(wide, "ort"))
+    assert features(wide, "ort", "cpu")[stream_column] == weights
+
+
+@pytest.mark.parametrize("cache_mib", [8, 32, 105])
+def test_streaming_micro_benchmarks_outgrow_the_measured_cache(cache_mib):
+    """A 64 MB benchmark sat in a 105 MiB cache and priced DRAM streaming at cache speed."""
+    from tfcompile.calibrate import STREAM_STACKS, default_suite, streaming_depth
+
+    cache = cache_mib * 2**20
+    names = [b.name for b in default_suite(cache) if b.name.startswith("stream_")]
+    assert len(names) == 3 + len(STREAM_STACKS)
+    assert any(name.endswith("_s128") for name in names)  # a prefill's rows, not only one token
+    for width, _heads, _rows in STREAM_STACKS:
+        depth = streaming_depth(width, cache)
+        stack = torch.nn.ModuleList(torch.nn.TransformerEncoderLayer(width, 8, 4 * width) for _ in range(depth))
+        assert sum(p.numel() * 4 for p in stack.parameters()) >= 2 * cache
+    linear = next(n for n in names if n.startswith("stream_linear_m1_k4096"))
+    assert 4096 * int(linear.rsplit("_n", 1)[1]) * 4 >= 2 * cache
+
+
 @dataclasses.dataclass
 class _Sample:
     name: str

@@ -30,7 +30,7 @@ import dataclasses
 import torch.fx
 
 from tfcompile.cost_models.op_costs import OpCost, cost_of, dtype_name
-from tfcompile.graph import ModelGraph
+from tfcompile.graph import ModelGraph, fetch_attr
 
 FUSING_BACKENDS = {"ort", "tvm"}
 aten = torch.ops.aten
@@ -50,6 +50,8 @@ class Kernel:
     bytes_written: float
     dtype: str
     tokens: int  # rows of the GEMM's left operand (M), 0 for non-GEMMs
+    # Bytes of the GEMM's constant operands (its weights, through any view or transpose of them); 0 otherwise.
+    weight_bytes: float = 0.0
 
     @property
     def bytes_moved(self) -> float:
@@ -68,6 +70,21 @@ def _gemm_rows(node: torch.fx.Node) -> int:
 
 def _is_constant(node: torch.fx.Node) -> bool:
     return node.op == "get_attr"
+
+
+def _constant_operand_bytes(node: torch.fx.Node) -> int:
+    """Bytes of ``node``'s operands that are parameters, looking through the views and casts between."""
+    total = 0
+    for source in node.all_input_nodes:
+        while source.op == "call_function" and len(source.all_input_nodes) == 1 \
+                and cost_of(source).op_class == "free":
+            source = source.all_input_nodes[0]
+        if _is_constant(source):
+            value = source.meta.get("val")
+            if not isinstance(value, torch.Tensor):
+                value = fetch_attr(source.graph.owning_module, source.target)
+            total += value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    return total
 
 
 def group_kernels(graph: ModelGraph, backend: str | None = None) -> list[Kernel]:
@@ -102,8 +119,10 @@ def group_kernels(graph: ModelGraph, backend: str | None = None) -> list[Kernel]
             kernel.bytes_written += cost.bytes_written - intermediate
             kernel_of[node] = kernel
             continue
+        gemm = cost.op_class == "gemm"
         kernel = Kernel([node.name], cost.op_class, cost.flops, cost.bytes_read, cost.bytes_written,
-                        dtype_name(node), _gemm_rows(node) if cost.op_class == "gemm" else 0)
+                        dtype_name(node), _gemm_rows(node) if gemm else 0,
+                        float(_constant_operand_bytes(node)) if gemm else 0.0)
         kernels.append(kernel)
         kernel_of[node] = kernel
         if backend == "ort" and node.target is aten.linear.default and node.args[0].meta["val"].dim() > 2:
