@@ -1,10 +1,13 @@
 """Calibration: micro-benchmarks measured on a real runtime, here or on a remote device.
 
-Micro-benchmarks: GEMM sweep (skinny ones of 1-64 rows included), attention
-(up to 4096 tokens, where the score tensors outgrow a last-level cache, and
-causal), norms, softmax, elementwise ops and chains of them, and a launch
-floor, each a tiny traced model; and synthetic transformer blocks, which no
-zoo model matches in width or depth, at sequences up to 2048 tokens.
+Micro-benchmarks: GEMM sweep (skinny ones of 1-64 rows included, and
+vocabulary projections), attention (up to 4096 tokens, where the score tensors
+outgrow a last-level cache; causal, under an additive and a boolean mask),
+norms, softmax, elementwise ops and chains of them, and a launch floor, each a
+tiny traced model; synthetic transformer blocks, which no zoo model matches in
+width or depth, at sequences up to 2048 tokens; and stacks whose weights
+outgrow the measured last-level cache, at one token and at a prompt's rows.
+Every benchmark is timed in ``CALIBRATION_ROUNDS`` rounds over the suite.
 
 Kernels timed alone run from hot caches with nothing beside them; inside a
 model the weights stream from memory and neighbours evict each other. Fitted
@@ -61,6 +64,18 @@ class _CausalAttention(torch.nn.Module):
         super().__init__()
         hidden = ~torch.ones(seq, seq, dtype=torch.bool).tril()
         self.register_buffer("mask", torch.zeros(seq, seq).masked_fill(hidden, float("-inf"))[None, None])
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+class _BooleanMaskAttention(torch.nn.Module):
+    """Attention under a boolean causal mask [1, 1, S, S], as Hugging Face's Llama passes it to SDPA: ORT runs
+    it with an Add, an IsNaN and a Where over the scores besides the softmax (``op_costs.unfused_score_passes``)."""
+
+    def __init__(self, seq: int):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(seq, seq, dtype=torch.bool).tril()[None, None])
 
     def forward(self, q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
@@ -144,6 +159,12 @@ LONG_ATTENTION = ((12, 1024), (12, 2048), (12, 4096))
 # (heads, seq_tokens) of causal attentions with an explicit mask, as llama-tiny and gpt2-small run them.
 CAUSAL_ATTENTION = ((4, 512), (4, 2048))
 
+# (heads, seq_tokens) of attentions under a boolean mask, llama-tiny's heads at its lengths.
+BOOLEAN_MASK_ATTENTION = ((4, 128), (4, 512), (4, 1024))
+# (rows, k, n) of a vocabulary projection over every position: a narrow K against tens of thousands of
+# columns, whose output (25-50 MB) costs as much to write as the GEMM to compute (llama-tiny's head).
+VOCAB_GEMMS = ((256, 320, 24000), (512, 320, 24000))
+
 # GEMMs of a few tokens (or a small batch of them) against a transformer layer's projection widths (k, n):
 # 4 and 32 rows fall in calibration's skinny class, 64 (its SKINNY_ROWS) is the first of the plain one.
 SKINNY_GEMM_ROWS = (4, 32, 64)
@@ -201,6 +222,12 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
     for heads, s in CAUSAL_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_causal_h{heads}_s{s}_d64", lambda h=heads, s=s: (
             _CausalAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+    for heads, s in BOOLEAN_MASK_ATTENTION:
+        suite.append(MicroBenchmark(f"sdpa_boolmask_h{heads}_s{s}_d64", lambda h=heads, s=s: (
+            _BooleanMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+    for m, k, n in VOCAB_GEMMS:
+        suite.append(MicroBenchmark(f"vocab_linear_m{m}_k{k}_n{n}",
+                                    lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
     for rows in (128, 512, 2048):
         suite.append(MicroBenchmark(f"layernorm_{rows}x768", lambda rows=rows: (_LayerNorm(768), (_randn(rows, 768),))))
     for s in (128, 256, 512):
@@ -231,9 +258,17 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
 
 
 
-def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10,
+# Rounds over the whole suite; each benchmark keeps its lowest median. A shared host's neighbours only add
+# time, in bursts that last minutes: one round calibrated on this Xeon during a burst timed blocks 1.3-3x
+# slower than a round an hour before, and the profile then over-predicted gpt2-small's decode step 1.7x.
+CALIBRATION_ROUNDS = 2
+
+
+def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10, rounds: int = CALIBRATION_ROUNDS,
               progress: Callable[[str], None] = lambda _: None) -> list[Sample]:
-    samples = []
+    """Measure every benchmark of ``suite`` on ``backend``, ``rounds`` times a whole suite apart (the lowered
+    benchmarks are kept between rounds), each at the lowest of its rounds' medians."""
+    lowered_runs, graphs, best_s = [], [], []
     with tempfile.TemporaryDirectory(prefix="tfcompile-calibrate-") as workdir:
         for i, bench in enumerate(suite, 1):
             progress(f"[{i}/{len(suite)}] {bench.name}")
@@ -241,8 +276,15 @@ def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10,
             graph = export_module(module, inputs, name=bench.name)
             lowered = lower(graph, backend, Path(workdir))
             result = measure(lowered.run, backend=backend, warmup=3, repeat=repeat, max_total_s=10.0)
-            samples.append(Sample(bench.name, graph, result.median_s))
-    return samples
+            lowered_runs.append(lowered.run)
+            graphs.append(graph)
+            best_s.append(result.median_s)
+        for round_index in range(2, rounds + 1):
+            for i, (bench, run) in enumerate(zip(suite, lowered_runs)):
+                progress(f"round {round_index}/{rounds} [{i + 1}/{len(suite)}] {bench.name}")
+                result = measure(run, backend=backend, warmup=1, repeat=repeat, max_total_s=10.0)
+                best_s[i] = min(best_s[i], result.median_s)
+    return [Sample(bench.name, graph, seconds) for bench, graph, seconds in zip(suite, graphs, best_s)]
 
 
 def run_suite_remote(suite: list[MicroBenchmark], remote, *, repeat: int = 10, target_name: str | None = "cpu",

@@ -216,7 +216,7 @@ def test_unfused_backends_pay_attention_score_traffic_beyond_the_cache(monkeypat
     assert calibration.attention_traffic_bytes(graph, "cpu", "ort") == traffic
     assert calibration.attention_traffic_bytes(graph, "cpu", "torch") == 0  # a fused SDPA kernel
     extra = ort.predict_s(graph) - sum(ort.kernel_s(k) for k in group_kernels(graph, "ort"))
-    assert extra == pytest.approx(1e-10 * traffic)
+    assert extra == pytest.approx(1e-10 * (traffic + sum(calibration.score_pass_bytes(graph, "ort").values())))
     assert torch_eager.predict_s(graph) == pytest.approx(sum(torch_eager.kernel_s(k)
                                                              for k in group_kernels(graph, "torch")))
     row = features(graph, "ort", "cpu")
@@ -224,6 +224,36 @@ def test_unfused_backends_pay_attention_score_traffic_beyond_the_cache(monkeypat
     # A device whose attention is fused (a GPU) adds nothing.
     monkeypatch.setattr(calibration, "_device", lambda target: load_device("a100"))
     assert calibration.attention_traffic_bytes(graph, "a100", "ort") == 0
+
+
+@pytest.mark.parametrize("mask, kinds", [(None, {"scores": 4}), ("additive", {"scores": 4, "score_mask": 1}),
+                                         ("causal", {"scores": 4, "score_mask": 1}),
+                                         ("boolean", {"scores": 4, "score_mask": 1, "score_guard": 1})])
+def test_unfused_attention_pays_for_each_pass_its_mask_makes_over_the_scores(mask, kinds):
+    """ORT runs SDPA as MatMul, Softmax, MatMul, plus an Add for a mask and IsNaN + Where for a boolean one."""
+    from tfcompile.cost_models import calibration
+
+    seq = 64
+    masks = {"additive": torch.zeros(1, 1, seq, seq), "boolean": torch.ones(1, 1, seq, seq, dtype=torch.bool)}
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            if mask == "causal":
+                return (torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),)
+            return (torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masks.get(mask)),)
+
+    q = torch.randn(2, 3, seq, 8)
+    graph = export_module(Attn(), (q, q, q), name=f"attn_{mask}")
+    score_bytes = 2 * 3 * seq * seq * 4
+    expected = {kind: passes * score_bytes for kind, passes in kinds.items()}
+    assert calibration.score_pass_bytes(graph, "ort") == expected
+    assert calibration.score_pass_bytes(graph, "tvm") == expected
+    assert calibration.score_pass_bytes(graph, "torch") == {}  # one fused kernel
+    row = features(graph, "ort", "cpu")
+    assert {kind: row[2 * CLASSES.index(kind) + 1] for kind in expected} == expected
+    rates = {"scores": 1e-10, "score_mask": 3e-10, "score_guard": 5e-10}
+    profile = Profile("cpu", "ort", s_per_flop={}, s_per_byte=rates, kernel_overhead_s=0.0, graph_overhead_s=0.0)
+    assert profile.predict_s(graph) == pytest.approx(sum(rates[kind] * size for kind, size in expected.items()))
 
 
 def test_held_out_check_compares_the_fit_with_the_roofline_on_kernels_it_did_not_see():

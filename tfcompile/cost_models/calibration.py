@@ -13,9 +13,16 @@ graph (a prefill over the prompt) is compute-bound, but its weights still come
 from DRAM once per run: their bytes are priced at the "gemm_stream" rate on top
 of its own cost (``streamed_weight_bytes``), as compute and memory time add up
 on a CPU. Without it gpt2-small's prefill was predicted 15 % under measured.
-On ORT and TVM, whose attention is unfused, a score tensor larger than the
-target's last-level cache adds its DRAM passes (``roofline.score_traffic_bytes``)
-to the elementwise ("memory") bytes.
+On ORT and TVM, whose attention is unfused, every attention's passes over its
+score tensor are bytes of their own classes (``score_pass_bytes``): the four
+passes of any attention ("scores"), the mask's Add ("score_mask") and a boolean
+mask's IsNaN and Where ("score_guard"), each fitted its own cost per byte
+(``op_costs.unfused_score_bytes``). On the Xeon of session 12 an additive mask
+cost 3 ns per score and the boolean mask's guard 2.7 ns more, against 1.75 ns
+for all of an unmasked SDPA (Add, Softmax, IsNaN and Where were 22 % of
+llama-tiny's run at 512 tokens); priced as a plain SDPA, masked attentions
+were predicted 25-50 % under measured. And a score tensor larger than the target's last-level cache adds its DRAM passes
+(``roofline.score_traffic_bytes``) to the elementwise ("memory") bytes.
 
 Coefficients are fitted by non-negative least squares on relative error (each
 row divided by its measured time, so a 10 us kernel counts as much as a 10 ms
@@ -43,6 +50,7 @@ import numpy as np
 
 from tfcompile.cost_models.device import available_targets, host_identity, load_device
 from tfcompile.cost_models.fusion import Kernel, group_kernels
+from tfcompile.cost_models.op_costs import SCORE_PASS_KINDS, unfused_score_bytes
 from tfcompile.cost_models.roofline import estimate, score_traffic_bytes
 from tfcompile.errors import TfcompileError
 from tfcompile.graph import ModelGraph
@@ -59,7 +67,7 @@ class Sample:
 
 
 PROFILE_VERSION = 1
-CLASSES = ("gemm", "gemm_skinny", "gemm_stream", "attention", "norm", "softmax", "memory")
+CLASSES = ("gemm", "gemm_skinny", "gemm_stream", "attention", "norm", "softmax", "memory") + SCORE_PASS_KINDS
 SKINNY_ROWS = 64
 
 
@@ -77,6 +85,17 @@ def attention_traffic_bytes(graph: ModelGraph, target: str, backend: str) -> flo
     if device is None or not device.attention_score_passes:
         return 0.0
     return float(sum(score_traffic_bytes(node, device) for node in graph.call_nodes()))
+
+
+def score_pass_bytes(graph, backend: str) -> dict[str, float]:
+    """Bytes the unfused attentions of ``graph`` move over their score tensors on ``backend``, per pass kind
+    (``op_costs.SCORE_PASS_KINDS``); {} when the backend runs attention fused."""
+    totals: dict[str, float] = {}
+    if backend in UNFUSED_ATTENTION_BACKENDS:
+        for node in graph.call_nodes():
+            for kind, size in unfused_score_bytes(node).items():
+                totals[kind] = totals.get(kind, 0.0) + size
+    return totals
 
 
 def streams_weights(graph, target: str) -> bool:
@@ -141,7 +160,9 @@ class Profile:
         traffic = attention_traffic_bytes(graph, self.target, self.backend)
         streaming = streams_weights(graph, self.target)
         return (self.graph_overhead_s + sum(self.kernel_s(k, streaming, flop_speedup) for k in kernels)
-                + self.s_per_byte.get("memory", 0.0) * traffic)
+                + self.s_per_byte.get("memory", 0.0) * traffic
+                + sum(self.s_per_byte.get(kind, 0.0) * size
+                      for kind, size in score_pass_bytes(graph, self.backend).items()))
 
     def predict_flops_only_s(self, graph: ModelGraph) -> float:
         return self.flops_only_s_per_flop * sum(k.flops for k in group_kernels(graph, self.backend))
@@ -286,6 +307,8 @@ def features(graph: ModelGraph, backend: str, target: str = "") -> np.ndarray:
         row[2 * CLASSES.index("gemm_stream") + 1] += streamed_weight_bytes(kernel, streaming)
         row[-2] += 1
     row[2 * CLASSES.index("memory") + 1] += attention_traffic_bytes(graph, target, backend)
+    for kind, size in score_pass_bytes(graph, backend).items():
+        row[2 * CLASSES.index(kind) + 1] += size
     row[-1] = 1.0
     return row
 

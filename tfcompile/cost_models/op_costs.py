@@ -147,6 +147,36 @@ def attention_score_bytes(node: torch.fx.Node) -> int:
     return math.prod(q.shape[:-1]) * k.shape[-2] * q.element_size()
 
 
+# An attention that runs unfused (ONNX Runtime's export of SDPA) makes passes over its score tensor of three
+# kinds, each fitted its own cost per byte since their kernels differ several-fold per element:
+# - "scores": the QK^T MatMul writes it, Softmax reads and writes it, the PV MatMul reads it (4 passes);
+# - "score_mask": a mask (float, or the constant triangle ``is_causal`` exports at fixed shapes) is broadcast
+#   and added to it (one Add, read and write);
+# - "score_guard": a boolean mask also adds IsNaN and Where over it, the guard for fully masked rows.
+SCORE_PASS_KINDS = ("scores", "score_mask", "score_guard")
+UNFUSED_SCORE_PASSES = 4
+
+
+def _attention_mask(node: torch.fx.Node):
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    return mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+
+
+def unfused_score_bytes(node: torch.fx.Node) -> dict[str, float]:
+    """Bytes of score-tensor passes an SDPA makes when run unfused, per kind ({} for other nodes)."""
+    if node.target is not aten.scaled_dot_product_attention.default:
+        return {}
+    score_bytes = float(attention_score_bytes(node))
+    mask = _attention_mask(node)
+    is_causal = bool(node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False))
+    kinds = {"scores": UNFUSED_SCORE_PASSES * score_bytes}
+    if isinstance(mask, torch.Tensor) or is_causal:
+        kinds["score_mask"] = score_bytes
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        kinds["score_guard"] = score_bytes
+    return kinds
+
+
 @op_cost(aten.einsum.default)
 def _einsum(node: torch.fx.Node) -> OpCost:
     # NB: one multiply-add per point of the full index space, as a naive
