@@ -22,6 +22,7 @@ FLOPs and bytes the predictions will use.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -71,7 +72,7 @@ class _CausalAttention(torch.nn.Module):
 
 class _BooleanMaskAttention(torch.nn.Module):
     """Attention under a boolean causal mask [1, 1, S, S], as Hugging Face's Llama passes it to SDPA: ORT runs
-    it with an Add, an IsNaN and a Where over the scores besides the softmax (``op_costs.unfused_score_passes``)."""
+    it with an Add, an IsNaN and a Where over the scores besides the softmax (``op_costs.unfused_score_bytes``)."""
 
     def __init__(self, seq: int):
         super().__init__()
@@ -193,7 +194,7 @@ def _stack_weight_bytes(width: int, depth: int) -> int:
 def streaming_depth(width: int, cache_bytes: float) -> int:
     """Layers of a ``width`` stack whose fp32 weights are STREAM_CACHE_MULTIPLE times ``cache_bytes``."""
     wanted = STREAM_CACHE_MULTIPLE * cache_bytes
-    return max(2, min(STREAM_DEPTH_LIMIT, -(-int(wanted) // _stack_weight_bytes(width, 1))))
+    return max(2, min(STREAM_DEPTH_LIMIT, math.ceil(wanted / _stack_weight_bytes(width, 1))))
 
 
 def _randn(*shape):
@@ -240,8 +241,8 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
     for rows in CHAIN_ROWS:
         suite.append(MicroBenchmark(f"chain_{CHAIN_STEPS}_{rows}x768", lambda rows=rows: (
             _AddChain(CHAIN_STEPS), (_randn(rows, 768), _randn(rows, 768)))))
-    # Decode-like: one row against weights larger than any last-level cache, read from DRAM on every run.
-    wide = max(4096, -(-int(STREAM_CACHE_MULTIPLE * cache_bytes) // (4096 * 4 * 1024)) * 1024)
+    # Decode-like: a few rows against weights twice the cache (GPT-2's head, and a sized 4096-wide layer).
+    wide = max(4096, math.ceil(STREAM_CACHE_MULTIPLE * cache_bytes / (4096 * 4 * 1024)) * 1024)
     for m, k, n in ((1, 768, 50257), (1, 4096, wide), (4, 4096, wide)):
         suite.append(MicroBenchmark(f"stream_linear_m{m}_k{k}_n{n}",
                                     lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))

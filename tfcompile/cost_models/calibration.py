@@ -21,8 +21,9 @@ mask's IsNaN and Where ("score_guard"), each fitted its own cost per byte
 cost 3 ns per score and the boolean mask's guard 2.7 ns more, against 1.75 ns
 for all of an unmasked SDPA (Add, Softmax, IsNaN and Where were 22 % of
 llama-tiny's run at 512 tokens); priced as a plain SDPA, masked attentions
-were predicted 25-50 % under measured. And a score tensor larger than the target's last-level cache adds its DRAM passes
-(``roofline.score_traffic_bytes``) to the elementwise ("memory") bytes.
+were predicted 25-50 % under measured. And a score tensor larger than the
+target's last-level cache adds its DRAM passes (``roofline.score_traffic_bytes``)
+to the elementwise ("memory") bytes.
 
 Coefficients are fitted by non-negative least squares on relative error (each
 row divided by its measured time, so a 10 us kernel counts as much as a 10 ms

@@ -80,9 +80,8 @@ def _constant_operand_bytes(node: torch.fx.Node) -> int:
                 and cost_of(source).op_class == "free":
             source = source.all_input_nodes[0]
         if _is_constant(source):
-            value = source.meta.get("val")
-            if not isinstance(value, torch.Tensor):
-                value = fetch_attr(source.graph.owning_module, source.target)
+            # get_attr nodes carry no shape meta in every graph: read the parameter itself
+            value = fetch_attr(source.graph.owning_module, source.target)
             total += value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
     return total
 

@@ -114,9 +114,8 @@ def _sdpa(node: torch.fx.Node) -> OpCost:
     q, k, v = (node.args[i].meta["val"] for i in range(3))
     batch_heads = math.prod(q.shape[:-2])
     sq, sk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    is_causal = bool(node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False))
     flops = 2 * batch_heads * sq * sk * (d + dv) + 5 * batch_heads * sq * sk  # QK^T, PV, softmax
-    if is_causal:
+    if _is_causal(node):
         flops /= 2
     return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "attention")
 
@@ -157,6 +156,10 @@ SCORE_PASS_KINDS = ("scores", "score_mask", "score_guard")
 UNFUSED_SCORE_PASSES = 4
 
 
+def _is_causal(node: torch.fx.Node) -> bool:
+    return bool(node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False))
+
+
 def _attention_mask(node: torch.fx.Node):
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
     return mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
@@ -168,9 +171,8 @@ def unfused_score_bytes(node: torch.fx.Node) -> dict[str, float]:
         return {}
     score_bytes = float(attention_score_bytes(node))
     mask = _attention_mask(node)
-    is_causal = bool(node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False))
     kinds = {"scores": UNFUSED_SCORE_PASSES * score_bytes}
-    if isinstance(mask, torch.Tensor) or is_causal:
+    if isinstance(mask, torch.Tensor) or _is_causal(node):
         kinds["score_mask"] = score_bytes
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
         kinds["score_guard"] = score_bytes
