@@ -60,28 +60,37 @@ def test_skinny_gemms_over_weights_larger_than_the_cache_stream(monkeypatch):
     assert old.kernel_s(kernel, streaming=True) == old.kernel_s(kernel) > 0
 
 
-def test_wide_gemms_over_weights_larger_than_the_cache_pay_their_weights_from_dram(monkeypatch):
-    """A prefill's GEMMs are compute-bound but still read weights the cache cannot hold: priced at the
-    streaming rate on top of their own cost, in the fit's features exactly as in the prediction."""
+def test_wide_gemms_over_weights_larger_than_the_cache_cost_at_least_their_weights_from_dram(monkeypatch):
+    """A prefill's GEMMs read weights the cache cannot hold, but reuse each for every row: they cost the
+    larger of their own class's cost and that DRAM read (a roofline max), and the fit's features leave the
+    read out (the compute side is the larger for every row count of the class)."""
     from tfcompile.cost_models import calibration
 
     wide = _mlp(rows=128)
     kernel = group_kernels(wide, "ort")[0]
     assert kernel.weight_bytes == 4 * (64 * 32 + 64)  # up's weight and bias; not the activations
-    profile = Profile(target="cpu", backend="ort", s_per_flop={"gemm": 1e-11}, s_per_byte={"gemm_stream": 1e-9},
-                      kernel_overhead_s=0.0, graph_overhead_s=0.0)
-    cached = profile.kernel_s(kernel, streaming=False)
-    assert profile.kernel_s(kernel, streaming=True) == pytest.approx(cached + 1e-9 * kernel.weight_bytes)
     assert calibration.streamed_weight_bytes(kernel, streaming=False) == 0.0
+    assert calibration.streamed_weight_bytes(kernel, streaming=True) == kernel.weight_bytes
     skinny = group_kernels(_mlp(rows=4), "ort")[0]
     assert calibration.streamed_weight_bytes(skinny, streaming=True) == 0.0  # its class prices every byte already
 
-    stream_column = 2 * CLASSES.index("gemm_stream") + 1
-    assert features(wide, "ort", "cpu")[stream_column] == 0.0
+    compute_bound = Profile(target="cpu", backend="ort", s_per_flop={"gemm": 1e-11},
+                            s_per_byte={"gemm_stream": 1e-12}, kernel_overhead_s=0.0, graph_overhead_s=0.0)
+    cached = compute_bound.kernel_s(kernel, streaming=False)
+    assert cached == pytest.approx(1e-11 * kernel.flops)
+    assert 1e-12 * kernel.weight_bytes < cached  # the read hides behind the compute: it adds nothing
+    assert compute_bound.kernel_s(kernel, streaming=True) == pytest.approx(cached)
+    slow_dram = dataclasses.replace(compute_bound, s_per_byte={"gemm_stream": 1e-8})
+    assert 1e-8 * kernel.weight_bytes > cached  # a DRAM too slow to hide: the read is the floor
+    assert slow_dram.kernel_s(kernel, streaming=True) == pytest.approx(1e-8 * kernel.weight_bytes)
+
     device = calibration._device("cpu")
     monkeypatch.setattr(calibration, "_device", lambda target: dataclasses.replace(device, cache_bytes=1024))
-    weights = sum(k.weight_bytes for k in group_kernels(wide, "ort"))
-    assert features(wide, "ort", "cpu")[stream_column] == weights
+    assert calibration.streams_weights(wide, "cpu")
+    streamed_row = features(wide, "ort", "cpu")
+    assert streamed_row[2 * CLASSES.index("gemm_stream") + 1] == 0.0
+    monkeypatch.setattr(calibration, "_device", lambda target: device)
+    assert (streamed_row == features(wide, "ort", "cpu")).all()
 
 
 @pytest.mark.parametrize("cache_mib", [8, 32, 105])

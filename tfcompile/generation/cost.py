@@ -5,8 +5,9 @@ Each phase is one graph (``generation.trace``), priced by the same
 prediction, TPOT = the decode step's. The two phases sit on opposite sides of
 the roofline. The prefill multiplies each weight by ``B x P`` tokens (GEMMs,
 compute-bound like any forward pass), yet weights larger than a CPU's last-level
-cache still come from DRAM once per prefill, and the calibrated model adds that
-time (``calibration.streamed_weight_bytes``). At small batch the decode step
+cache still come from DRAM once per prefill; reused by every token, that read
+hides behind the compute, and the calibrated model prices each GEMM at the
+larger of the two (``calibration.streamed_weight_bytes``). At small batch the decode step
 multiplies each weight by ``B`` tokens only, so it streams every weight (and
 the static cache, which the step reads and, being functional, copies) from
 memory once per token: its time is about bytes / bandwidth, and
