@@ -224,6 +224,7 @@ def test_calibrate_then_compare_in_process(tmp_path, monkeypatch, capsys):
     data = json.loads(profile.read_text())
     assert data["version"] == 1 and data["backend"] == "torch"
     assert [s["name"] for s in data["samples"]] == [b.name for b in suite]
+    assert data["probe_gemm_flops_per_s"] > 1e9 and data["probe_read_bytes_per_s"] > 0.5e9  # the host's speed
     out = tmp_path / "cmp"
     capsys.readouterr()
     from tfcompile import cli as cli_module
@@ -237,6 +238,8 @@ def test_calibrate_then_compare_in_process(tmp_path, monkeypatch, capsys):
     assert max(len(line) for line in printed.splitlines()) <= 80, printed
     report = json.loads((out / "compare.json").read_text())
     assert len(report["variants"]) == 3
+    # Probed around the measurement, against the speed the profile recorded at calibration.
+    assert set(report["host_speed"]["ratio_to_calibration"]) == {"gemm_flops_per_s", "read_bytes_per_s"}
     assert {"calibrated", "roofline", "flops_only"} <= set(report["scores"])
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -31,8 +31,9 @@ import torch
 
 from tfcompile.backends.runner import lower
 from tfcompile.backends.timing import measure
-from tfcompile.cost_models.calibration import Sample
-from tfcompile.cost_models.device import last_level_cache_bytes
+from tfcompile.cost_models.calibration import Profile, Sample, fit_checked
+from tfcompile.cost_models.device import detect_host, host_identity, last_level_cache_bytes
+from tfcompile.cost_models.host_speed import probe_host_speed
 from tfcompile.graph import export_module
 
 
@@ -286,6 +287,19 @@ def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10, ro
                 result = measure(run, backend=backend, warmup=1, repeat=repeat, max_total_s=10.0)
                 best_s[i] = min(best_s[i], result.median_s)
     return [Sample(bench.name, graph, seconds) for bench, graph, seconds in zip(suite, graphs, best_s)]
+
+
+def calibrate_here(backend: str, target: str = "cpu", *, repeat: int = 10,
+                   progress: Callable[[str], None] = lambda _: None) -> Profile:
+    """Measure the default suite on this host and fit a checked profile that records the host (its identity
+    and how fast it ran: ``host_speed`` probes before and after the suite, each rate the faster of the two)."""
+    before = probe_host_speed()
+    samples = run_suite(default_suite(), backend, repeat=repeat, progress=progress)
+    speed = before.faster(probe_host_speed())
+    host = detect_host()
+    profile = fit_checked(samples, target, backend, host=f"{host.model}, {host.cores} cores", host_id=host_identity())
+    profile.probe_gemm_flops_per_s, profile.probe_read_bytes_per_s = speed.gemm_flops_per_s, speed.read_bytes_per_s
+    return profile
 
 
 def run_suite_remote(suite: list[MicroBenchmark], remote, *, repeat: int = 10, target_name: str | None = "cpu",

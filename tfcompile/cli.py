@@ -247,8 +247,7 @@ def calibrate(target, backend, repeat, output_path, remote, device_key, torch_op
     load_device(target)  # an unknown --target fails at once, before the imports below load torch
 
     from tfcompile.cost_models.calibration import fit_checked, improves_on_roofline, profile_path, save_profile
-    from tfcompile.cost_models.device import detect_host, host_identity
-    from tfcompile.calibrate import default_suite, run_suite
+    from tfcompile.calibrate import calibrate_here, default_suite
     from tfcompile.outputs import check_output_file
 
     remote_spec, backend = parse_remote(remote, device_key, backend)
@@ -272,10 +271,7 @@ def calibrate(target, backend, repeat, output_path, remote, device_key, torch_op
             samples = run_suite_remote(suite, remote_spec, repeat=repeat, target_name=target, progress=progress)
             profile = fit_checked(samples, target, backend, host=f"{remote_spec} (TVM RPC)")
         else:
-            samples = run_suite(default_suite(), backend, repeat=repeat, progress=progress)
-            host = detect_host()
-            profile = fit_checked(samples, target, backend, host=f"{host.model}, {host.cores} cores",
-                                  host_id=host_identity())
+            profile = calibrate_here(backend, target, repeat=repeat, progress=progress)
     cli_output.show_profile(profile, console)
     if not improves_on_roofline(profile):
         console.print("not saved: on held-out micro-benchmarks the fit is worse than the roofline it refines; "
@@ -314,6 +310,7 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
                                    measure_and_predict, score, write_outputs)
     from tfcompile.measure import require_measurable
     from tfcompile.cost_models.model import cost_model_for
+    from tfcompile.cost_models.host_speed import probes_around, speed_record, speed_text
 
     check_compare_options(target, output_dir)  # an unknown target or an unwritable -o fails before any work
     remote_spec, backend = parse_remote(remote, device_key, backend)
@@ -327,20 +324,25 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
         fix = f"run `tfcompile calibrate --target {target} --backend {backend}{options}`"
         console.print(f"[yellow]no calibration profile for {target}/{runtime}: {fix}; showing uncalibrated "
                       "predictions only[/yellow]")
+    on_this_host = remote_spec is None and torch_options.get("device") != "cuda"
     with console.status("building variants") as status:
         graphs = builtin_variant_graphs(model, batch_sizes, seq_lens, seed)
-        rows = lowest_of_passes([
-            measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
-                                progress=lambda m, i=i: status.update(f"round {i + 1}/{pass_count}: {m}"),
-                                remote=remote_spec, group_key=lambda graph: graph.name.rsplit(" ", 1)[0],
-                                **torch_options)
-            for i in range(pass_count)])
+        with probes_around(on_this_host) as probes:
+            rows = lowest_of_passes([
+                measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
+                                    progress=lambda m, i=i: status.update(f"round {i + 1}/{pass_count}: {m}"),
+                                    remote=remote_spec, group_key=lambda graph: graph.name.rsplit(" ", 1)[0],
+                                    **torch_options)
+                for i in range(pass_count)])
+    speed = speed_record(cost_model.host_speed, *probes) if probes else None
     scores = score(rows)
     cli_output.show_comparison(rows, scores, console,
                                title=f"{Path(model).name}: predicted vs measured on {target}/"
                                      f"{remote_spec.label if remote_spec else runtime}")
+    if speed and speed_text(speed):
+        console.print(speed_text(speed), markup=False)
     write_outputs(rows, scores, output_dir, title=f"{Path(model).name} on {target} ({runtime})",
-                  measured_with=torch_options and {"backend": backend, **torch_options})
+                  measured_with=torch_options and {"backend": backend, **torch_options}, host_speed=speed)
     console.print(f"wrote {output_dir / 'compare.json'} and {output_dir / 'compare.png'}")
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from tfcompile.cost_models import available_targets, load_device
 from tfcompile.cost_models.device import DeviceSpec
+from tfcompile.cost_models.host_speed import probes_around, with_host_speed
 from tfcompile.workload_cost import LoadAt, ScenarioGraphs, price_over_workload, scenario_graphs_for_measurement
 from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.graph import ModelGraph
@@ -132,16 +133,19 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
 
     workdir = Path(tempfile.mkdtemp(prefix="tfcompile-"))
     onnx_files: dict[str, Path] = {}
+    on_this_host = settings.remote is None and settings.torch_options.get("device") != "cuda"
     try:
-        if settings.measure:
-            chosen = to_measure(reports, variants, settings.target, settings.measure_top)
-            _measure({n: variants[n] for n in chosen}, reports, settings, workdir, onnx_files, progress,
-                     scenario_graphs)
+        with probes_around(settings.measure and on_this_host) as speed:
+            if settings.measure:
+                chosen = to_measure(reports, variants, settings.target, settings.measure_top)
+                _measure({n: variants[n] for n in chosen}, reports, settings, workdir, onnx_files, progress,
+                         scenario_graphs)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     ranked, best = finish_ranking(reports, variants, settings.target)
-    return OptimizeResult(ranked, variants, best, refusals, onnx_files, workdir, context.cost_model.provenance,
+    prediction = with_host_speed(context.cost_model.provenance, context.cost_model.host_speed, speed)
+    return OptimizeResult(ranked, variants, best, refusals, onnx_files, workdir, prediction,
                           schedules, splits.source if splits is not None else None)
 
 

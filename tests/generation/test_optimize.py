@@ -65,6 +65,11 @@ def test_measured_variants_generate_the_same_tokens_in_onnx_runtime(optimized):
         assert timing["ttft_ms"]["median"] > 0 and timing["tpot_ms"]["runs"] == GENERATION.new_tokens - 1
         assert report.measured_ms == pytest.approx(
             timing["ttft_ms"]["median"] + (GENERATION.new_tokens - 1) * timing["tpot_ms"]["median"])
+    # The host's speed was probed around the timed generations (host_speed), for the report to compare with
+    # the speed calibration ran at.
+    speed = result.prediction["host_speed"]
+    for probe in (speed["before_measuring"], speed["after_measuring"]):
+        assert probe["gemm_flops_per_s"] > 1e9 and probe["read_bytes_per_s"] > 0.5e9
 
 
 def test_torch_measures_the_generation_graphs_themselves():

@@ -55,6 +55,7 @@ import numpy as np
 
 from tfcompile.cost_models.device import available_targets, host_identity, load_device
 from tfcompile.cost_models.fusion import Kernel, group_kernels
+from tfcompile.cost_models.host_speed import HostSpeed
 from tfcompile.cost_models.op_costs import SCORE_PASS_KINDS, unfused_score_bytes
 from tfcompile.cost_models.roofline import estimate, score_traffic_bytes
 from tfcompile.errors import TfcompileError
@@ -149,6 +150,15 @@ class Profile:
     torch_mode: str = ""
     torch_precision: str = ""
     gpu_name: str = ""  # torch.cuda.get_device_name() of the GPU measured on
+    # host_speed.probe_host_speed() around the suite (the faster of before and after); 0: not probed here.
+    probe_gemm_flops_per_s: float = 0.0
+    probe_read_bytes_per_s: float = 0.0
+
+    @property
+    def host_speed(self) -> HostSpeed | None:
+        """How fast this host ran when calibrated, or None when the profile did not record it."""
+        probed = self.probe_gemm_flops_per_s and self.probe_read_bytes_per_s
+        return HostSpeed(self.probe_gemm_flops_per_s, self.probe_read_bytes_per_s) if probed else None
 
     @property
     def torch_options(self) -> dict[str, str]:
@@ -280,6 +290,8 @@ class _ProfileFields:
                 "heldout_mape": self.number("heldout_mape", required=False),
                 "heldout_roofline_mape": self.number("heldout_roofline_mape", required=False),
                 "flops_only_s_per_flop": self.number("flops_only_s_per_flop", required=False),
+                "probe_gemm_flops_per_s": self.number("probe_gemm_flops_per_s", required=False),
+                "probe_read_bytes_per_s": self.number("probe_read_bytes_per_s", required=False),
                 "samples": self.samples(), **self.torch_run()}
 
     def torch_run(self) -> dict[str, str]:

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from tfcompile.cost_models.calibration import Profile, load_profile
 from tfcompile.cost_models.device import DeviceSpec, load_device
+from tfcompile.cost_models.host_speed import HostSpeed
 from tfcompile.cost_models.roofline import estimate
 
 
@@ -45,6 +46,11 @@ class CostModel(Protocol):
     @property
     def provenance(self) -> dict: ...
 
+    @property
+    def host_speed(self) -> HostSpeed | None:
+        """How fast this host ran when the coefficients were measured (None: not recorded)."""
+        ...
+
     def predict(self, graph) -> Prediction: ...
 
 
@@ -68,6 +74,10 @@ class RooflineCostModel:
                   else f"the {self.device.name} datasheet")
         return {"kind": "roofline", "device": self.device.name, "backend": self.backend,
                 "text": f"roofline from {source}, uncalibrated"}
+
+    @property
+    def host_speed(self) -> HostSpeed | None:
+        return None  # peaks from the datasheet or /proc/cpuinfo, not a measurement
 
     def predict(self, graph) -> Prediction:
         result = estimate(graph, self.device)
@@ -97,6 +107,10 @@ class CalibratedCostModel:
                 "host": p.host, "fit_mape": p.fit_mape,
                 "text": f"calibrated profile {self.device.name}/{self.backend} ({day}{host}; fit MAPE "
                         f"{p.fit_mape:.0%})"}
+
+    @property
+    def host_speed(self) -> HostSpeed | None:
+        return self.profile.host_speed
 
     def predict(self, graph) -> Prediction:
         roofline = estimate(graph, self.device)

@@ -34,6 +34,7 @@ import torch
 
 from tfcompile.cost_models import available_targets, load_device
 from tfcompile.cost_models.device import DeviceSpec
+from tfcompile.cost_models.host_speed import HostSpeed, probes_around, with_host_speed
 from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.generation.cost import GenerationPrediction, predict_generation
 from tfcompile.generation.greedy import greedy_generate, hf_greedy
@@ -126,26 +127,30 @@ def optimize_generation(model: torch.nn.Module, settings: GenerationSettings, *,
     workdir = Path(tempfile.mkdtemp(prefix="tfcompile-generate-"))
     timings: dict[str, GenerationTiming] = {}
     onnx_files: dict[str, tuple[Path, Path]] = {}
+    speed: list[HostSpeed] = []  # the host's speed, probed around the timed generations
     try:
         if settings.measure:
             chosen = to_measure(reports, variants, context.target, settings.measure_top)
-            if settings.backend == "torch":
-                progress("timing generations in torch")
-                pairs = {n: (variants[n][0].graph, variants[n][1].graph) for n in chosen}
-                timings = measure_generations_torch(pairs, graphs.cache, *prompt, new_tokens=generation.new_tokens,
-                                                    repeat=settings.repeat)
-            else:
+            if settings.backend != "torch":
                 onnx_files = _export_pairs({n: variants[n] for n in chosen}, workdir, progress)
-                progress("timing generations on ONNX Runtime")
-                timings = measure_generations(onnx_files, graphs.cache, *prompt, new_tokens=generation.new_tokens,
-                                              repeat=settings.repeat)
+            with probes_around(True) as speed:  # both runtimes generate on this host's CPU
+                if settings.backend == "torch":
+                    progress("timing generations in torch")
+                    pairs = {n: (variants[n][0].graph, variants[n][1].graph) for n in chosen}
+                    timings = measure_generations_torch(pairs, graphs.cache, *prompt,
+                                                        new_tokens=generation.new_tokens, repeat=settings.repeat)
+                else:
+                    progress("timing generations on ONNX Runtime")
+                    timings = measure_generations(onnx_files, graphs.cache, *prompt,
+                                                  new_tokens=generation.new_tokens, repeat=settings.repeat)
             for variant_name, timing in timings.items():
                 _record_timing(reports[variant_name], timing, reference_tokens, settings.backend)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     ranked, best = finish_ranking(reports, variants, context.target)
-    return GenerationResult(graphs, ranked, variants, best, result.refusals, context.cost_model.provenance,
+    prediction = with_host_speed(context.cost_model.provenance, context.cost_model.host_speed, speed)
+    return GenerationResult(graphs, ranked, variants, best, result.refusals, prediction,
                             timings, onnx_files, workdir, prompt, reference_tokens)
 
 
