@@ -24,6 +24,9 @@ benchmarks/results/.
     .venv/bin/python benchmarks/cost_model_accuracy.py --set quick --repeat 2 --passes 1   # a smoke run
     .venv/bin/python benchmarks/cost_model_accuracy.py --models llama-tiny --profile PROFILE   # no calibration
     .venv/bin/python benchmarks/cost_model_accuracy.py --dry-run   # build every variant, measure nothing
+    # A cost-model change judged on a run's own measurements: refit its profile, predict its variants again.
+    .venv/bin/python benchmarks/cost_model_accuracy.py --replay RUN/cost-model-ort/summary.json \
+        --profile RUN/profile-cpu-ort.json --refit --out NEW
 """
 
 from __future__ import annotations
@@ -41,15 +44,15 @@ from typing import Any
 from rich.console import Console
 
 from tfcompile.backends.runner import interleave_block
-from tfcompile.calibrate import default_suite, run_suite
+from tfcompile.calibrate import calibrate_here, default_suite
 from tfcompile.compare import (PREDICTORS, ComparisonRow, lowest_of_passes, measure_and_predict, predict_all, score,
                                speedup_scores, write_outputs)
-from tfcompile.cost_models.calibration import fit_checked, save_profile
-from tfcompile.cost_models.device import detect_host, host_identity
+from tfcompile.cost_models.calibration import Profile, Sample, fit_checked, save_profile
+from tfcompile.cost_models.host_speed import probes_around, speed_record, speed_text
 from tfcompile.cost_models.model import cost_model_for
 from tfcompile.errors import BackendError, first_line
 from tfcompile.frontend import LoadOptions, load_model
-from tfcompile.graph import ModelGraph
+from tfcompile.graph import ModelGraph, export_module
 from tfcompile.passes.padding import with_lengths
 from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant, extend_variant
 
@@ -300,6 +303,45 @@ def dry_run(configs: tuple[Config, ...], args, console: Console) -> None:
                   f"{args.passes} passes, besides calibration, exports and session creation")
 
 
+def load_profile_file(path: Path) -> Profile:
+    return Profile.from_json(path.read_bytes(), source=str(path))
+
+
+def refit(profile: Profile, backend: str) -> Profile:
+    """``profile``'s micro-benchmark times, fitted again with this checkout's kernel grouping and features (the
+    suite's graphs rebuilt, nothing measured): to judge a change of the cost model on the same measurements."""
+    measured = {record["name"]: record["measured_s"] for record in profile.samples}
+    samples = []
+    for bench in default_suite():
+        if bench.name in measured:
+            module, inputs = bench.build()
+            samples.append(Sample(bench.name, export_module(module, inputs, name=bench.name), measured[bench.name]))
+    fitted = fit_checked(samples, profile.target, backend, host=profile.host, host_id=profile.host_id)
+    fitted.probe_gemm_flops_per_s = profile.probe_gemm_flops_per_s
+    fitted.probe_read_bytes_per_s = profile.probe_read_bytes_per_s
+    return fitted
+
+
+def replay(configs: tuple[Config, ...], args, cost_model,
+           summary: dict) -> tuple[list[list[ComparisonRow]], dict[str, str], list[str]]:
+    """A previous run's variants, with the medians it measured in each pass, predicted by ``cost_model``: the
+    variants are built again (same seed), nothing is measured."""
+    passes = summary["passes"]
+    measured_by_pass: list[list[ComparisonRow]] = [[] for _ in passes]
+    families: dict[str, str] = {}
+    for config in configs:
+        graphs, config_families, _ = config_variants(config, args.seed)
+        for graph in graphs:
+            if all(graph.name in medians for medians in passes):
+                families[graph.name] = config_families[graph.name]
+                predicted = predict_all(graph, cost_model)
+                for rows, medians in zip(measured_by_pass, passes):
+                    rows.append(ComparisonRow(graph.name, medians[graph.name], predicted))
+        del graphs
+        gc.collect()
+    return measured_by_pass, families, list(summary.get("skipped", []))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["ort", "tvm", "torch"], default="ort")
@@ -313,8 +355,16 @@ def main() -> None:
                         help="build every variant and print its predicted latency; calibrate and measure nothing")
     parser.add_argument("--profile", type=Path, help="predict with this profile (made on this host) instead of "
                         "calibrating; with --dry-run, instead of the roofline")
+    parser.add_argument("--replay", type=Path, help="measure nothing: take the medians of a previous run's "
+                        "summary.json (on this host) and predict its variants with this checkout's cost model")
+    parser.add_argument("--refit", action="store_true", help="with --replay and --profile: refit the profile's "
+                        "coefficients to its recorded micro-benchmark times with this checkout's kernel grouping")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    if args.refit and not (args.replay and args.profile):
+        parser.error("--refit needs --replay and --profile")
+    if args.replay and not args.profile:
+        parser.error("--replay needs --profile (the one the replayed run calibrated)")
     console = Console(soft_wrap=True)  # rows of a table are wider than a pipe's 80 columns
     configs = SETS[args.set]
     if args.models:
@@ -332,13 +382,13 @@ def main() -> None:
     calibration_s = 0.0
     if args.profile is None:
         with console.status("calibrating") as status:
-            samples = run_suite(default_suite(), args.backend, repeat=args.repeat,
-                                progress=lambda m: status.update(f"calibrating {m}"))
+            fitted = calibrate_here(args.backend, repeat=args.repeat,
+                                    progress=lambda m: status.update(f"calibrating {m}"))
         calibration_s = time.time() - started
-        host = detect_host()
-        fitted = fit_checked(samples, "cpu", args.backend, host=f"{host.model}, {host.cores} cores",
-                             host_id=host_identity())
         profile_file = save_profile(fitted, args.out / f"profile-cpu-{args.backend}.json")
+    elif args.refit:
+        profile_file = save_profile(refit(load_profile_file(args.profile), args.backend),
+                                    args.out / f"profile-cpu-{args.backend}.json")
     else:
         profile_file = args.profile
     # The profile read back from its file: what a later run with this profile predicts.
@@ -353,8 +403,11 @@ def main() -> None:
     families: dict[str, str] = {}
     skipped: list[str] = []
     config_wall_s: dict[str, list[float]] = {}
+    host_speed: dict[str, list[dict]] = {}  # per config and pass: the probes around its measurement
+    if args.replay:
+        measured_by_pass, families, skipped = replay(configs, args, cost_model, json.loads(args.replay.read_text()))
     with console.status("measuring") as status:
-        for pass_index in range(args.passes):
+        for pass_index in range(0 if args.replay else args.passes):
             rows_of_pass = []
             # One config's variants at a time, freed before the next config's are built.
             for config in configs:
@@ -368,10 +421,16 @@ def main() -> None:
                         console.print(f"left out {line}")
                 while graphs:
                     try:
-                        rows_of_pass += measure_and_predict(
-                            graphs, cost_model=cost_model, repeat=args.repeat,
-                            progress=lambda m: status.update(f"pass {pass_index + 1}: {m}"),
-                            group_key=lambda graph, label=config.label: label)
+                        with probes_around(True) as probes:
+                            rows_of_pass += measure_and_predict(
+                                graphs, cost_model=cost_model, repeat=args.repeat,
+                                progress=lambda m: status.update(f"pass {pass_index + 1}: {m}"),
+                                group_key=lambda graph, label=config.label: label)
+                        record = speed_record(profile.host_speed, *probes)
+                        host_speed.setdefault(config.label, []).append(record)
+                        if speed_text(record):
+                            console.print(f"{config.label}, pass {pass_index + 1}: {speed_text(record)}",
+                                          markup=False)
                         break
                     except BackendError as exc:
                         # A variant the runtime computes differently is left out, with the check's words;
@@ -414,7 +473,9 @@ def main() -> None:
          "calibration_fit_mape": profile.fit_mape,
          "heldout_mape": profile.heldout_mape, "heldout_roofline_mape": profile.heldout_roofline_mape,
          "scores": scores, "speedups": speedups, "families": breakdown, "llama_tiny_s512_cleanup": check,
-         "skipped": skipped, "config_wall_s": config_wall_s,
+         "skipped": skipped, "config_wall_s": config_wall_s, "host_speed": host_speed,
+         "replayed_from": str(args.replay) if args.replay else None,
+         "host_speed_at_calibration": profile.host_speed.as_dict() if profile.host_speed else None,
          "passes": [{row.name: row.measured_ms for row in p} for p in measured_by_pass],
          "wall_s": time.time() - started}, indent=2) + "\n")
     console.print(f"wrote {args.out / f'cost-model-{args.backend}'} in {time.time() - started:.0f} s")
