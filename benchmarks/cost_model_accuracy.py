@@ -47,7 +47,7 @@ from tfcompile.backends.runner import interleave_block
 from tfcompile.calibrate import calibrate_here, default_suite
 from tfcompile.compare import (PREDICTORS, ComparisonRow, lowest_of_passes, measure_and_predict, predict_all, score,
                                speedup_scores, write_outputs)
-from tfcompile.cost_models.calibration import Profile, Sample, fit_checked, save_profile
+from tfcompile.cost_models.calibration import Profile, Sample, fit_checked, load_profile, save_profile
 from tfcompile.cost_models.host_speed import probes_around, speed_record, speed_text
 from tfcompile.cost_models.model import cost_model_for
 from tfcompile.errors import BackendError, first_line
@@ -303,10 +303,6 @@ def dry_run(configs: tuple[Config, ...], args, console: Console) -> None:
                   f"{args.passes} passes, besides calibration, exports and session creation")
 
 
-def load_profile_file(path: Path) -> Profile:
-    return Profile.from_json(path.read_bytes(), source=str(path))
-
-
 def refit(profile: Profile, backend: str) -> Profile:
     """``profile``'s micro-benchmark times, fitted again with this checkout's kernel grouping and features (the
     suite's graphs rebuilt, nothing measured): to judge a change of the cost model on the same measurements."""
@@ -387,7 +383,7 @@ def main() -> None:
         calibration_s = time.time() - started
         profile_file = save_profile(fitted, args.out / f"profile-cpu-{args.backend}.json")
     elif args.refit:
-        profile_file = save_profile(refit(load_profile_file(args.profile), args.backend),
+        profile_file = save_profile(refit(load_profile("cpu", args.backend, args.profile), args.backend),
                                     args.out / f"profile-cpu-{args.backend}.json")
     else:
         profile_file = args.profile
