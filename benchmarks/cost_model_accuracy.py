@@ -45,8 +45,8 @@ from rich.console import Console
 
 from tfcompile.backends.runner import interleave_block
 from tfcompile.calibrate import calibrate_here, default_suite
-from tfcompile.compare import (PREDICTORS, ComparisonRow, lowest_of_passes, measure_and_predict, predict_all, score,
-                               speedup_scores, write_outputs)
+from tfcompile.compare import (PREDICTORS, ComparisonRow, lowest_of_passes, measure_and_predict, measured_speedup,
+                               predict_all, score, speedup_scores, write_outputs)
 from tfcompile.cost_models.calibration import Profile, Sample, fit_checked, load_profile, save_profile
 from tfcompile.cost_models.host_speed import probes_around, speed_record, speed_text
 from tfcompile.cost_models.model import cost_model_for
@@ -234,7 +234,7 @@ def speedup_check(rows: list[ComparisonRow]) -> dict | None:
     base, row = by_name.get(f"{config} baseline"), by_name.get(f"{config} {variant}")
     if base is None or row is None:
         return None
-    measured = base.measured_ms / row.measured_ms
+    measured = measured_speedup(row, base)
     check = {"variant": row.name, "measured_speedup": measured,
              "baseline_ms": base.measured_ms, "variant_ms": row.measured_ms}
     for predictor in PREDICTORS:
@@ -320,9 +320,10 @@ def refit(profile: Profile, backend: str) -> Profile:
 
 def replay(configs: tuple[Config, ...], args, cost_model,
            summary: dict) -> tuple[list[list[ComparisonRow]], dict[str, str], list[str]]:
-    """A previous run's variants, with the medians it measured in each pass, predicted by ``cost_model``: the
-    variants are built again (same seed), nothing is measured."""
+    """A previous run's variants, with the medians (and, when it recorded them, the timed runs) it measured in
+    each pass, predicted by ``cost_model``: the variants are built again (same seed), nothing is measured."""
     passes = summary["passes"]
+    runs = summary.get("pass_samples_ms") or [{} for _ in passes]
     measured_by_pass: list[list[ComparisonRow]] = [[] for _ in passes]
     families: dict[str, str] = {}
     for config in configs:
@@ -331,8 +332,9 @@ def replay(configs: tuple[Config, ...], args, cost_model,
             if all(graph.name in medians for medians in passes):
                 families[graph.name] = config_families[graph.name]
                 predicted = predict_all(graph, cost_model)
-                for rows, medians in zip(measured_by_pass, passes):
-                    rows.append(ComparisonRow(graph.name, medians[graph.name], predicted))
+                for rows, medians, samples in zip(measured_by_pass, passes, runs):
+                    rows.append(ComparisonRow(graph.name, medians[graph.name], predicted,
+                                              tuple(samples.get(graph.name, ()))))
         del graphs
         gc.collect()
     return measured_by_pass, families, list(summary.get("skipped", []))
@@ -473,6 +475,7 @@ def main() -> None:
          "replayed_from": str(args.replay) if args.replay else None,
          "host_speed_at_calibration": profile.host_speed.as_dict() if profile.host_speed else None,
          "passes": [{row.name: row.measured_ms for row in p} for p in measured_by_pass],
+         "pass_samples_ms": [{row.name: list(row.samples_ms) for row in p} for p in measured_by_pass],
          "wall_s": time.time() - started}, indent=2) + "\n")
     console.print(f"wrote {args.out / f'cost-model-{args.backend}'} in {time.time() - started:.0f} s")
 

@@ -173,6 +173,28 @@ def test_lowest_of_passes_keeps_each_variants_lowest_median_in_first_pass_order(
     assert [(r.name, r.measured_ms) for r in rows] == [("a", 10.0), ("b", 21.0)]
 
 
+def test_measured_speedup_pairs_the_runs_of_one_turn_across_passes():
+    from tfcompile.compare import measured_speedup
+
+    # Pass 1 ran fast, pass 2 at half speed; in every turn the variant took 0.8 of the baseline's time. Each
+    # one's lowest median comes from pass 1 here, but a pass-mixing ratio would not be 1.25 in general.
+    first = [ComparisonRow("m baseline", 10.0, {}, (10.0, 10.2, 9.8)), ComparisonRow("m v", 8.0, {}, (8.0, 8.16, 7.84))]
+    second = [ComparisonRow("m baseline", 20.0, {}, (20.0, 20.4, 19.6)),
+              ComparisonRow("m v", 16.0, {}, (16.0, 16.32, 15.68))]
+    base, variant = lowest_of_passes([first, second])
+    assert len(variant.samples_ms) == len(base.samples_ms) == 6
+    assert measured_speedup(variant, base) == pytest.approx(1.25)
+    # The lowest medians can come from different passes: the baseline's from a fast spell of pass 2, the
+    # variant's from pass 1. Turn by turn the two took the same time in three of five turns.
+    level = [ComparisonRow("m baseline", 10.0, {}, (10.0,) * 3), ComparisonRow("m v", 10.0, {}, (10.0,) * 3)]
+    spell = [ComparisonRow("m baseline", 5.0, {}, (5.0,) * 2), ComparisonRow("m v", 10.0, {}, (10.0,) * 2)]
+    base, variant = lowest_of_passes([level, spell])
+    assert base.measured_ms / variant.measured_ms == 0.5
+    assert measured_speedup(variant, base) == 1.0
+    # Rows without runs of their own (or of other turns) fall back to the medians.
+    assert measured_speedup(ComparisonRow("m v", 5.0, {}), ComparisonRow("m baseline", 10.0, {})) == 2.0
+
+
 def test_block_micro_benchmarks_cover_a_layers_kernel_classes_at_non_zoo_widths():
     from tfcompile.calibrate import BLOCK_CONFIGS, default_suite
 
