@@ -54,10 +54,11 @@ from pathlib import Path
 import numpy as np
 
 from tfcompile.cost_models.device import available_targets, host_identity, load_device
-from tfcompile.cost_models.fusion import Kernel, group_kernels
+from tfcompile.cost_models.fusion import UNFUSED_ATTENTION_BACKENDS, Kernel, group_kernels
 from tfcompile.cost_models.host_speed import HostSpeed
 from tfcompile.cost_models.op_costs import SCORE_PASS_KINDS, unfused_score_bytes
 from tfcompile.cost_models.roofline import estimate, score_traffic_bytes
+from tfcompile.cost_models.score_tensors import explicit_score_bytes
 from tfcompile.errors import TfcompileError
 from tfcompile.graph import ModelGraph
 from tfcompile.outputs import atomic_write_text
@@ -76,8 +77,6 @@ PROFILE_VERSION = 1
 CLASSES = ("gemm", "gemm_skinny", "gemm_stream", "attention", "norm", "softmax", "memory") + SCORE_PASS_KINDS
 SKINNY_ROWS = 64
 
-
-UNFUSED_ATTENTION_BACKENDS = {"ort", "tvm"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,6 +100,8 @@ def score_pass_bytes(graph, backend: str) -> dict[str, float]:
         for node in graph.call_nodes():
             for kind, size in unfused_score_bytes(node).items():
                 totals[kind] = totals.get(kind, 0.0) + size
+        for kind, size in explicit_score_bytes(graph).items():
+            totals[kind] = totals.get(kind, 0.0) + size
     return totals
 
 

@@ -30,9 +30,13 @@ import dataclasses
 import torch.fx
 
 from tfcompile.cost_models.op_costs import OpCost, cost_of, dtype_name
+from tfcompile.cost_models.score_tensors import explicit_score_passes
 from tfcompile.graph import ModelGraph, fetch_attr
 
 FUSING_BACKENDS = {"ort", "tvm"}
+# Backends that run attention as separate kernels over a score tensor: an attention written out op by op
+# costs there what an SDPA does (score_tensors).
+UNFUSED_ATTENTION_BACKENDS = {"ort", "tvm"}
 aten = torch.ops.aten
 # Views ONNX Runtime runs as nodes of their own (Reshape, Unsqueeze, Squeeze, Flatten).
 ORT_VIEW_NODES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
@@ -92,8 +96,15 @@ def group_kernels(graph: ModelGraph, backend: str | None = None) -> list[Kernel]
     kernel_of: dict[torch.fx.Node, Kernel] = {}
     # A view between a kernel and its epilogue does not stop fusion.
     alias_of: dict[torch.fx.Node, torch.fx.Node] = {}
+    score_passes = explicit_score_passes(graph) if backend in UNFUSED_ATTENTION_BACKENDS else {}
     for node in graph.call_nodes():
         cost: OpCost = cost_of(node)
+        if node.name in score_passes:
+            # Its bytes are priced as score passes (calibration.score_pass_bytes); the matmuls keep their FLOPs.
+            if score_passes[node.name].kernel:
+                flops = cost.flops if cost.op_class == "gemm" else 0.0
+                kernels.append(Kernel([node.name], "attention", flops, 0.0, 0.0, dtype_name(node), 0))
+            continue
         if backend == "ort":
             cost = _as_ort_runs_it(node, cost)
         elif backend == "torch" and cost.op_class == "free" and isinstance(node.target, torch._ops.OpOverload):
