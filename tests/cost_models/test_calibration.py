@@ -25,17 +25,31 @@ def _mlp(rows=8, d=32, hidden=64):
     return export_module(Mlp(d, hidden), (torch.randn(rows, d),), name=f"mlp{rows}x{d}x{hidden}")
 
 
-def test_gelu_epilogue_fuses_into_gemm_for_ort_not_for_torch():
+def test_gelu_epilogue_fuses_into_gemm_for_tvm_and_is_its_own_activation_kernel_on_ort():
     graph = _mlp()
-    ort_kernels = group_kernels(graph, "ort")
+    tvm_kernels = group_kernels(graph, "tvm")
     torch_kernels = group_kernels(graph, "torch")
+    ort_kernels = group_kernels(graph, "ort")
     assert len(torch_kernels) == 4  # linear, gelu, linear, add
-    assert len(ort_kernels) == 3  # linear+gelu, linear, add (x is read twice: no fusion of the residual)
-    fused = next(k for k in ort_kernels if len(k.nodes) == 2)
+    assert len(tvm_kernels) == 3  # linear+gelu, linear, add (x is read twice: no fusion of the residual)
+    fused = next(k for k in tvm_kernels if len(k.nodes) == 2)
     assert fused.op_class == "gemm"
     unfused_bytes = sum(k.bytes_moved for k in torch_kernels[:2])
     # The GEMM output no longer goes to memory and back.
     assert fused.bytes_moved == unfused_bytes - 2 * 4 * 8 * 64
+    # ORT's Gelu node reads the GEMM's output and writes its own, in a class of its own.
+    assert [k.op_class for k in ort_kernels] == ["gemm", "activation", "gemm", "memory"]
+    assert ort_kernels[1].bytes_moved == torch_kernels[1].bytes_moved == 2 * 4 * 8 * 64
+    assert [kernel_class(k) for k in torch_kernels] == ["gemm_skinny", "memory", "gemm_skinny", "memory"]
+
+
+def test_a_profile_without_the_activation_class_prices_gelu_as_elementwise():
+    kernel = group_kernels(_mlp(), "ort")[1]
+    old = Profile(target="cpu", backend="ort", s_per_flop={"memory": 1e-9}, s_per_byte={"memory": 1e-10},
+                  kernel_overhead_s=0.0, graph_overhead_s=0.0)
+    assert old.kernel_s(kernel) == pytest.approx(1e-9 * kernel.flops + 1e-10 * kernel.bytes_moved)
+    fitted = dataclasses.replace(old, s_per_flop={"memory": 1e-9, "activation": 4e-9})
+    assert fitted.kernel_s(kernel) == pytest.approx(4e-9 * kernel.flops + 0.0 * kernel.bytes_moved)
 
 
 def test_skinny_gemms_get_their_own_class():

@@ -74,7 +74,8 @@ class Sample:
 
 
 PROFILE_VERSION = 1
-CLASSES = ("gemm", "gemm_skinny", "gemm_stream", "attention", "norm", "softmax", "memory") + SCORE_PASS_KINDS
+CLASSES = ("gemm", "gemm_skinny", "gemm_stream", "attention", "norm", "softmax", "memory",
+           "activation") + SCORE_PASS_KINDS
 SKINNY_ROWS = 64
 
 
@@ -189,8 +190,8 @@ class Profile:
         if kernel.op_class == "view":
             return self.view_overhead_s
         cls = kernel_class(kernel, streaming)
-        if cls not in self.s_per_flop and cls == "gemm_stream":
-            cls = "gemm_skinny"  # a profile fitted before the class existed
+        if cls not in self.s_per_flop and cls in ("gemm_stream", "activation"):
+            cls = {"gemm_stream": "gemm_skinny", "activation": "memory"}[cls]  # a profile from before the class
         speedup = 1.0
         if kernel.dtype != self.fitted_dtype and flop_speedup:
             speedup = flop_speedup.get(kernel.dtype, 1.0) / flop_speedup.get(self.fitted_dtype, 1.0)
