@@ -83,6 +83,30 @@ class _BooleanMaskAttention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
 
 
+class _BandMaskAttention(torch.nn.Module):
+    """Attention under a boolean band |i - j| <= ``half_window``, as a local-attention variant at short length
+    passes it: most scores hidden."""
+
+    def __init__(self, seq: int, half_window: int):
+        super().__init__()
+        positions = torch.arange(seq)
+        self.register_buffer("mask", ((positions[:, None] - positions[None, :]).abs() <= half_window)[None, None])
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+class _OpenMaskAttention(torch.nn.Module):
+    """Attention under an additive mask of zeros: the mask's Add, no score hidden."""
+
+    def __init__(self, seq: int):
+        super().__init__()
+        self.register_buffer("mask", torch.zeros(1, 1, seq, seq))
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
 class _LayerNorm(torch.nn.Module):
     def __init__(self, d):
         super().__init__()
@@ -163,6 +187,11 @@ CAUSAL_ATTENTION = ((4, 512), (4, 2048))
 
 # (heads, seq_tokens) of attentions under a boolean mask, llama-tiny's heads at its lengths.
 BOOLEAN_MASK_ATTENTION = ((4, 128), (4, 512), (4, 1024))
+# (heads, seq_tokens, half-window) of attentions under a boolean band mask, and (heads, seq_tokens) of ones
+# under an additive mask that hides nothing: with the causal ones, scores hidden from none to most of them
+# (masked_scores), so the fit tells a hidden score's cost from the mask's own pass.
+BAND_MASK_ATTENTION = ((12, 512, 64), (4, 1024, 128))
+OPEN_MASK_ATTENTION = ((12, 512), (4, 1024))
 # (rows, k, n) of a vocabulary projection over every position: a narrow K against tens of thousands of
 # columns, whose output (25-50 MB) costs as much to write as the GEMM to compute (llama-tiny's head).
 VOCAB_GEMMS = ((256, 320, 24000), (512, 320, 24000))
@@ -227,6 +256,12 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
     for heads, s in BOOLEAN_MASK_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_boolmask_h{heads}_s{s}_d64", lambda h=heads, s=s: (
             _BooleanMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+    for heads, s, half in BAND_MASK_ATTENTION:
+        suite.append(MicroBenchmark(f"sdpa_band{half}_h{heads}_s{s}_d64", lambda h=heads, s=s, w=half: (
+            _BandMaskAttention(s, w), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+    for heads, s in OPEN_MASK_ATTENTION:
+        suite.append(MicroBenchmark(f"sdpa_openmask_h{heads}_s{s}_d64", lambda h=heads, s=s: (
+            _OpenMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
     for m, k, n in VOCAB_GEMMS:
         suite.append(MicroBenchmark(f"vocab_linear_m{m}_k{k}_n{n}",
                                     lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))

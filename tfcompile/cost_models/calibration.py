@@ -56,9 +56,9 @@ import numpy as np
 from tfcompile.cost_models.device import available_targets, host_identity, load_device
 from tfcompile.cost_models.fusion import UNFUSED_ATTENTION_BACKENDS, Kernel, group_kernels
 from tfcompile.cost_models.host_speed import HostSpeed
-from tfcompile.cost_models.op_costs import SCORE_PASS_KINDS, unfused_score_bytes
+from tfcompile.cost_models.op_costs import SCORE_PASS_KINDS
 from tfcompile.cost_models.roofline import estimate, score_traffic_bytes
-from tfcompile.cost_models.score_tensors import explicit_score_bytes
+from tfcompile.cost_models.score_passes import score_pass_bytes
 from tfcompile.errors import TfcompileError
 from tfcompile.graph import ModelGraph
 from tfcompile.outputs import atomic_write_text
@@ -91,19 +91,6 @@ def attention_traffic_bytes(graph: ModelGraph, target: str, backend: str) -> flo
     if device is None or not device.attention_score_passes:
         return 0.0
     return float(sum(score_traffic_bytes(node, device) for node in graph.call_nodes()))
-
-
-def score_pass_bytes(graph, backend: str) -> dict[str, float]:
-    """Bytes the unfused attentions of ``graph`` move over their score tensors on ``backend``, per pass kind
-    (``op_costs.SCORE_PASS_KINDS``); {} when the backend runs attention fused."""
-    totals: dict[str, float] = {}
-    if backend in UNFUSED_ATTENTION_BACKENDS:
-        for node in graph.call_nodes():
-            for kind, size in unfused_score_bytes(node).items():
-                totals[kind] = totals.get(kind, 0.0) + size
-        for kind, size in explicit_score_bytes(graph).items():
-            totals[kind] = totals.get(kind, 0.0) + size
-    return totals
 
 
 def streams_weights(graph, target: str) -> bool:

@@ -151,8 +151,10 @@ def attention_score_bytes(node: torch.fx.Node) -> int:
 # - "scores": the QK^T MatMul writes it, Softmax reads and writes it, the PV MatMul reads it (4 passes);
 # - "score_mask": a mask (float, or the constant triangle ``is_causal`` exports at fixed shapes) is broadcast
 #   and added to it (one Add, read and write);
-# - "score_guard": a boolean mask also adds IsNaN and Where over it, the guard for fully masked rows.
-SCORE_PASS_KINDS = ("scores", "score_mask", "score_guard")
+# - "score_guard": a boolean mask also adds IsNaN and Where over it, the guard for fully masked rows;
+# - "score_masked": the entries a mask hides, which ORT's softmax exponentiates on a slow path
+#   (``masked_scores``).
+SCORE_PASS_KINDS = ("scores", "score_mask", "score_guard", "score_masked")
 UNFUSED_SCORE_PASSES = 4
 
 
