@@ -333,8 +333,9 @@ def replay(configs: tuple[Config, ...], args, cost_model,
                 families[graph.name] = config_families[graph.name]
                 predicted = predict_all(graph, cost_model)
                 for rows, medians, samples in zip(measured_by_pass, passes, runs):
+                    runs_of_pass = tuple(samples.get(graph.name, ()))
                     rows.append(ComparisonRow(graph.name, medians[graph.name], predicted,
-                                              tuple(samples.get(graph.name, ()))))
+                                              (runs_of_pass,) if runs_of_pass else ()))
         del graphs
         gc.collect()
     return measured_by_pass, families, list(summary.get("skipped", []))
@@ -475,7 +476,8 @@ def main() -> None:
          "replayed_from": str(args.replay) if args.replay else None,
          "host_speed_at_calibration": profile.host_speed.as_dict() if profile.host_speed else None,
          "passes": [{row.name: row.measured_ms for row in p} for p in measured_by_pass],
-         "pass_samples_ms": [{row.name: list(row.samples_ms) for row in p} for p in measured_by_pass],
+         "pass_samples_ms": [{row.name: [ms for runs in row.samples_ms for ms in runs] for row in p}
+                             for p in measured_by_pass],
          "wall_s": time.time() - started}, indent=2) + "\n")
     console.print(f"wrote {args.out / f'cost-model-{args.backend}'} in {time.time() - started:.0f} s")
 

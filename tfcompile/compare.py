@@ -32,23 +32,26 @@ class ComparisonRow:
     name: str
     measured_ms: float
     predicted_ms: dict[str, float]  # per predictor
-    # The timed runs behind ``measured_ms``, in the order they ran: a variant timed round-robin with its
-    # baseline has as many as it, run i of each in the same turn (``measured_speedup``).
-    samples_ms: tuple[float, ...] = ()
+    # The timed runs behind ``measured_ms``, per pass over the set, in the order they ran: a variant timed
+    # round-robin with its baseline has as many passes as it (``measured_speedup``).
+    samples_ms: tuple[tuple[float, ...], ...] = ()
 
 
 def measured_speedup(row: ComparisonRow, baseline: ComparisonRow) -> float:
-    """``baseline``'s time over ``row``'s: the median of their run-by-run ratios when they were timed in the
-    same turns (``samples_ms`` of equal length), else the ratio of their medians.
+    """``baseline``'s time over ``row``'s: per pass, the ratio of their medians over the turns they shared,
+    and the median of that over the passes; the ratio of their ``measured_ms`` when their runs were not
+    timed together.
 
-    Runs of one turn share the machine's state, so their ratio holds while
-    the shared host's speed drifts; the ratio of two medians, each the lowest
-    of several passes, mixes passes minutes apart (two identical ORT graphs
-    measured 0.90x that way on session 13's Xeon)."""
-    if row.samples_ms and len(row.samples_ms) == len(baseline.samples_ms):
-        return statistics.median(b / v for b, v in zip(baseline.samples_ms, row.samples_ms) if v > 0)
+    Both medians of a pass cover the same turns, so a drift of the shared
+    host's speed hits them alike, and a median shrugs off a spike that hits
+    one run; the ratio of two lowest medians can mix passes minutes apart (two
+    identical ORT graphs measured 0.90x that way on session 13's Xeon). A
+    run-by-run ratio does not shrug off spikes: on TVM, llama-tiny's cleanup
+    measured 0.93x that way (four spikes on one side) against 0.99x by medians."""
+    passes = [(b, v) for b, v in zip(baseline.samples_ms, row.samples_ms) if b and v and len(b) == len(v)]
+    if passes and len(baseline.samples_ms) == len(row.samples_ms) == len(passes):
+        return statistics.median(statistics.median(b) / statistics.median(v) for b, v in passes)
     return baseline.measured_ms / row.measured_ms
-
 
 def measure_and_predict(graphs: list[ModelGraph], *, cost_model: CostModel, repeat: int = 10,
                         progress: Callable[[str], None] = lambda _: None,
@@ -103,22 +106,21 @@ def builtin_variant_graphs(model: str, batches: list[int], seqs: list[int], seed
     return graphs
 
 
-def _samples_ms(measurement) -> tuple[float, ...]:
-    return tuple(s * 1e3 for s in measurement.samples_s)
+def _samples_ms(measurement) -> tuple[tuple[float, ...], ...]:
+    return (tuple(s * 1e3 for s in measurement.samples_s),)
 
 
 def lowest_of_passes(passes: list[list[ComparisonRow]]) -> list[ComparisonRow]:
     """Per variant (by name, in the first pass's order), the lowest measured median, with the timed runs of
-    every pass (pass by pass, so a variant's runs still line up with its baseline's).
+    every pass (``samples_ms``, one tuple per pass).
 
     Measuring the whole set more than once, minutes apart, and keeping each
     variant's lowest median takes out spells of load from the other tenants of
     a shared host, which only ever add time; the cost model predicts the
-    undisturbed latency. Speed-ups are taken from the runs, turn by turn
-    (``measured_speedup``), not from two such medians.
+    undisturbed latency. Speed-ups are taken pass by pass (``measured_speedup``), not from two such medians.
     """
     best: dict[str, ComparisonRow] = {}
-    samples: dict[str, tuple[float, ...]] = {}
+    samples: dict[str, tuple[tuple[float, ...], ...]] = {}
     for rows in passes:
         for row in rows:
             samples[row.name] = samples.get(row.name, ()) + row.samples_ms

@@ -1,4 +1,5 @@
 import dataclasses
+import statistics
 import json
 
 import pytest
@@ -187,26 +188,30 @@ def test_lowest_of_passes_keeps_each_variants_lowest_median_in_first_pass_order(
     assert [(r.name, r.measured_ms) for r in rows] == [("a", 10.0), ("b", 21.0)]
 
 
-def test_measured_speedup_pairs_the_runs_of_one_turn_across_passes():
+def test_measured_speedup_is_the_median_over_passes_of_each_pass_ratio_of_medians():
     from tfcompile.compare import measured_speedup
 
-    # Pass 1 ran fast, pass 2 at half speed; in every turn the variant took 0.8 of the baseline's time. Each
-    # one's lowest median comes from pass 1 here, but a pass-mixing ratio would not be 1.25 in general.
-    first = [ComparisonRow("m baseline", 10.0, {}, (10.0, 10.2, 9.8)), ComparisonRow("m v", 8.0, {}, (8.0, 8.16, 7.84))]
-    second = [ComparisonRow("m baseline", 20.0, {}, (20.0, 20.4, 19.6)),
-              ComparisonRow("m v", 16.0, {}, (16.0, 16.32, 15.68))]
-    base, variant = lowest_of_passes([first, second])
-    assert len(variant.samples_ms) == len(base.samples_ms) == 6
+    def rows(base_runs, variant_runs):
+        return [ComparisonRow("m baseline", statistics.median(base_runs), {}, (base_runs,)),
+                ComparisonRow("m v", statistics.median(variant_runs), {}, (variant_runs,))]
+
+    # Pass 1 at full speed, with a spike on the variant's side; pass 2 at half speed; pass 3 while a neighbour
+    # slowed the first half of the turns. Per pass the variant takes 0.8 of its baseline's time.
+    passes = [rows((10.0, 10.1, 9.9), (8.0, 30.0, 7.9)), rows((20.0, 20.2, 19.8), (16.0, 16.1, 15.9)),
+              rows((30.0, 10.0, 10.0), (24.0, 8.0, 8.0))]
+    base, variant = lowest_of_passes(passes)
+    assert len(variant.samples_ms) == len(base.samples_ms) == 3
     assert measured_speedup(variant, base) == pytest.approx(1.25)
-    # The lowest medians can come from different passes: the baseline's from a fast spell of pass 2, the
-    # variant's from pass 1. Turn by turn the two took the same time in three of five turns.
-    level = [ComparisonRow("m baseline", 10.0, {}, (10.0,) * 3), ComparisonRow("m v", 10.0, {}, (10.0,) * 3)]
-    spell = [ComparisonRow("m baseline", 5.0, {}, (5.0,) * 2), ComparisonRow("m v", 10.0, {}, (10.0,) * 2)]
-    base, variant = lowest_of_passes([level, spell])
-    assert base.measured_ms / variant.measured_ms == 0.5
-    assert measured_speedup(variant, base) == 1.0
-    # Rows without runs of their own (or of other turns) fall back to the medians.
+    # The lowest medians can come from different passes (the baseline's from pass 1, the variant's from pass 2)
+    # and then say 1.00x, where the pass in the middle of the three says 1.05x.
+    passes = [rows((10.0,) * 3, (12.0,) * 3), rows((14.0,) * 3, (10.0,) * 3), rows((11.0,) * 3, (10.5,) * 3)]
+    base, variant = lowest_of_passes(passes)
+    assert base.measured_ms / variant.measured_ms == 1.0
+    assert measured_speedup(variant, base) == pytest.approx(11.0 / 10.5)
+    # Rows without runs of their own, or whose runs were not timed in the same turns, fall back to the medians.
     assert measured_speedup(ComparisonRow("m v", 5.0, {}), ComparisonRow("m baseline", 10.0, {})) == 2.0
+    assert measured_speedup(ComparisonRow("m v", 5.0, {}, ((5.0, 5.0),)),
+                            ComparisonRow("m baseline", 10.0, {}, ((20.0,),))) == 2.0
 
 
 def test_block_micro_benchmarks_cover_a_layers_kernel_classes_at_non_zoo_widths():
