@@ -53,6 +53,7 @@ def measured_speedup(row: ComparisonRow, baseline: ComparisonRow) -> float:
         return statistics.median(statistics.median(b) / statistics.median(v) for b, v in passes)
     return baseline.measured_ms / row.measured_ms
 
+
 def measure_and_predict(graphs: list[ModelGraph], *, cost_model: CostModel, repeat: int = 10,
                         progress: Callable[[str], None] = lambda _: None,
                         remote=None, group_key: Callable[[ModelGraph], object] | None = None,

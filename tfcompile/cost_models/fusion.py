@@ -34,7 +34,7 @@ import dataclasses
 
 import torch.fx
 
-from tfcompile.cost_models.op_costs import OpCost, cost_of, dtype_name
+from tfcompile.cost_models.op_costs import OpCost, cost_of, dtype_name, source_through_free_ops
 from tfcompile.cost_models.score_tensors import explicit_score_passes
 from tfcompile.graph import ModelGraph, fetch_attr
 
@@ -86,10 +86,7 @@ def _is_constant(node: torch.fx.Node) -> bool:
 def _constant_operand_bytes(node: torch.fx.Node) -> int:
     """Bytes of ``node``'s operands that are parameters, looking through the views and casts between."""
     total = 0
-    for source in node.all_input_nodes:
-        while source.op == "call_function" and len(source.all_input_nodes) == 1 \
-                and cost_of(source).op_class == "free":
-            source = source.all_input_nodes[0]
+    for source in map(source_through_free_ops, node.all_input_nodes):
         if _is_constant(source):
             # get_attr nodes carry no shape meta in every graph: read the parameter itself
             value = fetch_attr(source.graph.owning_module, source.target)

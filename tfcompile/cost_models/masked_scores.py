@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from tfcompile.cost_models.op_costs import attention_score_bytes, cost_of
+from tfcompile.cost_models.op_costs import attention_mask_node, attention_score_bytes, cost_of, is_causal, output_bytes
 from tfcompile.cost_models.score_tensors import explicit_score_passes
 from tfcompile.graph import ModelGraph, fetch_attr
 
@@ -96,24 +96,18 @@ def masked_score_bytes(graph: ModelGraph) -> float:
     explicit = explicit_score_passes(graph)
     for node in graph.call_nodes():
         if node.target is SDPA:
-            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-            causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
-            if isinstance(mask, torch.fx.Node):
+            mask = attention_mask_node(node)
+            if mask is not None:
                 value = evaluate_mask(graph, mask)
                 fraction = hidden_fraction(value) if value is not None else 0.0
-            elif causal:
+            elif is_causal(node):
                 q, k = node.args[0].meta["val"], node.args[1].meta["val"]
                 fraction = _causal_fraction(q.shape[-2], k.shape[-2])
             else:
                 continue
             total += fraction * attention_score_bytes(node)
         elif node.target is aten.masked_fill.Scalar and node.name in explicit:
-            value = evaluate_mask(graph, node.args[1])
+            value = evaluate_mask(graph, node.args[1])  # True where the fill (-inf) goes
             if value is not None and float(node.args[2]) < HIDDEN_BELOW:
-                total += float((value.float().mean()) if value.numel() else 0.0) * _nbytes(node)
+                total += hidden_fraction(value.logical_not()) * output_bytes(node)
     return total
-
-
-def _nbytes(node: torch.fx.Node) -> float:
-    val = node.meta["val"]
-    return float(val.numel() * val.element_size())

@@ -47,7 +47,7 @@ def _out(node: torch.fx.Node):
     return node.meta.get("val")
 
 
-def _out_bytes(node: torch.fx.Node) -> int:
+def output_bytes(node: torch.fx.Node) -> int:
     val = _out(node)
     if isinstance(val, (tuple, list)):
         return sum(_nbytes(v) for v in val)
@@ -82,7 +82,7 @@ def _linear(node: torch.fx.Node) -> OpCost:
     x, w = node.args[0].meta["val"], node.args[1].meta["val"]
     tokens = x.numel() // x.shape[-1]
     flops = 2 * tokens * w.shape[0] * w.shape[1]
-    return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "gemm")
+    return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), output_bytes(node), "gemm")
 
 
 @op_cost(LINEAR_INT8)
@@ -91,14 +91,14 @@ def _linear_int8(node: torch.fx.Node) -> OpCost:
     x, w = node.args[0].meta["val"], node.args[1].meta["val"]
     tokens = x.numel() // x.shape[-1]
     flops = 2 * tokens * w.shape[0] * w.shape[1]
-    return OpCost(flops, 2 * _nbytes(x) + sum(_nbytes(v) for v in _vals(node)[1:]), _out_bytes(node), "gemm")
+    return OpCost(flops, 2 * _nbytes(x) + sum(_nbytes(v) for v in _vals(node)[1:]), output_bytes(node), "gemm")
 
 
 @op_cost(aten.addmm.default)
 def _addmm(node: torch.fx.Node) -> OpCost:
     a, b = node.args[1].meta["val"], node.args[2].meta["val"]
     return OpCost(2 * a.shape[0] * a.shape[1] * b.shape[1], sum(_nbytes(v) for v in _vals(node)),
-                  _out_bytes(node), "gemm")
+                  output_bytes(node), "gemm")
 
 
 @op_cost(aten.mm.default, aten.bmm.default, aten.matmul.default, aten.baddbmm.default)
@@ -106,7 +106,7 @@ def _matmul(node: torch.fx.Node) -> OpCost:
     vals = _vals(node)
     k = vals[-2].shape[-1]
     out = _out(node)
-    return OpCost(2 * out.numel() * k, sum(_nbytes(v) for v in vals), _out_bytes(node), "gemm")
+    return OpCost(2 * out.numel() * k, sum(_nbytes(v) for v in vals), output_bytes(node), "gemm")
 
 
 @op_cost(aten.scaled_dot_product_attention.default)
@@ -115,9 +115,9 @@ def _sdpa(node: torch.fx.Node) -> OpCost:
     batch_heads = math.prod(q.shape[:-2])
     sq, sk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     flops = 2 * batch_heads * sq * sk * (d + dv) + 5 * batch_heads * sq * sk  # QK^T, PV, softmax
-    if _is_causal(node):
+    if is_causal(node):
         flops /= 2
-    return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "attention")
+    return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), output_bytes(node), "attention")
 
 
 @op_cost(VARLEN_ATTENTION)
@@ -127,7 +127,7 @@ def _varlen_attention(node: torch.fx.Node) -> OpCost:
     flops = (2 * (d + v.shape[-1]) + 5) * heads * _sum_sq_lengths(node)  # QK^T, PV, softmax over Σ l² pairs
     if node.args[5]:  # causal
         flops /= 2
-    return OpCost(flops, sum(_nbytes(t) for t in (q, k, v, offsets)), _out_bytes(node), "attention")
+    return OpCost(flops, sum(_nbytes(t) for t in (q, k, v, offsets)), output_bytes(node), "attention")
 
 
 def _sum_sq_lengths(node: torch.fx.Node) -> float:
@@ -158,13 +158,19 @@ SCORE_PASS_KINDS = ("scores", "score_mask", "score_guard", "score_masked")
 UNFUSED_SCORE_PASSES = 4
 
 
-def _is_causal(node: torch.fx.Node) -> bool:
+def is_causal(node: torch.fx.Node) -> bool:
     return bool(node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False))
 
 
-def _attention_mask(node: torch.fx.Node):
+def attention_mask_node(node: torch.fx.Node) -> torch.fx.Node | None:
+    """An SDPA's ``attn_mask`` argument when it is a tensor of the graph, else None."""
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-    return mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+    return mask if isinstance(mask, torch.fx.Node) else None
+
+
+def _attention_mask(node: torch.fx.Node):
+    mask = attention_mask_node(node)
+    return mask.meta.get("val") if mask is not None else None
 
 
 def unfused_score_bytes(node: torch.fx.Node) -> dict[str, float]:
@@ -174,7 +180,7 @@ def unfused_score_bytes(node: torch.fx.Node) -> dict[str, float]:
     score_bytes = float(attention_score_bytes(node))
     mask = _attention_mask(node)
     kinds = {"scores": UNFUSED_SCORE_PASSES * score_bytes}
-    if isinstance(mask, torch.Tensor) or _is_causal(node):
+    if isinstance(mask, torch.Tensor) or is_causal(node):
         kinds["score_mask"] = score_bytes
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
         kinds["score_guard"] = score_bytes
@@ -195,7 +201,7 @@ def _einsum(node: torch.fx.Node) -> OpCost:
     batch = math.prod(operands[0].shape[: operands[0].dim() - len(inputs[0].replace("...", ""))]) \
         if "..." in inputs[0] else 1
     flops = 2 * batch * math.prod(extent.values())
-    return OpCost(flops, sum(_nbytes(v) for v in operands), _out_bytes(node), "gemm")
+    return OpCost(flops, sum(_nbytes(v) for v in operands), output_bytes(node), "gemm")
 
 
 @op_cost(aten.convolution.default, aten.conv2d.default)
@@ -203,13 +209,13 @@ def _conv(node: torch.fx.Node) -> OpCost:
     w = node.args[1].meta["val"]
     out = _out(node)
     flops = 2 * out.numel() * math.prod(w.shape[1:])
-    return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "gemm")
+    return OpCost(flops, sum(_nbytes(v) for v in _vals(node)), output_bytes(node), "gemm")
 
 
 @op_cost(aten.embedding.default, aten.index_select.default, aten.gather.default)
 def _gather(node: torch.fx.Node) -> OpCost:
     # Only the gathered rows are read, not the whole table.
-    out_bytes = _out_bytes(node)
+    out_bytes = output_bytes(node)
     idx = _vals(node)[-1]
     return OpCost(0, out_bytes + _nbytes(idx), out_bytes, "memory")
 
@@ -218,19 +224,26 @@ def _gather(node: torch.fx.Node) -> OpCost:
          aten.group_norm.default)
 def _norm(node: torch.fx.Node) -> OpCost:
     x = node.args[0].meta["val"]
-    return OpCost(8 * x.numel(), sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "norm")
+    return OpCost(8 * x.numel(), sum(_nbytes(v) for v in _vals(node)), output_bytes(node), "norm")
 
 
 @op_cost(aten.softmax.int, aten._softmax.default, aten._log_softmax.default)
 def _softmax(node: torch.fx.Node) -> OpCost:
     x = node.args[0].meta["val"]
-    return OpCost(5 * x.numel(), _nbytes(x), _out_bytes(node), "softmax")
+    return OpCost(5 * x.numel(), _nbytes(x), output_bytes(node), "softmax")
 
 
 def _elementwise(node: torch.fx.Node) -> OpCost:
     out = _out(node)
     numel = out.numel() if isinstance(out, torch.Tensor) else 0
-    return OpCost(numel, sum(_nbytes(v) for v in _vals(node)), _out_bytes(node), "memory")
+    return OpCost(numel, sum(_nbytes(v) for v in _vals(node)), output_bytes(node), "memory")
+
+
+def source_through_free_ops(node: torch.fx.Node) -> torch.fx.Node:
+    """The node ``node`` views, looking through the free ops (views, transposes, detaches) in between."""
+    while node.op == "call_function" and len(node.all_input_nodes) == 1 and cost_of(node).op_class == "free":
+        node = node.all_input_nodes[0]
+    return node
 
 
 def cost_of(node: torch.fx.Node) -> OpCost:
@@ -255,4 +268,4 @@ def _topk(node: torch.fx.Node) -> OpCost:
     # A partial selection per row: about log2(k) compare-and-swaps per input element (heap).
     x = node.args[0].meta["val"]
     k = int(node.args[1]) if len(node.args) > 1 else 1
-    return OpCost(x.numel() * max(1.0, math.log2(max(k, 2))), _nbytes(x), _out_bytes(node), "memory")
+    return OpCost(x.numel() * max(1.0, math.log2(max(k, 2))), _nbytes(x), output_bytes(node), "memory")

@@ -32,7 +32,7 @@ import dataclasses
 import torch
 import torch.fx
 
-from tfcompile.cost_models.op_costs import cost_of
+from tfcompile.cost_models.op_costs import cost_of, output_bytes, source_through_free_ops
 
 aten = torch.ops.aten
 ACTIVATION_MATMULS = {aten.matmul.default, aten.bmm.default}
@@ -48,19 +48,13 @@ class ScorePass:
 
 def _is_activation(node: torch.fx.Node) -> bool:
     """Not a parameter or constant, looking through the views and casts in between."""
-    while node.op == "call_function" and len(node.all_input_nodes) == 1 and cost_of(node).op_class == "free":
-        node = node.all_input_nodes[0]
+    node = source_through_free_ops(node)
     return node.op != "get_attr" and isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def _numel(node) -> int:
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return val.numel() if isinstance(val, torch.Tensor) else 0
-
-
-def _nbytes(node) -> int:
-    val = node.meta.get("val")
-    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
 def _is_scalar(arg) -> bool:
@@ -78,16 +72,16 @@ def explicit_score_passes(graph) -> dict[str, ScorePass]:
         scored = [a for a in operands if a in score_of]
         if node.target in ACTIVATION_MATMULS and len(operands) == 2 and all(map(_is_activation, operands)):
             if scored:  # probabilities times values: one read of the scores
-                passes[node.name] = ScorePass({"scores": float(_nbytes(scored[0]))})
+                passes[node.name] = ScorePass({"scores": float(output_bytes(scored[0]))})
             elif _numel(node) > max(_numel(a) for a in operands):
-                passes[node.name] = ScorePass({"scores": float(_nbytes(node))})
+                passes[node.name] = ScorePass({"scores": float(output_bytes(node))})
                 score_of[node] = node
             continue
         if not scored:
             continue
         source = scored[0]
         cost = cost_of(node)
-        size = float(_nbytes(source))
+        size = float(output_bytes(source))
         if cost.op_class == "free":
             if _numel(node) == _numel(source):
                 score_of[node] = score_of[source]
