@@ -298,10 +298,13 @@ def calibrate(target, backend, repeat, output_path, remote, device_key, torch_op
               callback=directory_output,
               show_default=True, help="Directory for compare.json and compare.png.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
+@click.option("--explain-ops", "explain_count", default=None, type=click.IntRange(min=0), metavar="N",
+              help="Profile the N variants furthest off on ONNX Runtime and split their predicted and measured time "
+                   "per group of ops (weight matmuls, attention, norms, ...) [default: 3 with --backend ort].")
 @remote_options
 @device_options
-def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_count, output_dir, seed, remote,
-            device_key, torch_options):
+def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_count, output_dir, seed, explain_count,
+            remote, device_key, torch_options):
     """Predicted against measured latency for every variant of MODEL."""
     from tfcompile.cost_models import load_device
     load_device(target)  # an unknown --target fails at once, before the imports below load torch
@@ -311,19 +314,18 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
     from tfcompile.measure import require_measurable
     from tfcompile.cost_models.model import cost_model_for
     from tfcompile.cost_models.host_speed import probes_around, speed_record, speed_text
+    from tfcompile.explain import explain, explained_count
 
     check_compare_options(target, output_dir)  # an unknown target or an unwritable -o fails before any work
     remote_spec, backend = parse_remote(remote, device_key, backend)
+    explain_count = explained_count(backend, explain_count)
     require_measurable(target, remote_spec, on_cuda=torch_options.get("device") == "cuda")
     runtime = " ".join([backend, *torch_options.values()])  # "torch cuda graphs bf16"
     batch_sizes, seq_lens = int_list(batches, "--batches"), int_list(seqs, "--seqs")  # before anything is printed
     # The profile fitted with these torch options (device, mode, precision; on cuda, on this GPU), or none.
     cost_model = cost_model_for(target, backend, profile_path=profile_path, torch_options=torch_options)
     if cost_model.kind != "calibrated":
-        options = "".join(f" --{key} {value}" for key, value in torch_options.items())
-        fix = f"run `tfcompile calibrate --target {target} --backend {backend}{options}`"
-        console.print(f"[yellow]no calibration profile for {target}/{runtime}: {fix}; showing uncalibrated "
-                      "predictions only[/yellow]")
+        cli_output.warn_uncalibrated(console, target, backend, torch_options)
     on_this_host = remote_spec is None and torch_options.get("device") != "cuda"
     with console.status("building variants") as status:
         graphs = builtin_variant_graphs(model, batch_sizes, seq_lens, seed)
@@ -341,8 +343,12 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
                                      f"{remote_spec.label if remote_spec else runtime}")
     if speed and speed_text(speed):
         console.print(speed_text(speed), markup=False)
+    with console.status(f"profiling the {explain_count} variants furthest off on ORT"):
+        explained = explain(rows, {g.name: g for g in graphs}, cost_model, count=explain_count)
+    cli_output.show_explanations(explained, console)
     write_outputs(rows, scores, output_dir, title=f"{Path(model).name} on {target} ({runtime})",
-                  measured_with=torch_options and {"backend": backend, **torch_options}, host_speed=speed)
+                  measured_with=torch_options and {"backend": backend, **torch_options}, host_speed=speed,
+                  explained=explained)
     console.print(f"wrote {output_dir / 'compare.json'} and {output_dir / 'compare.png'}")
 
 

@@ -128,6 +128,36 @@ def show_comparison(rows, scores: dict, out: Console, *, title: str) -> None:
                   highlight=False, markup=False)
 
 
+def warn_uncalibrated(out: Console, target: str, backend: str, torch_options: dict[str, str]) -> None:
+    """compare without a profile for the target and runtime: how to make one, and that only the roofline shows."""
+    options = "".join(f" --{key} {value}" for key, value in torch_options.items())
+    runtime = " ".join([backend, *torch_options.values()])
+    out.print(f"[yellow]no calibration profile for {target}/{runtime}: run `tfcompile calibrate --target {target} "
+              f"--backend {backend}{options}`; showing uncalibrated predictions only[/yellow]")
+
+
+def show_explanations(explained, out: Console) -> None:
+    """compare --explain-ops: per variant furthest off, its predicted and profiled milliseconds per group of ops."""
+    if not explained:
+        return
+    from tfcompile.cost_models.attribution import GROUPS
+    from tfcompile.explain import groups_off_ms
+
+    for e in explained:
+        table = Table(title=f"{e.variant}: where the {e.predictor} prediction is off (ORT's profiler, "
+                            f"{e.profiled_run_ms:.2f} ms a run)", box=box.SIMPLE_HEAD, show_edge=False)
+        for column in ("group of ops", "predicted ms", "measured ms", "off ms"):
+            table.add_column(column, justify="left" if column == "group of ops" else "right")
+        for group in GROUPS:
+            predicted, measured = e.predicted_ms[group], e.measured_ms[group]
+            table.add_row(group, f"{predicted:.2f}", f"{measured:.2f}", f"{predicted - measured:+.2f}")
+        out.print(table)
+    off = groups_off_ms(explained)
+    out.print("furthest off over these variants: " + "; ".join(
+        f"{group} {ms:+.1f} ms" for group, ms in list(off.items())[:3]) + " (predicted less measured)",
+        highlight=False, markup=False)
+
+
 def optimize_generation(model, output_dir, out: Console, *, target: str, backend: str, prompt_len: int,
                         new_tokens: int, measure: bool, measure_top: int, repeat: int, load_kwargs: dict):
     """``optimize --generate``: run it, print the ranked table as soon as it exists, then the files written."""

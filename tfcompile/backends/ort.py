@@ -182,9 +182,11 @@ def default_threads() -> int:
 class OrtModel:
     """An ONNX Runtime session over one exported file."""
 
-    def __init__(self, path: Path, *, threads: int | None = None, spinning: bool = True):
+    def __init__(self, path: Path, *, threads: int | None = None, spinning: bool = True,
+                 profile_prefix: str | None = None):
         """``spinning=False``: idle worker threads sleep instead of spinning, which a session that
-        shares the process with others needs (see ``backends.runner.lower``)."""
+        shares the process with others needs (see ``backends.runner.lower``). ``profile_prefix``: ORT's
+        profiler on, its JSON written there (``ort_profile``)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -192,6 +194,9 @@ class OrtModel:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types

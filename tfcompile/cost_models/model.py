@@ -112,11 +112,16 @@ class CalibratedCostModel:
     def host_speed(self) -> HostSpeed | None:
         return self.profile.host_speed
 
+    @property
+    def flop_speedup(self) -> dict[str, float]:
+        """The device's peak per dtype over its fp32 peak (``Profile.predict_s``)."""
+        fp32 = self.device.peak_for("fp32")
+        return {dtype: self.device.peak_for(dtype) / fp32 for dtype in self.device.peak_flops}
+
     def predict(self, graph) -> Prediction:
         roofline = estimate(graph, self.device)
-        fp32 = self.device.peak_for("fp32")
-        speedup = {dtype: self.device.peak_for(dtype) / fp32 for dtype in self.device.peak_flops}
-        return Prediction(self.profile.predict_s(graph, speedup), roofline.flops, roofline.bytes_moved, self.kind)
+        return Prediction(self.profile.predict_s(graph, self.flop_speedup), roofline.flops, roofline.bytes_moved,
+                          self.kind)
 
 
 def cost_model_for(target: str | DeviceSpec, backend: str = "ort", *, profile_path: Path | None = None,

@@ -22,8 +22,6 @@ generates what ``greedy.greedy_generate`` does.
 from __future__ import annotations
 
 import dataclasses
-import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tfcompile.backends.ort import OrtModel, default_threads
+from tfcompile.backends.ort import OrtModel
 from tfcompile.backends.timing import Spread
 from tfcompile.generation.trace import CacheSpec
 
@@ -237,34 +235,18 @@ def profile_decode_step(decode_path: Path, spec: CacheSpec, prompt_len: int, *, 
     GEMVs that stream weights, the cache's Transpose/ScatterND copies, or the
     rest. Runs the step ``steps`` times at slot ``prompt_len`` on a zero cache
     (the values do not change the kernels' time)."""
-    import onnxruntime as ort
+    import onnx
 
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "decode")
-        session = ort.InferenceSession(str(decode_path), options, providers=["CPUExecutionProvider"])
-        mask = np.zeros((spec.batch, spec.max_len), dtype=np.int64)
-        mask[:, : prompt_len + 1] = 1
-        feeds = {"input_ids": np.zeros((spec.batch, 1), dtype=np.int64),
-                 "position_ids": np.full((spec.batch, 1), prompt_len, dtype=np.int64),
-                 "write_index": np.array([prompt_len], dtype=np.int64), "attention_mask": mask}
-        dtype = _NUMPY.get(spec.dtype, np.float32)
-        for name in [i.name for i in session.get_inputs()]:
-            feeds.setdefault(name, np.zeros(spec.shape, dtype=dtype))
-        session.run(None, feeds)  # warm-up (profiled too, dropped below by counting runs)
-        for _ in range(steps):
-            session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    first_timed = sorted(runs, key=lambda e: e["ts"])[1]["ts"] if len(runs) > 1 else 0
-    totals: dict[str, float] = {}
-    for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and \
-                event["ts"] >= first_timed:
-            op = event.get("args", {}).get("op_name", "?")
-            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3 / steps
-    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+    from tfcompile.backends.ort_profile import ms_by_op_type, profile_runs
+
+    graph = onnx.load(str(decode_path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer}
+    mask = np.zeros((spec.batch, spec.max_len), dtype=np.int64)
+    mask[:, : prompt_len + 1] = 1
+    feeds = {"input_ids": np.zeros((spec.batch, 1), dtype=np.int64),
+             "position_ids": np.full((spec.batch, 1), prompt_len, dtype=np.int64),
+             "write_index": np.array([prompt_len], dtype=np.int64), "attention_mask": mask}
+    dtype = _NUMPY.get(spec.dtype, np.float32)
+    for name in [i.name for i in graph.input if i.name not in constants]:
+        feeds.setdefault(name, np.zeros(spec.shape, dtype=dtype))
+    return ms_by_op_type(profile_runs(decode_path, feeds, runs=steps, threads=threads))
