@@ -50,7 +50,9 @@ from tfcompile.compare import (PREDICTORS, ComparisonRow, lowest_of_passes, meas
 from tfcompile.cost_models.calibration import Profile, Sample, fit_checked, load_profile, save_profile
 from tfcompile.cost_models.host_speed import probes_around, speed_record, speed_text
 from tfcompile.cost_models.model import cost_model_for
+from tfcompile.cli_output import show_explanations
 from tfcompile.errors import BackendError, first_line
+from tfcompile.explain import explain, explained_count, furthest_rows
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph, export_module
 from tfcompile.passes.padding import with_lengths
@@ -341,6 +343,24 @@ def replay(configs: tuple[Config, ...], args, cost_model,
     return measured_by_pass, families, list(summary.get("skipped", []))
 
 
+def explain_furthest(rows: list[ComparisonRow], configs: tuple[Config, ...], args, cost_model,
+                     console: Console) -> list:
+    """``compare --explain-ops`` over the run: the variants furthest off, built again and profiled on ORT."""
+    count = explained_count(args.backend, args.explain_ops)
+    if not count:
+        return []
+    _, worst = furthest_rows(rows, count)
+    graphs: dict[str, ModelGraph] = {}
+    for config in configs:
+        if any(row.name.startswith(config.label + " ") for row in worst):
+            built, _, _ = config_variants(config, args.seed)
+            graphs.update({g.name: g for g in built if any(row.name == g.name for row in worst)})
+    with console.status(f"profiling the {count} variants furthest off on ORT"):
+        explained = explain(worst, graphs, cost_model, count=count)
+    show_explanations(explained, console)
+    return explained
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["ort", "tvm", "torch"], default="ort")
@@ -359,6 +379,9 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true", help="with --replay and --profile: refit the profile's "
                         "coefficients to its recorded micro-benchmark times with this checkout's kernel grouping")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--explain-ops", type=int, default=None, metavar="N",
+                        help="profile the N variants furthest off on ORT and split their time per group of ops "
+                             "(default: 3 with --backend ort, else 0; with --replay the profiles are taken now)")
     args = parser.parse_args()
     if args.refit and not (args.replay and args.profile):
         parser.error("--refit needs --replay and --profile")
@@ -463,6 +486,7 @@ def main() -> None:
     print_breakdown(console, breakdown)
     check = speedup_check(rows)
     print_speedup_check(console, check)
+    explained = explain_furthest(rows, configs, args, cost_model, console)
     title = f"cpu/{args.backend}: {len(rows)} held-out variants ({args.set} set)"
     write_outputs(rows, scores, args.out / f"cost-model-{args.backend}", title=title)
     (args.out / f"cost-model-{args.backend}" / "summary.json").write_text(json.dumps(
@@ -476,6 +500,7 @@ def main() -> None:
          "replayed_from": str(args.replay) if args.replay else None,
          "host_speed_at_calibration": profile.host_speed.as_dict() if profile.host_speed else None,
          "passes": [{row.name: row.measured_ms for row in p} for p in measured_by_pass],
+         "explained": [dataclasses.asdict(e) for e in explained],
          "pass_samples_ms": [{row.name: [ms for runs in row.samples_ms for ms in runs] for row in p}
                              for p in measured_by_pass],
          "wall_s": time.time() - started}, indent=2) + "\n")

@@ -116,6 +116,38 @@ class _LayerNorm(torch.nn.Module):
         return self.norm(x)
 
 
+class _ResidualLayerNorm(torch.nn.Module):
+    """A residual add read only by a LayerNorm: ORT's SkipLayerNormalization, as in a post-norm layer."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, x, residual):
+        return self.norm(x + residual)
+
+
+class _MergeScatter(torch.nn.Module):
+    """Token merging's group sums: ``values`` rows added into ``keep`` slots, one index per element."""
+
+    def __init__(self, keep: int, width: int):
+        super().__init__()
+        self.keep = keep
+        self.register_buffer("columns", torch.arange(width).unsqueeze(0))
+
+    def forward(self, values, slot):
+        summed = values.new_zeros(self.keep, values.shape[1])
+        return summed.index_put([slot.view(-1, 1), self.columns], values, accumulate=True)
+
+
+class _ScoreImportance(torch.nn.Module):
+    """Attention written out, with the probabilities summed over heads and queries (token merging's)."""
+
+    def forward(self, q, k, v):
+        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
+        return torch.matmul(probs, v), probs.sum(dim=(1, 2))
+
+
 class _Softmax(torch.nn.Module):
     def forward(self, x):
         return torch.softmax(x, dim=-1)
@@ -192,6 +224,13 @@ BOOLEAN_MASK_ATTENTION = ((4, 128), (4, 512), (4, 1024))
 # (masked_scores), so the fit tells a hidden score's cost from the mask's own pass.
 BAND_MASK_ATTENTION = ((12, 512, 64), (4, 1024, 128))
 OPEN_MASK_ATTENTION = ((12, 512), (4, 1024))
+# (rows, width) of a residual add and LayerNorm fused as ORT's SkipLayerNormalization (fusion.py): several
+# times LayerNormalization's time per element, which the plain LayerNorm benchmarks cannot show.
+RESIDUAL_NORMS = ((128, 768), (512, 384), (2048, 768))
+# (tokens, kept, width) of token merging's accumulating scatter, and (heads, tokens) of its attention with the
+# probabilities summed: kernels no other benchmark has (fusion.ACCUMULATING_SCATTERS, "score_reduce").
+MERGE_SCATTERS = ((128, 120, 768), (512, 496, 384), (1024, 992, 768))
+SCORE_IMPORTANCE = ((12, 256), (12, 512))
 # (rows, k, n) of a vocabulary projection over every position: a narrow K against tens of thousands of
 # columns, whose output (25-50 MB) costs as much to write as the GEMM to compute (llama-tiny's head).
 VOCAB_GEMMS = ((256, 320, 24000), (512, 320, 24000))
@@ -231,6 +270,11 @@ def _randn(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
+def _slots(tokens: int, keep: int) -> torch.Tensor:
+    """Where each of ``tokens`` rows goes among ``keep``: seeded, as a merge's targets are data-dependent."""
+    return torch.randint(0, keep, (tokens,), generator=torch.Generator().manual_seed(0))
+
+
 def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
     """The calibration micro-benchmarks; the streaming ones are sized from ``cache_bytes``, the measured
     machine's last-level cache (default: this host's)."""
@@ -267,6 +311,15 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
                                     lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
     for rows in (128, 512, 2048):
         suite.append(MicroBenchmark(f"layernorm_{rows}x768", lambda rows=rows: (_LayerNorm(768), (_randn(rows, 768),))))
+    for rows, width in RESIDUAL_NORMS:
+        suite.append(MicroBenchmark(f"residual_layernorm_{rows}x{width}", lambda r=rows, w=width: (
+            _ResidualLayerNorm(w), (_randn(1, r, w), _randn(1, r, w)))))
+    for tokens, keep, width in MERGE_SCATTERS:
+        suite.append(MicroBenchmark(f"merge_scatter_{tokens}to{keep}x{width}", lambda n=tokens, k=keep, w=width: (
+            _MergeScatter(k, w), (_randn(n, w), _slots(n, k)))))
+    for heads, s in SCORE_IMPORTANCE:
+        suite.append(MicroBenchmark(f"score_importance_h{heads}_s{s}_d64", lambda h=heads, s=s: (
+            _ScoreImportance(), tuple(_randn(1, h, s, 64) for _ in range(3)))))
     for s in (128, 256, 512):
         suite.append(MicroBenchmark(f"softmax_12x{s}x{s}", lambda s=s: (_Softmax(), (_randn(12, s, s),))))
     for numel in (1 << 14, 1 << 18, 1 << 21):

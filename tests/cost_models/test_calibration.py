@@ -332,3 +332,24 @@ def test_speedup_scores_compare_each_variant_with_the_baseline_at_its_shape():
     assert scores["median_error_pp"] == pytest.approx((200 - 1000 / 9 + 0) / 2)
     assert scores["worst"]["variant"] == "m b1 s128 cleanup"
     assert scores["worst"]["measured_speedup"] == 2.0
+
+
+class _Scatters(torch.nn.Module):
+    def forward(self, values, slot):
+        rows = values.new_zeros(8, values.shape[1])
+        summed = rows.index_put([slot.view(-1, 1), torch.arange(values.shape[1]).unsqueeze(0)], values,
+                                accumulate=True)
+        return summed, rows.index_put([slot[:8]], values[:8])  # the second overwrites: a copy, not a sum
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm", "torch"])
+def test_accumulating_scatters_are_a_class_of_their_own(backend):
+    graph = export_module(_Scatters(), (torch.randn(16, 4), torch.randint(0, 8, (16,))), name="scatters")
+    puts = [k for k in group_kernels(graph, backend) if any(n.startswith("index_put") for n in k.nodes)]
+    assert sorted(k.op_class for k in puts) == ["memory", "scatter"]
+    # A profile fitted before the class prices a scatter as memory, and a reduction over scores as a mask pass.
+    old = Profile(target="cpu", backend=backend, s_per_flop={"memory": 1e-9}, s_per_byte={"memory": 1e-10,
+                  "score_mask": 3e-10}, kernel_overhead_s=0.0, graph_overhead_s=0.0)
+    scatter = next(k for k in puts if k.op_class == "scatter")
+    assert old.kernel_s(scatter) == pytest.approx(1e-9 * scatter.flops + 1e-10 * scatter.bytes_moved)
+    assert old.byte_s("score_reduce") == 3e-10 and old.byte_s("scatter") == 1e-10

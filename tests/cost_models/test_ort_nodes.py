@@ -1,5 +1,6 @@
 """group_kernels for ONNX Runtime counts the nodes ORT runs that torch only views: Reshapes and Transposes."""
 
+import pytest
 import torch
 
 from tfcompile.cost_models.calibration import features
@@ -53,3 +54,31 @@ def test_view_nodes_are_their_own_calibration_feature():
     row = features(_graph(), "ort")
     assert row[-3] == 3  # view nodes
     assert row[-2] == len([k for k in group_kernels(_graph(), "ort") if k.op_class != "view"])
+
+
+@pytest.mark.parametrize("name", ["bert-base", "gpt2-small", "vit-base"])
+def test_residual_norms_are_the_skip_layer_norms_ort_runs(name, tmp_path):
+    """Post-norm BERT fuses every residual add into its LayerNorm; pre-norm GPT-2 and ViT only the last, whose
+    sum nothing else reads. The count of norm_residual kernels is ORT's own count of SkipLayerNormalization."""
+    from tests.tiny import load_tiny
+    from tfcompile.backends import ort
+    from tfcompile.backends.ort_profile import profile_runs
+
+    graph = load_tiny(name, batch=1, seq=16)
+    kernels = group_kernels(graph, "ort")
+    path = ort.export_onnx(graph, tmp_path / "model.onnx", external_data=True)
+    ops = [node.op_type for node in profile_runs(path, graph.example_inputs, runs=1).nodes]
+    assert sum(k.op_class == "norm_residual" for k in kernels) == ops.count("SkipLayerNormalization") > 0
+    assert sum(k.op_class == "norm" for k in kernels) == ops.count("LayerNormalization")
+    assert not any(k.op_class == "norm_residual" for k in group_kernels(graph, "tvm"))
+
+
+def test_a_profile_from_before_the_residual_norm_class_prices_it_as_a_norm():
+    from tests.tiny import load_tiny
+    from tfcompile.cost_models.calibration import Profile
+
+    graph = load_tiny("bert-base", batch=1, seq=16)
+    old = Profile(target="cpu", backend="ort", s_per_flop={"norm": 1e-9}, s_per_byte={"norm": 1e-10},
+                  kernel_overhead_s=0.0, graph_overhead_s=0.0)
+    residual = next(k for k in group_kernels(graph, "ort") if k.op_class == "norm_residual")
+    assert old.kernel_s(residual) == pytest.approx(1e-9 * residual.flops + 1e-10 * residual.bytes_moved)

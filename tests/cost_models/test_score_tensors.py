@@ -56,9 +56,10 @@ def test_a_written_out_attention_makes_an_sdpas_passes_over_its_scores():
     fused = unfused_score_bytes(sdpa_node)
     # QK^T writes, softmax reads and writes, PV reads: the four passes of an SDPA.
     assert written["scores"] == fused["scores"] == 4 * SCORE_BYTES
-    # The bias's Add as the SDPA's mask Add, and the sum over heads and queries reads the probabilities once.
-    assert fused["score_mask"] == SCORE_BYTES
-    assert written["score_mask"] == 2 * SCORE_BYTES
+    # The bias's Add as the SDPA's mask Add; the sum over heads and queries reads the probabilities once, a
+    # reduction (ORT's ReduceSum over non-contiguous axes), not a mask's pass.
+    assert fused["score_mask"] == written["score_mask"] == SCORE_BYTES
+    assert written["score_reduce"] == SCORE_BYTES and "score_reduce" not in fused
 
 
 def test_the_scale_after_the_score_matmul_is_folded_into_it():

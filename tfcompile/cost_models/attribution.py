@@ -12,7 +12,7 @@ are not one to one, but both sides can say which of these each belongs to.
   tensor (mask, guard, hidden entries, reductions over the probabilities);
 - "norms": layer and RMS norms the runtime runs as one kernel;
 - "activations": the activations the runtime runs as a kernel of their own (GELU on ORT);
-- "other ops": elementwise ops, gathers, copies and views outside attention;
+- "other ops": elementwise ops, gathers, scatters, copies and views outside attention;
 - "between kernels": the runtime's time outside its kernels; the cost model's
   per-graph overhead (its per-kernel overhead stays with each kernel).
 
@@ -31,8 +31,9 @@ from tfcompile.cost_models.score_tensors import explicit_score_passes
 GROUPS = ("weight matmuls", "attention", "norms", "activations", "other ops", "between kernels")
 
 _CLASS_GROUP = {"gemm": "weight matmuls", "gemm_skinny": "weight matmuls", "gemm_stream": "weight matmuls",
-                "attention": "attention", "softmax": "attention", "norm": "norms", "activation": "activations",
-                "memory": "other ops", "view": "other ops"}
+                "attention": "attention", "softmax": "attention", "norm": "norms", "norm_residual": "norms",
+                "activation": "activations",
+                "memory": "other ops", "scatter": "other ops", "view": "other ops"}
 
 
 def predicted_ms_by_group(graph, cost_model) -> dict[str, float]:
@@ -59,7 +60,7 @@ def _calibrated(graph, profile: Profile, flop_speedup: dict[str, float]) -> dict
     traffic = attention_traffic_bytes(graph, profile.target, profile.backend)
     totals["attention"] += profile.s_per_byte.get("memory", 0.0) * traffic * 1e3
     for kind, size in score_pass_bytes(graph, profile.backend).items():
-        totals["attention"] += profile.s_per_byte.get(kind, 0.0) * size * 1e3
+        totals["attention"] += profile.byte_s(kind) * size * 1e3
     totals["between kernels"] += profile.graph_overhead_s * 1e3
     return totals
 

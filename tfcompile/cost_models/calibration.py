@@ -75,8 +75,11 @@ class Sample:
 
 PROFILE_VERSION = 1
 CLASSES = ("gemm", "gemm_skinny", "gemm_stream", "attention", "norm", "softmax", "memory",
-           "activation") + SCORE_PASS_KINDS
+           "activation", "norm_residual", "scatter") + SCORE_PASS_KINDS
 SKINNY_ROWS = 64
+# What a profile fitted before a class existed prices that class's kernels as.
+_OLDER_CLASS = {"gemm_stream": "gemm_skinny", "activation": "memory", "norm_residual": "norm", "scatter": "memory",
+                "score_reduce": "score_mask"}
 
 
 
@@ -166,8 +169,11 @@ class Profile:
         streaming = streams_weights(graph, self.target)
         return (self.graph_overhead_s + sum(self.kernel_s(k, streaming, flop_speedup) for k in kernels)
                 + self.s_per_byte.get("memory", 0.0) * traffic
-                + sum(self.s_per_byte.get(kind, 0.0) * size
-                      for kind, size in score_pass_bytes(graph, self.backend).items()))
+                + sum(self.byte_s(kind) * size for kind, size in score_pass_bytes(graph, self.backend).items()))
+
+    def byte_s(self, kind: str) -> float:
+        """Seconds per byte of a score pass ``kind``, as an older profile without that kind prices it."""
+        return self.s_per_byte.get(kind, self.s_per_byte.get(_OLDER_CLASS.get(kind, ""), 0.0))
 
     def predict_flops_only_s(self, graph: ModelGraph) -> float:
         return self.flops_only_s_per_flop * sum(k.flops for k in group_kernels(graph, self.backend))
@@ -177,8 +183,8 @@ class Profile:
         if kernel.op_class == "view":
             return self.view_overhead_s
         cls = kernel_class(kernel, streaming)
-        if cls not in self.s_per_flop and cls in ("gemm_stream", "activation"):
-            cls = {"gemm_stream": "gemm_skinny", "activation": "memory"}[cls]  # a profile from before the class
+        if cls not in self.s_per_flop and cls in _OLDER_CLASS:
+            cls = _OLDER_CLASS[cls]  # a profile from before the class
         speedup = 1.0
         if kernel.dtype != self.fitted_dtype and flop_speedup:
             speedup = flop_speedup.get(kernel.dtype, 1.0) / flop_speedup.get(self.fitted_dtype, 1.0)

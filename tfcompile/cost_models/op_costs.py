@@ -154,7 +154,9 @@ def attention_score_bytes(node: torch.fx.Node) -> int:
 # - "score_guard": a boolean mask also adds IsNaN and Where over it, the guard for fully masked rows;
 # - "score_masked": the entries a mask hides, which ORT's softmax exponentiates on a slow path
 #   (``masked_scores``).
-SCORE_PASS_KINDS = ("scores", "score_mask", "score_guard", "score_masked")
+# - "score_reduce": a reduction over it (token merging sums the probabilities over heads and queries), which
+#   ORT runs as a ReduceSum over non-contiguous axes at a fraction of a pass's speed (``score_tensors``).
+SCORE_PASS_KINDS = ("scores", "score_mask", "score_guard", "score_masked", "score_reduce")
 UNFUSED_SCORE_PASSES = 4
 
 

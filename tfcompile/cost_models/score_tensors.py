@@ -15,9 +15,12 @@ than either operand (``q·kᵀ`` with the head size below the keys' count), and
 whatever elementwise op, softmax or view keeps its size. Its passes, per kind:
 - "scores": the producing matmul writes it (1), a softmax reads and writes it
   (2), the matmul with the values reads it (1): the four of an SDPA;
-- "score_mask": every other op over it (the mask's Add or Where, a bias, a
-  reduction over heads and queries) reads and writes it about once, as the
-  SDPA's mask Add does;
+- "score_mask": every other op that keeps its size (the mask's Add or Where,
+  a bias) reads and writes it about once, as the SDPA's mask Add does;
+- "score_reduce": an op that shrinks it (token merging's sum over heads and
+  queries) reads it once; ORT's ReduceSum over those non-contiguous axes took
+  5-14 ms for minilm's 12 MB at 512 tokens (session 15's Xeon), several times
+  a mask pass, so it is a kind of its own;
 - a multiplication by a scalar straight after the producing matmul is folded
   into it (ORT's MatMulScaleFusion: FusedMatMul's alpha) and costs nothing.
 The matmuls keep their FLOPs, as "attention" kernels; the ops between them are
@@ -93,7 +96,7 @@ def explicit_score_passes(graph) -> dict[str, ScorePass]:
               and all(_is_scalar(a) for a in node.args if a is not source)):
             passes[node.name] = ScorePass({}, kernel=False)
         else:
-            passes[node.name] = ScorePass({"score_mask": size})
+            passes[node.name] = ScorePass({"score_mask" if keeps_size else "score_reduce": size})
         if keeps_size:
             score_of[node] = score_of[source]
     return passes
