@@ -45,6 +45,7 @@ def test_a_variant_is_split_on_both_sides_and_the_files_are_gone(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tfcompile-")] == []
 
 
+@pytest.mark.slow  # a CLI subprocess measuring three variants; in process: ..._split_on_both_sides_...
 def test_compare_names_the_groups_furthest_off(tmp_path):
     out = tmp_path / "cmp"
     result = tfcompile("compare", "tests.tiny:bert", "--seqs", "16", "--repeat", "2", "--explain-ops", "1",
