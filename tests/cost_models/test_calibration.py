@@ -353,3 +353,28 @@ def test_accumulating_scatters_are_a_class_of_their_own(backend):
     scatter = next(k for k in puts if k.op_class == "scatter")
     assert old.kernel_s(scatter) == pytest.approx(1e-9 * scatter.flops + 1e-10 * scatter.bytes_moved)
     assert old.byte_s("score_reduce") == 3e-10 and old.byte_s("scatter") == 1e-10
+
+
+class _SwiGlu(torch.nn.Module):
+    def __init__(self, d=32, hidden=64):
+        super().__init__()
+        self.gate, self.up, self.down = (torch.nn.Linear(d, hidden), torch.nn.Linear(d, hidden),
+                                         torch.nn.Linear(hidden, d))
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_silu_is_an_activation_kernel_on_ort_as_its_quick_gelu_node_is(tmp_path):
+    """ORT runs a Llama FFN's SiLU as a QuickGelu node of its own; TVM fuses it into the gate GEMM."""
+    from tfcompile.backends import ort
+    from tfcompile.backends.ort_profile import ms_by_group, profile_runs
+
+    x = torch.randn(8, 32)
+    graph = export_module(_SwiGlu().eval(), (x,), name="swiglu")
+    assert [k.op_class for k in group_kernels(graph, "ort")].count("activation") == 1
+    assert "activation" not in [k.op_class for k in group_kernels(graph, "tvm")]
+    path = ort.export_onnx(graph, tmp_path / "swiglu.onnx")
+    profile = profile_runs(path, (x,), runs=1)
+    assert [n.op_type for n in profile.nodes].count("QuickGelu") == 1
+    assert ms_by_group(profile)["activations"] > 0

@@ -105,7 +105,7 @@ MATMULS = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv", "M
            "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QGemm"}
 NORMS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
          "SkipSimplifiedLayerNormalization", "RMSNormalization"}
-ACTIVATIONS = {"Gelu", "FastGelu", "BiasGelu"}  # what ORT makes of the GELU the cost model prices as one
+ACTIVATIONS = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu"}  # ORT's GELU and SiLU (x·sigmoid(x)) kernels
 FUSED_ATTENTIONS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 
 
