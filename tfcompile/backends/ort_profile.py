@@ -67,12 +67,13 @@ def parse_events(events: list[dict]) -> RunProfile:
             continue
         totals[name] = totals.get(name, 0.0) + event["dur"] / 1e3
         first_seen.setdefault(name, event.get("args", {}))
-    nodes = tuple(
-        NodeTime(name.removesuffix("_kernel_time"), args.get("op_name", "?"), total_ms / len(timed),
-                 int(args.get("parameter_size", 0) or 0), _shapes(args.get("input_type_shape")),
-                 _shapes(args.get("output_type_shape")))
-        for (name, total_ms), args in ((item, first_seen[item[0]]) for item in totals.items()))
-    return RunProfile(nodes, sum(e["dur"] for e in timed) / 1e3 / len(timed))
+    nodes = []
+    for name, total_ms in totals.items():
+        args = first_seen[name]
+        nodes.append(NodeTime(name.removesuffix("_kernel_time"), args.get("op_name", "?"), total_ms / len(timed),
+                              int(args.get("parameter_size", 0) or 0), _shapes(args.get("input_type_shape")),
+                              _shapes(args.get("output_type_shape"))))
+    return RunProfile(tuple(nodes), sum(e["dur"] for e in timed) / 1e3 / len(timed))
 
 
 def profile_runs(path: Path, inputs: dict[str, np.ndarray] | tuple, *, runs: int = 5,

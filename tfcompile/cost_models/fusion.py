@@ -149,24 +149,12 @@ def group_kernels(graph: ModelGraph, backend: str | None = None) -> list[Kernel]
         fusable = fuse and cost.op_class == "memory" and node.target not in PERMUTES
         producer = _fusable_producer(node, alias_of, kernel_of) if fusable else None
         if producer is not None:
-            kernel = kernel_of[producer]
-            intermediate = _out_bytes(producer)
-            kernel.nodes.append(node.name)
-            kernel.flops += cost.flops
-            kernel.bytes_read += max(cost.bytes_read - intermediate, 0)
-            kernel.bytes_written += cost.bytes_written - intermediate
-            kernel_of[node] = kernel
+            kernel_of[node] = _absorb(kernel_of[producer], node, cost, producer)
             continue
         add = _residual_add(node, alias_of, kernel_of) if backend == "ort" else None
         if add is not None:
-            residual = kernel_of[add]
-            residual.op_class = "norm_residual"
-            residual.nodes.append(node.name)
-            residual.flops += cost.flops
-            intermediate = _out_bytes(add)
-            residual.bytes_read += max(cost.bytes_read - intermediate, 0)
-            residual.bytes_written += cost.bytes_written - intermediate
-            kernel_of[node] = residual
+            kernel_of[node] = _absorb(kernel_of[add], node, cost, add)
+            kernel_of[node].op_class = "norm_residual"
             continue
         gemm = cost.op_class == "gemm"
         kernel = Kernel([node.name], cost.op_class, cost.flops, cost.bytes_read, cost.bytes_written,
@@ -178,6 +166,16 @@ def group_kernels(graph: ModelGraph, backend: str | None = None) -> list[Kernel]
             # ORT runs a linear on [B, S, K] as Reshape, Gemm, Reshape (its Gemm takes 2-D operands).
             kernels += [Kernel([f"{node.name}.reshape{i}"], "view", 0.0, 0.0, 0.0, "fp32", 0) for i in (0, 1)]
     return kernels
+
+
+def _absorb(kernel: Kernel, node: torch.fx.Node, cost: OpCost, producer: torch.fx.Node) -> Kernel:
+    """``kernel`` with ``node`` run inside it: ``producer``'s output no longer goes to memory and back."""
+    intermediate = _out_bytes(producer)
+    kernel.nodes.append(node.name)
+    kernel.flops += cost.flops
+    kernel.bytes_read += max(cost.bytes_read - intermediate, 0)
+    kernel.bytes_written += cost.bytes_written - intermediate
+    return kernel
 
 
 def _accumulates(node: torch.fx.Node) -> bool:
