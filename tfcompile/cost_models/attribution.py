@@ -16,16 +16,14 @@ are not one to one, but both sides can say which of these each belongs to.
 - "between kernels": the runtime's time outside its kernels; the cost model's
   per-graph overhead (its per-kernel overhead stays with each kernel).
 
-The groups of a calibrated prediction add up to ``Profile.predict_s`` (tested).
+The groups of a calibrated prediction are ``Profile.parts_s``, the terms ``Profile.predict_s`` adds.
 """
 
 from __future__ import annotations
 
-from tfcompile.cost_models.calibration import (Profile, attention_traffic_bytes, kernel_class,
-                                               streams_weights)
-from tfcompile.cost_models.fusion import UNFUSED_ATTENTION_BACKENDS, group_kernels
+from tfcompile.cost_models.calibration import Profile, kernel_class, streams_weights
+from tfcompile.cost_models.fusion import UNFUSED_ATTENTION_BACKENDS
 from tfcompile.cost_models.roofline import estimate
-from tfcompile.cost_models.score_passes import score_pass_bytes
 from tfcompile.cost_models.score_tensors import explicit_score_passes
 
 GROUPS = ("weight matmuls", "attention", "norms", "activations", "other ops", "between kernels")
@@ -53,15 +51,14 @@ def _calibrated(graph, profile: Profile, flop_speedup: dict[str, float]) -> dict
     totals = dict.fromkeys(GROUPS, 0.0)
     streaming = streams_weights(graph, profile.target)
     explicit = explicit_score_passes(graph) if profile.backend in UNFUSED_ATTENTION_BACKENDS else {}
-    for kernel in group_kernels(graph, profile.backend):
-        in_attention = any(name in explicit for name in kernel.nodes)
-        group = "attention" if in_attention else _CLASS_GROUP.get(kernel_class(kernel, streaming), "other ops")
-        totals[group] += profile.kernel_s(kernel, streaming, flop_speedup) * 1e3
-    traffic = attention_traffic_bytes(graph, profile.target, profile.backend)
-    totals["attention"] += profile.s_per_byte.get("memory", 0.0) * traffic * 1e3
-    for kind, size in score_pass_bytes(graph, profile.backend).items():
-        totals["attention"] += profile.byte_s(kind) * size * 1e3
-    totals["between kernels"] += profile.graph_overhead_s * 1e3
+    for part, seconds in profile.parts_s(graph, flop_speedup):
+        if part == "graph overhead":
+            group = "between kernels"
+        elif isinstance(part, str) or any(name in explicit for name in part.nodes):  # score traffic and passes
+            group = "attention"
+        else:
+            group = _CLASS_GROUP.get(kernel_class(part, streaming), "other ops")
+        totals[group] += seconds * 1e3
     return totals
 
 

@@ -164,12 +164,16 @@ class Profile:
         fitted on kernels in its own dtype (``fitted_dtype``: fp32 unless calibrated at bf16 or fp16); a
         kernel in another dtype runs at that rate times the ratio of the two peaks (the roofline's
         assumption, not a fit)."""
-        kernels = group_kernels(graph, self.backend)
-        traffic = attention_traffic_bytes(graph, self.target, self.backend)
+        return sum(seconds for _, seconds in self.parts_s(graph, flop_speedup))
+
+    def parts_s(self, graph: ModelGraph, flop_speedup: dict[str, float] | None = None) -> list[tuple[object, float]]:
+        """The terms ``predict_s`` adds, each with what it prices: a ``Kernel`` (with its class from
+        ``kernel_class``), "graph overhead", "attention traffic" or a score-pass kind."""
         streaming = streams_weights(graph, self.target)
-        return (self.graph_overhead_s + sum(self.kernel_s(k, streaming, flop_speedup) for k in kernels)
-                + self.s_per_byte.get("memory", 0.0) * traffic
-                + sum(self.byte_s(kind) * size for kind, size in score_pass_bytes(graph, self.backend).items()))
+        traffic_s = self.s_per_byte.get("memory", 0.0) * attention_traffic_bytes(graph, self.target, self.backend)
+        kernels = [(k, self.kernel_s(k, streaming, flop_speedup)) for k in group_kernels(graph, self.backend)]
+        passes = [(kind, self.byte_s(kind) * size) for kind, size in score_pass_bytes(graph, self.backend).items()]
+        return [("graph overhead", self.graph_overhead_s), ("attention traffic", traffic_s), *kernels, *passes]
 
     def byte_s(self, kind: str) -> float:
         """Seconds per byte of a score pass ``kind``, as an older profile without that kind prices it."""
