@@ -30,17 +30,6 @@ MODELS = (("bert-base", 1, 128), ("minilm", 1, 512), ("gpt2-small", 1, 128))
 FUSION = "SkipLayerNormFusion"
 
 
-def session(path: Path, threads: int, disabled: list[str]):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                        disabled_optimizers=disabled)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20)
@@ -51,9 +40,10 @@ def main() -> None:
         graph = load_model(model, LoadOptions(batch=batch, seq=seq, seed=0))
         with tempfile.TemporaryDirectory(prefix="tfcompile-skipln-") as tmp:
             path = ort.export_onnx(graph, Path(tmp) / "model.onnx", external_data=True)
-            sessions = {"default": session(path, args.threads, []), "unfused": session(path, args.threads, [FUSION])}
-            names = [i.name for i in sessions["default"].get_inputs()]
-            feeds = {n: t.detach().numpy() for n, t in zip(names, graph.example_inputs)}
+            models = {"default": ort.OrtModel(path, threads=args.threads),
+                      "unfused": ort.OrtModel(path, threads=args.threads, disabled_optimizers=(FUSION,))}
+            sessions = {k: m.session for k, m in models.items()}
+            feeds = models["default"].feeds(graph.example_inputs)
             outputs = {k: s.run(None, feeds) for k, s in sessions.items()}
             worst = max(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-12))
                         for a, b in zip(outputs["default"], outputs["unfused"]))

@@ -183,10 +183,11 @@ class OrtModel:
     """An ONNX Runtime session over one exported file."""
 
     def __init__(self, path: Path, *, threads: int | None = None, spinning: bool = True,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, disabled_optimizers: tuple[str, ...] = ()):
         """``spinning=False``: idle worker threads sleep instead of spinning, which a session that
         shares the process with others needs (see ``backends.runner.lower``). ``profile_prefix``: ORT's
-        profiler on, its JSON written there (``ort_profile``)."""
+        profiler on, its JSON written there (``ort_profile``). ``disabled_optimizers``: ORT graph rewrites left
+        out by name (benchmarks/ort_skip_layernorm.py)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -198,7 +199,8 @@ class OrtModel:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=list(disabled_optimizers))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
