@@ -1,4 +1,5 @@
-"""compare --explain-ops: the variants furthest off, split per group of ops, predicted against ORT's profile."""
+"""compare --explain-ops: the variants furthest off, split per group of ops, predicted against the runtime's
+per-kernel profile (ORT's profiler, TVM's VM instrument)."""
 
 import json
 
@@ -14,12 +15,12 @@ from tfcompile.errors import InvalidOptionError
 from tfcompile.explain import DEFAULT_COUNT, explain, explained_count, furthest_rows, groups_off_ms
 
 
-def test_ort_explains_by_default_and_other_backends_only_when_not_asked():
-    assert explained_count("ort", None) == DEFAULT_COUNT and explained_count("ort", 0) == 0
-    assert explained_count("ort", 5) == 5
-    assert explained_count("tvm", None) == 0 and explained_count("torch", 0) == 0
-    with pytest.raises(InvalidOptionError, match="ONNX Runtime's profiler"):
-        explained_count("tvm", 2)
+def test_ort_and_tvm_explain_by_default_and_torch_only_when_not_asked():
+    assert explained_count("ort", None) == explained_count("tvm", None) == DEFAULT_COUNT
+    assert explained_count("ort", 0) == 0 and explained_count("tvm", 5) == 5
+    assert explained_count("torch", None) == 0 and explained_count("torch", 0) == 0
+    with pytest.raises(InvalidOptionError, match="per-kernel profile"):
+        explained_count("torch", 2)
 
 
 def test_the_rows_furthest_off_come_first():
@@ -58,8 +59,20 @@ def test_compare_names_the_groups_furthest_off(tmp_path):
     assert set(explained["measured_ms"]) == set(GROUPS)
 
 
+def test_tvm_splits_a_variant_by_its_fused_kernels():
+    graph = load_tiny("bert-base", batch=1, seq=16)
+    model = RooflineCostModel(load_device("cpu"), "tvm")
+    rows = [ComparisonRow(graph.name, 1.0, {"roofline": 3.0})]
+    (explained,) = explain(rows, {graph.name: graph}, model, count=1)
+    assert explained.profiled_by == "TVM's VM instrument" and list(explained.measured_ms) == list(GROUPS)
+    # Packed-weight matmuls, the attention's batched matmuls and softmax, BERT's LayerNorms, the VM's allocations.
+    for group in ("weight matmuls", "attention", "norms", "between kernels"):
+        assert explained.measured_ms[group] > 0, group
+    assert sum(explained.measured_ms.values()) == pytest.approx(explained.profiled_run_ms, rel=0.05)
+
+
 def test_compare_refuses_to_explain_where_there_is_no_profiler(tmp_path):
-    result = tfcompile("compare", "tests.tiny:bert", "--backend", "tvm", "--explain-ops", "2",
+    result = tfcompile("compare", "tests.tiny:bert", "--backend", "torch", "--explain-ops", "2",
                        "-o", str(tmp_path / "cmp"))
     assert result.returncode == 2 and "--explain-ops" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cmp").exists()

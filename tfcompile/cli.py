@@ -299,8 +299,8 @@ def calibrate(target, backend, repeat, output_path, remote, device_key, torch_op
               show_default=True, help="Directory for compare.json and compare.png.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @click.option("--explain-ops", "explain_count", default=None, type=click.IntRange(min=0), metavar="N",
-              help="Profile the N variants furthest off on ONNX Runtime and split their predicted and measured time "
-                   "per group of ops (weight matmuls, attention, norms, ...) [default: 3 with --backend ort].")
+              help="Profile the N variants furthest off on their runtime and split their predicted and measured time "
+                   "per group of ops (weight matmuls, attention, norms, ...) [default: 3 with --backend ort or tvm].")
 @remote_options
 @device_options
 def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_count, output_dir, seed, explain_count,
@@ -343,7 +343,7 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
                                      f"{remote_spec.label if remote_spec else runtime}")
     if speed and speed_text(speed):
         console.print(speed_text(speed), markup=False)
-    with console.status(f"profiling the {explain_count} variants furthest off on ORT"):
+    with console.status(f"profiling the {explain_count} variants furthest off on {backend}"):
         explained = explain(rows, {g.name: g for g in graphs}, cost_model, count=explain_count)
     cli_output.show_explanations(explained, console)
     write_outputs(rows, scores, output_dir, title=f"{Path(model).name} on {target} ({runtime})",

@@ -144,7 +144,7 @@ def show_explanations(explained, out: Console) -> None:
     from tfcompile.explain import groups_off_ms
 
     for e in explained:
-        table = Table(title=f"{e.variant}: where the {e.predictor} prediction is off (ORT's profiler, "
+        table = Table(title=f"{e.variant}: where the {e.predictor} prediction is off ({e.profiled_by}, "
                             f"{e.profiled_run_ms:.2f} ms a run)", box=box.SIMPLE_HEAD, show_edge=False)
         for column in ("group of ops", "predicted ms", "measured ms", "off ms"):
             table.add_column(column, justify="left" if column == "group of ops" else "right")
