@@ -39,7 +39,7 @@ In CI or on a laptop (tiny configs, measured CPU figures, about 40 s on 2 cores)
     .venv/bin/python benchmarks/gpu_check.py --device cpu --quick
 
 Imports neither ONNX Runtime nor TVM. SciPy is optional: calibration fits with
-SciPy's NNLS where it is installed, else with numpy (``calibration.nnls``), and
+SciPy's NNLS where it is installed, else with numpy (``cost_models.nnls``), and
 Kendall's τ is computed here.
 """
 

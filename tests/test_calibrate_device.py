@@ -13,7 +13,8 @@ import pytest
 
 from tfcompile import calibrate_device
 from tfcompile.calibrate_device import CPU_SIZES, calibrate_torch, device_suite
-from tfcompile.cost_models.calibration import (Profile, load_profile, nnls_numpy, profile_path, save_profile)
+from tfcompile.cost_models.calibration import Profile, load_profile, profile_path, save_profile
+from tfcompile.cost_models.nnls import nnls_numpy
 from tfcompile.cost_models.fusion import Kernel
 from tfcompile.cost_models.model import cost_model_for
 from tfcompile.errors import TfcompileError

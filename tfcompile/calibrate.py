@@ -209,11 +209,18 @@ class _Stack(torch.nn.Module):
 # (width, heads, depth, batch, seq): widths and depths of no zoo model; sizes spanning the zoo's. The last
 # two run long sequences, where attention's share of a layer grows past the GEMMs'.
 BLOCK_CONFIGS = ((256, 4, 4, 1, 64), (256, 4, 4, 4, 256), (512, 8, 2, 1, 128), (512, 8, 2, 2, 384),
-                 (640, 10, 2, 1, 96), (1024, 16, 1, 1, 160), (320, 5, 2, 1, 2048), (512, 8, 1, 1, 1024))
+                 (640, 10, 2, 1, 96), (1024, 16, 1, 1, 160), (320, 5, 2, 1, 2048), (512, 8, 1, 1, 1024),
+                 (192, 6, 2, 4, 128))
 
 # (heads, seq_tokens) of long-context attentions: their fp32 score tensors (50-805 MB) outgrow most last-level
 # caches, so ORT's and TVM's unfused attention streams them through DRAM in every pass over them.
 LONG_ATTENTION = ((12, 1024), (12, 2048), (12, 4096))
+# (heads, seq_tokens, head_dim) of attentions with heads narrower or wider than 64 (minilm's are 32 wide,
+# llama-tiny's 80). With every head 64 wide, an attention's FLOPs were a fixed multiple of its scores and the
+# fit could not tell the cost per score from the cost per FLOP: on TVM it priced all of it per FLOP, and
+# minilm b8 s128's attention (half the FLOPs per score) 40 ms against 91 measured (session 16's Xeon).
+HEAD_WIDTH_ATTENTION = ((12, 128, 32), (12, 512, 32), (4, 512, 128))
+BOOLEAN_MASK_NARROW_HEADS = ((12, 256, 32),)
 # (heads, seq_tokens) of causal attentions with an explicit mask, as llama-tiny and gpt2-small run them.
 CAUSAL_ATTENTION = ((4, 512), (4, 2048))
 
@@ -291,6 +298,12 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
     for s in (64, 128, 256, 512):
         suite.append(MicroBenchmark(f"sdpa_h12_s{s}_d64",
                                     lambda s=s: (_Attention(), tuple(_randn(1, 12, s, 64) for _ in range(3)))))
+    for heads, s, d in HEAD_WIDTH_ATTENTION:
+        suite.append(MicroBenchmark(f"sdpa_h{heads}_s{s}_d{d}", lambda h=heads, s=s, d=d: (
+            _Attention(), tuple(_randn(1, h, s, d) for _ in range(3)))))
+    for heads, s, d in BOOLEAN_MASK_NARROW_HEADS:
+        suite.append(MicroBenchmark(f"sdpa_boolmask_h{heads}_s{s}_d{d}", lambda h=heads, s=s, d=d: (
+            _BooleanMaskAttention(s), tuple(_randn(1, h, s, d) for _ in range(3)))))
     for heads, s in LONG_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_h{heads}_s{s}_d64", lambda h=heads, s=s: (
             _Attention(), tuple(_randn(1, h, s, 64) for _ in range(3)))))

@@ -44,6 +44,13 @@ def test_gelu_epilogue_fuses_into_gemm_for_tvm_and_is_its_own_activation_kernel_
     assert [kernel_class(k) for k in torch_kernels] == ["gemm_skinny", "memory", "gemm_skinny", "memory"]
 
 
+def test_tvm_runs_the_gelu_after_a_linear_over_tokens_as_a_kernel_of_its_own():
+    # A linear over [B, S, K] is reshape, matmul, reshape in Relax: FuseOps stops at the reshape.
+    graph = export_module(Mlp(32, 64), (torch.randn(2, 4, 32),), name="mlp3d")
+    assert [k.op_class for k in group_kernels(graph, "tvm")] == ["gemm", "activation", "gemm", "memory"]
+    assert [k.op_class for k in group_kernels(_mlp(), "tvm")][:2] == ["gemm", "gemm"]  # 2-D: the epilogue
+
+
 def test_a_profile_without_the_activation_class_prices_gelu_as_elementwise():
     kernel = group_kernels(_mlp(), "ort")[1]
     old = Profile(target="cpu", backend="ort", s_per_flop={"memory": 1e-9}, s_per_byte={"memory": 1e-10},
@@ -378,3 +385,34 @@ def test_silu_is_an_activation_kernel_on_ort_as_its_quick_gelu_node_is(tmp_path)
     profile = profile_runs(path, (x,), runs=1)
     assert [n.op_type for n in profile.nodes].count("QuickGelu") == 1
     assert ms_by_group(profile)["activations"] > 0
+
+
+def test_stacks_of_layers_weigh_as_much_in_the_fit_as_the_isolated_kernels():
+    from tfcompile.cost_models.calibration import composite_weights
+
+    weights = composite_weights(["linear_m1", "gelu_1", "softmax_1", "blocks_d1", "stream_blocks_d2", "chain_1"])
+    assert list(weights) == [1.0, 1.0, 1.0, 2.0, 2.0, 1.0]
+    assert list(composite_weights(["linear_m1", "gelu_1"])) == [1.0, 1.0]
+
+
+def test_a_memory_bound_kernel_larger_than_the_cores_caches_prices_its_bytes_as_spilled():
+    from tfcompile.cost_models.cache_spill import kernel_spill_bytes
+
+    small, large = (group_kernels(_mlp(rows), "ort")[1] for rows in (8, 4096))  # the GELUs: 4 KB and 2 MB
+    cache = 1 << 20
+    assert kernel_spill_bytes(small, "activation", cache) == 0.0
+    assert kernel_spill_bytes(large, "activation", cache) == large.bytes_moved
+    assert kernel_spill_bytes(large, "gemm", cache) == 0.0  # a GEMM's reuse is in its own rate
+    assert kernel_spill_bytes(large, "activation", 0.0) == 0.0  # caches not known: nothing spills
+
+
+def test_the_host_device_knows_its_cores_level_2_caches(tmp_path):
+    from tfcompile.cost_models.device import cache_bytes_at_level, last_level_cache_bytes
+
+    for index, (level, size) in enumerate((("1", "48K"), ("2", "2048K"), ("3", "105M"))):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(level + "\n")
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert cache_bytes_at_level(2, tmp_path) == 2 * 2**20
+    assert last_level_cache_bytes(tmp_path) == 105 * 2**20
+    assert cache_bytes_at_level(4, tmp_path) == 0.0

@@ -41,6 +41,9 @@ class DeviceSpec:
     # back op by op; once it outgrows the last-level cache every pass goes to DRAM.
     attention_score_passes: float = 0.0  # 0: fused (flash) attention, scores never leave the chip
     cache_bytes: float = 0.0
+    # The level-2 caches of the cores a run uses, summed (detected for the host; 0 elsewhere): a memory-bound
+    # kernel whose tensors outgrow them streams from the last-level cache (cache_spill).
+    core_cache_bytes: float = 0.0
     # The CPU's instruction-set extensions among ISA_FLAGS (detected for the host; empty for other devices):
     # what decides whether int8 or bf16 arithmetic is faster than fp32 there.
     isa: frozenset[str] = frozenset()
@@ -254,23 +257,38 @@ def _with_host_peaks(spec: DeviceSpec) -> DeviceSpec:
     cache = last_level_cache_bytes()
     return dataclasses.replace(spec, description=f"{host.model}, {host.cores} cores at {host.clock_hz / 1e9:.2f} GHz",
                                peak_flops=cpu_peaks(host), cache_bytes=cache or spec.cache_bytes,
+                               core_cache_bytes=host.cores * cache_bytes_at_level(2),
                                isa=frozenset(flag for flag in ISA_FLAGS if flag in host.flags))
 
 
-def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> float:
-    """The largest cache sysfs lists for CPU 0 (0 when it lists none)."""
+CPU0_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def _cache_sizes(root: Path) -> list[tuple[str, int]]:
+    """(level, bytes) of every cache sysfs lists for CPU 0."""
     sizes = []
     for index in root.glob("index*"):
         try:
             text = (index / "size").read_text().strip()
+            level = (index / "level").read_text().strip() if (index / "level").exists() else ""
         except OSError:
             continue
         units = {"K": 2**10, "M": 2**20, "G": 2**30}
         if text[-1:] in units and text[:-1].isdigit():
-            sizes.append(int(text[:-1]) * units[text[-1]])
+            sizes.append((level, int(text[:-1]) * units[text[-1]]))
         elif text.isdigit():
-            sizes.append(int(text))
-    return float(max(sizes, default=0))
+            sizes.append((level, int(text)))
+    return sizes
+
+
+def last_level_cache_bytes(root: Path = CPU0_CACHES) -> float:
+    """The largest cache sysfs lists for CPU 0 (0 when it lists none)."""
+    return float(max((size for _, size in _cache_sizes(root)), default=0))
+
+
+def cache_bytes_at_level(level: int, root: Path = CPU0_CACHES) -> float:
+    """CPU 0's cache of ``level`` (its largest, if several), 0 when sysfs lists none."""
+    return float(max((size for lvl, size in _cache_sizes(root) if lvl == str(level)), default=0))
 
 
 def host_identity() -> str:

@@ -16,6 +16,13 @@ Rules per backend:
 - ``ort`` runs a SiLU (Llama's FFN gate) as a ``QuickGelu`` node of its own
   too, an ``activation`` kernel alike (3 ms of llama-tiny b8 s256's run on
   session 15's Xeon, by ORT's profiler).
+- ``tvm`` runs them as kernels of their own as well, unless they follow a
+  linear over a 2-D input: a linear over a [B, S, K] input is imported as
+  reshape, matmul, reshape, and FuseOps does not fuse an op past the reshape
+  into the matmul, so the GELU after it is a PrimFunc of its own (``fused_reshape_gelu_reshape``: 6 ms of minilm b8
+  s128's 299 ms, by the VM's instrument, session 16's Xeon). As a memory
+  kernel its erf per element was priced as an add's: the GELU
+  micro-benchmarks were predicted 70-96 % under on TVM (session 15).
 - ``ort`` fuses a residual add whose only reader is a LayerNorm into that
   norm (``SkipLayerNormalization``), a kernel several times slower per
   element than ``LayerNormalization``: 0.38 against 0.08 ms at 128 x 768 on
@@ -61,8 +68,8 @@ aten = torch.ops.aten
 # Views ONNX Runtime runs as nodes of their own (Reshape, Unsqueeze, Squeeze, Flatten).
 ORT_VIEW_NODES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
                   aten.squeeze.dim, aten.squeeze.dims, aten.flatten.using_ints, aten.unflatten.int}
-# Elementwise ops ONNX Runtime runs as a kernel of their own with a transcendental per element.
-ORT_ACTIVATIONS = {aten.gelu.default, aten.silu.default}
+# Elementwise ops ONNX Runtime and TVM run as a kernel of their own with a transcendental per element.
+ACTIVATIONS = {aten.gelu.default, aten.silu.default}
 LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
 # Scatters that add into their destination: ORT's ScatterND with reduction "add" and TVM's index_put loop go
 # element by element, index tuple by index tuple.
@@ -133,7 +140,7 @@ def group_kernels(graph: ModelGraph, backend: str | None = None) -> list[Kernel]
             cost = _as_ort_runs_it(node, cost)
         elif backend == "torch" and cost.op_class == "free" and isinstance(node.target, torch._ops.OpOverload):
             cost = OpCost(0, 0, 0, "view")
-        if backend == "ort" and node.target in ORT_ACTIVATIONS:
+        if node.target in ACTIVATIONS and (backend == "ort" or backend == "tvm" and not _after_2d_linear(node)):
             cost = dataclasses.replace(cost, op_class="activation")
         if _accumulates(node):
             cost = dataclasses.replace(cost, op_class="scatter")
@@ -176,6 +183,13 @@ def _absorb(kernel: Kernel, node: torch.fx.Node, cost: OpCost, producer: torch.f
     kernel.bytes_read += max(cost.bytes_read - intermediate, 0)
     kernel.bytes_written += cost.bytes_written - intermediate
     return kernel
+
+
+def _after_2d_linear(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads a linear over a 2-D input, whose epilogue TVM fuses it into (no reshape between)."""
+    source = source_through_free_ops(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+    return (source is not None and source.target is aten.linear.default
+            and source.args[0].meta["val"].dim() == 2)
 
 
 def _accumulates(node: torch.fx.Node) -> bool:
