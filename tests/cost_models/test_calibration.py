@@ -416,3 +416,21 @@ def test_the_host_device_knows_its_cores_level_2_caches(tmp_path):
     assert cache_bytes_at_level(2, tmp_path) == 2 * 2**20
     assert last_level_cache_bytes(tmp_path) == 105 * 2**20
     assert cache_bytes_at_level(4, tmp_path) == 0.0
+
+
+class _Sdpa(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_an_unfused_attention_spills_every_pass_over_scores_larger_than_the_cores_caches():
+    from tfcompile.cost_models.cache_spill import core_cache_bytes, score_spill_bytes
+    from tfcompile.cost_models.device import load_device
+
+    cache, passes = core_cache_bytes("cpu"), load_device("cpu").attention_score_passes
+    for seq in (16, 1024):
+        graph = export_module(_Sdpa(), tuple(torch.randn(1, 4, seq, 8) for _ in range(3)), name=f"sdpa{seq}")
+        score_bytes = 4 * seq * seq * 4
+        spilled = passes * score_bytes if cache and score_bytes > cache else 0.0  # the host's own L2s decide
+        assert score_spill_bytes(graph, "cpu", "ort") == score_spill_bytes(graph, "cpu", "tvm") == spilled
+        assert score_spill_bytes(graph, "cpu", "torch") == 0.0  # fused: the scores never leave the chip
