@@ -33,10 +33,13 @@ SPILL_CLASSES = {"memory", "activation", "norm", "norm_residual", "softmax"}
 @functools.lru_cache(maxsize=None)
 def core_cache_bytes(target: str) -> float:
     """The level-2 cache of every core ``target`` runs on, summed (0: not known, nothing spills)."""
-    from tfcompile.cost_models.calibration import _device
+    return float(device.core_cache_bytes) if (device := _known_device(target)) is not None else 0.0
 
-    device = _device(target)
-    return float(device.core_cache_bytes) if device is not None else 0.0
+
+def _known_device(target: str):
+    from tfcompile.cost_models.device import available_targets, load_device
+
+    return load_device(target) if target in available_targets() else None
 
 
 def kernel_spill_bytes(kernel, op_class: str, cache_bytes: float) -> float:
@@ -48,10 +51,9 @@ def kernel_spill_bytes(kernel, op_class: str, cache_bytes: float) -> float:
 def score_spill_bytes(graph, target: str, backend: str) -> float:
     """Bytes of every pass of ``graph``'s unfused attentions over score tensors that outgrow the cores'
     caches (0 where the attention is fused)."""
-    from tfcompile.cost_models.calibration import _device
     from tfcompile.cost_models.fusion import UNFUSED_ATTENTION_BACKENDS
 
-    device = _device(target) if backend in UNFUSED_ATTENTION_BACKENDS else None
+    device = _known_device(target) if backend in UNFUSED_ATTENTION_BACKENDS else None
     cache_bytes = core_cache_bytes(target)
     if device is None or not cache_bytes or not device.attention_score_passes:
         return 0.0

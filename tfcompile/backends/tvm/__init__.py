@@ -74,14 +74,21 @@ class TvmModule:
         self._vm = relax.VirtualMachine(self.executable, self._device)
         self._main = self._vm["main"]
 
-    def _to_tvm(self, inputs: tuple[torch.Tensor, ...]):
+    def to_tvm(self, inputs: tuple[torch.Tensor, ...]) -> list:
+        """``inputs`` as TVM tensors on the module's device, the arguments its ``main`` takes."""
         import tvm
 
         return [tvm.runtime.tensor(t.detach().contiguous().cpu().numpy(), self._device) for t in inputs]
 
+    def new_vm(self):
+        """A Relax VM of its own over the module's executable (one to instrument, leaving ``run``'s alone)."""
+        from tvm import relax
+
+        return relax.VirtualMachine(self.executable, self._device)
+
     def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         try:
-            result = self._main(*self._to_tvm(inputs))
+            result = self._main(*self.to_tvm(inputs))
         except Exception as exc:
             from tfcompile.backends.tvm.lowering import one_line
 
@@ -90,7 +97,7 @@ class TvmModule:
         return tuple(torch.from_numpy(o.numpy()) for o in outputs)
 
     def runner(self, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
-        args = self._to_tvm(inputs)
+        args = self.to_tvm(inputs)
         main = self._main
 
         def call() -> object:

@@ -38,11 +38,9 @@ def _shape(arg) -> tuple[int, ...] | None:
 def profile_runs(module, inputs: tuple, *, runs: int = 5) -> RunProfile:
     """Run ``module`` (a ``backends.tvm.TvmModule``) once to warm up and ``runs`` times more under the
     instrument; per kernel name, its mean milliseconds per run. ``run_ms``: the instrumented runs' mean."""
-    from tvm import relax
-
-    vm = relax.VirtualMachine(module.executable, module._device)
+    vm = module.new_vm()
     main = vm["main"]
-    args = module._to_tvm(inputs)
+    args = module.to_tvm(inputs)
     main(*args)
     totals_s: dict[str, float] = {}
     shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
