@@ -32,8 +32,9 @@ def test_gelu_epilogue_fuses_into_gemm_for_tvm_and_is_its_own_activation_kernel_
     torch_kernels = group_kernels(graph, "torch")
     ort_kernels = group_kernels(graph, "ort")
     assert len(torch_kernels) == 4  # linear, gelu, linear, add
-    assert len(tvm_kernels) == 3  # linear+gelu, linear, add (x is read twice: no fusion of the residual)
-    fused = next(k for k in tvm_kernels if len(k.nodes) == 2)
+    # linear+gelu, linear+add: the residual add reads x besides, inside the second GEMM's epilogue (FuseOps)
+    assert [k.nodes for k in tvm_kernels] == [["linear", "gelu"], ["linear_1", "add"]]
+    fused = tvm_kernels[0]
     assert fused.op_class == "gemm"
     unfused_bytes = sum(k.bytes_moved for k in torch_kernels[:2])
     # The GEMM output no longer goes to memory and back.
@@ -434,3 +435,18 @@ def test_an_unfused_attention_spills_every_pass_over_scores_larger_than_the_core
         spilled = passes * score_bytes if cache and score_bytes > cache else 0.0  # the host's own L2s decide
         assert score_spill_bytes(graph, "cpu", "ort") == score_spill_bytes(graph, "cpu", "tvm") == spilled
         assert score_spill_bytes(graph, "cpu", "torch") == 0.0  # fused: the scores never leave the chip
+
+
+class _Chain(torch.nn.Module):
+    def forward(self, x, y):
+        for _ in range(3):
+            x = torch.relu(x * y + y)
+        return x
+
+
+def test_tvm_fuses_an_elementwise_chain_that_reads_another_input_into_one_kernel():
+    graph = export_module(_Chain(), (torch.randn(64, 32), torch.randn(64, 32)), name="chain3")
+    (kernel,) = group_kernels(graph, "tvm")  # FuseOps: one loop over the chain, y read inside it
+    assert kernel.op_class == "memory" and len(kernel.nodes) == 9
+    assert kernel.bytes_written == 64 * 32 * 4  # the 8 intermediates never reach memory
+    assert len(group_kernels(graph, "ort")) > 1  # the mul of two activations starts a kernel of its own there
