@@ -131,11 +131,18 @@ def node_group(node: NodeTime, score_shapes: set[tuple[int, ...]]) -> str:
 
 def ms_by_group(profile: RunProfile) -> dict[str, float]:
     """Milliseconds per run in each of ``cost_models.attribution.GROUPS``."""
+    return grouped_ms(profile, node_group, lambda node: node.op_type == "Softmax")
+
+
+def grouped_ms(profile: RunProfile, group_of, is_softmax) -> dict[str, float]:
+    """Milliseconds per run per group: ``group_of(node, score_shapes)`` names each node's, where
+    ``score_shapes`` are the inputs' shapes of the nodes ``is_softmax`` picks; the run's time outside every
+    node is between kernels."""
     from tfcompile.cost_models.attribution import GROUPS
 
-    score_shapes = {shape for node in profile.nodes if node.op_type == "Softmax" for shape in node.input_shapes}
+    score_shapes = {shape for node in profile.nodes if is_softmax(node) for shape in node.input_shapes}
     totals = dict.fromkeys(GROUPS, 0.0)
     for node in profile.nodes:
-        totals[node_group(node, score_shapes)] += node.ms_per_run
-    totals["between kernels"] = profile.between_kernels_ms
+        totals[group_of(node, score_shapes)] += node.ms_per_run
+    totals["between kernels"] += profile.between_kernels_ms
     return totals

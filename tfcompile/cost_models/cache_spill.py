@@ -21,10 +21,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
-from tfcompile.cost_models.op_costs import attention_score_bytes
-
 # Kernel classes whose time is their bytes (calibration.kernel_class): GEMMs and attentions reuse what they
 # read from cache many times over; their spills are in their own rates.
 SPILL_CLASSES = {"memory", "activation", "norm", "norm_residual", "softmax"}
@@ -33,13 +29,9 @@ SPILL_CLASSES = {"memory", "activation", "norm", "norm_residual", "softmax"}
 @functools.lru_cache(maxsize=None)
 def core_cache_bytes(target: str) -> float:
     """The level-2 cache of every core ``target`` runs on, summed (0: not known, nothing spills)."""
-    return float(device.core_cache_bytes) if (device := _known_device(target)) is not None else 0.0
+    from tfcompile.cost_models.calibration import _device
 
-
-def _known_device(target: str):
-    from tfcompile.cost_models.device import available_targets, load_device
-
-    return load_device(target) if target in available_targets() else None
+    return float(device.core_cache_bytes) if (device := _device(target)) is not None else 0.0
 
 
 def kernel_spill_bytes(kernel, op_class: str, cache_bytes: float) -> float:
@@ -50,16 +42,8 @@ def kernel_spill_bytes(kernel, op_class: str, cache_bytes: float) -> float:
 
 def score_spill_bytes(graph, target: str, backend: str) -> float:
     """Bytes of every pass of ``graph``'s unfused attentions over score tensors that outgrow the cores'
-    caches (0 where the attention is fused)."""
-    from tfcompile.cost_models.fusion import UNFUSED_ATTENTION_BACKENDS
+    caches (0 where the attention is fused or the caches are not known)."""
+    from tfcompile.cost_models.calibration import attention_traffic_bytes
 
-    device = _known_device(target) if backend in UNFUSED_ATTENTION_BACKENDS else None
     cache_bytes = core_cache_bytes(target)
-    if device is None or not cache_bytes or not device.attention_score_passes:
-        return 0.0
-    total = 0.0
-    for node in graph.call_nodes():
-        if node.target is torch.ops.aten.scaled_dot_product_attention.default:
-            score_bytes = attention_score_bytes(node)
-            total += device.attention_score_passes * score_bytes if score_bytes > cache_bytes else 0.0
-    return total
+    return attention_traffic_bytes(graph, target, backend, cache_bytes) if cache_bytes else 0.0

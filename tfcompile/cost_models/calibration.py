@@ -92,12 +92,13 @@ def _device(target: str):
     return load_device(target) if target in available_targets() else None
 
 
-def attention_traffic_bytes(graph: ModelGraph, target: str, backend: str) -> float:
-    """Score-tensor DRAM bytes of every attention in ``graph`` on ``backend`` (0 when fused)."""
+def attention_traffic_bytes(graph: ModelGraph, target: str, backend: str, cache_bytes: float | None = None) -> float:
+    """Score-tensor bytes of every attention in ``graph`` on ``backend`` beyond ``cache_bytes`` (default: the
+    last-level cache: DRAM's traffic); 0 when fused."""
     device = _device(target) if backend in UNFUSED_ATTENTION_BACKENDS else None
     if device is None or not device.attention_score_passes:
         return 0.0
-    return float(sum(score_traffic_bytes(node, device) for node in graph.call_nodes()))
+    return float(sum(score_traffic_bytes(node, device, cache_bytes) for node in graph.call_nodes()))
 
 
 def streams_weights(graph, target: str) -> bool:

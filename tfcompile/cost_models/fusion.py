@@ -199,8 +199,7 @@ def _reshaped_linear(node: torch.fx.Node) -> bool:
 def _after_2d_linear(node: torch.fx.Node) -> bool:
     """Whether ``node`` reads a linear over a 2-D input, whose epilogue TVM fuses it into (no reshape between)."""
     source = source_through_free_ops(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
-    return (source is not None and source.target is aten.linear.default
-            and source.args[0].meta["val"].dim() == 2)
+    return source is not None and source.target is aten.linear.default and not _reshaped_linear(source)
 
 
 def _accumulates(node: torch.fx.Node) -> bool:

@@ -44,12 +44,14 @@ class CostEstimate:
     kernels: tuple[KernelEstimate, ...]
 
 
-def score_traffic_bytes(node, device: DeviceSpec) -> float:
-    """DRAM traffic of an unfused attention's score tensor, when it does not fit in cache."""
+def score_traffic_bytes(node, device: DeviceSpec, cache_bytes: float | None = None) -> float:
+    """Traffic of an unfused attention's score tensor, when it does not fit in ``cache_bytes`` (default: the
+    last-level cache, so the traffic is DRAM's)."""
     if not device.attention_score_passes or node.target is not torch.ops.aten.scaled_dot_product_attention.default:
         return 0.0
     score_bytes = attention_score_bytes(node)
-    return device.attention_score_passes * score_bytes if score_bytes > device.cache_bytes else 0.0
+    cache_bytes = device.cache_bytes if cache_bytes is None else cache_bytes
+    return device.attention_score_passes * score_bytes if score_bytes > cache_bytes else 0.0
 
 
 def estimate(graph: ModelGraph, device: DeviceSpec) -> CostEstimate:

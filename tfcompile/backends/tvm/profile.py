@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 
-from tfcompile.backends.ort_profile import NodeTime, RunProfile
+from tfcompile.backends.ort_profile import NodeTime, RunProfile, grouped_ms
 
 BUILTIN_PREFIX = "vm.builtin."
 _NORMS = ("layer_norm", "rms_norm", "group_norm")
@@ -89,11 +89,4 @@ def kernel_group(node: NodeTime, score_shapes: set[tuple[int, ...]]) -> str:
 def ms_by_group(profile: RunProfile) -> dict[str, float]:
     """Milliseconds per run in each of ``cost_models.attribution.GROUPS``; the VM's builtins and the run's
     time outside every call count as between kernels."""
-    from tfcompile.cost_models.attribution import GROUPS
-
-    score_shapes = {shape for node in profile.nodes if "softmax" in node.name for shape in node.input_shapes}
-    totals = dict.fromkeys(GROUPS, 0.0)
-    for node in profile.nodes:
-        totals[kernel_group(node, score_shapes)] += node.ms_per_run
-    totals["between kernels"] += profile.between_kernels_ms
-    return totals
+    return grouped_ms(profile, kernel_group, lambda node: "softmax" in node.name)
