@@ -7,7 +7,9 @@ import torch
 
 from tfcompile.compare import ComparisonRow, lowest_of_passes, score
 from tfcompile.cost_models.calibration import CLASSES, Profile, features, fit, kernel_class
+from tfcompile.cost_models.device import known_device
 from tfcompile.cost_models.fusion import group_kernels
+from tfcompile.cost_models.score_passes import attention_traffic_bytes
 from tfcompile.errors import TfcompileError
 from tfcompile.graph import export_module
 
@@ -71,9 +73,9 @@ def test_skinny_gemms_over_weights_larger_than_the_cache_stream(monkeypatch):
     from tfcompile.cost_models import calibration
 
     small = _mlp(rows=1)
-    device = calibration._device("cpu")
+    device = known_device("cpu")
     assert not calibration.streams_weights(small, "cpu")  # 8 KiB of weights stay in any last-level cache
-    monkeypatch.setattr(calibration, "_device", lambda target: dataclasses.replace(device, cache_bytes=1024))
+    monkeypatch.setattr(calibration, "known_device", lambda target: dataclasses.replace(device, cache_bytes=1024))
     assert calibration.streams_weights(small, "cpu")
     kernel = group_kernels(small, "ort")[0]
     assert kernel_class(kernel, streaming=True) == "gemm_stream"
@@ -107,12 +109,12 @@ def test_wide_gemms_over_weights_larger_than_the_cache_cost_at_least_their_weigh
     assert 1e-8 * kernel.weight_bytes > cached  # a DRAM too slow to hide: the read is the floor
     assert slow_dram.kernel_s(kernel, streaming=True) == pytest.approx(1e-8 * kernel.weight_bytes)
 
-    device = calibration._device("cpu")
-    monkeypatch.setattr(calibration, "_device", lambda target: dataclasses.replace(device, cache_bytes=1024))
+    device = known_device("cpu")
+    monkeypatch.setattr(calibration, "known_device", lambda target: dataclasses.replace(device, cache_bytes=1024))
     assert calibration.streams_weights(wide, "cpu")
     streamed_row = features(wide, "ort", "cpu")
     assert streamed_row[2 * CLASSES.index("gemm_stream") + 1] == 0.0
-    monkeypatch.setattr(calibration, "_device", lambda target: device)
+    monkeypatch.setattr(calibration, "known_device", lambda target: device)
     assert (streamed_row == features(wide, "ort", "cpu")).all()
 
 
@@ -257,7 +259,7 @@ def test_variants_of_one_shape_are_timed_round_robin(monkeypatch):
 
 
 def test_unfused_backends_pay_attention_score_traffic_beyond_the_cache(monkeypatch):
-    from tfcompile.cost_models import calibration, load_device
+    from tfcompile.cost_models import calibration, load_device, score_passes
 
     class Attn(torch.nn.Module):
         def forward(self, q, k, v):
@@ -266,13 +268,13 @@ def test_unfused_backends_pay_attention_score_traffic_beyond_the_cache(monkeypat
     q = torch.randn(1, 2, 512, 8)
     graph = export_module(Attn(), (q, q, q), name="attn")
     small_cache = dataclasses.replace(load_device("cpu"), cache_bytes=1 << 20)  # scores are 2 MiB
-    monkeypatch.setattr(calibration, "_device", lambda target: small_cache)
+    monkeypatch.setattr(score_passes, "known_device", lambda target: small_cache)
     traffic = small_cache.attention_score_passes * 2 * 512 * 512 * 4
     coefficients = dict(s_per_flop={c: 1e-12 for c in CLASSES}, s_per_byte={c: 1e-10 for c in CLASSES},
                         kernel_overhead_s=0.0, graph_overhead_s=0.0)
     ort, torch_eager = Profile("cpu", "ort", **coefficients), Profile("cpu", "torch", **coefficients)
-    assert calibration.attention_traffic_bytes(graph, "cpu", "ort") == traffic
-    assert calibration.attention_traffic_bytes(graph, "cpu", "torch") == 0  # a fused SDPA kernel
+    assert attention_traffic_bytes(graph, "cpu", "ort") == traffic
+    assert attention_traffic_bytes(graph, "cpu", "torch") == 0  # a fused SDPA kernel
     extra = ort.predict_s(graph) - sum(ort.kernel_s(k) for k in group_kernels(graph, "ort"))
     assert extra == pytest.approx(1e-10 * (traffic + sum(calibration.score_pass_bytes(graph, "ort").values())))
     assert torch_eager.predict_s(graph) == pytest.approx(sum(torch_eager.kernel_s(k)
@@ -280,8 +282,8 @@ def test_unfused_backends_pay_attention_score_traffic_beyond_the_cache(monkeypat
     row = features(graph, "ort", "cpu")
     assert row[2 * CLASSES.index("memory") + 1] >= traffic
     # A device whose attention is fused (a GPU) adds nothing.
-    monkeypatch.setattr(calibration, "_device", lambda target: load_device("a100"))
-    assert calibration.attention_traffic_bytes(graph, "a100", "ort") == 0
+    monkeypatch.setattr(score_passes, "known_device", lambda target: load_device("a100"))
+    assert attention_traffic_bytes(graph, "a100", "ort") == 0
 
 
 @pytest.mark.parametrize("mask, kinds", [(None, {"scores": 4}), ("additive", {"scores": 4, "score_mask": 1}),

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import functools
 
+from tfcompile.cost_models.device import known_device
+from tfcompile.cost_models.score_passes import attention_traffic_bytes
+
 # Kernel classes whose time is their bytes (calibration.kernel_class): GEMMs and attentions reuse what they
 # read from cache many times over; their spills are in their own rates.
 SPILL_CLASSES = {"memory", "activation", "norm", "norm_residual", "softmax"}
@@ -29,9 +32,7 @@ SPILL_CLASSES = {"memory", "activation", "norm", "norm_residual", "softmax"}
 @functools.lru_cache(maxsize=None)
 def core_cache_bytes(target: str) -> float:
     """The level-2 cache of every core ``target`` runs on, summed (0: not known, nothing spills)."""
-    from tfcompile.cost_models.calibration import _device
-
-    return float(device.core_cache_bytes) if (device := _device(target)) is not None else 0.0
+    return float(device.core_cache_bytes) if (device := known_device(target)) is not None else 0.0
 
 
 def kernel_spill_bytes(kernel, op_class: str, cache_bytes: float) -> float:
@@ -43,7 +44,5 @@ def kernel_spill_bytes(kernel, op_class: str, cache_bytes: float) -> float:
 def score_spill_bytes(graph, target: str, backend: str) -> float:
     """Bytes of every pass of ``graph``'s unfused attentions over score tensors that outgrow the cores'
     caches (0 where the attention is fused or the caches are not known)."""
-    from tfcompile.cost_models.calibration import attention_traffic_bytes
-
     cache_bytes = core_cache_bytes(target)
     return attention_traffic_bytes(graph, target, backend, cache_bytes) if cache_bytes else 0.0

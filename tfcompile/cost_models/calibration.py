@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import sys
@@ -56,13 +55,13 @@ from pathlib import Path
 import numpy as np
 
 from tfcompile.cost_models.cache_spill import core_cache_bytes, kernel_spill_bytes, score_spill_bytes
-from tfcompile.cost_models.device import available_targets, host_identity, load_device
-from tfcompile.cost_models.fusion import UNFUSED_ATTENTION_BACKENDS, Kernel, group_kernels
+from tfcompile.cost_models.device import host_identity, known_device
+from tfcompile.cost_models.fusion import Kernel, group_kernels
 from tfcompile.cost_models.host_speed import HostSpeed
 from tfcompile.cost_models.nnls import nnls
 from tfcompile.cost_models.op_costs import SCORE_PASS_KINDS
-from tfcompile.cost_models.roofline import estimate, score_traffic_bytes
-from tfcompile.cost_models.score_passes import score_pass_bytes
+from tfcompile.cost_models.roofline import estimate
+from tfcompile.cost_models.score_passes import attention_traffic_bytes, score_pass_bytes
 from tfcompile.errors import TfcompileError
 from tfcompile.graph import ModelGraph
 from tfcompile.outputs import atomic_write_text
@@ -87,23 +86,9 @@ _OLDER_CLASS = {"gemm_stream": "gemm_skinny", "activation": "memory", "norm_resi
 
 
 
-@functools.lru_cache(maxsize=None)
-def _device(target: str):
-    return load_device(target) if target in available_targets() else None
-
-
-def attention_traffic_bytes(graph: ModelGraph, target: str, backend: str, cache_bytes: float | None = None) -> float:
-    """Score-tensor bytes of every attention in ``graph`` on ``backend`` beyond ``cache_bytes`` (default: the
-    last-level cache: DRAM's traffic); 0 when fused."""
-    device = _device(target) if backend in UNFUSED_ATTENTION_BACKENDS else None
-    if device is None or not device.attention_score_passes:
-        return 0.0
-    return float(sum(score_traffic_bytes(node, device, cache_bytes) for node in graph.call_nodes()))
-
-
 def streams_weights(graph, target: str) -> bool:
     """Whether ``graph``'s weights outgrow ``target``'s last-level cache, so each run reads them from DRAM."""
-    device = _device(target)
+    device = known_device(target)
     parameter_bytes = getattr(graph, "parameter_bytes", None)
     return bool(device is not None and device.cache_bytes and parameter_bytes is not None
                 and parameter_bytes() > device.cache_bytes)
@@ -392,7 +377,7 @@ def fit_checked(samples, target: str, backend: str, host: str = "", host_id: str
                   gpu_name=gpu_name)
     if held and kept:
         trial = fit(kept, target, backend, torch_options=torch_options)
-        device = _device(target)
+        device = known_device(target)
         profile.heldout_mape = _mape([trial.predict_s(s.graph) for s in held], held)
         if device is not None:
             profile.heldout_roofline_mape = _mape([estimate(s.graph, device).latency_s for s in held], held)

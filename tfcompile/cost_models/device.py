@@ -7,6 +7,7 @@ SIMD width) and overrides the file's placeholder peaks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 from importlib import resources
@@ -65,6 +66,12 @@ def device_file(name: str) -> Path:
 
 def available_targets() -> list[str]:
     return sorted(p.stem for p in _devices_dir().glob("*.toml"))
+
+
+@functools.lru_cache(maxsize=None)
+def known_device(name: str) -> DeviceSpec | None:
+    """The packaged device ``name``, or None where there is none (a profile of a remote or custom target)."""
+    return load_device(name) if name in available_targets() else None
 
 
 def load_device(name: str) -> DeviceSpec:

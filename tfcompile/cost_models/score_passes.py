@@ -8,9 +8,11 @@ Three sources add up: an SDPA's passes as ORT runs it unfused
 
 from __future__ import annotations
 
+from tfcompile.cost_models.device import known_device
 from tfcompile.cost_models.fusion import UNFUSED_ATTENTION_BACKENDS
 from tfcompile.cost_models.masked_scores import masked_score_bytes
 from tfcompile.cost_models.op_costs import unfused_score_bytes
+from tfcompile.cost_models.roofline import score_traffic_bytes
 from tfcompile.cost_models.score_tensors import explicit_score_bytes
 
 
@@ -28,3 +30,12 @@ def score_pass_bytes(graph, backend: str) -> dict[str, float]:
         if hidden:
             totals["score_masked"] = hidden
     return totals
+
+
+def attention_traffic_bytes(graph, target: str, backend: str, cache_bytes: float | None = None) -> float:
+    """Score-tensor bytes of every attention in ``graph`` on ``backend`` beyond ``cache_bytes`` (default: the
+    last-level cache: DRAM's traffic); 0 when fused."""
+    device = known_device(target) if backend in UNFUSED_ATTENTION_BACKENDS else None
+    if device is None or not device.attention_score_passes:
+        return 0.0
+    return float(sum(score_traffic_bytes(node, device, cache_bytes) for node in graph.call_nodes()))
