@@ -18,7 +18,11 @@ uncalibrated roofline, FLOPs-only. Prints MAPE, share within ±10 % and
 Kendall τ per predictor, each variant's speed-up over its config's baseline
 (predicted against measured), the same per pass family, and llama-tiny at 512
 tokens' ``cleanup`` speed-up; writes JSON and a scatter PNG under
-benchmarks/results/.
+benchmarks/results/. Three of the calibration's own layer stacks run in every
+config's round-robin (``tfcompile.reference_speed``): their calibration time
+over their time there is how fast the shared host ran that config, and the
+same scores are printed again with the measured times brought to calibration
+speed ("at calibration speed"); the raw ones come first and are the figures.
 
     .venv/bin/python benchmarks/cost_model_accuracy.py --backend ort
     .venv/bin/python benchmarks/cost_model_accuracy.py --set quick --repeat 2 --passes 1   # a smoke run
@@ -56,6 +60,8 @@ from tfcompile.explain import explain, explained_count, furthest_rows
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph, export_module
 from tfcompile.passes.padding import with_lengths
+from tfcompile.reference_speed import (at_calibration_speed, host_speed_factor, is_reference,
+                                      reference_graphs)
 from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant, extend_variant
 
 
@@ -426,11 +432,15 @@ def main() -> None:
     skipped: list[str] = []
     config_wall_s: dict[str, list[float]] = {}
     host_speed: dict[str, list[dict]] = {}  # per config and pass: the probes around its measurement
+    # Per config and pass: the reference micro-benchmarks' calibration time over their time there.
+    speed_factors: dict[str, list[float]] = {}
+    steadied_by_pass: list[list[ComparisonRow]] = []  # the measured times brought to calibration speed
+    references = [] if args.replay else reference_graphs(profile.samples)
     if args.replay:
         measured_by_pass, families, skipped = replay(configs, args, cost_model, json.loads(args.replay.read_text()))
     with console.status("measuring") as status:
         for pass_index in range(0 if args.replay else args.passes):
-            rows_of_pass = []
+            rows_of_pass, steadied_rows = [], []
             # One config's variants at a time, freed before the next config's are built.
             for config in configs:
                 config_started = time.time()
@@ -444,10 +454,18 @@ def main() -> None:
                 while graphs:
                     try:
                         with probes_around(True) as probes:
-                            rows_of_pass += measure_and_predict(
-                                graphs, cost_model=cost_model, repeat=args.repeat,
+                            measured = measure_and_predict(
+                                graphs + references, cost_model=cost_model, repeat=args.repeat,
                                 progress=lambda m: status.update(f"pass {pass_index + 1}: {m}"),
                                 group_key=lambda graph, label=config.label: label)
+                        variant_rows = [r for r in measured if not is_reference(r)]
+                        rows_of_pass += variant_rows
+                        factor = host_speed_factor(measured, profile.samples)
+                        if factor is not None:
+                            speed_factors.setdefault(config.label, []).append(factor)
+                            steadied_rows += at_calibration_speed(variant_rows, factor)
+                            console.print(f"{config.label}, pass {pass_index + 1}: reference layers ran at "
+                                          f"{factor:.2f}x calibration speed", markup=False)
                         record = speed_record(profile.host_speed, *probes)
                         host_speed.setdefault(config.label, []).append(record)
                         if speed_text(record):
@@ -467,6 +485,7 @@ def main() -> None:
                 gc.collect()
                 config_wall_s.setdefault(config.label, []).append(time.time() - config_started)
             measured_by_pass.append(rows_of_pass)
+            steadied_by_pass.append(steadied_rows)
     rows = lowest_of_passes(measured_by_pass)
     scores = score(rows)
     for row in rows:
@@ -482,6 +501,10 @@ def main() -> None:
         console.print(f"{predictor:10s} speed-up error median {s['median_error_pp']:.1f} points over "
                       f"{s['variants']} variants; furthest off {worst['variant']}: predicted "
                       f"{worst['predicted_speedup']:.2f}x, measured {worst['measured_speedup']:.2f}x")
+    steadied_scores = score(lowest_of_passes(steadied_by_pass)) if speed_factors else {}
+    for predictor, s in steadied_scores.items():
+        console.print(f"{predictor:10s} at calibration speed: MAPE {s['mape']:6.1%}  within ±10% "
+                      f"{s['within_10pct']:5.0%}  Kendall tau {s['kendall_tau']:.3f}")
     breakdown = family_breakdown(rows, families)
     print_breakdown(console, breakdown)
     check = speedup_check(rows)
@@ -497,6 +520,7 @@ def main() -> None:
          "heldout_mape": profile.heldout_mape, "heldout_roofline_mape": profile.heldout_roofline_mape,
          "scores": scores, "speedups": speedups, "families": breakdown, "llama_tiny_s512_cleanup": check,
          "skipped": skipped, "config_wall_s": config_wall_s, "host_speed": host_speed,
+         "reference_speed": speed_factors, "scores_at_calibration_speed": steadied_scores,
          "replayed_from": str(args.replay) if args.replay else None,
          "host_speed_at_calibration": profile.host_speed.as_dict() if profile.host_speed else None,
          "passes": [{row.name: row.measured_ms for row in p} for p in measured_by_pass],
