@@ -18,11 +18,12 @@ uncalibrated roofline, FLOPs-only. Prints MAPE, share within ±10 % and
 Kendall τ per predictor, each variant's speed-up over its config's baseline
 (predicted against measured), the same per pass family, and llama-tiny at 512
 tokens' ``cleanup`` speed-up; writes JSON and a scatter PNG under
-benchmarks/results/. Three of the calibration's own layer stacks run in every
-config's round-robin (``tfcompile.reference_speed``): their calibration time
-over their time there is how fast the shared host ran that config, and the
-same scores are printed again with the measured times brought to calibration
-speed ("at calibration speed"); the raw ones come first and are the figures.
+benchmarks/results/. Three of the calibration's own layer stacks are
+timed as calibration timed them before and after every config
+(``tfcompile.reference_speed``): their calibration time over their time then
+is how fast the shared host ran around that config, and the same scores are
+printed again with the measured times brought to calibration speed ("at
+calibration speed"); the raw ones come first.
 
     .venv/bin/python benchmarks/cost_model_accuracy.py --backend ort
     .venv/bin/python benchmarks/cost_model_accuracy.py --set quick --repeat 2 --passes 1   # a smoke run
@@ -60,8 +61,7 @@ from tfcompile.explain import explain, explained_count, furthest_rows
 from tfcompile.frontend import LoadOptions, load_model
 from tfcompile.graph import ModelGraph, export_module
 from tfcompile.passes.padding import with_lengths
-from tfcompile.reference_speed import (at_calibration_speed, host_speed_factor, is_reference,
-                                      reference_graphs)
+from tfcompile.reference_speed import at_calibration_speed, reference_layers
 from tfcompile.variants import CLEANUP, Variant, VariantSpec, build_variant, extend_variant
 
 
@@ -432,13 +432,13 @@ def main() -> None:
     skipped: list[str] = []
     config_wall_s: dict[str, list[float]] = {}
     host_speed: dict[str, list[dict]] = {}  # per config and pass: the probes around its measurement
-    # Per config and pass: the reference micro-benchmarks' calibration time over their time there.
+    # Per config and pass: the reference layers' calibration time over their time around it.
     speed_factors: dict[str, list[float]] = {}
     steadied_by_pass: list[list[ComparisonRow]] = []  # the measured times brought to calibration speed
-    references = [] if args.replay else reference_graphs(profile.samples)
     if args.replay:
         measured_by_pass, families, skipped = replay(configs, args, cost_model, json.loads(args.replay.read_text()))
-    with console.status("measuring") as status:
+    with console.status("measuring") as status, reference_layers(
+            [] if args.replay else profile.samples, args.backend) as references:
         for pass_index in range(0 if args.replay else args.passes):
             rows_of_pass, steadied_rows = [], []
             # One config's variants at a time, freed before the next config's are built.
@@ -453,14 +453,14 @@ def main() -> None:
                         console.print(f"left out {line}")
                 while graphs:
                     try:
+                        reference_before_s = references.time_s()
                         with probes_around(True) as probes:
-                            measured = measure_and_predict(
-                                graphs + references, cost_model=cost_model, repeat=args.repeat,
+                            variant_rows = measure_and_predict(
+                                graphs, cost_model=cost_model, repeat=args.repeat,
                                 progress=lambda m: status.update(f"pass {pass_index + 1}: {m}"),
                                 group_key=lambda graph, label=config.label: label)
-                        variant_rows = [r for r in measured if not is_reference(r)]
                         rows_of_pass += variant_rows
-                        factor = host_speed_factor(measured, profile.samples)
+                        factor = references.speed_factor(reference_before_s, references.time_s())
                         if factor is not None:
                             speed_factors.setdefault(config.label, []).append(factor)
                             steadied_rows += at_calibration_speed(variant_rows, factor)

@@ -1,26 +1,21 @@
 import pytest
 
 from tfcompile.compare import ComparisonRow, measured_speedup, score
-from tfcompile.reference_speed import (REFERENCE_BENCHMARKS, at_calibration_speed, host_speed_factor, is_reference,
-                                       reference_graphs)
-
-SAMPLES = [{"name": "blocks_d512_l2_b1_s128", "measured_s": 0.010, "predicted_s": 0.011},
-           {"name": "blocks_d640_l2_b1_s96", "measured_s": 0.020, "predicted_s": 0.019},
-           {"name": "gelu_16384", "measured_s": 0.001, "predicted_s": 0.001}]
+from tfcompile.reference_speed import REFERENCE_BENCHMARKS, at_calibration_speed, reference_layers, speed_factor
 
 
 def _row(name, ms, predicted=None, runs=()):
     return ComparisonRow(name, ms, predicted or {"calibrated": ms}, (tuple(runs),) if runs else ())
 
 
-def test_the_factor_is_calibration_time_over_time_now_of_the_reference_layers_only():
-    rows = [_row("reference blocks_d512_l2_b1_s128", 20.0), _row("reference blocks_d640_l2_b1_s96", 25.0),
-            _row("reference blocks_d256_l4_b4_s256", 99.0),  # not in the profile: no calibration time to compare
-            _row("bert-base b1 s128 baseline", 500.0)]
-    # 10/20 and 20/25: the host ran the same layers at half and at 0.8 of calibration speed.
-    assert host_speed_factor(rows, SAMPLES) == pytest.approx((0.5 + 0.8) / 2)
-    assert [is_reference(r) for r in rows] == [True, True, True, False]
-    assert host_speed_factor([_row("bert-base b1 s128 baseline", 5.0)], SAMPLES) is None
+def test_the_factor_is_calibration_time_over_the_lower_time_around_the_measurement():
+    calibration_s = {"blocks_a": 0.010, "blocks_b": 0.020, "blocks_c": 0.040}
+    before = {"blocks_a": 0.020, "blocks_b": 0.025, "blocks_c": 0.050}
+    after = {"blocks_a": 0.025, "blocks_b": 0.040, "blocks_c": 0.040}
+    # Lower times 20, 25 and 40 ms: the host ran these layers at 0.5, 0.8 and 1.0 of calibration speed.
+    assert speed_factor(calibration_s, before, after) == pytest.approx(0.8)
+    assert speed_factor(calibration_s, before) == pytest.approx(0.8)
+    assert speed_factor(calibration_s) is None and speed_factor({}, before) is None
 
 
 def test_times_at_calibration_speed_keep_every_speed_up_and_fix_a_uniform_slowdown():
@@ -34,8 +29,14 @@ def test_times_at_calibration_speed_keep_every_speed_up_and_fix_a_uniform_slowdo
     assert score(steadied)["calibrated"]["mape"] == pytest.approx(0.0)
 
 
-def test_reference_graphs_are_the_recorded_calibration_layers_rebuilt():
-    graphs = reference_graphs(SAMPLES)
-    assert [g.name for g in graphs] == ["reference blocks_d512_l2_b1_s128", "reference blocks_d640_l2_b1_s96"]
-    assert all(g.name.split(" ", 1)[1] in REFERENCE_BENCHMARKS for g in graphs)
-    assert reference_graphs([]) == []
+def test_the_recorded_reference_layers_are_lowered_and_timed_on_the_runtime():
+    name = REFERENCE_BENCHMARKS[0]
+    samples = [{"name": name, "measured_s": 0.010, "predicted_s": 0.011},
+               {"name": "gelu_16384", "measured_s": 0.001, "predicted_s": 0.001}]  # not a reference
+    with reference_layers(samples, "ort", repeat=2) as references:
+        assert references.calibration_s == {name: 0.010}
+        timed = references.time_s()
+        assert list(timed) == [name] and timed[name] > 0
+        assert references.speed_factor(timed) == pytest.approx(0.010 / timed[name])
+    with reference_layers([], "ort") as none:
+        assert none.time_s() == {} and none.speed_factor({}) is None

@@ -1,65 +1,87 @@
-"""How fast the host ran a measurement against calibration: calibration micro-benchmarks timed among the variants.
+"""How fast the host ran a measurement against calibration: calibration's own layer stacks timed around it.
 
 A calibrated profile prices kernels at the speed the host ran its
 micro-benchmarks. On a shared VM that speed moves by up to 2x for minutes at
 a time: in session 16's second ORT run on the Xeon, calibration ran its suite
 in 123 s against 230 s in the first, and the configs measured after the first
 six were predicted 25-46 % under while the probe (``cost_models.host_speed``)
-read 0.56-0.77x of calibration. A probe is another program at another moment;
-it can say that the host slowed down but not by how much for these kernels.
+read 0.56-0.77x of calibration. The probe times other kernels (torch's GEMM,
+a sum over DRAM) than the runtime runs; it can say that the host slowed down
+but not by how much for these.
 
-So a measurement that wants to know takes a few of the calibration's own
-micro-benchmarks (whole transformer layers, ``REFERENCE_BENCHMARKS``) into
-its round-robin, next to the variants: they run on the same runtime, in the
-same rounds, so a slow spell hits them as it hits the variants. Their
-calibration time over their time now is the host's speed during that
-measurement (1: as at calibration; 0.6: the same kernels took 1/0.6 as
-long). Nothing here is predicted: both times are measured, so the factor says
-how the host changed, not how wrong the model is. Predictions are not
-rescaled by it; a report states both the raw figures and those of the
-measured times brought to calibration speed (``at_calibration_speed``).
+So a measurement that wants to know times a few of the calibration's own
+micro-benchmarks (whole transformer layers, ``REFERENCE_BENCHMARKS``) right
+before and right after it, on the same runtime and the way calibration timed
+them (each alone, warm, median of its runs; ``calibrate.run_suite``). Their
+calibration time over the lower of those two times is the host's speed
+around that measurement (1: as at calibration; 0.6: the same kernels took
+1/0.6 as long). They are not timed among the variants: interleaved with
+sessions of other models, a small layer stack loses its cache and shares
+the cores with their spinning threads, and read 0.52-0.59x on session 17's
+Xeon while the probe read 0.62-0.95x. Nothing here is predicted: both times
+are measured, so the factor says how the host changed, not how wrong the
+model is. Predictions are not rescaled by it; a report states both the raw
+figures and those of the measured times brought to calibration speed
+(``at_calibration_speed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
+import tempfile
+from pathlib import Path
+from typing import Iterator
 
 from tfcompile.compare import ComparisonRow
-from tfcompile.graph import ModelGraph
 
 # Whole layers of widths no zoo model has (calibrate.default_suite): GEMMs, attention, norms and
 # elementwise in the mix the variants run, at 9-42 ms each on session 16's Xeon.
 REFERENCE_BENCHMARKS = ("blocks_d512_l2_b1_s128", "blocks_d640_l2_b1_s96", "blocks_d256_l4_b4_s256")
-REFERENCE_PREFIX = "reference "
 
 
-def reference_graphs(calibration_samples: list[dict]) -> list[ModelGraph]:
-    """The reference micro-benchmarks whose calibration times ``calibration_samples`` (a profile's
-    ``samples``) record, built again and named ``"reference <name>"``."""
-    from tfcompile.calibrate import default_suite
-    from tfcompile.graph import export_module
+class ReferenceLayers:
+    """The reference benchmarks that a profile's ``samples`` recorded, lowered once on ``backend``."""
 
-    recorded = {record["name"] for record in calibration_samples}
-    graphs = []
-    for bench in default_suite():
-        if bench.name in REFERENCE_BENCHMARKS and bench.name in recorded:
-            module, inputs = bench.build()
-            graphs.append(export_module(module, inputs, name=REFERENCE_PREFIX + bench.name))
-    return graphs
+    def __init__(self, calibration_samples: list[dict], backend: str, workdir: Path, repeat: int = 10):
+        from tfcompile.backends.runner import lower
+        from tfcompile.calibrate import default_suite
+        from tfcompile.graph import export_module
+
+        recorded = {record["name"]: record["measured_s"] for record in calibration_samples}
+        self.calibration_s: dict[str, float] = {}
+        self._runs = {}
+        self._backend, self._repeat = backend, repeat
+        for bench in default_suite():
+            if bench.name in REFERENCE_BENCHMARKS and bench.name in recorded:
+                module, inputs = bench.build()
+                self._runs[bench.name] = lower(export_module(module, inputs, name=bench.name), backend, workdir).run
+                self.calibration_s[bench.name] = recorded[bench.name]
+
+    def time_s(self) -> dict[str, float]:
+        """Each reference's median time now, timed alone as calibration times it."""
+        from tfcompile.backends.timing import measure
+
+        return {name: measure(run, backend=self._backend, warmup=3, repeat=self._repeat, max_total_s=10.0).median_s
+                for name, run in self._runs.items()}
+
+    def speed_factor(self, *timings: dict[str, float]) -> float | None:
+        return speed_factor(self.calibration_s, *timings)
 
 
-def is_reference(row: ComparisonRow) -> bool:
-    return row.name.startswith(REFERENCE_PREFIX)
-
-
-def host_speed_factor(rows: list[ComparisonRow], calibration_samples: list[dict]) -> float | None:
-    """The median, over the reference rows among ``rows``, of calibration time over measured time (None when
-    there are none)."""
-    calibrated_s = {REFERENCE_PREFIX + record["name"]: record["measured_s"] for record in calibration_samples}
-    ratios = [calibrated_s[row.name] * 1e3 / row.measured_ms for row in rows
-              if is_reference(row) and row.name in calibrated_s and row.measured_ms > 0]
+def speed_factor(calibration_s: dict[str, float], *timings: dict[str, float]) -> float | None:
+    """The median, over the references, of their calibration time over the lowest of their ``timings`` (None
+    without references or timings)."""
+    ratios = [seconds / min(t[name] for t in timings) for name, seconds in calibration_s.items()] if timings else []
     return statistics.median(ratios) if ratios else None
+
+
+@contextlib.contextmanager
+def reference_layers(calibration_samples: list[dict], backend: str, repeat: int = 10) -> Iterator[ReferenceLayers]:
+    """``ReferenceLayers`` whose lowered files live as long as the ``with`` body."""
+    with tempfile.TemporaryDirectory(prefix="tfcompile-reference-") as workdir:
+        yield ReferenceLayers(calibration_samples, backend, Path(workdir), repeat)
 
 
 def at_calibration_speed(rows: list[ComparisonRow], speed_factor: float) -> list[ComparisonRow]:
