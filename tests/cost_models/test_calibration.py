@@ -54,6 +54,33 @@ def test_tvm_runs_the_gelu_after_a_linear_over_tokens_as_a_kernel_of_its_own():
     assert [k.op_class for k in group_kernels(_mlp(), "tvm")][:2] == ["gemm", "gemm"]  # 2-D: the epilogue
 
 
+class _Conv1DMlp(torch.nn.Module):
+    """GPT-2's MLP: Conv1D is an addmm over [B*S, K] viewed back to [B, S, N]; GELU written out with a tanh."""
+
+    def __init__(self, d: int = 32, hidden: int = 64):
+        super().__init__()
+        self.w_in, self.b_in = torch.nn.Parameter(torch.randn(d, hidden)), torch.nn.Parameter(torch.randn(hidden))
+        self.w_out, self.b_out = torch.nn.Parameter(torch.randn(hidden, d)), torch.nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        h = torch.addmm(self.b_in, x.view(-1, x.shape[-1]), self.w_in).view(*x.shape[:-1], -1)
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        return torch.addmm(self.b_out, h.view(-1, h.shape[-1]), self.w_out).view(x.shape) + x
+
+
+def test_tvm_ends_a_gemm_kernel_at_the_view_back_to_tokens_and_prices_a_tanh_chain_as_an_activation():
+    graph = export_module(_Conv1DMlp(), (torch.randn(2, 4, 32),), name="conv1d_mlp")
+    kernels = group_kernels(graph, "tvm")
+    # The GELU's two branches (0.5 * h and the tanh of a cubic) are two kernels here; FuseOps makes them one.
+    assert [k.op_class for k in kernels] == ["gemm", "memory", "activation", "gemm", "memory"]
+    assert kernels[0].nodes == ["addmm"] and "tanh" in kernels[2].nodes
+    assert kernels[3].nodes == ["addmm_1"] and kernels[4].nodes == ["add_2"]  # the residual add reads the view
+    # The same ops without views of another shape in between: the residual add is the GEMM's epilogue.
+    flat = group_kernels(export_module(_Conv1DMlp(), (torch.randn(8, 32),), name="conv1d_mlp_2d"), "tvm")
+    assert [k.op_class for k in flat] == ["gemm", "memory", "activation", "gemm"]
+    assert flat[3].nodes == ["addmm_1", "add_2"]
+
+
 def test_a_profile_without_the_activation_class_prices_gelu_as_elementwise():
     kernel = group_kernels(_mlp(), "ort")[1]
     old = Profile(target="cpu", backend="ort", s_per_flop={"memory": 1e-9}, s_per_byte={"memory": 1e-10},

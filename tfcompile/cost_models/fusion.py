@@ -74,6 +74,7 @@ ORT_VIEW_NODES = {aten.view.default, aten.reshape.default, aten._unsafe_view.def
                   aten.squeeze.dim, aten.squeeze.dims, aten.flatten.using_ints, aten.unflatten.int}
 # Elementwise ops ONNX Runtime and TVM run as a kernel of their own with a transcendental per element.
 ACTIVATIONS = {aten.gelu.default, aten.silu.default}
+TRANSCENDENTALS = {aten.tanh.default, aten.erf.default, aten.sigmoid.default}
 LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
 # Scatters that add into their destination: ORT's ScatterND with reduction "add" and TVM's index_put loop go
 # element by element, index tuple by index tuple.
@@ -159,7 +160,8 @@ def group_kernels(graph: ModelGraph, backend: str | None = None) -> list[Kernel]
         # A Transpose is a node of its own in ORT, never a GEMM's epilogue.
         fusable = fuse and cost.op_class == "memory" and node.target not in PERMUTES
         producer = _fusable_producer(node, alias_of, kernel_of, backend == "tvm") if fusable else None
-        if backend == "tvm" and producer is not None and _reshaped_linear(producer):
+        if backend == "tvm" and producer is not None and (_reshaped_linear(producer)
+                                                          or _reads_gemm_reshaped(node, producer, kernel_of)):
             producer = None  # Relax's reshape after the matmul ends the kernel (its bias is inside)
         if producer is not None:
             kernel_of[node] = _absorb(kernel_of[producer], node, cost, producer)
@@ -178,6 +180,12 @@ def group_kernels(graph: ModelGraph, backend: str | None = None) -> list[Kernel]
         if backend == "ort" and node.target is aten.linear.default and node.args[0].meta["val"].dim() > 2:
             # ORT runs a linear on [B, S, K] as Reshape, Gemm, Reshape (its Gemm takes 2-D operands).
             kernels += [Kernel([f"{node.name}.reshape{i}"], "view", 0.0, 0.0, 0.0, "fp32", 0) for i in (0, 1)]
+    if backend == "tvm":
+        # An elementwise kernel that evaluates a tanh or erf (GPT-2's GELU written out) costs as an activation.
+        transcendental = {n.name for n in graph.call_nodes() if n.target in TRANSCENDENTALS}
+        for kernel in kernels:
+            if kernel.op_class == "memory" and transcendental.intersection(kernel.nodes):
+                kernel.op_class = "activation"
     return kernels
 
 
@@ -196,10 +204,24 @@ def _reshaped_linear(node: torch.fx.Node) -> bool:
     return node.target is aten.linear.default and node.args[0].meta["val"].dim() > 2
 
 
+def _reads_gemm_reshaped(node: torch.fx.Node, producer: torch.fx.Node, kernel_of) -> bool:
+    """Whether ``node`` reads ``producer``, a GEMM's kernel, through a view of another shape: GPT-2's Conv1D is
+    an addmm over [B*S, K] viewed back to [B, S, N]. Relax imports the view as a reshape, which FuseOps does
+    not put into a matmul's epilogue, so the GELU after it is a kernel of its own (session 16's TVM profile
+    of gpt2-small: 19 ms of GELU kernels predicted inside the GEMMs)."""
+    if kernel_of[producer].op_class != "gemm":
+        return False
+    shape = tuple(producer.meta["val"].shape) if isinstance(producer.meta.get("val"), torch.Tensor) else None
+    return any(source_through_free_ops(a) is producer and isinstance(a.meta.get("val"), torch.Tensor)
+               and tuple(a.meta["val"].shape) != shape for a in node.all_input_nodes if a is not producer)
+
+
 def _after_2d_linear(node: torch.fx.Node) -> bool:
     """Whether ``node`` reads a linear over a 2-D input, whose epilogue TVM fuses it into (no reshape between)."""
-    source = source_through_free_ops(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
-    return source is not None and source.target is aten.linear.default and not _reshaped_linear(source)
+    arg = node.args[0]
+    source = source_through_free_ops(arg) if isinstance(arg, torch.fx.Node) else None
+    return (source is not None and source.target in (aten.linear.default, aten.addmm.default)
+            and not _reshaped_linear(source) and tuple(arg.meta["val"].shape) == tuple(source.meta["val"].shape))
 
 
 def _accumulates(node: torch.fx.Node) -> bool:
