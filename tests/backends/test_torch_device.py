@@ -74,6 +74,7 @@ def test_float_inputs_are_cast_too():
     assert low.max_rel_err <= TOLERANCE["bf16"]
 
 
+@pytest.mark.slow  # inductor builds its C++ kernel (about 20 s); the other modes run in the default set
 def test_compile_on_cpu_runs_when_a_cpp_compiler_is_here_else_is_refused():
     torch.manual_seed(0)
     graph = export_module(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU()), (torch.randn(2, 16),),

@@ -116,6 +116,7 @@ def _cli(*args):
                           timeout=600, env={"COLUMNS": "80", "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow  # a CLI subprocess over a saved model; twin: test_pipeline_writes_both_graphs_and_a_valid_report
 def test_cli_generates_from_a_model_directory(tmp_path):
     model_dir = tmp_path / "tiny-gpt2"
     _model("gpt2-small").save_pretrained(model_dir)
