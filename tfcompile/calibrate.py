@@ -367,6 +367,11 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
 CALIBRATION_ROUNDS = 2
 
 
+def time_benchmark_s(run: Callable[[], object], backend: str, *, repeat: int = 10, warmup: int = 3) -> float:
+    """One micro-benchmark's median seconds as calibration times it: alone, after ``warmup`` runs."""
+    return measure(run, backend=backend, warmup=warmup, repeat=repeat, max_total_s=10.0).median_s
+
+
 def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10, rounds: int = CALIBRATION_ROUNDS,
               progress: Callable[[str], None] = lambda _: None) -> list[Sample]:
     """Measure every benchmark of ``suite`` on ``backend``, ``rounds`` times a whole suite apart (the lowered
@@ -378,15 +383,13 @@ def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10, ro
             module, inputs = bench.build()
             graph = export_module(module, inputs, name=bench.name)
             lowered = lower(graph, backend, Path(workdir))
-            result = measure(lowered.run, backend=backend, warmup=3, repeat=repeat, max_total_s=10.0)
             lowered_runs.append(lowered.run)
             graphs.append(graph)
-            best_s.append(result.median_s)
+            best_s.append(time_benchmark_s(lowered.run, backend, repeat=repeat))
         for round_index in range(2, rounds + 1):
             for i, (bench, run) in enumerate(zip(suite, lowered_runs)):
                 progress(f"round {round_index}/{rounds} [{i + 1}/{len(suite)}] {bench.name}")
-                result = measure(run, backend=backend, warmup=1, repeat=repeat, max_total_s=10.0)
-                best_s[i] = min(best_s[i], result.median_s)
+                best_s[i] = min(best_s[i], time_benchmark_s(run, backend, repeat=repeat, warmup=1))
     return [Sample(bench.name, graph, seconds) for bench, graph, seconds in zip(suite, graphs, best_s)]
 
 

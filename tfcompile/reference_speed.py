@@ -61,10 +61,9 @@ class ReferenceLayers:
 
     def time_s(self) -> dict[str, float]:
         """Each reference's median time now, timed alone as calibration times it."""
-        from tfcompile.backends.timing import measure
+        from tfcompile.calibrate import time_benchmark_s
 
-        return {name: measure(run, backend=self._backend, warmup=3, repeat=self._repeat, max_total_s=10.0).median_s
-                for name, run in self._runs.items()}
+        return {name: time_benchmark_s(run, self._backend, repeat=self._repeat) for name, run in self._runs.items()}
 
     def speed_factor(self, *timings: dict[str, float]) -> float | None:
         return speed_factor(self.calibration_s, *timings)

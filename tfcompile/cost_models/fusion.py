@@ -177,7 +177,7 @@ def group_kernels(graph: ModelGraph, backend: str | None = None) -> list[Kernel]
                         float(_constant_operand_bytes(node)) if gemm else 0.0)
         kernels.append(kernel)
         kernel_of[node] = kernel
-        if backend == "ort" and node.target is aten.linear.default and node.args[0].meta["val"].dim() > 2:
+        if backend == "ort" and _reshaped_linear(node):
             # ORT runs a linear on [B, S, K] as Reshape, Gemm, Reshape (its Gemm takes 2-D operands).
             kernels += [Kernel([f"{node.name}.reshape{i}"], "view", 0.0, 0.0, 0.0, "fp32", 0) for i in (0, 1)]
     if backend == "tvm":
@@ -200,7 +200,7 @@ def _absorb(kernel: Kernel, node: torch.fx.Node, cost: OpCost, producer: torch.f
 
 
 def _reshaped_linear(node: torch.fx.Node) -> bool:
-    """A linear over a [B, S, K] input: Relax imports it as reshape, matmul (with its bias), reshape."""
+    """A linear over a [B, S, K] input: ORT and Relax both run it as reshape, matmul (with its bias), reshape."""
     return node.target is aten.linear.default and node.args[0].meta["val"].dim() > 2
 
 
