@@ -69,6 +69,19 @@ def test_rows_fitted_to_m_never_overflow_the_register_file(rows, lanes, register
     assert mr <= rows
 
 
+@pytest.mark.parametrize("rows,vectors,registers,expected", [
+    (1024, 4, 32, 4),  # AVX-512: 6 leaves 4 rows over, 5 does not divide, 4x64 divides with 16 accumulators
+    (4096, 4, 32, 4),
+    (512, 4, 32, 6),   # 6 leaves 2 rows over: the tail measured faster than 4x64
+    (1000, 4, 32, 5),  # one row fewer than the most divides
+    (768, 4, 32, 6),
+    (197, 4, 32, 6),   # nothing divides a prime: the tail stays
+    (1024, 2, 16, 6),  # AVX2: 4x16 has 8 accumulators, too few; the tail stays
+])
+def test_rows_divide_m_when_the_tail_is_large_and_enough_accumulators_remain(rows, vectors, registers, expected):
+    assert tile_rows(rows, vectors, registers) == expected
+
+
 @pytest.mark.parametrize("name", TARGETS)
 def test_vector_unit_is_read_from_the_target_features(name):
     spec, (bits, registers), _ = TARGETS[name]

@@ -178,6 +178,9 @@ class Tile:
 # Independent accumulators an FMA pipeline needs to stay full: ~4 cycles latency × 2 FMA ports on
 # every x86 core since Haswell and on Neoverse/Apple cores.
 MIN_ACCUMULATORS = 8
+# Accumulators a tile narrowed to divide M must keep (``tile_rows``): 4×64 on AVX-512 does, 4×16 on AVX2
+# does not.
+DIVISOR_MIN_ACCUMULATORS = 16
 # Rows of a tile: more than this and the A broadcasts dominate the loads again.
 MAX_MR = 8
 
@@ -216,16 +219,26 @@ def tile_rows(rows: int, vectors: int, registers: int) -> int:
     """``mr`` for a matmul of ``rows`` (M) rows and ``vectors``-vector panels.
 
     The most rows that fit the register file, or one row fewer when that divides
-    M and the most does not (it spares the predicated last row tile). Fewer rows
-    than that lose more to the extra B loads per FMA than a predicated tail costs:
-    on an AVX2 build (haswell, 768→3072, M = 128) 6×16 with a tail ran 97 GFLOP/s
-    against 88 for 4×16 and 64 for 8×16, which spills.
+    M and the most does not (it spares the predicated last row tile), or, when
+    the tail would hold more than half a tile, the most rows that divide M while
+    keeping DIVISOR_MIN_ACCUMULATORS accumulators. Measured on session 18's
+    AVX-512 Xeon (``benchmarks/tvm_matmul_rows.py --against-tail``: 768→768,
+    2 threads, interleaved in one process): where 6 leaves 4 rows over (M = 256,
+    1024, 4096) 4×64 tiles that divide M ran 1.20-1.39x faster than 6×64 with a
+    tail; where it leaves 2 (M = 128, 512, 2048) they ran 0.91-0.97x, slower. On
+    AVX2 the narrower tile keeps too few accumulators: 4×16 ran 107-113 GFLOP/s
+    against 121-125 for 6×16 with a tail at M = 1024 (haswell build, same host),
+    and 88 against 97 at M = 128 (an earlier host); 8×16 spills (64).
     """
     top = max(max_rows(vectors, registers), 1)
     if rows <= top:
         return max(rows, 1)
     if rows % top and top > 2 and rows % (top - 1) == 0:
         return top - 1
+    if rows % top > top // 2:
+        for mr in range(top - 2, 0, -1):
+            if mr * vectors >= DIVISOR_MIN_ACCUMULATORS and rows % mr == 0:
+                return mr
     return top
 
 
