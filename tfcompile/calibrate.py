@@ -238,6 +238,10 @@ RESIDUAL_NORMS = ((128, 768), (512, 384), (2048, 768))
 # probabilities summed: kernels no other benchmark has (fusion.ACCUMULATING_SCATTERS, "score_reduce").
 MERGE_SCATTERS = ((128, 120, 768), (512, 496, 384), (1024, 992, 768))
 SCORE_IMPORTANCE = ((12, 256), (12, 512))
+# (rows, k, n) of a layer's projections over the rows of a batch or a long prompt (vit-base's 197 and 4 x 197,
+# 1024, 2048): TVM's rate varies with M by its row tile (a predicated last tile, backends/tvm/target.tile_rows),
+# so the 1-512 rows above do not tell it (session 16: 133 GFLOP/s at 1024 rows against 176 at 1000).
+TALL_GEMMS = ((197, 768, 3072), (788, 768, 768), (1024, 768, 3072), (2048, 3072, 768))
 # (rows, k, n) of a vocabulary projection over every position: a narrow K against tens of thousands of
 # columns, whose output (25-50 MB) costs as much to write as the GEMM to compute (llama-tiny's head).
 VOCAB_GEMMS = ((256, 320, 24000), (512, 320, 24000))
@@ -319,6 +323,9 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
     for heads, s in OPEN_MASK_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_openmask_h{heads}_s{s}_d64", lambda h=heads, s=s: (
             _OpenMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+    for m, k, n in TALL_GEMMS:
+        suite.append(MicroBenchmark(f"tall_linear_m{m}_k{k}_n{n}",
+                                    lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
     for m, k, n in VOCAB_GEMMS:
         suite.append(MicroBenchmark(f"vocab_linear_m{m}_k{k}_n{n}",
                                     lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
