@@ -3,7 +3,8 @@
 Layers, lowest first (a module may import its own layer and those below):
 core (errors, outputs, graph, corpus, workload) -> structure, frontend, verify, report, plots ->
 cost_models -> passes -> backends -> the pipeline (variants, search,
-knob_search, measure, optimize, compare, explain, calibrate, pipeline, workload_cost, reference_speed) -> cli.
+knob_search, measure, optimize, compare, compare_run, explain, calibrate, pipeline, workload_cost, reference_speed)
+-> cli.
 """
 
 import ast
@@ -23,7 +24,7 @@ LAYERS = [
     ("tfcompile.variants", "tfcompile.search", "tfcompile.knob_search", "tfcompile.measure", "tfcompile.optimize",
      "tfcompile.compare", "tfcompile.calibrate", "tfcompile.calibrate_device", "tfcompile.pipeline",
      "tfcompile.workload_cost", "tfcompile.provenance", "tfcompile.generation", "tfcompile.explain",
-     "tfcompile.reference_speed"),
+     "tfcompile.reference_speed", "tfcompile.compare_run"),
     ("tfcompile.cli", "tfcompile.cli_options", "tfcompile.cli_reference", "tfcompile.cli_output"),
 ]
 

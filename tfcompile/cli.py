@@ -309,11 +309,10 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
     from tfcompile.cost_models import load_device
     load_device(target)  # an unknown --target fails at once, before the imports below load torch
 
-    from tfcompile.compare import (builtin_variant_graphs, check_compare_options, lowest_of_passes,
-                                   measure_and_predict, score, write_outputs)
+    from tfcompile.compare import builtin_variant_graphs, check_compare_options, write_outputs
+    from tfcompile.compare_run import run_compare
     from tfcompile.measure import require_measurable
     from tfcompile.cost_models.model import cost_model_for
-    from tfcompile.cost_models.host_speed import probes_around, speed_record, speed_text
     from tfcompile.explain import explain, explained_count
 
     check_compare_options(target, output_dir)  # an unknown target or an unwritable -o fails before any work
@@ -329,26 +328,19 @@ def compare(model, target, backend, batches, seqs, profile_path, repeat, pass_co
     on_this_host = remote_spec is None and torch_options.get("device") != "cuda"
     with console.status("building variants") as status:
         graphs = builtin_variant_graphs(model, batch_sizes, seq_lens, seed)
-        with probes_around(on_this_host) as probes:
-            rows = lowest_of_passes([
-                measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
-                                    progress=lambda m, i=i: status.update(f"round {i + 1}/{pass_count}: {m}"),
-                                    remote=remote_spec, group_key=lambda graph: graph.name.rsplit(" ", 1)[0],
-                                    **torch_options)
-                for i in range(pass_count)])
-    speed = speed_record(cost_model.host_speed, *probes) if probes else None
-    scores = score(rows)
-    cli_output.show_comparison(rows, scores, console,
+        run = run_compare(graphs, cost_model, repeat=repeat, pass_count=pass_count,
+                          on_this_host=on_this_host, remote=remote_spec, torch_options=torch_options,
+                          progress=status.update)
+    cli_output.show_comparison(run.rows, run.scores, console,
                                title=f"{Path(model).name}: predicted vs measured on {target}/"
                                      f"{remote_spec.label if remote_spec else runtime}")
-    if speed and speed_text(speed):
-        console.print(speed_text(speed), markup=False)
+    cli_output.show_host_speed(run, console)
     with console.status(f"profiling the {explain_count} variants furthest off on {backend}"):
-        explained = explain(rows, {g.name: g for g in graphs}, cost_model, count=explain_count)
+        explained = explain(run.rows, {g.name: g for g in graphs}, cost_model, count=explain_count)
     cli_output.show_explanations(explained, console)
-    write_outputs(rows, scores, output_dir, title=f"{Path(model).name} on {target} ({runtime})",
-                  measured_with=torch_options and {"backend": backend, **torch_options}, host_speed=speed,
-                  explained=explained)
+    write_outputs(run.rows, run.scores, output_dir, title=f"{Path(model).name} on {target} ({runtime})",
+                  measured_with=torch_options and {"backend": backend, **torch_options},
+                  host_readings=run.host_readings, explained=explained)
     console.print(f"wrote {output_dir / 'compare.json'} and {output_dir / 'compare.png'}")
 
 

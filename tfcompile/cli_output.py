@@ -128,6 +128,24 @@ def show_comparison(rows, scores: dict, out: Console, *, title: str) -> None:
                   highlight=False, markup=False)
 
 
+def show_host_speed(run, out: Console) -> None:
+    """How fast the host ran around compare's measurement (``compare_run.CompareRun``): the probe's clause, and
+    the calibration's own layers' factor with the calibrated scores at calibration speed."""
+    from tfcompile.cost_models.host_speed import speed_text
+
+    if run.host_speed and speed_text(run.host_speed):
+        out.print(speed_text(run.host_speed), markup=False)
+    if not run.reference_speed:
+        return
+    steadied = run.scores_at_calibration_speed.get("calibrated")
+    line = (f"calibration's own layers ran at {run.reference_speed['factor']:.2f}x of their calibration speed "
+            "around the measurement (timed just before and after it)")
+    if steadied:
+        line += (f"; with the measured times at calibration speed, calibrated MAPE {steadied['mape']:.1%}, "
+                 f"{steadied['within_10pct']:.0%} within ±10 %")
+    out.print(line, highlight=False, markup=False)
+
+
 def warn_uncalibrated(out: Console, target: str, backend: str, torch_options: dict[str, str]) -> None:
     """compare without a profile for the target and runtime: how to make one, and that only the roofline shows."""
     options = "".join(f" --{key} {value}" for key, value in torch_options.items())

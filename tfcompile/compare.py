@@ -207,14 +207,14 @@ def check_compare_options(target: str, output_dir: Path) -> None:
 
 
 def write_outputs(rows: list[ComparisonRow], scores: dict, out_dir: Path, *, title: str,
-                  measured_with: dict | None = None, host_speed: dict | None = None, explained=()) -> None:
+                  measured_with: dict | None = None, host_readings: dict | None = None, explained=()) -> None:
     """compare.json and compare.png, replaced together once both are complete.
 
     ``measured_with``: how the variants ran (torch's device, mode and precision), recorded as such;
-    ``host_speed``: the probes of this host's speed around the measurement (``host_speed.speed_record``);
+    ``host_readings``: how fast the host ran around the measurement (``compare_run.CompareRun.host_readings``);
     ``explained``: the variants furthest off split per group of ops (``explain.Explanation``)."""
     payload = {"title": title, **({"measured_with": measured_with} if measured_with else {}),
-               **({"host_speed": host_speed} if host_speed else {}), "scores": scores,
+               **(host_readings or {}), "scores": scores,
                "speedups": speedup_scores(rows), "variants": [dataclasses.asdict(r) for r in rows],
                **({"explained": [dataclasses.asdict(e) for e in explained]} if explained else {})}
     with atomic_paths(out_dir / "compare.json", out_dir / "compare.png") as (json_tmp, png_tmp):
