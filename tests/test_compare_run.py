@@ -56,3 +56,28 @@ def test_no_reference_layers_where_calibration_did_not_time_them_as_this_run_wou
     run = run_compare(graphs, cost_model, repeat=2, pass_count=1, on_this_host=on_this_host)
     assert run.reference_speed is None and run.scores_at_calibration_speed is None
     assert (run.host_speed is not None) == on_this_host
+
+
+def test_a_reference_recorded_at_zero_seconds_gives_no_factor():
+    """A profile passes its loader with a sample's measured_s at 0; the factor would be 0, not a speed."""
+    cost_model = _calibrated("ort", [{"name": REFERENCE_BENCHMARKS[0], "measured_s": 0.0, "predicted_s": 0.0}])
+    graphs = builtin_variant_graphs("tests.tiny:bert", [1], [16])[:1]
+    run = run_compare(graphs, cost_model, repeat=2, pass_count=1, on_this_host=True)
+    assert run.reference_speed is None and "reference_speed" not in run.host_readings
+
+
+def test_compare_prints_the_factor_and_the_scores_at_calibration_speed():
+    from rich.console import Console
+
+    from tfcompile.cli_output import show_host_speed
+
+    rows = [_row("m baseline", 200.0, 100.0), _row("m cleanup", 100.0, 50.0)]
+    console = Console(record=True, width=200)
+    show_host_speed(CompareRun(rows, reference_speed={"factor": 0.5, "calibration_s": {}, "before_s": {},
+                                                      "after_s": {}}), console)
+    printed = " ".join(console.export_text().split())
+    assert "ran at 0.50x of their calibration speed" in printed
+    assert "calibrated MAPE 0.0%, 100% within ±10 %" in printed
+    quiet = Console(record=True, width=200)
+    show_host_speed(CompareRun(rows), quiet)
+    assert quiet.export_text() == ""

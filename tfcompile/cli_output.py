@@ -137,7 +137,7 @@ def show_host_speed(run, out: Console) -> None:
         out.print(speed_text(run.host_speed), markup=False)
     if not run.reference_speed:
         return
-    steadied = run.scores_at_calibration_speed.get("calibrated")
+    steadied = (run.scores_at_calibration_speed or {}).get("calibrated")
     line = (f"calibration's own layers ran at {run.reference_speed['factor']:.2f}x of their calibration speed "
             "around the measurement (timed just before and after it)")
     if steadied:

@@ -71,7 +71,8 @@ def run_compare(graphs: list[ModelGraph], cost_model, *, repeat: int, pass_count
                 for i in range(pass_count)])
         after_s = references.time_s() if references else {}
     factor = references.speed_factor(before_s, after_s) if references else None
-    reference_speed = None if factor is None else {
+    # A profile may record a reference at 0 s (it is checked only for a finite number >= 0): no factor then.
+    reference_speed = None if not factor else {
         "factor": factor, "calibration_s": references.calibration_s, "before_s": before_s, "after_s": after_s}
     speed = speed_record(cost_model.host_speed, *probes) if probes else None
     return CompareRun(rows, speed, reference_speed)
