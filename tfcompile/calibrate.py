@@ -323,12 +323,10 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
     for heads, s in OPEN_MASK_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_openmask_h{heads}_s{s}_d64", lambda h=heads, s=s: (
             _OpenMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
-    for m, k, n in TALL_GEMMS:
-        suite.append(MicroBenchmark(f"tall_linear_m{m}_k{k}_n{n}",
-                                    lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
-    for m, k, n in VOCAB_GEMMS:
-        suite.append(MicroBenchmark(f"vocab_linear_m{m}_k{k}_n{n}",
-                                    lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
+    for kind, shapes in (("tall", TALL_GEMMS), ("vocab", VOCAB_GEMMS)):
+        for m, k, n in shapes:
+            suite.append(MicroBenchmark(f"{kind}_linear_m{m}_k{k}_n{n}",
+                                        lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
     for rows in (128, 512, 2048):
         suite.append(MicroBenchmark(f"layernorm_{rows}x768", lambda rows=rows: (_LayerNorm(768), (_randn(rows, 768),))))
     for rows, width in RESIDUAL_NORMS:

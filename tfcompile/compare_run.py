@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Callable
 
 from tfcompile.compare import ComparisonRow, lowest_of_passes, measure_and_predict, score
@@ -40,11 +41,11 @@ class CompareRun:
                     "scores_at_calibration_speed": self.scores_at_calibration_speed}
         return {key: value for key, value in readings.items() if value}
 
-    @property
+    @functools.cached_property
     def scores(self) -> dict:
         return score(self.rows)
 
-    @property
+    @functools.cached_property
     def scores_at_calibration_speed(self) -> dict | None:
         """The scores with every measured time brought to calibration speed (``reference_speed``'s factor)."""
         factor = (self.reference_speed or {}).get("factor")
