@@ -1,7 +1,8 @@
 import pytest
 
 from tfcompile.compare import ComparisonRow, measured_speedup, score
-from tfcompile.reference_speed import REFERENCE_BENCHMARKS, at_calibration_speed, reference_layers, speed_factor
+from tfcompile.reference_speed import (REFERENCE_BENCHMARKS, at_calibration_speed, readings_around, reference_layers,
+                                      speed_factor)
 
 
 def _row(name, ms, predicted=None, runs=()):
@@ -40,3 +41,71 @@ def test_the_recorded_reference_layers_are_lowered_and_timed_on_the_runtime():
         assert references.speed_factor(timed) == pytest.approx(0.010 / timed[name])
     with reference_layers([], "ort") as none:
         assert none.time_s() == {} and none.speed_factor({}) is None
+
+
+def _one_ms_profile(target="cpu", samples=()):
+    from tfcompile.cost_models.calibration import CLASSES, Profile
+
+    # Every kernel at 1 ms: a prediction that does not depend on the host.
+    return Profile(target=target, backend="ort", s_per_flop=dict.fromkeys(CLASSES, 0.0),
+                   s_per_byte=dict.fromkeys(CLASSES, 0.0), kernel_overhead_s=1e-3, graph_overhead_s=0.0,
+                   samples=list(samples))
+
+
+def _calibrated(profile):
+    from tfcompile.cost_models.device import load_device
+    from tfcompile.cost_models.model import CalibratedCostModel
+
+    return CalibratedCostModel(load_device(profile.target), profile.backend, profile)
+
+
+def test_readings_around_time_the_references_and_probe_the_host_after_the_body_has_run():
+    name = REFERENCE_BENCHMARKS[0]
+    cost_model = _calibrated(_one_ms_profile(samples=[{"name": name, "measured_s": 0.010, "predicted_s": 0.010}]))
+    with readings_around(cost_model, on_this_host=True) as readings:
+        assert readings.host_speed is None and readings.reference_speed is None  # nothing read until the end
+    timed = readings.reference_speed
+    assert set(timed["before_s"]) == set(timed["after_s"]) == {name}
+    assert readings.factor == pytest.approx(0.010 / min(timed["before_s"][name], timed["after_s"][name]))
+    assert set(readings.host_speed) == {"before_measuring", "after_measuring"}
+    annotated = readings.annotate({"kind": "calibrated", "text": "calibrated profile cpu/ort"})
+    assert annotated["reference_speed"] is timed and annotated["host_speed"] is readings.host_speed
+    assert annotated["text"] == (f"calibrated profile cpu/ort; calibration's own layer stacks ran at "
+                                 f"{readings.factor:.2f}x of their calibration speed around the measurement")
+
+
+@pytest.mark.parametrize("target,on_this_host", [("cpu", False), ("edge", True)])
+def test_no_readings_of_another_machine(target, on_this_host):
+    """A measurement on a remote device is not this host's speed, and a profile of another target (calibrated
+    on a board) recorded that board's times: neither is timed against this host's reference layers."""
+    profile = _one_ms_profile(target, [{"name": REFERENCE_BENCHMARKS[0], "measured_s": 0.010, "predicted_s": 0.010}])
+    with readings_around(_calibrated(profile), on_this_host=on_this_host) as readings:
+        pass
+    assert readings.reference_speed is None
+    assert (readings.host_speed is not None) == on_this_host
+    if not on_this_host:
+        assert readings.annotate({"kind": "calibrated", "text": "t"}) == {"kind": "calibrated", "text": "t"}
+
+
+def test_optimize_measure_reports_the_reference_layers_around_its_measurement(tmp_path, monkeypatch):
+    """``optimize --measure`` with a calibrated profile states how fast the host ran calibration's own layers
+    around its timed runs, in report.json (valid against its schema) and in the caption's text."""
+    import json
+
+    import jsonschema
+
+    import tfcompile
+    from tfcompile.cost_models.calibration import save_profile
+    from tfcompile.report import schema
+
+    monkeypatch.setenv("TFCOMPILE_PROFILE_DIR", str(tmp_path / "profiles"))
+    save_profile(_one_ms_profile(samples=[{"name": REFERENCE_BENCHMARKS[0], "measured_s": 0.010,
+                                           "predicted_s": 0.010}]))
+    outcome = tfcompile.optimize_model("tests.tiny:bert", tmp_path / "out", target="cpu", measure=True,
+                                       measure_top=0, repeat=2)
+    report = json.loads(outcome.report_path.read_text())
+    jsonschema.validate(report, schema())
+    prediction = report["prediction"]
+    assert prediction["kind"] == "calibrated" and prediction["reference_speed"]["factor"] > 0
+    assert set(prediction["reference_speed"]["calibration_s"]) == {REFERENCE_BENCHMARKS[0]}
+    assert "calibration's own layer stacks ran at" in prediction["text"]

@@ -12,18 +12,13 @@ rescales a prediction:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Callable
 
 from tfcompile.compare import ComparisonRow, lowest_of_passes, measure_and_predict, score
-from tfcompile.cost_models.host_speed import probes_around, speed_record
 from tfcompile.graph import ModelGraph
-from tfcompile.reference_speed import at_calibration_speed, reference_layers
-
-# Runtimes whose reference layers a profile records and ``backends.runner.lower`` runs as calibration did.
-REFERENCE_BACKENDS = ("ort", "tvm")
+from tfcompile.reference_speed import at_calibration_speed, readings_around
 
 
 @dataclasses.dataclass
@@ -58,22 +53,12 @@ def run_compare(graphs: list[ModelGraph], cost_model, *, repeat: int, pass_count
     """Measure and predict ``graphs`` ``pass_count`` times (each variant's lowest median kept), with the
     probe and, where a calibrated profile recorded them, the reference layers timed around it all, on
     ``cost_model``'s backend. ``on_this_host``: measured on this host's CPU (not on a remote device or a GPU)."""
-    torch_options, backend = torch_options or {}, cost_model.backend
-    profile = getattr(cost_model, "profile", None)
-    samples = profile.samples if on_this_host and backend in REFERENCE_BACKENDS and profile is not None else []
-    with reference_layers(samples, backend) if samples else contextlib.nullcontext() as references:
-        before_s = references.time_s() if references else {}
-        with probes_around(on_this_host) as probes:
-            rows = lowest_of_passes([
-                measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
-                                    progress=lambda m, i=i: progress(f"round {i + 1}/{pass_count}: {m}"),
-                                    remote=remote, group_key=lambda graph: graph.name.rsplit(" ", 1)[0],
-                                    **torch_options)
-                for i in range(pass_count)])
-        after_s = references.time_s() if references else {}
-    factor = references.speed_factor(before_s, after_s) if references else None
-    # A profile may record a reference at 0 s (it is checked only for a finite number >= 0): no factor then.
-    reference_speed = None if not factor else {
-        "factor": factor, "calibration_s": references.calibration_s, "before_s": before_s, "after_s": after_s}
-    speed = speed_record(cost_model.host_speed, *probes) if probes else None
-    return CompareRun(rows, speed, reference_speed)
+    torch_options = torch_options or {}
+    with readings_around(cost_model, on_this_host) as readings:
+        rows = lowest_of_passes([
+            measure_and_predict(graphs, cost_model=cost_model, repeat=repeat,
+                                progress=lambda m, i=i: progress(f"round {i + 1}/{pass_count}: {m}"),
+                                remote=remote, group_key=lambda graph: graph.name.rsplit(" ", 1)[0],
+                                **torch_options)
+            for i in range(pass_count)])
+    return CompareRun(rows, readings.host_speed, readings.reference_speed)

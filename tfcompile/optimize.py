@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 from tfcompile.cost_models import available_targets, load_device
 from tfcompile.cost_models.device import DeviceSpec
-from tfcompile.cost_models.host_speed import probes_around, with_host_speed
 from tfcompile.workload_cost import LoadAt, ScenarioGraphs, price_over_workload, scenario_graphs_for_measurement
 from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.graph import ModelGraph
@@ -36,6 +35,7 @@ from tfcompile.knob_search.token_budget import within_budget
 from tfcompile.backends.timing import Measurement, ratio_spread
 from tfcompile.measure import measure_here, measure_remote
 from tfcompile.passes import PassContext, Workload, all_passes, check_pipeline
+from tfcompile.reference_speed import readings_around
 from tfcompile.report import VariantReport, finish_ranking, to_measure
 from tfcompile.search import Candidate, SearchSettings, budget_knob_grid, default_knob_grid, search
 from tfcompile.variants import Variant, VariantSpec, build_variant
@@ -135,7 +135,7 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
     onnx_files: dict[str, Path] = {}
     on_this_host = settings.remote is None and settings.torch_options.get("device") != "cuda"
     try:
-        with probes_around(settings.measure and on_this_host) as speed:
+        with readings_around(context.cost_model, settings.measure and on_this_host) as readings:
             if settings.measure:
                 chosen = to_measure(reports, variants, settings.target, settings.measure_top)
                 _measure({n: variants[n] for n in chosen}, reports, settings, workdir, onnx_files, progress,
@@ -144,7 +144,7 @@ def optimize(original: ModelGraph, settings: OptimizeSettings, progress: Progres
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     ranked, best = finish_ranking(reports, variants, settings.target)
-    prediction = with_host_speed(context.cost_model.provenance, context.cost_model.host_speed, speed)
+    prediction = readings.annotate(context.cost_model.provenance)
     return OptimizeResult(ranked, variants, best, refusals, onnx_files, workdir, prediction,
                           schedules, splits.source if splits is not None else None)
 

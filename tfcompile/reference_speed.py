@@ -88,3 +88,63 @@ def at_calibration_speed(rows: list[ComparisonRow], speed_factor: float) -> list
     return [dataclasses.replace(row, measured_ms=row.measured_ms * speed_factor,
                                 samples_ms=tuple(tuple(ms * speed_factor for ms in runs) for runs in row.samples_ms))
             for row in rows]
+
+
+# Runtimes whose reference layers a profile records and ``backends.runner.lower`` runs as calibration did.
+REFERENCE_BACKENDS = ("ort", "tvm")
+
+
+@dataclasses.dataclass
+class HostReadings:
+    """How fast the host ran around a measurement: filled in when the ``readings_around`` body ends."""
+
+    # host_speed.speed_record of the probes around the measurement; None when not measured on this host.
+    host_speed: dict | None = None
+    # {"factor", "calibration_s", "before_s", "after_s"} of the reference layers; None when none were timed.
+    reference_speed: dict | None = None
+
+    @property
+    def factor(self) -> float | None:
+        return (self.reference_speed or {}).get("factor")
+
+    def annotate(self, provenance: dict) -> dict:
+        """A cost model's provenance (report.json's ``prediction``) with these readings, and its text with
+        a clause for each."""
+        from tfcompile.cost_models.host_speed import speed_text
+
+        annotated, clauses = dict(provenance), []
+        if self.host_speed:
+            annotated["host_speed"] = self.host_speed
+            clauses.append(speed_text(self.host_speed))
+        if self.reference_speed:
+            annotated["reference_speed"] = self.reference_speed
+            clauses.append(f"calibration's own layer stacks ran at {self.factor:.2f}x of their calibration speed "
+                           "around the measurement")
+        annotated["text"] = "; ".join([provenance.get("text", "")] + [c for c in clauses if c])
+        return annotated
+
+
+@contextlib.contextmanager
+def readings_around(cost_model, on_this_host: bool) -> Iterator[HostReadings]:
+    """Probe the host (``host_speed.probes_around``) and, on ORT and TVM with a calibrated profile that
+    recorded them on this host (target ``cpu``), time the reference layers, just before and just after the
+    ``with`` body (a measurement); nothing when not ``on_this_host`` (a remote device or a GPU measured). The
+    readings are set once the body has run; an exception in it leaves them empty."""
+    from tfcompile.cost_models.host_speed import probes_around, speed_record
+
+    backend, profile = cost_model.backend, getattr(cost_model, "profile", None)
+    # A profile of another target (a remote board's) recorded that machine's times, not this host's.
+    timed_here = on_this_host and backend in REFERENCE_BACKENDS and profile is not None and profile.target == "cpu"
+    samples = profile.samples if timed_here else []
+    readings = HostReadings()
+    with reference_layers(samples, backend) if samples else contextlib.nullcontext() as references:
+        before_s = references.time_s() if references else {}
+        with probes_around(on_this_host) as probes:
+            yield readings
+        after_s = references.time_s() if references else {}
+    readings.host_speed = speed_record(cost_model.host_speed, *probes) if probes else None
+    factor = references.speed_factor(before_s, after_s) if references else None
+    # A profile may record a reference at 0 s (it is checked only for a finite number >= 0): no factor then.
+    if factor:
+        readings.reference_speed = {"factor": factor, "calibration_s": references.calibration_s,
+                                    "before_s": before_s, "after_s": after_s}
