@@ -3,7 +3,8 @@
 Layers, lowest first (a module may import its own layer and those below):
 core (errors, outputs, graph, corpus, workload) -> structure, frontend, verify, report, plots ->
 cost_models -> passes -> backends -> the pipeline (variants, search,
-knob_search, measure, optimize, compare, compare_run, explain, calibrate, pipeline, workload_cost, reference_speed)
+knob_search, measure, optimize, compare, compare_run, explain, calibrate, micro_models, pipeline, workload_cost,
+reference_speed)
 -> cli.
 """
 
@@ -22,7 +23,8 @@ LAYERS = [
     ("tfcompile.passes",),
     ("tfcompile.backends",),
     ("tfcompile.variants", "tfcompile.search", "tfcompile.knob_search", "tfcompile.measure", "tfcompile.optimize",
-     "tfcompile.compare", "tfcompile.calibrate", "tfcompile.calibrate_device", "tfcompile.pipeline",
+     "tfcompile.compare", "tfcompile.calibrate", "tfcompile.calibrate_device",
+     "tfcompile.micro_models", "tfcompile.pipeline",
      "tfcompile.workload_cost", "tfcompile.provenance", "tfcompile.generation", "tfcompile.explain",
      "tfcompile.reference_speed", "tfcompile.compare_run"),
     ("tfcompile.cli", "tfcompile.cli_options", "tfcompile.cli_reference", "tfcompile.cli_output"),

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import tfcompile.calibrate as calibrate
+from tfcompile import micro_models
 from tfcompile.backends.timing import Measurement
 
 
 def _suite(*widths):
-    return [calibrate.MicroBenchmark(f"linear_{n}", lambda n=n: (calibrate._Linear(8, n), (torch.randn(2, 8),)))
+    return [calibrate.MicroBenchmark(f"linear_{n}", lambda n=n: (micro_models.Linear(8, n), (torch.randn(2, 8),)))
             for n in widths]
 
 

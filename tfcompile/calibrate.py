@@ -4,7 +4,7 @@ Micro-benchmarks: GEMM sweep (skinny ones of 1-64 rows included, and
 vocabulary projections), attention (up to 4096 tokens, where the score tensors
 outgrow a last-level cache; causal, under an additive and a boolean mask),
 norms, softmax, elementwise ops and chains of them, and a launch floor, each a
-tiny traced model; synthetic transformer blocks, which no zoo model matches in
+tiny traced model (``micro_models``); synthetic transformer blocks, which no zoo model matches in
 width or depth, at sequences up to 2048 tokens; and stacks whose weights
 outgrow the measured last-level cache, at one token and at a prompt's rows.
 Every benchmark is timed in ``CALIBRATION_ROUNDS`` rounds over the suite, and
@@ -36,175 +36,13 @@ from tfcompile.cost_models.calibration import Profile, Sample, fit_checked
 from tfcompile.cost_models.device import detect_host, host_identity, last_level_cache_bytes
 from tfcompile.cost_models.host_speed import probe_host_speed
 from tfcompile.graph import export_module
+from tfcompile import micro_models as micro
 
 
 @dataclasses.dataclass(frozen=True)
 class MicroBenchmark:
     name: str
     build: Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]
-
-
-class _Linear(torch.nn.Module):
-    def __init__(self, k, n):
-        super().__init__()
-        self.fc = torch.nn.Linear(k, n)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
-class _Attention(torch.nn.Module):
-    def forward(self, q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
-class _CausalAttention(torch.nn.Module):
-    """Attention under an additive causal mask held as a constant [1, 1, S, S], as the zoo's decoders pass
-    it to SDPA once cleanup has folded its construction (``is_causal`` would be lowered by the exporter
-    into ops that the traced graph, and so the cost model, never sees)."""
-
-    def __init__(self, seq: int):
-        super().__init__()
-        hidden = ~torch.ones(seq, seq, dtype=torch.bool).tril()
-        self.register_buffer("mask", torch.zeros(seq, seq).masked_fill(hidden, float("-inf"))[None, None])
-
-    def forward(self, q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
-
-
-class _BooleanMaskAttention(torch.nn.Module):
-    """Attention under a boolean causal mask [1, 1, S, S], as Hugging Face's Llama passes it to SDPA: ORT runs
-    it with an Add, an IsNaN and a Where over the scores besides the softmax (``op_costs.unfused_score_bytes``)."""
-
-    def __init__(self, seq: int):
-        super().__init__()
-        self.register_buffer("mask", torch.ones(seq, seq, dtype=torch.bool).tril()[None, None])
-
-    def forward(self, q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
-
-
-class _BandMaskAttention(torch.nn.Module):
-    """Attention under a boolean band |i - j| <= ``half_window``, as a local-attention variant at short length
-    passes it: most scores hidden."""
-
-    def __init__(self, seq: int, half_window: int):
-        super().__init__()
-        positions = torch.arange(seq)
-        self.register_buffer("mask", ((positions[:, None] - positions[None, :]).abs() <= half_window)[None, None])
-
-    def forward(self, q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
-
-
-class _OpenMaskAttention(torch.nn.Module):
-    """Attention under an additive mask of zeros: the mask's Add, no score hidden."""
-
-    def __init__(self, seq: int):
-        super().__init__()
-        self.register_buffer("mask", torch.zeros(1, 1, seq, seq))
-
-    def forward(self, q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
-
-
-class _LayerNorm(torch.nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(d)
-
-    def forward(self, x):
-        return self.norm(x)
-
-
-class _ResidualLayerNorm(torch.nn.Module):
-    """A residual add read only by a LayerNorm: ORT's SkipLayerNormalization, as in a post-norm layer."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(d)
-
-    def forward(self, x, residual):
-        return self.norm(x + residual)
-
-
-class _MergeScatter(torch.nn.Module):
-    """Token merging's group sums: ``values`` rows added into ``keep`` slots, one index per element."""
-
-    def __init__(self, keep: int, width: int):
-        super().__init__()
-        self.keep = keep
-        self.register_buffer("columns", torch.arange(width).unsqueeze(0))
-
-    def forward(self, values, slot):
-        summed = values.new_zeros(self.keep, values.shape[1])
-        return summed.index_put([slot.view(-1, 1), self.columns], values, accumulate=True)
-
-
-class _ScoreImportance(torch.nn.Module):
-    """Attention written out, with the probabilities summed over heads and queries (token merging's)."""
-
-    def forward(self, q, k, v):
-        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
-        return torch.matmul(probs, v), probs.sum(dim=(1, 2))
-
-
-class _Softmax(torch.nn.Module):
-    def forward(self, x):
-        return torch.softmax(x, dim=-1)
-
-
-class _Gelu(torch.nn.Module):
-    def forward(self, x):
-        return torch.nn.functional.gelu(x)
-
-
-class _AddChain(torch.nn.Module):
-    """``length`` dependent mul-add-relu steps: on a tiny tensor, per-kernel overhead; on a medium one
-    (a layer's activations), elementwise memory traffic."""
-
-    def __init__(self, length):
-        super().__init__()
-        self.length = length
-
-    def forward(self, x, y):
-        for _ in range(self.length):
-            x = x * y + y  # a mul and an add per step; backends may fuse them
-            x = torch.relu(x)
-        return x
-
-
-class _Block(torch.nn.Module):
-    """A generic Pre-LN encoder block: the kernel mix of a transformer layer at a given width."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = torch.nn.LayerNorm(width)
-        self.qkv = torch.nn.Linear(width, 3 * width)
-        self.proj = torch.nn.Linear(width, width)
-        self.norm2 = torch.nn.LayerNorm(width)
-        self.up = torch.nn.Linear(width, 4 * width)
-        self.down = torch.nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        batch, seq, width = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(batch, seq, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, seq, width))
-        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
-
-
-class _Stack(torch.nn.Module):
-    def __init__(self, width: int, heads: int, depth: int):
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = torch.nn.ModuleList(_Block(width, heads) for _ in range(depth))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 # (width, heads, depth, batch, seq): widths and depths of no zoo model; sizes spanning the zoo's. The last
@@ -295,73 +133,74 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
     for m in (1, 16, 128, 512):
         for k, n in ((768, 768), (768, 3072), (3072, 768), (256, 1024)):
             suite.append(MicroBenchmark(f"linear_m{m}_k{k}_n{n}",
-                                        lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
+                                        lambda m=m, k=k, n=n: (micro.Linear(k, n), (_randn(m, k),))))
     for m in SKINNY_GEMM_ROWS:
         for k, n in SKINNY_GEMM_WIDTHS:
             suite.append(MicroBenchmark(f"skinny_linear_m{m}_k{k}_n{n}",
-                                        lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
+                                        lambda m=m, k=k, n=n: (micro.Linear(k, n), (_randn(m, k),))))
     for s in (64, 128, 256, 512):
         suite.append(MicroBenchmark(f"sdpa_h12_s{s}_d64",
-                                    lambda s=s: (_Attention(), tuple(_randn(1, 12, s, 64) for _ in range(3)))))
+                                    lambda s=s: (micro.Attention(), tuple(_randn(1, 12, s, 64) for _ in range(3)))))
     for heads, s, d in HEAD_WIDTH_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_h{heads}_s{s}_d{d}", lambda h=heads, s=s, d=d: (
-            _Attention(), tuple(_randn(1, h, s, d) for _ in range(3)))))
+            micro.Attention(), tuple(_randn(1, h, s, d) for _ in range(3)))))
     for heads, s, d in BOOLEAN_MASK_NARROW_HEADS:
         suite.append(MicroBenchmark(f"sdpa_boolmask_h{heads}_s{s}_d{d}", lambda h=heads, s=s, d=d: (
-            _BooleanMaskAttention(s), tuple(_randn(1, h, s, d) for _ in range(3)))))
+            micro.BooleanMaskAttention(s), tuple(_randn(1, h, s, d) for _ in range(3)))))
     for heads, s in LONG_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            _Attention(), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.Attention(), tuple(_randn(1, h, s, 64) for _ in range(3)))))
     for heads, s in CAUSAL_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_causal_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            _CausalAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.CausalAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
     for heads, s in BOOLEAN_MASK_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_boolmask_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            _BooleanMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.BooleanMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
     for heads, s, half in BAND_MASK_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_band{half}_h{heads}_s{s}_d64", lambda h=heads, s=s, w=half: (
-            _BandMaskAttention(s, w), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.BandMaskAttention(s, w), tuple(_randn(1, h, s, 64) for _ in range(3)))))
     for heads, s in OPEN_MASK_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_openmask_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            _OpenMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.OpenMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
     for kind, shapes in (("tall", TALL_GEMMS), ("vocab", VOCAB_GEMMS)):
         for m, k, n in shapes:
             suite.append(MicroBenchmark(f"{kind}_linear_m{m}_k{k}_n{n}",
-                                        lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
+                                        lambda m=m, k=k, n=n: (micro.Linear(k, n), (_randn(m, k),))))
     for rows in (128, 512, 2048):
-        suite.append(MicroBenchmark(f"layernorm_{rows}x768", lambda rows=rows: (_LayerNorm(768), (_randn(rows, 768),))))
+        suite.append(MicroBenchmark(f"layernorm_{rows}x768", lambda rows=rows: (
+            micro.LayerNorm(768), (_randn(rows, 768),))))
     for rows, width in RESIDUAL_NORMS:
         suite.append(MicroBenchmark(f"residual_layernorm_{rows}x{width}", lambda r=rows, w=width: (
-            _ResidualLayerNorm(w), (_randn(1, r, w), _randn(1, r, w)))))
+            micro.ResidualLayerNorm(w), (_randn(1, r, w), _randn(1, r, w)))))
     for tokens, keep, width in MERGE_SCATTERS:
         suite.append(MicroBenchmark(f"merge_scatter_{tokens}to{keep}x{width}", lambda n=tokens, k=keep, w=width: (
-            _MergeScatter(k, w), (_randn(n, w), _slots(n, k)))))
+            micro.MergeScatter(k, w), (_randn(n, w), _slots(n, k)))))
     for heads, s in SCORE_IMPORTANCE:
         suite.append(MicroBenchmark(f"score_importance_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            _ScoreImportance(), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.ScoreImportance(), tuple(_randn(1, h, s, 64) for _ in range(3)))))
     for s in (128, 256, 512):
-        suite.append(MicroBenchmark(f"softmax_12x{s}x{s}", lambda s=s: (_Softmax(), (_randn(12, s, s),))))
+        suite.append(MicroBenchmark(f"softmax_12x{s}x{s}", lambda s=s: (micro.Softmax(), (_randn(12, s, s),))))
     for numel in (1 << 14, 1 << 18, 1 << 21):
-        suite.append(MicroBenchmark(f"gelu_{numel}", lambda numel=numel: (_Gelu(), (_randn(numel),))))
+        suite.append(MicroBenchmark(f"gelu_{numel}", lambda numel=numel: (micro.Gelu(), (_randn(numel),))))
     for length in (1, 16, 64):
-        suite.append(MicroBenchmark(f"chain_{length}", lambda length=length: (_AddChain(length),
+        suite.append(MicroBenchmark(f"chain_{length}", lambda length=length: (micro.AddChain(length),
                                                                              (_randn(16), _randn(16)))))
     for rows in CHAIN_ROWS:
         suite.append(MicroBenchmark(f"chain_{CHAIN_STEPS}_{rows}x768", lambda rows=rows: (
-            _AddChain(CHAIN_STEPS), (_randn(rows, 768), _randn(rows, 768)))))
+            micro.AddChain(CHAIN_STEPS), (_randn(rows, 768), _randn(rows, 768)))))
     # Decode-like: a few rows against weights twice the cache (GPT-2's head, and a sized 4096-wide layer).
     wide = max(4096, math.ceil(STREAM_CACHE_MULTIPLE * cache_bytes / (4096 * 4 * 1024)) * 1024)
     for m, k, n in ((1, 768, 50257), (1, 4096, wide), (4, 4096, wide)):
         suite.append(MicroBenchmark(f"stream_linear_m{m}_k{k}_n{n}",
-                                    lambda m=m, k=k, n=n: (_Linear(k, n), (_randn(m, k),))))
+                                    lambda m=m, k=k, n=n: (micro.Linear(k, n), (_randn(m, k),))))
     for width, heads, rows in STREAM_STACKS:
         depth = streaming_depth(width, cache_bytes)
         suite.append(MicroBenchmark(f"stream_blocks_d{width}_l{depth}_b1_s{rows}", lambda w=width, h=heads, d=depth,
-                                    r=rows: (_Stack(w, h, d), (_randn(1, r, w),))))
+                                    r=rows: (micro.Stack(w, h, d), (_randn(1, r, w),))))
     for width, heads, depth, batch, seq in BLOCK_CONFIGS:
         suite.append(MicroBenchmark(
             f"blocks_d{width}_l{depth}_b{batch}_s{seq}",
-            lambda w=width, h=heads, d=depth, b=batch, s=seq: (_Stack(w, h, d), (_randn(b, s, w),))))
+            lambda w=width, h=heads, d=depth, b=batch, s=seq: (micro.Stack(w, h, d), (_randn(b, s, w),))))
     return suite
 
 
