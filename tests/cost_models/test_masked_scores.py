@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tfcompile.calibrate import _BandMaskAttention, _BooleanMaskAttention, _CausalAttention, _OpenMaskAttention
+from tfcompile.micro_models import BandMaskAttention, BooleanMaskAttention, CausalAttention, OpenMaskAttention
 from tfcompile.cost_models.calibration import Profile
 from tfcompile.cost_models.masked_scores import hidden_fraction, masked_score_bytes
 from tfcompile.cost_models.score_passes import score_pass_bytes
@@ -61,11 +61,11 @@ def test_hidden_fraction_of_boolean_and_additive_masks():
 
 
 @pytest.mark.parametrize("module, hidden", [
-    (_CausalAttention(TOKENS), (TOKENS - 1) / (2 * TOKENS)),
-    (_BooleanMaskAttention(TOKENS), (TOKENS - 1) / (2 * TOKENS)),
+    (CausalAttention(TOKENS), (TOKENS - 1) / (2 * TOKENS)),
+    (BooleanMaskAttention(TOKENS), (TOKENS - 1) / (2 * TOKENS)),
     (IsCausal(), (TOKENS - 1) / (2 * TOKENS)),
-    (_BandMaskAttention(TOKENS, 4), 1 - (TOKENS * 9 - 2 * (4 + 3 + 2 + 1)) / TOKENS ** 2),
-    (_OpenMaskAttention(TOKENS), 0.0),
+    (BandMaskAttention(TOKENS, 4), 1 - (TOKENS * 9 - 2 * (4 + 3 + 2 + 1)) / TOKENS ** 2),
+    (OpenMaskAttention(TOKENS), 0.0),
     (MaskedFill(), (TOKENS - 1) / (2 * TOKENS)),
 ])
 def test_the_scores_a_mask_hides_are_counted_from_the_graph(module, hidden):
@@ -87,10 +87,10 @@ def test_a_mask_made_by_a_gemm_is_not_evaluated_and_hides_none():
 
 
 def test_hidden_scores_are_their_own_kind_on_backends_that_run_attention_unfused():
-    band = _graph(_BandMaskAttention(TOKENS, 4))
+    band = _graph(BandMaskAttention(TOKENS, 4))
     assert score_pass_bytes(band, "ort")["score_masked"] == masked_score_bytes(band)
     assert score_pass_bytes(band, "torch") == {}
     rates = {"scores": 0.0, "score_mask": 0.0, "score_guard": 0.0, "score_masked": 1e-9}
     profile = Profile("cpu", "ort", s_per_flop={}, s_per_byte=rates, kernel_overhead_s=0.0, graph_overhead_s=0.0)
     assert profile.predict_s(band) == pytest.approx(1e-9 * masked_score_bytes(band))
-    assert profile.predict_s(_graph(_OpenMaskAttention(TOKENS))) == 0.0
+    assert profile.predict_s(_graph(OpenMaskAttention(TOKENS))) == 0.0
