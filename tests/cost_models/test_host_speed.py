@@ -4,8 +4,7 @@ import json
 import pytest
 
 from tfcompile.cost_models.calibration import CLASSES, Profile
-from tfcompile.cost_models.host_speed import (HostSpeed, probe_host_speed, probes_around, speed_record, speed_text,
-                                              with_host_speed)
+from tfcompile.cost_models.host_speed import (HostSpeed, probe_host_speed, probes_around, speed_record, speed_text)
 from tfcompile.errors import TfcompileError
 
 CALIBRATED = HostSpeed(gemm_flops_per_s=200e9, read_bytes_per_s=20e9)
@@ -46,13 +45,15 @@ def test_ratios_to_calibration_span_both_probes_and_a_slow_host_is_named():
 
 
 def test_the_caption_says_the_speed_only_when_probes_and_a_calibrated_speed_exist():
+    from tfcompile.reference_speed import HostReadings
+
     provenance = {"kind": "calibrated", "text": "calibrated profile cpu/ort"}
-    assert with_host_speed(provenance, CALIBRATED, []) == provenance  # nothing measured here
+    assert HostReadings().annotate(provenance) == provenance  # nothing measured here
     probes = [HostSpeed(100e9, 10e9), HostSpeed(100e9, 10e9)]
-    annotated = with_host_speed(provenance, CALIBRATED, probes)
+    annotated = HostReadings(speed_record(CALIBRATED, *probes)).annotate(provenance)
     assert annotated["text"].startswith("calibrated profile cpu/ort; host speed while measuring")
     assert annotated["host_speed"]["before_measuring"] == {"gemm_flops_per_s": 100e9, "read_bytes_per_s": 10e9}
-    uncalibrated = with_host_speed({"kind": "roofline", "text": "roofline"}, None, probes)
+    uncalibrated = HostReadings(speed_record(None, *probes)).annotate({"kind": "roofline", "text": "roofline"})
     assert uncalibrated["text"] == "roofline" and "ratio_to_calibration" not in uncalibrated["host_speed"]
 
 

@@ -108,12 +108,3 @@ def probes_around(enabled: bool) -> Iterator[list[HostSpeed]]:
     yield probes
     if enabled:
         probes.append(probe_host_speed())
-
-
-def with_host_speed(provenance: dict, at_calibration: HostSpeed | None, probes: list[HostSpeed]) -> dict:
-    """A cost model's provenance with the probes around its measurement, and its text with their ratios."""
-    if len(probes) != 2:
-        return provenance
-    record = speed_record(at_calibration, *probes)
-    text = speed_text(record)
-    return {**provenance, "host_speed": record, "text": provenance["text"] + (f"; {text}" if text else "")}

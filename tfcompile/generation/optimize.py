@@ -34,13 +34,13 @@ import torch
 
 from tfcompile.cost_models import available_targets, load_device
 from tfcompile.cost_models.device import DeviceSpec
-from tfcompile.cost_models.host_speed import HostSpeed, probes_around, with_host_speed
 from tfcompile.cost_models.model import RooflineCostModel
 from tfcompile.generation.cost import GenerationPrediction, predict_generation
 from tfcompile.generation.greedy import greedy_generate, hf_greedy
 from tfcompile.generation.measure import GenerationTiming, measure_generations, measure_generations_torch
 from tfcompile.generation.trace import GenerationGraphs, example_prompt, trace_generation
 from tfcompile.passes import PassContext
+from tfcompile.reference_speed import HostReadings, readings_around
 from tfcompile.report import VariantReport, finish_ranking, to_measure
 from tfcompile.search import Candidate, SearchSettings, search
 from tfcompile.variants import Variant, build_variant
@@ -127,13 +127,13 @@ def optimize_generation(model: torch.nn.Module, settings: GenerationSettings, *,
     workdir = Path(tempfile.mkdtemp(prefix="tfcompile-generate-"))
     timings: dict[str, GenerationTiming] = {}
     onnx_files: dict[str, tuple[Path, Path]] = {}
-    speed: list[HostSpeed] = []  # the host's speed, probed around the timed generations
+    readings = HostReadings()  # how fast the host ran around the timed generations
     try:
         if settings.measure:
             chosen = to_measure(reports, variants, context.target, settings.measure_top)
             if settings.backend != "torch":
                 onnx_files = _export_pairs({n: variants[n] for n in chosen}, workdir, progress)
-            with probes_around(True) as speed:  # both runtimes generate on this host's CPU
+            with readings_around(context.cost_model, True) as readings:  # both runtimes generate on this host's CPU
                 if settings.backend == "torch":
                     progress("timing generations in torch")
                     pairs = {n: (variants[n][0].graph, variants[n][1].graph) for n in chosen}
@@ -149,7 +149,7 @@ def optimize_generation(model: torch.nn.Module, settings: GenerationSettings, *,
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     ranked, best = finish_ranking(reports, variants, context.target)
-    prediction = with_host_speed(context.cost_model.provenance, context.cost_model.host_speed, speed)
+    prediction = readings.annotate(context.cost_model.provenance)
     return GenerationResult(graphs, ranked, variants, best, result.refusals, prediction,
                             timings, onnx_files, workdir, prompt, reference_tokens)
 
