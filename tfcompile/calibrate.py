@@ -37,6 +37,7 @@ from tfcompile.cost_models.device import detect_host, host_identity, last_level_
 from tfcompile.cost_models.host_speed import probe_host_speed
 from tfcompile.graph import export_module
 from tfcompile import micro_models as micro
+from tfcompile.micro_models import seeded_randn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +117,6 @@ def streaming_depth(width: int, cache_bytes: float) -> int:
     return max(2, min(STREAM_DEPTH_LIMIT, math.ceil(wanted / _stack_weight_bytes(width, 1))))
 
 
-def _randn(*shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-
-
 def _slots(tokens: int, keep: int) -> torch.Tensor:
     """Where each of ``tokens`` rows goes among ``keep``: seeded, as a merge's targets are data-dependent."""
     return torch.randint(0, keep, (tokens,), generator=torch.Generator().manual_seed(0))
@@ -133,74 +130,74 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
     for m in (1, 16, 128, 512):
         for k, n in ((768, 768), (768, 3072), (3072, 768), (256, 1024)):
             suite.append(MicroBenchmark(f"linear_m{m}_k{k}_n{n}",
-                                        lambda m=m, k=k, n=n: (micro.Linear(k, n), (_randn(m, k),))))
+                                        lambda m=m, k=k, n=n: (micro.Linear(k, n), (seeded_randn(m, k),))))
     for m in SKINNY_GEMM_ROWS:
         for k, n in SKINNY_GEMM_WIDTHS:
             suite.append(MicroBenchmark(f"skinny_linear_m{m}_k{k}_n{n}",
-                                        lambda m=m, k=k, n=n: (micro.Linear(k, n), (_randn(m, k),))))
+                                        lambda m=m, k=k, n=n: (micro.Linear(k, n), (seeded_randn(m, k),))))
     for s in (64, 128, 256, 512):
-        suite.append(MicroBenchmark(f"sdpa_h12_s{s}_d64",
-                                    lambda s=s: (micro.Attention(), tuple(_randn(1, 12, s, 64) for _ in range(3)))))
+        suite.append(MicroBenchmark(f"sdpa_h12_s{s}_d64", lambda s=s: (
+            micro.Attention(), tuple(seeded_randn(1, 12, s, 64) for _ in range(3)))))
     for heads, s, d in HEAD_WIDTH_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_h{heads}_s{s}_d{d}", lambda h=heads, s=s, d=d: (
-            micro.Attention(), tuple(_randn(1, h, s, d) for _ in range(3)))))
+            micro.Attention(), tuple(seeded_randn(1, h, s, d) for _ in range(3)))))
     for heads, s, d in BOOLEAN_MASK_NARROW_HEADS:
         suite.append(MicroBenchmark(f"sdpa_boolmask_h{heads}_s{s}_d{d}", lambda h=heads, s=s, d=d: (
-            micro.BooleanMaskAttention(s), tuple(_randn(1, h, s, d) for _ in range(3)))))
+            micro.BooleanMaskAttention(s), tuple(seeded_randn(1, h, s, d) for _ in range(3)))))
     for heads, s in LONG_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            micro.Attention(), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.Attention(), tuple(seeded_randn(1, h, s, 64) for _ in range(3)))))
     for heads, s in CAUSAL_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_causal_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            micro.CausalAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.CausalAttention(s), tuple(seeded_randn(1, h, s, 64) for _ in range(3)))))
     for heads, s in BOOLEAN_MASK_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_boolmask_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            micro.BooleanMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.BooleanMaskAttention(s), tuple(seeded_randn(1, h, s, 64) for _ in range(3)))))
     for heads, s, half in BAND_MASK_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_band{half}_h{heads}_s{s}_d64", lambda h=heads, s=s, w=half: (
-            micro.BandMaskAttention(s, w), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.BandMaskAttention(s, w), tuple(seeded_randn(1, h, s, 64) for _ in range(3)))))
     for heads, s in OPEN_MASK_ATTENTION:
         suite.append(MicroBenchmark(f"sdpa_openmask_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            micro.OpenMaskAttention(s), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.OpenMaskAttention(s), tuple(seeded_randn(1, h, s, 64) for _ in range(3)))))
     for kind, shapes in (("tall", TALL_GEMMS), ("vocab", VOCAB_GEMMS)):
         for m, k, n in shapes:
             suite.append(MicroBenchmark(f"{kind}_linear_m{m}_k{k}_n{n}",
-                                        lambda m=m, k=k, n=n: (micro.Linear(k, n), (_randn(m, k),))))
+                                        lambda m=m, k=k, n=n: (micro.Linear(k, n), (seeded_randn(m, k),))))
     for rows in (128, 512, 2048):
         suite.append(MicroBenchmark(f"layernorm_{rows}x768", lambda rows=rows: (
-            micro.LayerNorm(768), (_randn(rows, 768),))))
+            micro.LayerNorm(768), (seeded_randn(rows, 768),))))
     for rows, width in RESIDUAL_NORMS:
         suite.append(MicroBenchmark(f"residual_layernorm_{rows}x{width}", lambda r=rows, w=width: (
-            micro.ResidualLayerNorm(w), (_randn(1, r, w), _randn(1, r, w)))))
+            micro.ResidualLayerNorm(w), (seeded_randn(1, r, w), seeded_randn(1, r, w)))))
     for tokens, keep, width in MERGE_SCATTERS:
         suite.append(MicroBenchmark(f"merge_scatter_{tokens}to{keep}x{width}", lambda n=tokens, k=keep, w=width: (
-            micro.MergeScatter(k, w), (_randn(n, w), _slots(n, k)))))
+            micro.MergeScatter(k, w), (seeded_randn(n, w), _slots(n, k)))))
     for heads, s in SCORE_IMPORTANCE:
         suite.append(MicroBenchmark(f"score_importance_h{heads}_s{s}_d64", lambda h=heads, s=s: (
-            micro.ScoreImportance(), tuple(_randn(1, h, s, 64) for _ in range(3)))))
+            micro.ScoreImportance(), tuple(seeded_randn(1, h, s, 64) for _ in range(3)))))
     for s in (128, 256, 512):
-        suite.append(MicroBenchmark(f"softmax_12x{s}x{s}", lambda s=s: (micro.Softmax(), (_randn(12, s, s),))))
+        suite.append(MicroBenchmark(f"softmax_12x{s}x{s}", lambda s=s: (micro.Softmax(), (seeded_randn(12, s, s),))))
     for numel in (1 << 14, 1 << 18, 1 << 21):
-        suite.append(MicroBenchmark(f"gelu_{numel}", lambda numel=numel: (micro.Gelu(), (_randn(numel),))))
+        suite.append(MicroBenchmark(f"gelu_{numel}", lambda numel=numel: (micro.Gelu(), (seeded_randn(numel),))))
     for length in (1, 16, 64):
         suite.append(MicroBenchmark(f"chain_{length}", lambda length=length: (micro.AddChain(length),
-                                                                             (_randn(16), _randn(16)))))
+                                                                             (seeded_randn(16), seeded_randn(16)))))
     for rows in CHAIN_ROWS:
         suite.append(MicroBenchmark(f"chain_{CHAIN_STEPS}_{rows}x768", lambda rows=rows: (
-            micro.AddChain(CHAIN_STEPS), (_randn(rows, 768), _randn(rows, 768)))))
+            micro.AddChain(CHAIN_STEPS), (seeded_randn(rows, 768), seeded_randn(rows, 768)))))
     # Decode-like: a few rows against weights twice the cache (GPT-2's head, and a sized 4096-wide layer).
     wide = max(4096, math.ceil(STREAM_CACHE_MULTIPLE * cache_bytes / (4096 * 4 * 1024)) * 1024)
     for m, k, n in ((1, 768, 50257), (1, 4096, wide), (4, 4096, wide)):
         suite.append(MicroBenchmark(f"stream_linear_m{m}_k{k}_n{n}",
-                                    lambda m=m, k=k, n=n: (micro.Linear(k, n), (_randn(m, k),))))
+                                    lambda m=m, k=k, n=n: (micro.Linear(k, n), (seeded_randn(m, k),))))
     for width, heads, rows in STREAM_STACKS:
         depth = streaming_depth(width, cache_bytes)
         suite.append(MicroBenchmark(f"stream_blocks_d{width}_l{depth}_b1_s{rows}", lambda w=width, h=heads, d=depth,
-                                    r=rows: (micro.Stack(w, h, d), (_randn(1, r, w),))))
+                                    r=rows: (micro.Stack(w, h, d), (seeded_randn(1, r, w),))))
     for width, heads, depth, batch, seq in BLOCK_CONFIGS:
         suite.append(MicroBenchmark(
             f"blocks_d{width}_l{depth}_b{batch}_s{seq}",
-            lambda w=width, h=heads, d=depth, b=batch, s=seq: (micro.Stack(w, h, d), (_randn(b, s, w),))))
+            lambda w=width, h=heads, d=depth, b=batch, s=seq: (micro.Stack(w, h, d), (seeded_randn(b, s, w),))))
     return suite
 
 

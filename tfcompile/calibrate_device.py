@@ -35,72 +35,8 @@ from tfcompile.cost_models.calibration import Profile, Sample, fit_checked, gpu_
 from tfcompile.cost_models.device import detect_host, host_identity
 from tfcompile.errors import BackendError
 from tfcompile.graph import export_module
-
-
-class Gemm(torch.nn.Module):
-    def __init__(self, k: int, n: int):
-        super().__init__()
-        self.fc = torch.nn.Linear(k, n)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
-class Attention(torch.nn.Module):
-    def forward(self, q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
-class Norm(torch.nn.Module):
-    def __init__(self, width: int, rms: bool):
-        super().__init__()
-        self.norm = torch.nn.RMSNorm(width) if rms else torch.nn.LayerNorm(width)
-
-    def forward(self, x):
-        return self.norm(x)
-
-
-class Softmax(torch.nn.Module):
-    def forward(self, x):
-        return torch.softmax(x, dim=-1)
-
-
-class Gelu(torch.nn.Module):
-    def forward(self, x):
-        return torch.nn.functional.gelu(x)
-
-
-class Add(torch.nn.Module):
-    def forward(self, x, y):
-        return x + y
-
-
-class TinyChain(torch.nn.Module):
-    """``length`` dependent mul/add/relu steps on 16 numbers: the per-kernel launch floor (halving keeps
-    rounding errors from growing along the chain, so bf16 passes the output check)."""
-
-    def __init__(self, length: int):
-        super().__init__()
-        self.length = length
-
-    def forward(self, x, y):
-        for _ in range(self.length):
-            x = torch.relu(x * 0.5 + y)
-        return x
-
-
-class ViewChain(torch.nn.Module):
-    """``length`` unsqueeze/transpose/squeeze steps, then one add: eager torch dispatches every view
-    (``fusion.group_kernels`` counts them as ``view`` kernels), which these isolate from launches."""
-
-    def __init__(self, length: int):
-        super().__init__()
-        self.length = length
-
-    def forward(self, x, y):
-        for _ in range(self.length):
-            x = x.unsqueeze(0).transpose(1, 2).squeeze(0)
-        return x + y
+from tfcompile import micro_models as micro
+from tfcompile.micro_models import seeded_randn as randn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,30 +70,28 @@ CPU_SIZES = SuiteSizes(
     elementwise=(1 << 12, 1 << 16, 1 << 20))
 
 
-def _randn(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-
-
 def device_suite(device: str, sizes: SuiteSizes | None = None) -> list[MicroBenchmark]:
     """The micro-benchmarks for ``device`` (``sizes``: CUDA_SIZES on cuda, CPU_SIZES on cpu), classes
     interleaved so that ``fit_checked``'s every-4th held-out set draws from each."""
     sizes = sizes or (CUDA_SIZES if device == "cuda" else CPU_SIZES)
-    gemms = [MicroBenchmark(f"linear_m{m}_k{k}_n{n}", lambda m=m, k=k, n=n: (Gemm(k, n), (_randn(m, k),)))
+    gemms = [MicroBenchmark(f"linear_m{m}_k{k}_n{n}", lambda m=m, k=k, n=n: (micro.Linear(k, n), (randn(m, k),)))
              for m in sizes.gemm_rows for k, n in sizes.gemm_shapes]
     others = [MicroBenchmark(f"sdpa_b{b}_h{h}_s{s}_d{d}",
-                             lambda b=b, h=h, s=s, d=d: (Attention(), tuple(_randn(b, h, s, d) for _ in range(3))))
+                             lambda b=b, h=h, s=s, d=d: (micro.Attention(), tuple(randn(b, h, s, d) for _ in range(3))))
               for b, h, s, d in sizes.attention]
     others += [MicroBenchmark(f"{'rmsnorm' if rms else 'layernorm'}_{rows}x{width}",
-                              lambda rows=rows, width=width, rms=rms: (Norm(width, rms), (_randn(rows, width),)))
+                              lambda rows=rows, width=width, rms=rms: (micro.Norm(width, rms), (randn(rows, width),)))
                for rows, width, rms in sizes.norms]
-    others += [MicroBenchmark(f"softmax_{rows}x{seq}", lambda rows=rows, seq=seq: (Softmax(), (_randn(rows, seq),)))
+    others += [MicroBenchmark(f"softmax_{rows}x{seq}",
+                              lambda rows=rows, seq=seq: (micro.Softmax(), (randn(rows, seq),)))
                for rows, seq in sizes.softmax]
-    others += [MicroBenchmark(f"gelu_{n}", lambda n=n: (Gelu(), (_randn(n),))) for n in sizes.elementwise]
-    others += [MicroBenchmark(f"add_{n}", lambda n=n: (Add(), (_randn(n), _randn(n)))) for n in sizes.elementwise]
-    others += [MicroBenchmark(f"chain_{length}", lambda length=length: (TinyChain(length), (_randn(16), _randn(16))))
+    others += [MicroBenchmark(f"gelu_{n}", lambda n=n: (micro.Gelu(), (randn(n),))) for n in sizes.elementwise]
+    others += [MicroBenchmark(f"add_{n}", lambda n=n: (micro.Add(), (randn(n), randn(n)))) for n in sizes.elementwise]
+    others += [MicroBenchmark(f"chain_{length}",
+                              lambda length=length: (micro.TinyChain(length), (randn(16), randn(16))))
                for length in sizes.chains]
     others += [MicroBenchmark(f"views_{length}",
-                              lambda length=length: (ViewChain(length), (_randn(8, 8), _randn(8, 8))))
+                              lambda length=length: (micro.ViewChain(length), (randn(8, 8), randn(8, 8))))
                for length in sizes.view_chains]
     # One GEMM after every other benchmark while both last, then the rest of the GEMMs.
     mixed = [b for pair in zip(gemms, others) for b in pair]

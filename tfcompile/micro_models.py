@@ -1,12 +1,17 @@
 """The micro-benchmarks' models: each a tiny torch module with the kernel mix of one part of a transformer.
 
-``calibrate.default_suite`` builds them at its shapes, traces them and times them on the backend being
-calibrated.
+``calibrate.default_suite`` (ORT and TVM on a CPU) and ``calibrate_device.device_suite`` (the torch device
+backend) build them at their shapes, trace them and time them on the backend being calibrated.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def seeded_randn(*shape: int) -> torch.Tensor:
+    """A micro-benchmark's input: the same values on every build and every host."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
 class Linear(torch.nn.Module):
@@ -170,3 +175,45 @@ class Stack(torch.nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+class Norm(torch.nn.Module):
+    def __init__(self, width: int, rms: bool):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(width) if rms else torch.nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class Add(torch.nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
+class TinyChain(torch.nn.Module):
+    """``length`` dependent mul/add/relu steps on 16 numbers: the per-kernel launch floor (halving keeps
+    rounding errors from growing along the chain, so bf16 passes the output check)."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+
+    def forward(self, x, y):
+        for _ in range(self.length):
+            x = torch.relu(x * 0.5 + y)
+        return x
+
+
+class ViewChain(torch.nn.Module):
+    """``length`` unsqueeze/transpose/squeeze steps, then one add: eager torch dispatches every view
+    (``fusion.group_kernels`` counts them as ``view`` kernels), which these isolate from launches."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+
+    def forward(self, x, y):
+        for _ in range(self.length):
+            x = x.unsqueeze(0).transpose(1, 2).squeeze(0)
+        return x + y
