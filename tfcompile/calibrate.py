@@ -209,12 +209,11 @@ def default_suite(cache_bytes: float | None = None) -> list[MicroBenchmark]:
 CALIBRATION_ROUNDS = 2
 # A benchmark whose two lowest medians differ by more than this was slowed in every round but one (or in
 # all): it is timed again, up to EXTRA_ROUNDS more times, until two of its rounds agree. On session 19's
-# 2-core EPYC (a Firecracker VM) the same lowered benchmark took up to 2-3x as long from one pass over the
-# suite to the next (sdpa_h12_s256_d64: 1.18, 1.64, 3.83, 4.00 ms), 44 of 90 benchmarks' first two rounds
-# disagreed by more than 8 %, and the profile priced the calibration's own layer stacks 16 % slower than
-# they ran timed alone minutes later (every prediction about that much high). Over four passes, the lower of
-# the first two rounds was more than 5 % above the lowest of all four for 19 % of the benchmarks; with a
-# third round where the first two disagree, for 9 %.
+# 2-core EPYC (a Firecracker VM), benchmarks/calibration_rounds.py timed the same lowered benchmarks up to
+# 5.7x as long from one pass over the suite to the next, 42 of 90 benchmarks' first two rounds differed by
+# more than 8 %, and the lower of the first two rounds was more than 5 % above the lowest of four for 18 % of
+# them (11 % with a third round where the first two disagree). The profile had priced the calibration's own
+# layer stacks 16 % slower than they ran timed alone minutes later, every prediction about that much high.
 ROUND_AGREEMENT = 0.08
 EXTRA_ROUNDS = 3
 
@@ -247,14 +246,14 @@ def run_suite(suite: list[MicroBenchmark], backend: str, *, repeat: int = 10, ro
             lowered_runs.append(lowered.run)
             graphs.append(graph)
             medians_s.append([time_benchmark_s(lowered.run, backend, repeat=repeat)])
-        for round_index in range(2, rounds + 1 + extra_rounds):
-            extra = round_index > rounds
-            pending = [i for i in range(len(suite)) if not (extra and rounds_agree(medians_s[i]))]
-            if not pending:
-                break
+        for round_index in range(2, rounds + 1):
+            for i, (bench, run) in enumerate(zip(suite, lowered_runs)):
+                progress(f"round {round_index}/{rounds} [{i + 1}/{len(suite)}] {bench.name}")
+                medians_s[i].append(time_benchmark_s(run, backend, repeat=repeat, warmup=1))
+        for _ in range(extra_rounds):
+            pending = [i for i, seconds in enumerate(medians_s) if not rounds_agree(seconds)]
             for count, i in enumerate(pending, 1):
-                label = f"again ({len(pending)} whose rounds disagree)" if extra else f"round {round_index}/{rounds}"
-                progress(f"{label} [{count}/{len(pending)}] {suite[i].name}")
+                progress(f"again ({len(pending)} whose rounds disagree) [{count}/{len(pending)}] {suite[i].name}")
                 medians_s[i].append(time_benchmark_s(lowered_runs[i], backend, repeat=repeat, warmup=1))
     return [Sample(bench.name, graph, min(seconds)) for bench, graph, seconds in zip(suite, graphs, medians_s)]
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tfcompile.compare import ComparisonRow
+from tfcompile.cost_models.host_speed import probes_around, speed_record, speed_text
 
 # Whole layers of widths no zoo model has (calibrate.default_suite): GEMMs, attention, norms and
 # elementwise in the mix the variants run, at 9-42 ms each on session 16's Xeon.
@@ -110,8 +111,6 @@ class HostReadings:
     def annotate(self, provenance: dict) -> dict:
         """A cost model's provenance (report.json's ``prediction``) with these readings, and its text with
         a clause for each."""
-        from tfcompile.cost_models.host_speed import speed_text
-
         annotated, clauses = dict(provenance), []
         if self.host_speed:
             annotated["host_speed"] = self.host_speed
@@ -130,8 +129,6 @@ def readings_around(cost_model, on_this_host: bool) -> Iterator[HostReadings]:
     recorded them on this host (target ``cpu``), time the reference layers, just before and just after the
     ``with`` body (a measurement); nothing when not ``on_this_host`` (a remote device or a GPU measured). The
     readings are set once the body has run; an exception in it leaves them empty."""
-    from tfcompile.cost_models.host_speed import probes_around, speed_record
-
     backend, profile = cost_model.backend, getattr(cost_model, "profile", None)
     # A profile of another target (a remote board's) recorded that machine's times, not this host's.
     timed_here = on_this_host and backend in REFERENCE_BACKENDS and profile is not None and profile.target == "cpu"
