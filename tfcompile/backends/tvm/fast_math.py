@@ -16,7 +16,8 @@ order as float rounding of the surrounding GEMMs and as the approximations
 ORT's own CPU kernels use. ``fast_exp`` clamps its input to +-88.4, so
 below about x = -88 the sigmoid comes out 0 instead of a subnormal float and
 SiLU 0 instead of about -1e-37; ``tests/backends/test_tvm_fast_math.py``
-bounds both over [-100, 100]: 1e-5 relative from -87 up, 1e-36 absolute below. The backend still checks each compiled variant against torch
+bounds both over [-100, 100]: 1e-5 relative from -87 up, 1e-36 absolute below.
+The backend still checks each compiled variant against torch
 (1e-4 relative). Other dtypes keep TVM's default legalisation.
 """
 
