@@ -240,16 +240,3 @@ def test_export_command_prints_no_tvm_noise(tmp_path):
     assert result.stderr == ""
     assert not [word for word in _NOISE if word in result.stdout]
 
-
-@pytest.mark.parametrize("user_setting, expected", [(None, "0"), ("1", "1")])
-def test_worker_pinning_is_off_unless_the_user_pins(user_setting, expected):
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
-    if user_setting is not None:
-        env["TVM_BIND_THREADS"] = user_setting
-    code = "import os, tfcompile.backends.tvm; print(os.environ['TVM_BIND_THREADS'])"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert result.stdout.strip().splitlines()[-1] == expected

@@ -16,13 +16,10 @@ Runtime. ``schedule`` picks how:
 Threads: TVM sizes its thread pool once, from ``TVM_NUM_THREADS``, and its
 default on this kind of machine is half the cores; importing this module sets
 the variable to the cores this process may use unless the user set it, and
-``set_num_threads`` can lower the count later. It also turns off TVM's
-pinning of workers to cores (``TVM_BIND_THREADS=0``) unless the user set it.
-TVM pins worker k to core k but leaves the main thread, which runs task 0,
-free to migrate. With one worker per core, the main thread can land on its
-worker's core, and every parallel kernel then runs at its single-thread time
-until the scheduler moves it. ``benchmarks/tvm_thread_binding.py`` counted
-rounds at 1.5x or more of the fastest: 21 of 108 pinned, 0 of 108 unpinned.
+``set_num_threads`` can lower the count later. Workers stay pinned to cores
+(TVM's default, ``TVM_BIND_THREADS``): unpinned, ``benchmarks/tvm_thread_binding.py``
+timed no round at twice the fastest where pinned ones had some, but session 20's
+accuracy runs measured vit-base b1 about 20 % slower unpinned (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ from tfcompile.errors import BackendError
 from tfcompile.graph import ModelGraph
 
 os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
-os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 SCHEDULES = ("none", "rules", "tuned", "auto")
 
