@@ -239,4 +239,3 @@ def test_export_command_prints_no_tvm_noise(tmp_path):
     assert (tmp_path / "m.so").stat().st_size > 0
     assert result.stderr == ""
     assert not [word for word in _NOISE if word in result.stdout]
-
