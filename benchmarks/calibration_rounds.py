@@ -27,10 +27,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from tfcompile.backends.runner import lower
-from tfcompile.calibrate import ROUND_AGREEMENT, default_suite, rounds_agree, time_benchmark_s
+from tfcompile.calibrate import ROUND_AGREEMENT, lower_benchmarks, rounds_agree, time_benchmark_s
 from tfcompile.cost_models.device import detect_host
-from tfcompile.graph import export_module
 from tfcompile.reference_speed import REFERENCE_BENCHMARKS
 
 KEPT_TOO_SLOW = 0.05
@@ -51,12 +49,8 @@ def main() -> None:
         parser.error("--passes must be at least 3 (two rounds and a third to judge them by)")
     host = detect_host()
     print(f"host: {host.model}, {host.cores} cores; {args.backend}, {args.passes} passes, repeat {args.repeat}")
-    suite = default_suite()
     with tempfile.TemporaryDirectory(prefix="tfcompile-rounds-") as workdir:
-        runs = {}
-        for bench in suite:
-            module, inputs = bench.build()
-            runs[bench.name] = lower(export_module(module, inputs, name=bench.name), args.backend, Path(workdir)).run
+        runs = lower_benchmarks(args.backend, Path(workdir))
         in_suite_s: dict[str, list[float]] = {name: [] for name in runs}
         alone_s: dict[str, list[float]] = {name: [] for name in REFERENCE_BENCHMARKS if name in runs}
         for index in range(args.passes):

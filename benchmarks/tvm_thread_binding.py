@@ -32,16 +32,10 @@ SLOW_ROUND = 1.5
 
 
 def time_in_this_process(rounds: int) -> dict[str, list[float]]:
-    from tfcompile.backends.runner import lower
-    from tfcompile.calibrate import default_suite, time_benchmark_s
-    from tfcompile.graph import export_module
+    from tfcompile.calibrate import lower_benchmarks, time_benchmark_s
 
     with tempfile.TemporaryDirectory(prefix="tfcompile-binding-") as workdir:
-        runs = {}
-        for bench in default_suite():
-            if bench.name in BENCHMARKS:
-                module, inputs = bench.build()
-                runs[bench.name] = lower(export_module(module, inputs, name=bench.name), "tvm", Path(workdir)).run
+        runs = lower_benchmarks("tvm", Path(workdir), BENCHMARKS)
         medians_s = {name: [] for name in runs}
         for _ in range(rounds):
             for name, run in runs.items():

@@ -218,6 +218,17 @@ ROUND_AGREEMENT = 0.08
 EXTRA_ROUNDS = 3
 
 
+def lower_benchmarks(backend: str, workdir: Path, names=None) -> dict[str, Callable[[], object]]:
+    """The default suite's benchmarks (those in ``names``, else all) traced and lowered on ``backend``, in the
+    suite's order: name -> a callable that runs one."""
+    runs = {}
+    for bench in default_suite():
+        if names is None or bench.name in names:
+            module, inputs = bench.build()
+            runs[bench.name] = lower(export_module(module, inputs, name=bench.name), backend, workdir).run
+    return runs
+
+
 def time_benchmark_s(run: Callable[[], object], backend: str, *, repeat: int = 10, warmup: int = 3) -> float:
     """One micro-benchmark's median seconds as calibration times it: alone, after ``warmup`` runs."""
     return measure(run, backend=backend, warmup=warmup, repeat=repeat, max_total_s=10.0).median_s

@@ -46,19 +46,12 @@ class ReferenceLayers:
     """The reference benchmarks that a profile's ``samples`` recorded, lowered once on ``backend``."""
 
     def __init__(self, calibration_samples: list[dict], backend: str, workdir: Path, repeat: int = 10):
-        from tfcompile.backends.runner import lower
-        from tfcompile.calibrate import default_suite
-        from tfcompile.graph import export_module
+        from tfcompile.calibrate import lower_benchmarks
 
         recorded = {record["name"]: record["measured_s"] for record in calibration_samples}
-        self.calibration_s: dict[str, float] = {}
-        self._runs = {}
         self._backend, self._repeat = backend, repeat
-        for bench in default_suite():
-            if bench.name in REFERENCE_BENCHMARKS and bench.name in recorded:
-                module, inputs = bench.build()
-                self._runs[bench.name] = lower(export_module(module, inputs, name=bench.name), backend, workdir).run
-                self.calibration_s[bench.name] = recorded[bench.name]
+        self._runs = lower_benchmarks(backend, workdir, [name for name in REFERENCE_BENCHMARKS if name in recorded])
+        self.calibration_s: dict[str, float] = {name: recorded[name] for name in self._runs}
 
     def time_s(self) -> dict[str, float]:
         """Each reference's median time now, timed alone as calibration times it."""
