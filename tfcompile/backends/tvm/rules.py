@@ -13,7 +13,8 @@ module schedules the kernel classes the zoo models lower to:
   share leading spatial axes (rows) are computed row by row, rows in parallel,
   inner loops vectorised.
 - ``Injective``: elementwise / reshape / gather kernels: inlined into one loop
-  nest, flattened, vectorised and parallelised.
+  nest, flattened, vectorised and parallelised (a row no vector width divides
+  keeps its own loop, so no vector spans two rows).
 
 ``ApplyRules`` is a Relax module pass run between fusion and codegen; a kernel
 no rule matches gets only the outer loop parallelised and is reported as
@@ -34,6 +35,8 @@ from tfcompile.backends.tvm.target import register_tile, tile_rows, vector_lanes
 
 # Below this many output elements a parallel launch costs more than it saves.
 PARALLEL_MIN_ELEMENTS = 8192
+# Rows at least this long that no vector width divides keep a loop of their own (``_flat_parallel_vectorize``).
+ROW_LOOP_MIN = 32
 
 
 @dataclasses.dataclass
@@ -74,16 +77,33 @@ def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 
 def _flat_parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Flatten a spatial loop nest, vectorise its tail and parallelise its head."""
+    """Flatten a spatial loop nest, vectorise its tail and parallelise its head.
+
+    A vector never spans two rows of the innermost axis when that axis is long: its width divides the row,
+    so all its lanes share the outer indices and its loads are one run (strided at worst). A width that
+    only divides the whole nest (197-token rows: 4) makes every lane its own floordiv/floormod of the flat
+    index, and TVM emits a gather per vector; such rows (ROW_LOOP_MIN or more elements) keep their own
+    loop, left to LLVM's vectoriser, under a parallel loop over the rows. On the EPYC of session 21 that ran
+    vit-base's score-mask add 7x and minilm's local-attention tile copies 3-26x faster
+    (``benchmarks/tvm_injective_rows.py``)."""
     loops = sch.get_loops(block)
     if not loops:
+        return
+    widths = [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4]
+    row = _extent(sch, loops[-1])
+    if row is not None and row >= ROW_LOOP_MIN and len(loops) > 1 and _largest_divisor(row, widths) < 4:
+        rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        rows_extent = _extent(sch, rows)
+        if rows_extent is None or rows_extent * row >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(rows)
         return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     total = _extent(sch, fused)
     if total is None:
         sch.parallel(fused)
         return
-    width = _largest_divisor(total, [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4])
+    width = _largest_divisor(row, widths) if row is not None and row >= ROW_LOOP_MIN else 1
+    width = width if width >= 4 else _largest_divisor(total, widths)
     if width >= 4 and width < total:
         outer, inner = sch.split(fused, factors=[None, width])
         sch.vectorize(inner)

@@ -1,0 +1,139 @@
+"""TVM's injective kernels with rows no vector width divides: the row-loop rule against the flat one before it.
+
+Before session 21, ``backends.tvm.rules`` flattened every injective loop nest and vectorised it by a width
+that divides the whole nest. Where the innermost row is 197 tokens (vit-base) or a local-attention tile's
+385 keys, only 4 divides the nest, a vector spans two rows and each lane computes its own floordiv/floormod
+of the flat index: TVM emits a gather per vector. The rule now keeps such rows as a loop of their own
+(``rules.ROW_LOOP_MIN``) and vectorises only by widths that divide the row.
+
+This compiles each chosen held-out variant of ``cost_model_accuracy.py`` twice, with the rule of now and
+with the flat rule of before (kept here, patched in with ``unittest.mock``), checks that the two agree on the
+outputs, and times them interleaved in this process (``measure_interleaved``): per variant the median of
+each and the median of the run-by-run ratio. ``--kernels`` also times every injective kernel the rules
+schedule differently, alone, both ways (TVM's ``time_evaluator``, the best of five means).
+
+    .venv/bin/python benchmarks/tvm_injective_rows.py
+    .venv/bin/python benchmarks/tvm_injective_rows.py --variants "minilm b1 s512 cleanup+local_w128" --kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+from tfcompile.backends import tvm
+from tfcompile.backends.timing import measure_interleaved, ratio_spread
+from tfcompile.backends.tvm import lowering
+from tfcompile.backends.tvm import rules as tvm_rules
+from tfcompile.backends.tvm.target import host_target, vector_lanes
+from tfcompile.cost_models.device import detect_host
+
+VARIANTS = ("vit-base b1 baseline", "minilm b1 s512 cleanup+local_w128", "llama-tiny b1 s512 cleanup+local_w128",
+            "bert-base b1 s512 cleanup+local_w128", "minilm b1 s128 cleanup")
+
+
+def flat_rule_of_before(sch, block, lanes: int) -> None:
+    """The injective rule up to session 20: one flat loop, vectorised by a width dividing the whole nest."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    total = tvm_rules._extent(sch, fused)
+    if total is None:
+        sch.parallel(fused)
+        return
+    width = tvm_rules._largest_divisor(total, [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4])
+    if width >= 4 and width < total:
+        outer, inner = sch.split(fused, factors=[None, width])
+        sch.vectorize(inner)
+    elif width >= 4:
+        sch.vectorize(fused)
+        return
+    else:
+        outer = fused
+    if total >= tvm_rules.PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)
+
+
+def held_out_graphs(names: list[str]):
+    """The named variants, built as ``benchmarks/cost_model_accuracy.py`` builds them (seed 0)."""
+    path = Path(__file__).with_name("cost_model_accuracy.py")
+    spec = importlib.util.spec_from_file_location("cost_model_accuracy", path)
+    accuracy = importlib.util.module_from_spec(spec)
+    sys.modules["cost_model_accuracy"] = accuracy
+    spec.loader.exec_module(accuracy)
+    graphs = {}
+    for config in accuracy.FULL:
+        wanted = [n for n in names if n.startswith(config.label + " ")]
+        if wanted:
+            built, _, _ = accuracy.config_variants(config, 0)
+            graphs.update({g.name: g for g in built if g.name in wanted})
+    missing = [n for n in names if n not in graphs]
+    if missing:
+        raise SystemExit(f"no such held-out variant: {', '.join(missing)}")
+    return [graphs[n] for n in names]
+
+
+def kernel_us(func, target) -> float:
+    """Best of five means of ``func`` (a scheduled PrimFunc) alone, on random inputs, in microseconds."""
+    import tvm as tvm_lib
+
+    func = func.with_attr("global_symbol", "main")
+    library = tvm_lib.compile(tvm_lib.IRModule({"main": func}), target=target)
+    device = tvm_lib.cpu()
+    draw = np.random.default_rng(0)
+    args = [tvm_lib.runtime.tensor(np.asarray(draw.random([int(d) for d in p.ty.shape])).astype(str(p.ty.dtype)),
+                                   device) for p in func.params]
+    timer = library.mod.time_evaluator("main", device, number=20, repeat=5)
+    return min(timer(*args).results) * 1e6
+
+
+def time_kernels(graph, target) -> None:
+    mod = lowering.legalize_and_fuse(lowering.import_graph(graph), target, pad_multiple=vector_lanes(target))
+    for name, func in lowering.primfuncs(mod).items():
+        now, rule = tvm_rules.schedule_func(func, target)
+        if rule != "injective":
+            continue
+        with mock.patch.object(tvm_rules, "_flat_parallel_vectorize", flat_rule_of_before):
+            before, _ = tvm_rules.schedule_func(func, target)
+        if before.script() == now.script():
+            continue
+        before_us, now_us = kernel_us(before, target), kernel_us(now, target)
+        print(f"  {name[:64]:64s} before {before_us:9.1f} us  now {now_us:9.1f} us  {before_us / now_us:5.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--kernels", action="store_true", help="also time each rescheduled injective kernel alone")
+    args = parser.parse_args()
+    host = detect_host()
+    threads = int(os.environ.get("TVM_NUM_THREADS", host.cores))
+    tvm.set_num_threads(threads)
+    target = host_target()
+    print(f"host: {host.model}, {host.cores} cores; TVM {threads} threads; {args.repeat} interleaved runs each")
+    for graph in held_out_graphs(args.variants):
+        now = tvm.compile_graph(graph, schedule="rules")
+        with mock.patch.object(tvm_rules, "_flat_parallel_vectorize", flat_rule_of_before):
+            before = tvm.compile_graph(graph, schedule="rules")
+        for a, b in zip(now.run(graph.example_inputs), before.run(graph.example_inputs)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        timed = measure_interleaved({"before": before.runner(graph.example_inputs),
+                                     "now": now.runner(graph.example_inputs)}, backend="tvm", repeat=args.repeat)
+        ratio = ratio_spread(timed["before"], timed["now"])
+        print(f"{graph.name:40s} before {timed['before'].median_ms:8.2f} ms  now {timed['now'].median_ms:8.2f} ms  "
+              f"speed-up {ratio.median:.2f}x (p10-p90 {ratio.p10:.2f}-{ratio.p90:.2f})", flush=True)
+        if args.kernels:
+            time_kernels(graph, target)
+
+
+if __name__ == "__main__":
+    main()
