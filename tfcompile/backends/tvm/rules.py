@@ -11,7 +11,8 @@ module schedules the kernel classes the zoo models lower to:
   panel is reused from cache across the rows of A; outer tiles run in parallel.
 - ``RowReduction``: softmax, layer norm, RMS norm and the like: blocks that
   share leading spatial axes (rows) are computed row by row, rows in parallel,
-  inner loops vectorised.
+  inner loops vectorised, a row's max or sum factored into a vector of partial
+  results.
 - ``Injective``: elementwise / reshape / gather kernels: inlined into one loop
   nest, flattened, vectorised and parallelised (a row no vector width divides
   keeps its own loop, so no vector spans two rows).
@@ -85,7 +86,7 @@ def _flat_parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
     index, and TVM emits a gather per vector; such rows (ROW_LOOP_MIN or more elements) keep their own
     loop, left to LLVM's vectoriser, under a parallel loop over the rows. On the EPYC of session 21 that ran
     vit-base's score-mask add 7x and minilm's local-attention tile copies 3-26x faster
-    (``benchmarks/tvm_injective_rows.py``)."""
+    (``benchmarks/tvm_row_kernels.py``)."""
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -184,10 +185,12 @@ class RowReduction(Rule):
                 return None
         last = infos[-1].block_rv
         _inline_spatial(sch, keep=[info.block_rv for info in infos if not info.is_injective()] + [last])
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        rows = min(_leading_spatial(sch, b) for b in blocks)
+        reductions = [info.block_rv for info in infos if not info.is_injective()]
+        rows = min(_leading_spatial(sch, b) for b in sch.get_child_blocks(sch.get_sblock("root")))
         if rows == 0:
             return None
+        partials = [p for p in (_factor_reduction(sch, b, _lanes_of(sch, b, target), rows) for b in reductions) if p]
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
         last = blocks[-1]
         loops = sch.get_loops(last)
         row_loop = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
@@ -204,6 +207,8 @@ class RowReduction(Rule):
             lanes = vector_lanes(target, _dtype_bits(sch, block))
             if all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
                 _vectorize_inner(sch, block, lanes)
+            elif any(sch.get(block).same_as(sch.get(p)) for p in partials):
+                _vectorize_partials(sch, block, lanes)
             else:
                 _unroll_inner(sch, block, lanes)
         return sch
@@ -224,6 +229,40 @@ def _leading_spatial(sch: s_tir.Schedule, block) -> int:
             break
         count += 1
     return min(count, len(sch.get_loops(block)))
+
+
+def _lanes_of(sch: s_tir.Schedule, block, target) -> int:
+    return vector_lanes(target, _dtype_bits(sch, block))
+
+
+def _factor_reduction(sch: s_tir.Schedule, block, lanes: int, rows: int):
+    """Reduce each row ``lanes`` elements at a time into ``lanes`` partial results (TVM's rfactor; the new
+    block is returned, to be vectorised), which ``block`` then reduces into one: a vector max or sum per
+    step instead of a scalar chain whose every step waits on the one before (LLVM may not reorder a float
+    reduction itself). None, the schedule unchanged, unless ``block`` reduces one axis after its ``rows``
+    row axes whose extent is a whole number of vectors, and TVM can factor it."""
+    loops = sch.get_loops(block)
+    if len(loops) != rows + 1:
+        return None
+    extent = _extent(sch, loops[-1])
+    if extent is None or extent % lanes or extent == lanes:
+        return None
+    try:
+        _, inner = sch.split(loops[-1], factors=[None, lanes])
+        return sch.rfactor(inner, factor_axis=0)
+    except RuntimeError:  # ScheduleError and TVM's internal errors
+        return None
+
+
+def _vectorize_partials(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Vectorise a factored reduction's partial results: ``compute_at`` lays its loops out in the order of
+    its block's iterators, the factor axis (``rfactor``'s ``factor_axis=0``) first and the reduction last,
+    so those two swap and the factor axis, innermost, is vectorised."""
+    inner = [loop for loop in sch.get_loops(block)[1:] if _extent(sch, loop) != 1]
+    if len(inner) != 2 or _extent(sch, inner[0]) != lanes:
+        return
+    sch.reorder(inner[1], inner[0])
+    sch.vectorize(inner[0])
 
 
 def _unroll_inner(sch: s_tir.Schedule, block, lanes: int) -> None:

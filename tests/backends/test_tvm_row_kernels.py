@@ -1,9 +1,13 @@
-"""The injective rule never lets a vector span two rows it cannot divide (session 21).
+"""Row kernels on TVM (session 21): the injective rule never lets a vector span two rows it cannot divide,
+and the row-reduction rule reduces a row a vector at a time.
 
 vit-base's 197-token rows and a local-attention tile's 385 keys are divided by no vector width but 1 (197 is
 prime): vectorised over the flattened nest, each lane computed its own floordiv/floormod and TVM emitted a
 gather per vector (the score-mask add 4-8x, the tile copies 3-24x slower than a loop per row;
-``benchmarks/tvm_injective_rows.py``). Rows a width divides are still vectorised by it.
+``benchmarks/tvm_row_kernels.py``). Rows a width divides are still vectorised by it.
+
+A softmax's max and sum and a layer norm's mean ran as scalar chains, each add waiting on the one before:
+factored into a vector of partial results (``rfactor``), minilm's softmax over 512 keys ran 7x faster.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pytest
 pytest.importorskip("tvm")
 
 import tvm  # noqa: E402
-from tvm import te  # noqa: E402
+from tvm import te, topi  # noqa: E402
 
 from tfcompile.backends.tvm.rules import ROW_LOOP_MIN, schedule_func  # noqa: E402
 from tfcompile.backends.tvm.target import host_target, vector_lanes  # noqa: E402
@@ -91,3 +95,48 @@ def test_short_rows_are_still_flattened_across():
     assert _vector_widths(scheduled) and "range(3)" not in scheduled.script()
     (scores, mask), out = _run(scheduled, (4, 256, 3), (1, 1, 256, 3), (1, 4, 256, 3))
     np.testing.assert_array_equal(out, (scores + mask[0])[None])
+
+
+def _softmax(rows: int, cols: int):
+    x = te.placeholder((4, rows, cols), name="x")
+    return te.create_prim_func([x, topi.nn.softmax(x, axis=-1)])
+
+
+def _layer_norm(rows: int, width: int):
+    x = te.placeholder((rows, width), name="x")
+    gamma, beta = te.placeholder((width,), name="gamma"), te.placeholder((width,), name="beta")
+    return te.create_prim_func([x, gamma, beta, topi.nn.layer_norm(x, gamma, beta, axis=[1], epsilon=1e-5)])
+
+
+def _softmax_of(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_a_row_of_whole_vectors_is_reduced_a_vector_at_a_time():
+    lanes = vector_lanes(host_target())
+    scheduled, rule = schedule_func(_softmax(33, 32 * lanes), host_target())
+    assert rule == "row-reduction"
+    script = scheduled.script()
+    assert script.count("_rf = T.sblock_alloc_buffer") == 2  # the max's and the sum's partial results
+    assert lanes in _vector_widths(scheduled)
+    (x,), out = _run(scheduled, (4, 33, 32 * lanes), (4, 33, 32 * lanes))
+    np.testing.assert_allclose(out, _softmax_of(x), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cols", [385, 8])
+def test_rows_not_whole_vectors_or_one_vector_reduce_as_before(cols):
+    scheduled, rule = schedule_func(_softmax(33, cols), host_target())
+    assert rule == "row-reduction"
+    assert "_rf" not in scheduled.script()
+    (x,), out = _run(scheduled, (4, 33, cols), (4, 33, cols))
+    np.testing.assert_allclose(out, _softmax_of(x), rtol=1e-5, atol=1e-7)
+
+
+def test_a_layer_norm_is_factored_and_computes_the_same():
+    scheduled, rule = schedule_func(_layer_norm(64, 768), host_target())
+    assert rule == "row-reduction" and "_rf" in scheduled.script()
+    (x, gamma, beta), out = _run(scheduled, (64, 768), (768,), (768,), (64, 768))
+    x64 = x.astype(np.float64)
+    normed = (x64 - x64.mean(axis=1, keepdims=True)) / np.sqrt(x64.var(axis=1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, normed * gamma + beta, rtol=1e-4, atol=1e-5)
