@@ -140,3 +140,25 @@ def test_a_layer_norm_is_factored_and_computes_the_same():
     x64 = x.astype(np.float64)
     normed = (x64 - x64.mean(axis=1, keepdims=True)) / np.sqrt(x64.var(axis=1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(out, normed * gamma + beta, rtol=1e-4, atol=1e-5)
+
+
+def test_the_host_target_reassociates_float_sums_and_assumes_nothing_else():
+    attrs = host_target().attrs
+    assert attrs["fast-math-reassoc"]
+    # Masks of -inf and the NaN guard of an all-masked row need IEEE infinities and NaNs.
+    assert not any(attrs.get(flag, False) for flag in ("fast-math", "fast-math-ninf", "fast-math-nnan"))
+    assert "fast-math-reassoc" not in host_target(reassociate=False).attrs
+
+
+def test_a_masked_softmax_over_rows_no_width_divides_is_exact_where_masked():
+    # A local-attention tile's row: 385 keys, a band of them hidden by -inf.
+    scheduled, _ = schedule_func(_softmax(16, 385), host_target())
+    assert "_rf" not in scheduled.script()  # left to LLVM, which may reassociate the sum
+    target = host_target()
+    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target)
+    x = np.random.default_rng(1).standard_normal((4, 16, 385)).astype("float32")
+    x[:, :, 200:300] = -np.inf
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    lib["main"](tvm.runtime.tensor(x), out)
+    assert (out.numpy()[:, :, 200:300] == 0).all()
+    np.testing.assert_allclose(out.numpy(), _softmax_of(x), rtol=1e-5, atol=1e-7)
