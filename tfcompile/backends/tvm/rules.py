@@ -85,8 +85,8 @@ def _flat_parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
     only divides the whole nest (197-token rows: 4) makes every lane its own floordiv/floormod of the flat
     index, and TVM emits a gather per vector; such rows (ROW_LOOP_MIN or more elements) keep their own
     loop, left to LLVM's vectoriser, under a parallel loop over the rows. On the EPYC of session 21 that ran
-    vit-base's score-mask add 7x and minilm's local-attention tile copies 3-26x faster
-    (``benchmarks/tvm_row_kernels.py``)."""
+    vit-base's score-mask add 4.6x and minilm's local-attention tile copies 3-24x faster
+    (``benchmarks/tvm_row_kernels.py --kernels``)."""
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -239,8 +239,9 @@ def _factor_reduction(sch: s_tir.Schedule, block, lanes: int, rows: int):
     """Reduce each row ``lanes`` elements at a time into ``lanes`` partial results (TVM's rfactor; the new
     block is returned, to be vectorised), which ``block`` then reduces into one: a vector max or sum per
     step instead of a scalar chain whose every step waits on the one before (LLVM may not reorder a float
-    reduction itself). None, the schedule unchanged, unless ``block`` reduces one axis after its ``rows``
-    row axes whose extent is a whole number of vectors, and TVM can factor it."""
+    reduction itself). None unless ``block`` reduces one axis after its ``rows`` row axes whose extent is a
+    whole number of vectors, and TVM can factor it (where it cannot, the row's loop stays split in two,
+    which changes nothing of what it computes)."""
     loops = sch.get_loops(block)
     if len(loops) != rows + 1:
         return None
