@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
-import sys
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -51,24 +48,8 @@ VARIANTS = ("vit-base b1 baseline", "minilm b1 s128 cleanup", "minilm b1 s512 cl
 def flat_rule_of_before(sch, block, lanes: int) -> None:
     """The injective rule up to session 20: one flat loop, vectorised by a width dividing the whole nest."""
     loops = sch.get_loops(block)
-    if not loops:
-        return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    total = tvm_rules._extent(sch, fused)
-    if total is None:
-        sch.parallel(fused)
-        return
-    width = tvm_rules._largest_divisor(total, [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4])
-    if width >= 4 and width < total:
-        outer, inner = sch.split(fused, factors=[None, width])
-        sch.vectorize(inner)
-    elif width >= 4:
-        sch.vectorize(fused)
-        return
-    else:
-        outer = fused
-    if total >= tvm_rules.PARALLEL_MIN_ELEMENTS:
-        sch.parallel(outer)
+    if loops:
+        tvm_rules._fuse_and_vectorize(sch, loops, lanes)
 
 
 CHANGES = ("injective", "reduction", "reassociation")
@@ -90,11 +71,8 @@ def target_of_before(undone: tuple[str, ...]):
 
 def held_out_graphs(names: list[str]):
     """The named variants, built as ``benchmarks/cost_model_accuracy.py`` builds them (seed 0)."""
-    path = Path(__file__).with_name("cost_model_accuracy.py")
-    spec = importlib.util.spec_from_file_location("cost_model_accuracy", path)
-    accuracy = importlib.util.module_from_spec(spec)
-    sys.modules["cost_model_accuracy"] = accuracy
-    spec.loader.exec_module(accuracy)
+    import cost_model_accuracy as accuracy  # this script's own directory is on sys.path
+
     graphs = {}
     for config in accuracy.FULL:
         wanted = [n for n in names if n.startswith(config.label + " ")]

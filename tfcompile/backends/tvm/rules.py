@@ -60,6 +60,15 @@ def _largest_divisor(n: int, candidates) -> int:
     return next((c for c in candidates if n % c == 0), 1)
 
 
+def _vector_widths(lanes: int) -> list[int]:
+    """The vector widths an elementwise loop is split by, widest first: up to four registers' worth."""
+    return [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4]
+
+
+def _lanes_of(sch: s_tir.Schedule, block, target) -> int:
+    return vector_lanes(target, _dtype_bits(sch, block))
+
+
 def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Vectorise the innermost loop of ``block`` by a divisor of its extent, if one is >= 4."""
     loops = sch.get_loops(block)
@@ -69,7 +78,7 @@ def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
     extent = _extent(sch, inner)
     if extent is None:
         return
-    width = _largest_divisor(extent, [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4])
+    width = _largest_divisor(extent, _vector_widths(lanes))
     if width < 4:
         return
     if width < extent:
@@ -90,7 +99,7 @@ def _flat_parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
-    widths = [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4]
+    widths = _vector_widths(lanes)
     row = _extent(sch, loops[-1])
     if row is not None and row >= ROW_LOOP_MIN and len(loops) > 1 and _largest_divisor(row, widths) < 4:
         rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
@@ -98,13 +107,18 @@ def _flat_parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
         if rows_extent is None or rows_extent * row >= PARALLEL_MIN_ELEMENTS:
             sch.parallel(rows)
         return
+    _fuse_and_vectorize(sch, loops, lanes, _largest_divisor(row, widths) if row and row >= ROW_LOOP_MIN else 1)
+
+
+def _fuse_and_vectorize(sch: s_tir.Schedule, loops, lanes: int, width: int = 1) -> None:
+    """Fuse ``loops`` into one, split a vector of ``width`` off it (below 4: of the widest width that divides
+    the whole nest), vectorise that and parallelise the rest."""
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     total = _extent(sch, fused)
     if total is None:
         sch.parallel(fused)
         return
-    width = _largest_divisor(row, widths) if row is not None and row >= ROW_LOOP_MIN else 1
-    width = width if width >= 4 else _largest_divisor(total, widths)
+    width = width if width >= 4 else _largest_divisor(total, _vector_widths(lanes))
     if width >= 4 and width < total:
         outer, inner = sch.split(fused, factors=[None, width])
         sch.vectorize(inner)
@@ -163,7 +177,7 @@ class Injective(Rule):
         last = infos[-1].block_rv
         _inline_spatial(sch, keep=[last])
         for block in sch.get_child_blocks(sch.get_sblock("root")):
-            _flat_parallel_vectorize(sch, block, vector_lanes(target, _dtype_bits(sch, block)))
+            _flat_parallel_vectorize(sch, block, _lanes_of(sch, block, target))
         return sch
 
 
@@ -204,7 +218,7 @@ class RowReduction(Rule):
             if len(sch.get_loops(block)) == 1:
                 continue  # one element per row: nothing inside the row loop to vectorise
             stmt = sch.get(block)
-            lanes = vector_lanes(target, _dtype_bits(sch, block))
+            lanes = _lanes_of(sch, block, target)
             if all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
                 _vectorize_inner(sch, block, lanes)
             elif any(sch.get(block).same_as(sch.get(p)) for p in partials):
@@ -229,10 +243,6 @@ def _leading_spatial(sch: s_tir.Schedule, block) -> int:
             break
         count += 1
     return min(count, len(sch.get_loops(block)))
-
-
-def _lanes_of(sch: s_tir.Schedule, block, target) -> int:
-    return vector_lanes(target, _dtype_bits(sch, block))
 
 
 def _factor_reduction(sch: s_tir.Schedule, block, lanes: int, rows: int):
@@ -409,7 +419,7 @@ class Matmul(Rule):
         sch.vectorize(loops[-1])
         for other in prologues + epilogues:
             other_block = sch.get_sblock(other)
-            _flat_parallel_vectorize(sch, other_block, vector_lanes(target, _dtype_bits(sch, other_block)))
+            _flat_parallel_vectorize(sch, other_block, _lanes_of(sch, other_block, target))
         return sch
 
 
