@@ -7,7 +7,8 @@ gather per vector (the score-mask add 4-8x, the tile copies 3-24x slower than a 
 ``benchmarks/tvm_row_kernels.py``). Rows a width divides are still vectorised by it.
 
 A softmax's max and sum and a layer norm's mean ran as scalar chains, each add waiting on the one before:
-factored into a vector of partial results (``rfactor``), minilm's softmax over 512 keys ran 7x faster.
+factored into a vector of partial results (``rfactor``), minilm's softmax over 512 keys ran 1.95x faster
+than the loop LLVM vectorises itself once allowed to reassociate.
 """
 
 from __future__ import annotations

@@ -90,8 +90,9 @@ def host_target(*, reassociate: bool = True):
     ``reassociate``: LLVM may reorder float additions (``fast-math-reassoc``, nothing else of fast-math: no
     assumption of finite values, which masks of -inf need). Without it a reduction LLVM is left to vectorise
     (a row no vector width divides, where ``rules._factor_reduction`` does not apply) runs as a scalar chain,
-    every add waiting on the one before: the local-attention tiles' masked softmax over 385 keys took 5.4 ms
-    a layer on session 21's EPYC, 1.1 ms reassociated. Sums then round in another order (about 1e-7
+    every add waiting on the one before: the local-attention tiles' masked softmax over 385 keys took 3.8 ms
+    a layer on session 21's EPYC, 0.9 ms reassociated (``benchmarks/tvm_row_kernels.py --before
+    reassociation --kernels``). Sums then round in another order (about 1e-7
     relative), as the factored ones do."""
     from tvm.target import Target
 
