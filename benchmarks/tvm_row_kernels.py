@@ -1,6 +1,6 @@
-"""TVM's row kernels, session 21's build against the one before: injective rows and row reductions.
+"""TVM's row kernels (session 21) and fast log (session 22), each build against the one before.
 
-Three changes, each measured against what it replaced (the old rules kept here and patched in with
+Four changes, each measured against what it replaced (the old rules kept here and patched in with
 ``unittest.mock``):
 
 - ``injective``: before, every injective loop nest was flattened and vectorised by a width dividing the
@@ -12,15 +12,19 @@ Three changes, each measured against what it replaced (the old rules kept here a
   on the one before. Now it is factored into a vector of partial results (``rules._factor_reduction``).
 - ``reassociation``: the host target lets LLVM reorder float additions (``target.host_target``), so it
   vectorises the reductions that cannot be factored (rows no vector width divides: 197 tokens, 385 keys).
+- ``log`` (session 22; undone only when named): before, ``log`` was legalised to libm's ``logf``, a scalar
+  call per element; token merging's attention bias, ``log`` of the keys' sizes, is fused into the add over
+  the scores and so ran once per score element. Now ``fast_math`` legalises it to vectorisable arithmetic.
 
 This compiles each chosen held-out variant of ``cost_model_accuracy.py`` as now and as before (``--before``:
-which changes to undo, all three by default), checks that the two agree on the outputs, and
+which changes to undo, session 21's three by default), checks that the two agree on the outputs, and
 times them interleaved in this process (``measure_interleaved``): per variant the median of each and the
 median of the run-by-run ratio. ``--kernels`` also times, alone, every kernel the two schedule differently
 (TVM's ``time_evaluator``, the best of five means).
 
     .venv/bin/python benchmarks/tvm_row_kernels.py
     .venv/bin/python benchmarks/tvm_row_kernels.py --before reassociation --variants "vit-base b1 baseline" --kernels
+    .venv/bin/python benchmarks/tvm_row_kernels.py --before log --variants "minilm b1 s512 cleanup+tome_r16"
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 
 from tfcompile.backends import tvm
 from tfcompile.backends.timing import measure_interleaved, ratio_spread
-from tfcompile.backends.tvm import lowering
+from tfcompile.backends.tvm import fast_math, lowering
 from tfcompile.backends.tvm import rules as tvm_rules
 from tfcompile.backends.tvm.target import host_target, vector_lanes
 from tfcompile.cost_models.device import detect_host
@@ -52,12 +56,21 @@ def flat_rule_of_before(sch, block, lanes: int) -> None:
         tvm_rules._fuse_and_vectorize(sch, loops, lanes)
 
 
-CHANGES = ("injective", "reduction", "reassociation")
+ROW_CHANGES = ("injective", "reduction", "reassociation")
+CHANGES = ROW_CHANGES + ("log",)
+_legalize_map_of_now = fast_math.legalize_map
+
+
+def legalize_map_of_before() -> dict:
+    """``fast_math.legalize_map`` up to session 21: ``log`` took TVM's default legalisation (libm's logf)."""
+    return {op: legalize for op, legalize in _legalize_map_of_now().items() if op != "relax.log"}
 
 
 def rules_of_before(undone: tuple[str, ...]) -> contextlib.ExitStack:
-    """A context in which ``backends.tvm.rules`` schedules as before session 21 where ``undone`` says so."""
+    """A context in which ``backends.tvm`` legalises and schedules as before where ``undone`` says so."""
     stack = contextlib.ExitStack()
+    if "log" in undone:
+        stack.enter_context(mock.patch.object(fast_math, "legalize_map", legalize_map_of_before))
     if "injective" in undone:
         stack.enter_context(mock.patch.object(tvm_rules, "_flat_parallel_vectorize", flat_rule_of_before))
     if "reduction" in undone:
@@ -117,8 +130,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--before", nargs="+", choices=CHANGES, default=list(CHANGES),
-                        help="which changes to undo for the build of before (default: all three)")
+    parser.add_argument("--before", nargs="+", choices=CHANGES, default=list(ROW_CHANGES),
+                        help="which changes to undo for the build of before (default: session 21's three)")
     parser.add_argument("--kernels", action="store_true", help="also time each rescheduled kernel alone")
     args = parser.parse_args()
     host = detect_host()

@@ -1,4 +1,4 @@
-"""TVM fast-math legalisations: sigmoid and SiLU built on fast_exp stay within float32 rounding of torch."""
+"""TVM fast-math legalisations: sigmoid, SiLU (built on fast_exp) and log stay within float32 rounding of torch."""
 
 from __future__ import annotations
 
@@ -49,3 +49,31 @@ def test_fused_silu_gate_kernel_matches_torch():
     a, b = (torch.randn(64, 688, generator=generator) * 4 for _ in range(2))
     out = _run(Gate(), a, b)
     assert torch.allclose(out, Gate()(a, b), rtol=1e-5, atol=1e-6)
+
+
+class Log(torch.nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+def test_fast_log_matches_float64_from_subnormals_to_the_largest_float_and_keeps_ieee_specials():
+    positive = torch.logspace(-45, 38, 100001)  # 1e-45 is the smallest subnormal float
+    near_one = torch.tensor([1.0, 1.0000001, 0.99999994, 1.4142135, 1.4142137, 0.70710677, 2.0, 0.5])
+    specials = torch.tensor([0.0, -0.0, -1.0, -1e-30, float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([positive, near_one, specials]).reshape(1, -1)
+    out, ref = _run(Log(), x), torch.log(x.double())
+    finite = torch.isfinite(ref)
+    relative = (out.double() - ref).abs() / ref.abs().clamp_min(1e-30)
+    assert relative[finite].max().item() < 3e-7
+    assert (out[x == 1.0] == 0).all()  # log 1 is exactly 0
+    assert torch.equal(out[~finite].isnan(), ref[~finite].isnan())
+    assert torch.equal(out[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()].float())  # +-inf
+
+
+def test_fast_log_kernel_calls_no_libm_log():
+    from tfcompile.backends.tvm import host_target
+    from tfcompile.backends.tvm.tuning import kernels_of
+
+    graph = export_module(Log(), (torch.rand(4, 64) + 0.5,), name="log")
+    text = "\n".join(f.script() for f in kernels_of(graph, host_target()).values())
+    assert "T.log(" not in text and "T.reinterpret(" in text
