@@ -110,13 +110,13 @@ def import_graph(graph: ModelGraph) -> tvm.IRModule:
 
 def fuse_passes() -> list[tvm.transform.Pass]:
     """Legalise to TIR and fuse: the module these produce is what the schedule step sees."""
-    from tfcompile.backends.tvm import fast_math
+    from tfcompile.backends.tvm import fast_math, scatter
 
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.DecomposeOpsForInference(),
-        relax.transform.LegalizeOps(customize_legalize_map=fast_math.legalize_map()),
+        relax.transform.LegalizeOps(customize_legalize_map={**fast_math.legalize_map(), **scatter.legalize_map()}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
