@@ -1,6 +1,6 @@
-"""TVM's row kernels (session 21) and fast log (session 22), each build against the one before.
+"""TVM's row kernels (session 21), fast log and column reductions (session 22), each against the build before.
 
-Four changes, each measured against what it replaced (the old rules kept here and patched in with
+Five changes, each measured against what it replaced (the old rules kept here and patched in with
 ``unittest.mock``):
 
 - ``injective``: before, every injective loop nest was flattened and vectorised by a width dividing the
@@ -15,6 +15,9 @@ Four changes, each measured against what it replaced (the old rules kept here an
 - ``log`` (session 22; undone only when named): before, ``log`` was legalised to libm's ``logf``, a scalar
   call per element; token merging's attention bias, ``log`` of the keys' sizes, is fused into the add over
   the scores and so ran once per score element. Now ``fast_math`` legalises it to vectorisable arithmetic.
+- ``column`` (session 22; undone only when named): before, a sum over middle axes (token merging's attention
+  received per key, ``probs.sum((1, 2))``) ran as rows of the kept axes, each reading a float a row apart;
+  now ``column_reduction.ColumnReduction`` keeps the innermost axis innermost.
 
 This compiles each chosen held-out variant of ``cost_model_accuracy.py`` as now and as before (``--before``:
 which changes to undo, session 21's three by default), checks that the two agree on the outputs, and
@@ -25,6 +28,7 @@ median of the run-by-run ratio. ``--kernels`` also times, alone, every kernel th
     .venv/bin/python benchmarks/tvm_row_kernels.py
     .venv/bin/python benchmarks/tvm_row_kernels.py --before reassociation --variants "vit-base b1 baseline" --kernels
     .venv/bin/python benchmarks/tvm_row_kernels.py --before log --variants "minilm b1 s512 cleanup+tome_r16"
+    .venv/bin/python benchmarks/tvm_row_kernels.py --before column --variants "minilm b8 s128 baseline" --kernels
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 
 from tfcompile.backends import tvm
 from tfcompile.backends.timing import measure_interleaved, ratio_spread
-from tfcompile.backends.tvm import fast_math, lowering
+from tfcompile.backends.tvm import column_reduction, fast_math, lowering
 from tfcompile.backends.tvm import rules as tvm_rules
 from tfcompile.backends.tvm.target import host_target, vector_lanes
 from tfcompile.cost_models.device import detect_host
@@ -57,7 +61,7 @@ def flat_rule_of_before(sch, block, lanes: int) -> None:
 
 
 ROW_CHANGES = ("injective", "reduction", "reassociation")
-CHANGES = ROW_CHANGES + ("log",)
+CHANGES = ROW_CHANGES + ("log", "column")
 _legalize_map_of_now = fast_math.legalize_map
 
 
@@ -71,6 +75,8 @@ def rules_of_before(undone: tuple[str, ...]) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     if "log" in undone:
         stack.enter_context(mock.patch.object(fast_math, "legalize_map", legalize_map_of_before))
+    if "column" in undone:  # the rule refuses every kernel: they fall to RowReduction, as before
+        stack.enter_context(mock.patch.object(column_reduction.ColumnReduction, "apply", lambda *_: None))
     if "injective" in undone:
         stack.enter_context(mock.patch.object(tvm_rules, "_flat_parallel_vectorize", flat_rule_of_before))
     if "reduction" in undone:

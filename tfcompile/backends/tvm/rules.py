@@ -13,6 +13,8 @@ module schedules the kernel classes the zoo models lower to:
   share leading spatial axes (rows) are computed row by row, rows in parallel,
   inner loops vectorised, a row's max or sum factored into a vector of partial
   results.
+- ``ColumnReduction`` (``column_reduction``): a sum or max over middle axes that keeps the innermost
+  one (attention received per key): the kept axis innermost, under the reduction loops.
 - ``Injective``: elementwise / reshape / gather kernels: inlined into one loop
   nest, flattened, vectorised and parallelised (a row no vector width divides
   keeps its own loop, so no vector spans two rows).
@@ -32,7 +34,19 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from tfcompile.backends.tvm.target import register_tile, tile_rows, vector_lanes
+from tfcompile.backends.tvm.column_reduction import ColumnReduction
+from tfcompile.backends.tvm.schedule_base import (
+    Rule,
+    dtype_bits,
+    inline_spatial,
+    lanes_of,
+    largest_divisor,
+    leading_spatial,
+    loop_extent,
+    schedule_of,
+    vector_widths,
+)
+from tfcompile.backends.tvm.target import register_tile, tile_rows
 
 # Below this many output elements a parallel launch costs more than it saves.
 PARALLEL_MIN_ELEMENTS = 8192
@@ -46,39 +60,16 @@ class ScheduleReport:
     untuned: list[str] = dataclasses.field(default_factory=list)
 
 
-def _extent(sch: s_tir.Schedule, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
-
-
-def _dtype_bits(sch: s_tir.Schedule, block) -> int:
-    writes = sch.get(block).writes
-    return writes[0].source.dtype.bits if writes else 32
-
-
-def _largest_divisor(n: int, candidates) -> int:
-    return next((c for c in candidates if n % c == 0), 1)
-
-
-def _vector_widths(lanes: int) -> list[int]:
-    """The vector widths an elementwise loop is split by, widest first: up to four registers' worth."""
-    return [lanes * 4, lanes * 2, lanes, lanes // 2, lanes // 4]
-
-
-def _lanes_of(sch: s_tir.Schedule, block, target) -> int:
-    return vector_lanes(target, _dtype_bits(sch, block))
-
-
 def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Vectorise the innermost loop of ``block`` by a divisor of its extent, if one is >= 4."""
     loops = sch.get_loops(block)
     if not loops:
         return
     inner = loops[-1]
-    extent = _extent(sch, inner)
+    extent = loop_extent(sch, inner)
     if extent is None:
         return
-    width = _largest_divisor(extent, _vector_widths(lanes))
+    width = largest_divisor(extent, vector_widths(lanes))
     if width < 4:
         return
     if width < extent:
@@ -99,26 +90,26 @@ def _flat_parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
-    widths = _vector_widths(lanes)
-    row = _extent(sch, loops[-1])
-    if row is not None and row >= ROW_LOOP_MIN and len(loops) > 1 and _largest_divisor(row, widths) < 4:
+    widths = vector_widths(lanes)
+    row = loop_extent(sch, loops[-1])
+    if row is not None and row >= ROW_LOOP_MIN and len(loops) > 1 and largest_divisor(row, widths) < 4:
         rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-        rows_extent = _extent(sch, rows)
+        rows_extent = loop_extent(sch, rows)
         if rows_extent is None or rows_extent * row >= PARALLEL_MIN_ELEMENTS:
             sch.parallel(rows)
         return
-    _fuse_and_vectorize(sch, loops, lanes, _largest_divisor(row, widths) if row and row >= ROW_LOOP_MIN else 1)
+    _fuse_and_vectorize(sch, loops, lanes, largest_divisor(row, widths) if row and row >= ROW_LOOP_MIN else 1)
 
 
 def _fuse_and_vectorize(sch: s_tir.Schedule, loops, lanes: int, width: int = 1) -> None:
     """Fuse ``loops`` into one, split a vector of ``width`` off it (below 4: of the widest width that divides
     the whole nest), vectorise that and parallelise the rest."""
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    total = _extent(sch, fused)
+    total = loop_extent(sch, fused)
     if total is None:
         sch.parallel(fused)
         return
-    width = width if width >= 4 else _largest_divisor(total, _vector_widths(lanes))
+    width = width if width >= 4 else largest_divisor(total, vector_widths(lanes))
     if width >= 4 and width < total:
         outer, inner = sch.split(fused, factors=[None, width])
         sch.vectorize(inner)
@@ -131,53 +122,19 @@ def _fuse_and_vectorize(sch: s_tir.Schedule, loops, lanes: int, width: int = 1) 
         sch.parallel(outer)
 
 
-def _inline_spatial(sch: s_tir.Schedule, keep) -> None:
-    """Inline every spatial block into its consumers (or producer) except the ``keep`` blocks."""
-    changed = True
-    while changed:
-        changed = False
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            if any(sch.get(block).same_as(sch.get(k)) for k in keep):
-                continue
-            if any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
-                continue
-            for primitive in (sch.compute_inline, sch.reverse_compute_inline):
-                try:
-                    primitive(block)
-                except RuntimeError:  # ScheduleError and TVM's internal errors
-                    continue
-                changed = True
-                break
-            if changed:
-                break
-
-
-class Rule:
-    name = "rule"
-
-    def apply(self, func: tirx.PrimFunc, target) -> s_tir.Schedule | None:
-        raise NotImplementedError
-
-
-def _schedule_of(func: tirx.PrimFunc):
-    """A fresh schedule of ``func`` and its normalised blocks (None when TVM cannot normalise them)."""
-    sch = s_tir.Schedule(func)
-    return sch, normalize_prim_func(sch)
-
-
 class Injective(Rule):
     """Every block spatial: one flattened, vectorised, parallel loop per remaining block."""
 
     name = "injective"
 
     def apply(self, func, target):
-        sch, infos = _schedule_of(func)
+        sch, infos = schedule_of(func)
         if not infos or not all(info.is_injective() for info in infos):
             return None
         last = infos[-1].block_rv
-        _inline_spatial(sch, keep=[last])
+        inline_spatial(sch, keep=[last])
         for block in sch.get_child_blocks(sch.get_sblock("root")):
-            _flat_parallel_vectorize(sch, block, _lanes_of(sch, block, target))
+            _flat_parallel_vectorize(sch, block, lanes_of(sch, block, target))
         return sch
 
 
@@ -187,7 +144,7 @@ class RowReduction(Rule):
     name = "row-reduction"
 
     def apply(self, func, target):
-        sch, infos = _schedule_of(func)
+        sch, infos = schedule_of(func)
         if not infos or all(info.is_injective() for info in infos):
             return None
         kinds = [info.dom_kind() for info in infos]
@@ -198,19 +155,19 @@ class RowReduction(Rule):
             if any(c not in "SR" for c in kind):
                 return None
         last = infos[-1].block_rv
-        _inline_spatial(sch, keep=[info.block_rv for info in infos if not info.is_injective()] + [last])
+        inline_spatial(sch, keep=[info.block_rv for info in infos if not info.is_injective()] + [last])
         reductions = [info.block_rv for info in infos if not info.is_injective()]
-        rows = min(_leading_spatial(sch, b) for b in sch.get_child_blocks(sch.get_sblock("root")))
+        rows = min(leading_spatial(sch, b) for b in sch.get_child_blocks(sch.get_sblock("root")))
         if rows == 0:
             return None
-        partials = [p for p in (_factor_reduction(sch, b, _lanes_of(sch, b, target), rows) for b in reductions) if p]
+        partials = [p for p in (_factor_reduction(sch, b, lanes_of(sch, b, target), rows) for b in reductions) if p]
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         last = blocks[-1]
         loops = sch.get_loops(last)
         row_loop = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
         for block in reversed(blocks[:-1]):
             sch.compute_at(block, row_loop, preserve_unit_loops=True)
-        row_count = _extent(sch, row_loop)
+        row_count = loop_extent(sch, row_loop)
         if row_count is None or row_count > 1:
             sch.parallel(row_loop)
         for block in sch.get_child_blocks(row_loop):
@@ -218,7 +175,7 @@ class RowReduction(Rule):
             if len(sch.get_loops(block)) == 1:
                 continue  # one element per row: nothing inside the row loop to vectorise
             stmt = sch.get(block)
-            lanes = _lanes_of(sch, block, target)
+            lanes = lanes_of(sch, block, target)
             if all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
                 _vectorize_inner(sch, block, lanes)
             elif any(sch.get(block).same_as(sch.get(p)) for p in partials):
@@ -235,16 +192,6 @@ def _domain_size(sch: s_tir.Schedule, block) -> int | None:
     return math.prod(int(e) for e in extents)
 
 
-def _leading_spatial(sch: s_tir.Schedule, block) -> int:
-    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
-    count = 0
-    for kind in kinds:
-        if kind != tirx.IterVar.DataPar:
-            break
-        count += 1
-    return min(count, len(sch.get_loops(block)))
-
-
 def _factor_reduction(sch: s_tir.Schedule, block, lanes: int, rows: int):
     """Reduce each row ``lanes`` elements at a time into ``lanes`` partial results (TVM's rfactor; the new
     block is returned, to be vectorised), which ``block`` then reduces into one: a vector max or sum per
@@ -257,7 +204,7 @@ def _factor_reduction(sch: s_tir.Schedule, block, lanes: int, rows: int):
     loops = sch.get_loops(block)
     if len(loops) != rows + 1:
         return None
-    extent = _extent(sch, loops[-1])
+    extent = loop_extent(sch, loops[-1])
     if extent is None or extent % lanes or extent == lanes:
         return None
     try:
@@ -271,8 +218,8 @@ def _vectorize_partials(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Vectorise a factored reduction's partial results: ``compute_at`` lays its loops out in the order of
     its block's iterators, the factor axis (``rfactor``'s ``factor_axis=0``) first and the reduction last,
     so those two swap and the factor axis, innermost, is vectorised."""
-    inner = [loop for loop in sch.get_loops(block)[1:] if _extent(sch, loop) != 1]
-    if len(inner) != 2 or _extent(sch, inner[0]) != lanes:
+    inner = [loop for loop in sch.get_loops(block)[1:] if loop_extent(sch, loop) != 1]
+    if len(inner) != 2 or loop_extent(sch, inner[0]) != lanes:
         return
     sch.reorder(inner[1], inner[0])
     sch.vectorize(inner[0])
@@ -356,7 +303,7 @@ class Matmul(Rule):
     name = "matmul"
 
     def apply(self, func, target):
-        sch, infos = _schedule_of(func)
+        sch, infos = schedule_of(func)
         if not infos:
             return None
         reductions = [info for info in infos if not info.is_injective()]
@@ -367,7 +314,7 @@ class Matmul(Rule):
             return None
         block = main.block_rv
         name = sch.get(block).name_hint
-        _inline_spatial(sch, keep=[block] + [info.block_rv for info in infos if info is not main][-1:])
+        inline_spatial(sch, keep=[block] + [info.block_rv for info in infos if info is not main][-1:])
         block = sch.get_sblock(name)
         roots = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
         prologues, epilogues = roots[:roots.index(name)], roots[roots.index(name) + 1:]
@@ -377,13 +324,13 @@ class Matmul(Rule):
         if i is None:
             # Give a GEMV a unit row axis so it takes the same path as a matmul.
             i = sch.add_unit_loop(j)
-        extents = [_extent(sch, loop) for loop in (*batch, i, j, k)]
+        extents = [loop_extent(sch, loop) for loop in (*batch, i, j, k)]
         if any(e is None for e in extents):
             return None
-        tile = register_tile(target, _dtype_bits(sch, block))
+        tile = register_tile(target, dtype_bits(sch, block))
         lanes = tile.lanes
         m, n = extents[-3], extents[-2]
-        nr = axes.panel_width or _largest_divisor(n, [tile.nr, 2 * lanes, lanes, lanes // 2, lanes // 4])
+        nr = axes.panel_width or largest_divisor(n, [tile.nr, 2 * lanes, lanes, lanes // 2, lanes // 4])
         if nr < 4 or n % nr:
             return None  # no SIMD width divides N: leave it to the fallback (see pad_matmul_n)
         mr = tile_rows(m, max(nr // lanes, 1), tile.registers)
@@ -421,7 +368,7 @@ class Matmul(Rule):
         sch.vectorize(loops[-1])
         for other in prologues + epilogues:
             other_block = sch.get_sblock(other)
-            _flat_parallel_vectorize(sch, other_block, _lanes_of(sch, other_block, target))
+            _flat_parallel_vectorize(sch, other_block, lanes_of(sch, other_block, target))
         return sch
 
 
@@ -436,12 +383,12 @@ class Fallback(Rule):
             return None
         for block in sch.get_child_blocks(sch.get_sblock("root")):
             loops = sch.get_loops(block)
-            if loops and _leading_spatial(sch, block) > 0 and (_extent(sch, loops[0]) or 2) > 1:
+            if loops and leading_spatial(sch, block) > 0 and (loop_extent(sch, loops[0]) or 2) > 1:
                 sch.parallel(loops[0])
         return sch
 
 
-DEFAULT_RULES: tuple[Rule, ...] = (Matmul(), RowReduction(), Injective())
+DEFAULT_RULES: tuple[Rule, ...] = (Matmul(), ColumnReduction(), RowReduction(), Injective())
 
 
 def rule_schedule(func: tirx.PrimFunc, target, rules=DEFAULT_RULES) -> tuple[s_tir.Schedule, str] | None:
