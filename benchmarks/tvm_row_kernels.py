@@ -1,6 +1,6 @@
 """TVM's row kernels (session 21), fast log and column reductions (session 22), each against the build before.
 
-Five changes, each measured against what it replaced (the old rules kept here and patched in with
+Six changes, each measured against what it replaced (the old rules kept here and patched in with
 ``unittest.mock``):
 
 - ``injective``: before, every injective loop nest was flattened and vectorised by a width dividing the
@@ -15,6 +15,9 @@ Five changes, each measured against what it replaced (the old rules kept here an
 - ``log`` (session 22; undone only when named): before, ``log`` was legalised to libm's ``logf``, a scalar
   call per element; token merging's attention bias, ``log`` of the keys' sizes, is fused into the add over
   the scores and so ran once per score element. Now ``fast_math`` legalises it to vectorisable arithmetic.
+- ``log_fusion`` (session 22; undone only when named): the vectorised log as first built, fused by FuseOps
+  into the add over the scores and so still computed once per score element; now it is opaque to FuseOps
+  and runs once over its [B, K] input.
 - ``column`` (session 22; undone only when named): before, a sum over middle axes (token merging's attention
   received per key, ``probs.sum((1, 2))``) ran as rows of the kept axes, each reading a float a row apart;
   now ``column_reduction.ColumnReduction`` keeps the innermost axis innermost.
@@ -61,7 +64,7 @@ def flat_rule_of_before(sch, block, lanes: int) -> None:
 
 
 ROW_CHANGES = ("injective", "reduction", "reassociation")
-CHANGES = ROW_CHANGES + ("log", "column")
+CHANGES = ROW_CHANGES + ("log", "log_fusion", "column")
 _legalize_map_of_now = fast_math.legalize_map
 
 
@@ -70,11 +73,18 @@ def legalize_map_of_before() -> dict:
     return {op: legalize for op, legalize in _legalize_map_of_now().items() if op != "relax.log"}
 
 
+def legalize_map_fusing_log() -> dict:
+    """``fast_math.legalize_map`` with session 22's first log: vectorised, and fused like any elementwise op."""
+    return {**_legalize_map_of_now(), "relax.log": fast_math._unary("log", fast_math._log)}
+
+
 def rules_of_before(undone: tuple[str, ...]) -> contextlib.ExitStack:
     """A context in which ``backends.tvm`` legalises and schedules as before where ``undone`` says so."""
     stack = contextlib.ExitStack()
     if "log" in undone:
         stack.enter_context(mock.patch.object(fast_math, "legalize_map", legalize_map_of_before))
+    elif "log_fusion" in undone:
+        stack.enter_context(mock.patch.object(fast_math, "legalize_map", legalize_map_fusing_log))
     if "column" in undone:  # the rule refuses every kernel: they fall to RowReduction, as before
         stack.enter_context(mock.patch.object(column_reduction.ColumnReduction, "apply", lambda *_: None))
     if "injective" in undone:
