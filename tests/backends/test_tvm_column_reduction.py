@@ -2,7 +2,7 @@
 
 Token merging scores keys by the attention they receive, ``probs.sum((1, 2))`` over [B, H, Q, K]. Taken as
 B x K rows each reducing over (h, q), every step read a float K floats from the last, and at batch 1 one
-thread did all of it (minilm's 12 x 512 x 512: 8.2 ms alone on the EPYC of session 22).
+thread did all of it (minilm's 12 x 512 x 512: 8.5 ms alone on the EPYC of session 22).
 """
 
 from __future__ import annotations

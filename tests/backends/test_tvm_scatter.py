@@ -1,8 +1,9 @@
 """Accumulating index_put on TVM adds every value (session 22): TVM's own legalisation raced.
 
 ``topi.index_put`` with ``accumulate=True`` ran ``out[index[k]] += values[k]`` as a parallel loop, so two
-threads adding into one slot lost additions: counting 65536 ones into two slots gave 20482 instead of 32726
-in 22 of 50 runs on 2 threads. Token merging's group sums and sizes are such scatters.
+threads adding into one slot lost additions: in an ad-hoc run of the first test's model, counting 65536 ones
+into two slots gave 20482 instead of 32726 in 22 of 50 runs on 2 threads. Token merging's group sums and
+sizes are such scatters.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 TVM 0.27 legalises ``index_put(data, indices, values, accumulate=True)`` (``topi.index_put``) as a
 parallel loop of ``out[index[k]] += values[k]``. Where two ``k`` hit the same slot, which is what token
 merging's group sums and size counts are for, two threads read, add and write the same float at once and
-an addition is lost. Found in session 22: minilm b1 s128 ``tome_r8``, compiled once and run 20 times
-on 2 threads, came out up to 3e-3 (relative) off torch's output in 1 to 4 of the runs, and
-``benchmarks/tvm_row_kernels.py`` once saw two builds of it disagree by 100 %.
+an addition is lost. Found in session 22 (ad-hoc runs): minilm b1 s128 ``tome_r8``, compiled once and run
+20 times on 2 threads, came out up to 3e-3 (relative) off torch's output in 1 to 4 of the runs, and
+``benchmarks/tvm_row_kernels.py`` once stopped on two builds of it disagreeing by 100 %.
 
 Here the copy of ``data`` stays parallel and the accumulation runs on one thread, in ``k`` order, as
 torch's CPU kernel adds. Exact: the same additions in the same order as a serial loop. Indices broadcast
