@@ -7,9 +7,11 @@ Python processes one after another; each builds the variant as ``cost_model_accu
 it ``--copies`` times (weights and buffers at other addresses), runs each copy once to warm up, then
 times the copies interleaved, ``--repeat`` runs each. Per process it prints each copy's median and the
 CPU time its threads used (from ``/proc``), so a slow process shows whether the threads computed slower
-or waited.
+or waited. ``--windows N`` instead keeps one process and one copy and times ``--repeat`` runs in each of N
+windows ``--gap`` seconds apart: whether a slow spell belongs to the process or to the time.
 
     .venv/bin/python benchmarks/tvm_process_speed.py --variant "vit-base b1 baseline" --processes 6
+    .venv/bin/python benchmarks/tvm_process_speed.py --variant "vit-base b1 baseline" --windows 10 --repeat 5
 """
 
 from __future__ import annotations
@@ -60,12 +62,35 @@ def child(variant: str, copies: int, repeat: int) -> None:
           f"{' '.join(f'{b:.2f}' for b in busy[:3])} over {copies * repeat} runs", flush=True)
 
 
+def windows(variant: str, count: int, repeat: int, gap_s: float) -> None:
+    from tfcompile.backends import tvm
+    from tfcompile.cost_models.device import detect_host
+    from tvm_row_kernels import held_out_graphs
+
+    tvm.set_num_threads(int(os.environ.get("TVM_NUM_THREADS", detect_host().cores)))
+    graph = held_out_graphs([variant])[0]
+    runner = tvm.compile_graph(graph, schedule="rules").runner(graph.example_inputs)
+    runner()
+    began = time.perf_counter()
+    for _ in range(count):
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            runner()
+            times.append(time.perf_counter() - start)
+        print(f"t = {time.perf_counter() - began:5.0f} s: median {statistics.median(times) * 1e3:7.1f} ms, "
+              f"fastest {min(times) * 1e3:7.1f} ms", flush=True)
+        time.sleep(gap_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="vit-base b1 baseline")
     parser.add_argument("--processes", type=int, default=6)
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=6)
+    parser.add_argument("--windows", type=int, default=0, help="time one process in this many windows instead")
+    parser.add_argument("--gap", type=float, default=8.0, help="seconds between windows")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -74,6 +99,11 @@ def main() -> None:
     from tfcompile.cost_models.device import detect_host
 
     host = detect_host()
+    if args.windows:
+        print(f"host: {host.model}, {host.cores} cores; {args.variant}; one process, {args.windows} windows "
+              f"{args.gap:.0f} s apart, {args.repeat} runs each", flush=True)
+        windows(args.variant, args.windows, args.repeat, args.gap)
+        return
     print(f"host: {host.model}, {host.cores} cores; {args.variant}; {args.processes} processes, "
           f"{args.copies} copies each, {args.repeat} interleaved runs per copy", flush=True)
     for _ in range(args.processes):
