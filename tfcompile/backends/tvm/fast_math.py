@@ -12,9 +12,9 @@ SiLU are built on ``fast_exp``.
 
 TOPI has no fast log, and token merging's attention bias is one: ``log`` of
 each key's merged size, [B, K], which FuseOps fuses into the add over the
-[B, H, Q, K] scores, so ``logf`` ran once per score element. Over minilm's
-500-token scores that was most of what made token merging slower than the
-model it merged on TVM (session 22). ``_log`` splits the float into its
+[B, H, Q, K] scores, so ``logf`` ran once per score element (minilm b1 s512
+``tome_r16`` ran 1.11x faster with the fast log, ``benchmarks/tvm_row_kernels.py
+--before log``, session 22). ``_log`` splits the float into its
 exponent and a mantissa m in [sqrt(1/2), sqrt(2)), and sums the series
 log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, to the s^9 term
 (truncation below 1e-9 relative), all integer and multiply-add operations.
@@ -48,14 +48,15 @@ def _is_float32(call) -> bool:
     return isinstance(info, relax.TensorType) and str(info.dtype) == "float32"
 
 
-def _default(bb: relax.BlockBuilder, call):
+def tvm_legalization(bb: relax.BlockBuilder, call):
+    """``call`` legalised as TVM itself would (its op's registered FLegalize)."""
     return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
 
 
 def _unary(name: str, fast):
     def legalize(bb: relax.BlockBuilder, call):
         if not _is_float32(call):
-            return _default(bb, call)
+            return tvm_legalization(bb, call)
         return bb.call_te(fast, call.args[0], primfunc_name_hint=name)
 
     return legalize
@@ -109,7 +110,7 @@ OPAQUE = 8
 
 def _log_alone(bb: relax.BlockBuilder, call):
     if not _is_float32(call):
-        return _default(bb, call)
+        return tvm_legalization(bb, call)
     result = bb.call_te(_log, call.args[0], primfunc_name_hint="log")
     kernel = result.args[0]
     bb.update_func(kernel, bb.get()[kernel].with_attr("op_pattern", OPAQUE))
@@ -127,7 +128,7 @@ def _silu(x: te.Tensor) -> te.Tensor:
 
 def _softmax(bb: relax.BlockBuilder, call):
     if not _is_float32(call):
-        return _default(bb, call)
+        return tvm_legalization(bb, call)
     return bb.call_te(topi.nn.fast_softmax, call.args[0], call.attrs.axis, primfunc_name_hint="softmax")
 
 
@@ -138,10 +139,10 @@ def _power(bb: relax.BlockBuilder, call):
         exponent = bb.lookup_binding(exponent) or exponent
     value = getattr(exponent, "value", None)
     if not _is_float32(call) or value is None or value.numpy().size != 1:
-        return _default(bb, call)
+        return tvm_legalization(bb, call)
     power = float(value.numpy().reshape(()))
     if power not in (2.0, 3.0):
-        return _default(bb, call)
+        return tvm_legalization(bb, call)
 
     def square(x: te.Tensor) -> te.Tensor:
         return te.compute(x.shape, lambda *i: x(*i) * x(*i), name="power")

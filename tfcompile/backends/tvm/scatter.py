@@ -16,11 +16,11 @@ legalisation.
 
 from __future__ import annotations
 
-
-import tvm
 from tvm import relax, te, tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
+
+from tfcompile.backends.tvm.fast_math import tvm_legalization
 
 
 def _static(shape) -> list[int] | None:
@@ -79,27 +79,23 @@ def serial_index_put(data: te.Tensor, indices: list[te.Tensor], values: te.Tenso
                     out[tuple(slot)] = out[tuple(slot)] + added[tuple(coordinates)]
             return builder.get()
 
-    return te.extern([data.shape], [data, *indices, values], lambda ins, outs: body(ins, outs[0:1]),
+    return te.extern([data.shape], [data, *indices, values], body,
                      dtype=data.dtype, out_buffers=[tirx.decl_buffer(data.shape, data.dtype, "out_buf")],
                      name="index_put_serial", tag="index_put_serial")
-
-
-def _default(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
 
 
 def _index_put(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     data, indices, values = call.args
     fields = list(indices.fields) if isinstance(indices, relax.Tuple) else [indices]
     if not call.attrs.accumulate:
-        return _default(bb, call)
+        return tvm_legalization(bb, call)
     shapes = [getattr(getattr(e, "ty", None), "shape", None) for e in (data, *fields, values)]
     static = [_static(s.values) if s is not None else None for s in shapes]
     if any(s is None for s in static) or len(fields) != len(static[0]):
-        return _default(bb, call)
+        return tvm_legalization(bb, call)
     found = _broadcast(static[1:-1])
     if found is None or found[1] != static[-1]:
-        return _default(bb, call)  # values not one per broadcast index, in its shape
+        return tvm_legalization(bb, call)  # values not one per broadcast index, in its shape
     return bb.call_te(serial_index_put, data, fields, values, primfunc_name_hint="index_put")
 
 
