@@ -1,6 +1,7 @@
-"""TVM's row kernels (session 21), fast log and column reductions (session 22), each against the build before.
+"""TVM's row kernels (session 21), fast log and column reductions (session 22) and index checks (session 23),
+each against the build before.
 
-Six changes, each measured against what it replaced (the old rules kept here and patched in with
+Seven changes, each measured against what it replaced (the old rules kept here and patched in with
 ``unittest.mock``):
 
 - ``injective``: before, every injective loop nest was flattened and vectorised by a width dividing the
@@ -21,6 +22,9 @@ Six changes, each measured against what it replaced (the old rules kept here and
 - ``column`` (session 22; undone only when named): before, a sum over middle axes (token merging's attention
   received per key, ``probs.sum((1, 2))``) ran as rows of the kept axes, each reading a float a row apart;
   now ``column_reduction.ColumnReduction`` keeps the innermost axis innermost.
+- ``index_guard`` (session 23; undone only when named): before, gathers and scatters took their indices
+  unchecked; now ``index_guard`` passes computed indices through a serial check kernel first. This one is a
+  cost, not a speed-up: a ratio below 1.00x is what the check costs.
 
 This compiles each chosen held-out variant of ``cost_model_accuracy.py`` as now and as before (``--before``:
 which changes to undo, session 21's three by default), checks that the two agree on the outputs, and
@@ -32,6 +36,7 @@ median of the run-by-run ratio. ``--kernels`` also times, alone, every kernel th
     .venv/bin/python benchmarks/tvm_row_kernels.py --before reassociation --variants "vit-base b1 baseline" --kernels
     .venv/bin/python benchmarks/tvm_row_kernels.py --before log --variants "minilm b1 s512 cleanup+tome_r16"
     .venv/bin/python benchmarks/tvm_row_kernels.py --before column --variants "minilm b8 s128 baseline" --kernels
+    .venv/bin/python benchmarks/tvm_row_kernels.py --before index_guard --variants "minilm b1 s512 cleanup+tome_r16"
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ from unittest import mock
 
 import numpy as np
 import torch
+import tvm as tvm_lib
 
 from tfcompile.backends import tvm
 from tfcompile.backends.timing import measure_interleaved, ratio_spread
-from tfcompile.backends.tvm import column_reduction, fast_math, lowering
+from tfcompile.backends.tvm import column_reduction, fast_math, index_guard, lowering
 from tfcompile.backends.tvm import rules as tvm_rules
 from tfcompile.backends.tvm.target import host_target, vector_lanes
 from tfcompile.cost_models.device import detect_host
@@ -64,7 +70,7 @@ def flat_rule_of_before(sch, block, lanes: int) -> None:
 
 
 ROW_CHANGES = ("injective", "reduction", "reassociation")
-CHANGES = ROW_CHANGES + ("log", "log_fusion", "column")
+CHANGES = ROW_CHANGES + ("log", "log_fusion", "column", "index_guard")
 _legalize_map_of_now = fast_math.legalize_map
 
 
@@ -78,6 +84,12 @@ def legalize_map_fusing_log() -> dict:
     return {**_legalize_map_of_now(), "relax.log": fast_math._unary("log", fast_math._log)}
 
 
+@tvm_lib.transform.module_pass(opt_level=0, name="Unguarded")
+def unguarded(mod, _ctx):
+    """``index_guard.guard_indices`` before session 23: indices went to the kernels unchecked."""
+    return mod
+
+
 def rules_of_before(undone: tuple[str, ...]) -> contextlib.ExitStack:
     """A context in which ``backends.tvm`` legalises and schedules as before where ``undone`` says so."""
     stack = contextlib.ExitStack()
@@ -87,6 +99,8 @@ def rules_of_before(undone: tuple[str, ...]) -> contextlib.ExitStack:
         stack.enter_context(mock.patch.object(fast_math, "legalize_map", legalize_map_fusing_log))
     if "column" in undone:  # the rule refuses every kernel: they fall to RowReduction, as before
         stack.enter_context(mock.patch.object(column_reduction.ColumnReduction, "apply", lambda *_: None))
+    if "index_guard" in undone:
+        stack.enter_context(mock.patch.object(index_guard, "guard_indices", unguarded))
     if "injective" in undone:
         stack.enter_context(mock.patch.object(tvm_rules, "_flat_parallel_vectorize", flat_rule_of_before))
     if "reduction" in undone:

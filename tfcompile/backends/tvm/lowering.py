@@ -110,12 +110,13 @@ def import_graph(graph: ModelGraph) -> tvm.IRModule:
 
 def fuse_passes() -> list[tvm.transform.Pass]:
     """Legalise to TIR and fuse: the module these produce is what the schedule step sees."""
-    from tfcompile.backends.tvm import fast_math, scatter
+    from tfcompile.backends.tvm import fast_math, index_guard, scatter
 
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.DecomposeOpsForInference(),
+        index_guard.guard_indices,
         relax.transform.LegalizeOps(customize_legalize_map={**fast_math.legalize_map(), **scatter.legalize_map()}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

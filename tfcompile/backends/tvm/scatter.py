@@ -40,7 +40,7 @@ def _broadcast(shapes: list[list[int]]) -> tuple[list[list[int]], list[int]] | N
     return aligned, result
 
 
-def _loop_vars(frame) -> list:
+def loop_vars(frame) -> list:
     """``T.grid``'s loop variables as a list (an array of them, or a bare variable for one extent)."""
     try:
         return list(frame)
@@ -65,12 +65,12 @@ def serial_index_put(data: te.Tensor, indices: list[te.Tensor], values: te.Tenso
                 with T.parallel(0, shape[0]) as first:
                     if len(shape) > 1:
                         with T.grid(*shape[1:]) as rest:
-                            element = (first, *_loop_vars(rest))
+                            element = (first, *loop_vars(rest))
                             out[element] = source[element]
                     else:
                         out[first] = source[first]
                 with T.grid(*broadcast) as grid:
-                    coordinates = _loop_vars(grid)
+                    coordinates = loop_vars(grid)
                     slot = []
                     for index_buffer, own, padded, extent in zip(index_buffers, index_shapes, aligned, shape):
                         at = [c if size != 1 else 0 for c, size in zip(coordinates, padded)][len(padded) - len(own):]
