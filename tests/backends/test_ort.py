@@ -83,3 +83,25 @@ def test_failed_external_data_export_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(BackendError, match="exporter exploded"):
         ort.export_onnx(graph, tmp_path / "new" / "dirs" / "model.onnx", external_data=True)
     assert list(tmp_path.iterdir()) == []  # the directories made for it are gone too
+
+
+def test_an_index_out_of_range_stops_the_onnx_model_with_one_line(tmp_path):
+    """The same hostile indices as ``test_tvm_index_guard``: ONNX Runtime checks them itself."""
+    import torch
+
+    from tfcompile.graph import export_module
+
+    class _Lookups(torch.nn.Module):
+        def forward(self, table, ids, slots, values):
+            return table[ids], torch.zeros(4).index_put((slots,), values, accumulate=True)
+
+    inputs = (torch.randn(6, 3), torch.tensor([0, 5]), torch.tensor([0, 3, 1]), torch.ones(3))
+    graph = export_module(_Lookups(), inputs, name="lookups")
+    model = ort.OrtModel(ort.export_onnx(graph, tmp_path / "lookups.onnx"))
+    for out, ref in zip(model.run(inputs), _Lookups()(*inputs)):
+        torch.testing.assert_close(out, ref)
+    for bad in ((inputs[0], torch.tensor([0, 6]), *inputs[2:]), (*inputs[:2], torch.tensor([0, 4, 1]), inputs[3])):
+        with pytest.raises(IndexError):
+            _Lookups()(*bad)
+        with pytest.raises(BackendError, match="ONNX Runtime: lookups: run failed"):
+            model.run(bad)

@@ -204,12 +204,16 @@ class OrtModel:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.name = Path(path).stem
 
     def feeds(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
         return {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        outputs = self.session.run(None, self.feeds(inputs))
+        try:
+            outputs = self.session.run(None, self.feeds(inputs))
+        except Exception as exc:  # a model's own failure at run time, e.g. an index out of range
+            raise BackendError(f"ONNX Runtime: {self.name}: run failed: {first_line(exc)}") from exc
         return tuple(torch.from_numpy(np.asarray(o)) for o in outputs)
 
     def runner(self, inputs: tuple[torch.Tensor, ...]):
