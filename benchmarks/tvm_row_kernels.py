@@ -23,7 +23,7 @@ Seven changes, each measured against what it replaced (the old rules kept here a
   received per key, ``probs.sum((1, 2))``) ran as rows of the kept axes, each reading a float a row apart;
   now ``column_reduction.ColumnReduction`` keeps the innermost axis innermost.
 - ``index_guard`` (session 23; undone only when named): before, gathers and scatters took their indices
-  unchecked; now ``index_guard`` passes computed indices through a serial check kernel first. This one is a
+  unchecked; now ``index_guard`` passes computed indices through a check kernel first. This one is a
   cost, not a speed-up: a ratio below 1.00x is what the check costs.
 
 This compiles each chosen held-out variant of ``cost_model_accuracy.py`` as now and as before (``--before``:

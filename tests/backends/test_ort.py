@@ -1,8 +1,10 @@
 import onnx
 import pytest
+import torch
 
 from tfcompile.backends import ort
 from tfcompile.errors import BackendError
+from tfcompile.graph import export_module
 from tfcompile.variants import CLEANUP, VariantSpec, build_variant
 from tfcompile.verify import compare_outputs
 from tests.tiny import ARCHITECTURES, load_tiny
@@ -87,9 +89,6 @@ def test_failed_external_data_export_leaves_no_file(tmp_path, monkeypatch):
 
 def test_an_index_out_of_range_stops_the_onnx_model_with_one_line(tmp_path):
     """The same hostile indices as ``test_tvm_index_guard``: ONNX Runtime checks them itself."""
-    import torch
-
-    from tfcompile.graph import export_module
 
     class _Lookups(torch.nn.Module):
         def forward(self, table, ids, slots, values):

@@ -108,13 +108,19 @@ def _log(x: te.Tensor) -> te.Tensor:
 OPAQUE = 8
 
 
+def kernel_alone(bb: relax.BlockBuilder, result: relax.Call, *, scheduled: bool = False) -> relax.Call:
+    """``result`` (a ``call_te``'s call) with its kernel opaque to FuseOps; ``scheduled``: also left alone by
+    the schedule rules, its loops as written being its schedule."""
+    kernel = result.args[0]
+    attrs = {"op_pattern": OPAQUE, **({"tirx.is_scheduled": True} if scheduled else {})}
+    bb.update_func(kernel, bb.get()[kernel].with_attrs(attrs))
+    return result
+
+
 def _log_alone(bb: relax.BlockBuilder, call):
     if not _is_float32(call):
         return tvm_legalization(bb, call)
-    result = bb.call_te(_log, call.args[0], primfunc_name_hint="log")
-    kernel = result.args[0]
-    bb.update_func(kernel, bb.get()[kernel].with_attr("op_pattern", OPAQUE))
-    return result
+    return kernel_alone(bb, bb.call_te(_log, call.args[0], primfunc_name_hint="log"))
 
 
 def _sigmoid(x: te.Tensor) -> te.Tensor:

@@ -19,8 +19,9 @@ and ``scatter_elements``, as torch's ``gather`` and ``scatter``. The check write
 start, so the kernel behind it only ever sees ``[0, n)``. One difference from torch is left: an embedding or
 ``index_select`` given a negative index (both lowered to ``take``) takes the row counted from the end where
 torch raises; it cannot reach outside the tensor. Exact otherwise: in-range indices pass through as the op
-reads them. The cost is one serial pass over the indices, which in the zoo's variants are token ids, token
-positions and token-merging slots: small beside the gathers and scatters they drive.
+reads them. The cost is two passes over the indices on one thread (count, then copy), which in the zoo's
+variants are token ids, token positions and token-merging slots: 0.99-1.00x on token-merging variants
+(``benchmarks/tvm_row_kernels.py --before index_guard``, session 23, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from tfcompile.backends.tvm.fast_math import OPAQUE
+from tfcompile.backends.tvm.fast_math import kernel_alone
 from tfcompile.backends.tvm.scatter import loop_vars
 from tfcompile.errors import BackendError
 
@@ -63,8 +64,7 @@ def checked(indices: te.Tensor, data: te.Tensor, axis: int | None, from_end: boo
     gather or scatter reads this copy, so no pass can drop the check or run the gather before it.
 
     The indices out of range are counted first and the module stops if there is one; only then are they
-    copied. Neither loop holds the assertion, so LLVM vectorises both (with it inside, one per element,
-    the check cost token merging 2 %)."""
+    copied, so no kernel behind the check ever sees a bad one."""
 
     def body(ins, outs):
         source, out = T.buffer_proxy(ins[0]), T.buffer_proxy(outs[0])
@@ -123,10 +123,8 @@ def _guard(bb: relax.BlockBuilder, lookup, op: str, data: relax.Expr, indices: r
     result = bb.call_te(checked, indices, data, axis, from_end, op, primfunc_name_hint="index_check")
     # A kernel of its own: fused, its loop would be merged into the producer's and the take's (FuseTIR then
     # fails on the two buffers it maps to one value), and nothing must run before its check has passed. Its
-    # two loops are its schedule (one thread; LLVM vectorises them): the rules have nothing to add.
-    kernel = result.args[0]
-    bb.update_func(kernel, bb.get()[kernel].with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True}))
-    return bb.emit(result)
+    # two loops on one thread are its schedule: the rules have nothing to add.
+    return bb.emit(kernel_alone(bb, result, scheduled=True))
 
 
 GUARDED_OPS = ("relax.take", "relax.gather_elements", "relax.scatter_elements", "relax.index_tensor",
